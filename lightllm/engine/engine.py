@@ -1,0 +1,199 @@
+"""The engine process: loads the model, owns the KV cache and runs the continuous-batching loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import torch
+import zmq
+
+from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
+from lightllm.engine.model_runner import ModelRunner
+from lightllm.engine.prefix_cache import PrefixCache
+from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineConfig, EngineFailed, EngineReady,
+                                      EngineStats, StepOutputs, TokenOutput)
+from lightllm.engine.sampler import Sampler
+from lightllm.engine.scheduler import Scheduler
+from lightllm.engine.sequence import Sequence
+from lightllm.models.loader import load_model_config, load_model_weights
+from lightllm.models.registry import model_class_for
+
+logger = logging.getLogger("lightllm.engine")
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_CPU_MAX_AUTO_TOKENS = 131072
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name in ("auto", None):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # AVX2 CPUs have no fast bf16 matmul
+    if name not in _DTYPES:
+        raise ValueError(f"--data_type {name!r} is not supported; use one of fp32, bf16, fp16")
+    return _DTYPES[name]
+
+
+def _available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
+def kv_budget_tokens(cfg: EngineConfig, bytes_per_token: int, device: torch.device) -> int:
+    if cfg.max_total_token_num:
+        return cfg.max_total_token_num
+    fraction = cfg.mem_fraction if cfg.mem_fraction is not None else (0.85 if device.type == "cuda" else 0.2)
+    tokens = int(_available_memory_bytes(device) * fraction) // bytes_per_token
+    if device.type == "cpu":
+        tokens = min(tokens, _CPU_MAX_AUTO_TOKENS)
+    return max(tokens, 256)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.data_type, self.device)
+        model_cfg = load_model_config(cfg.model_path)
+        if cfg.eos_id:
+            model_cfg.eos_token_ids = list(cfg.eos_id)
+        self.model_config = model_cfg
+        self.max_model_len = min(model_cfg.max_position_embeddings, cfg.max_req_total_len)
+        weights = load_model_weights(cfg.model_path, model_cfg, self.device, self.dtype)
+        self.model = model_class_for(model_cfg.architecture)(model_cfg, weights, self.device, self.dtype)
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        self.kv_tokens = kv_budget_tokens(cfg, model_cfg.kv_bytes_per_token(elem), self.device)
+        self.pool = TokenKVPool(self.kv_tokens, model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
+                                self.dtype, self.device)
+        self.table = ReqToTokenTable(cfg.running_max_req_size, self.max_model_len, self.device)
+        self.prefix_cache = None if cfg.disable_dynamic_prompt_cache else PrefixCache(self.pool)
+        batch_max_tokens = cfg.batch_max_tokens or max(cfg.chunked_prefill_size, 2048)
+        if cfg.disable_chunked_prefill:
+            batch_max_tokens = max(batch_max_tokens, self.max_model_len)
+        self.scheduler = Scheduler(
+            self.pool, self.table, batch_max_tokens=batch_max_tokens,
+            chunked_prefill_size=min(cfg.chunked_prefill_size, batch_max_tokens),
+            chunked_prefill=not cfg.disable_chunked_prefill, running_max_req_size=cfg.running_max_req_size,
+            max_model_len=self.max_model_len, eos_token_ids=model_cfg.eos_token_ids,
+            new_token_estimate=cfg.router_max_new_token_len, prefix_cache=self.prefix_cache)
+        self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, self.device)
+        self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler)
+        self.grammars = None  # built lazily by the first constrained request
+
+    def ready_message(self) -> EngineReady:
+        return EngineReady(model_name=self.model_config.name, architecture=self.model_config.architecture,
+                           dtype=str(self.dtype).replace("torch.", ""), device=str(self.device),
+                           max_total_token_num=self.kv_tokens, max_model_len=self.max_model_len,
+                           vocab_size=self.model_config.vocab_size, eos_token_ids=self.model_config.eos_token_ids)
+
+    def stats(self) -> EngineStats:
+        cached = self.prefix_cache.evictable() if self.prefix_cache else 0
+        return EngineStats(kv_total=self.pool.size, kv_used=self.pool.num_used, kv_cached=cached,
+                           running=len(self.scheduler.running), waiting=len(self.scheduler.waiting))
+
+    # ------------------------------------------------------------------------------------ requests
+
+    def add_request(self, req: AddRequest) -> TokenOutput | None:
+        """Queue a request; returns an error output instead when it cannot be served."""
+        n = len(req.prompt_ids)
+        if n == 0:
+            return TokenOutput(req.rid, None, finished=True, finish_reason="abort", error="empty prompt")
+        if n >= self.max_model_len:
+            return TokenOutput(req.rid, None, finished=True, finish_reason="abort", prompt_tokens=n,
+                               error=f"prompt has {n} tokens; the limit is {self.max_model_len - 1}")
+        if any(t < 0 or t >= self.model_config.vocab_size for t in req.prompt_ids):
+            return TokenOutput(req.rid, None, finished=True, finish_reason="abort", prompt_tokens=n,
+                               error="prompt holds token ids outside the vocabulary")
+        params = req.params
+        params.max_new_tokens = max(1, min(params.max_new_tokens, self.max_model_len - n))
+        seq = Sequence(req.rid, list(req.prompt_ids), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.grammar is not None:
+            try:
+                seq.grammar = self._grammar_factory().matcher(params.grammar)
+            except Exception as exc:  # a schema the grammar engine rejects is the client's error
+                return TokenOutput(req.rid, None, finished=True, finish_reason="abort", prompt_tokens=n,
+                                   error=f"invalid grammar: {exc}")
+        self.scheduler.add(seq)
+        return None
+
+    def _grammar_factory(self):
+        if self.grammars is None:
+            from lightllm.engine.grammar import GrammarFactory
+
+            self.grammars = GrammarFactory(self.cfg.model_path, self.model_config.vocab_size)
+        return self.grammars
+
+    def step(self) -> list[TokenOutput]:
+        plan = self.scheduler.schedule()
+        if not plan:
+            return self.scheduler.process_results([], {})
+        try:
+            sampled = self.runner.execute(plan)
+        except Exception as exc:  # fail this step's requests, keep the engine alive for the others
+            logger.exception("step failed for requests %s", [c.seq.rid for c in plan])
+            outputs = []
+            for chunk in plan:
+                self.scheduler.abort(chunk.seq.rid)
+                outputs.append(TokenOutput(chunk.seq.rid, None, finished=True, finish_reason="abort",
+                                           error=f"engine error: {exc}"))
+            return outputs
+        return self.scheduler.process_results(plan, sampled)
+
+
+def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = "INFO") -> None:
+    """Entry point of the engine process."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, int(os.environ.get("LIGHTLLM_ENGINE_THREADS", os.cpu_count() or 1))))
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(in_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(out_addr)
+    try:
+        start = time.perf_counter()
+        engine = Engine(cfg)
+        logger.info("model loaded in %.1fs", time.perf_counter() - start)
+    except Exception as exc:
+        logger.exception("engine failed to start")
+        outbox.send_pyobj(EngineFailed(f"{type(exc).__name__}: {exc}"))
+        return
+    outbox.send_pyobj(engine.ready_message())
+    poller = zmq.Poller()
+    poller.register(inbox, zmq.POLLIN)
+    while True:
+        timeout = 0 if engine.scheduler.has_work() else None
+        outputs: list[TokenOutput] = []
+        changed = False
+        while poller.poll(timeout):
+            msg = inbox.recv_pyobj()
+            changed = True
+            if isinstance(msg, AddRequest):
+                error = engine.add_request(msg)
+                if error is not None:
+                    outputs.append(error)
+            elif isinstance(msg, AbortRequest):
+                engine.scheduler.abort(msg.rid)
+            elif msg is None:  # shutdown
+                return
+            timeout = 0
+        if engine.scheduler.has_work():
+            outputs.extend(engine.step())
+            changed = True
+        if changed:
+            outbox.send_pyobj(StepOutputs(outputs, engine.stats()))

@@ -1,0 +1,75 @@
+"""Turns a scheduled step into one ragged forward pass and samples the sequences that need a token."""
+
+from __future__ import annotations
+
+import torch
+
+from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
+from lightllm.engine.sampler import Sampler
+from lightllm.engine.scheduler import SampledToken, ScheduledChunk
+from lightllm.models.layers import AttentionMetadata, PrefillSegment, causal_mask
+from lightllm.models.llama import LlamaModel
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, pool: TokenKVPool, table: ReqToTokenTable, sampler: Sampler):
+        self.model = model
+        self.pool = pool
+        self.table = table
+        self.sampler = sampler
+        self.device = model.device
+        self.window = model.config.sliding_window
+
+    def build_metadata(self, plan: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_indices: list[torch.Tensor] = []
+        prefill: list[PrefillSegment] = []
+        decode_rows: list[int] = []
+        decode_slots: list[int] = []
+        decode_lens: list[int] = []
+        logit_rows: list[int] = []
+        row = 0
+        for chunk in plan:
+            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
+            end = start + n
+            ids.extend(seq.all_ids[start:end])
+            positions.extend(range(start, end))
+            slot_indices.append(self.table.table[seq.slot, start:end])
+            if n == 1:
+                decode_rows.append(row)
+                decode_slots.append(seq.slot)
+                decode_lens.append(end)
+            else:
+                prefill.append(PrefillSegment(row, row + n, self.table.table[seq.slot, :end],
+                                              causal_mask(n, end, self.window, self.device)))
+            row += n
+            if chunk.samples:
+                logit_rows.append(row - 1)
+        meta = AttentionMetadata(slot_indices=torch.cat(slot_indices), prefill=prefill)
+        if decode_rows:
+            max_len = max(decode_lens)
+            lens = torch.tensor(decode_lens, device=self.device).unsqueeze(1)
+            k_pos = torch.arange(max_len, device=self.device).unsqueeze(0)
+            mask = k_pos < lens
+            if self.window is not None:
+                mask &= k_pos >= lens - self.window
+            meta.decode_token_idx = torch.tensor(decode_rows, device=self.device)
+            meta.decode_kv_indices = self.table.table[torch.tensor(decode_slots, device=self.device), :max_len]
+            meta.decode_mask = mask[:, None, None, :]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return input_ids, pos, meta, logit_rows
+
+    def execute(self, plan: list[ScheduledChunk]) -> dict[str, SampledToken]:
+        input_ids, positions, meta, logit_rows = self.build_metadata(plan)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows)
+        sampling_seqs = [c.seq for c in plan if c.samples]
+        if not sampling_seqs:
+            return {}
+        sampled = self.sampler(logits, sampling_seqs)
+        for seq, token in zip(sampling_seqs, sampled):
+            if seq.grammar is not None:
+                seq.grammar.accept_token(token.token_id)
+        return {seq.rid: token for seq, token in zip(sampling_seqs, sampled)}

@@ -1,0 +1,151 @@
+"""Radix tree over token ids that keeps finished requests' KV indices for reuse (LRU eviction).
+
+Token-level KV makes sharing exact: a new request whose prompt starts with a cached run of tokens
+points its req_to_token row at the cached indices and computes only the rest. Nodes on a running
+request's matched path are locked (ref-counted) so eviction never frees KV that is in use.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from lightllm.engine.kv_cache import TokenKVPool
+
+_clock = itertools.count()
+
+
+@dataclass(eq=False)
+class _Node:
+    key: list[int]
+    value: torch.Tensor  # KV indices of the tokens in `key`
+    parent: "_Node | None"
+    children: dict[int, "_Node"] = field(default_factory=dict)
+    ref: int = 0
+    last_access: int = 0
+
+
+class PrefixCache:
+    def __init__(self, pool: TokenKVPool):
+        self.pool = pool
+        self.root = _Node([], torch.empty(0, dtype=torch.long), None)
+        self.root.ref = 1  # never evicted
+        self.total_tokens = 0
+        self._locked: dict[str, tuple[_Node, int]] = {}  # rid -> (deepest locked node, matched length)
+
+    # ------------------------------------------------------------------------------------ lookup
+
+    def _walk(self, ids: list[int], split: bool) -> tuple[_Node, int, list[torch.Tensor]]:
+        node, pos, values = self.root, 0, []
+        while pos < len(ids):
+            child = node.children.get(ids[pos])
+            if child is None:
+                break
+            common = _common_prefix_len(child.key, ids[pos:])
+            if common < len(child.key):
+                if not split or common == 0:
+                    if common:
+                        values.append(child.value[:common])
+                        pos += common
+                    break
+                child = self._split(child, common)
+            values.append(child.value)
+            pos += len(child.key)
+            node = child
+        return node, pos, values
+
+    def _split(self, node: _Node, at: int) -> _Node:
+        """Split `node` so its first `at` tokens become a new parent node; returns that parent."""
+        parent = node.parent
+        head = _Node(node.key[:at], node.value[:at], parent, ref=node.ref, last_access=node.last_access)
+        node.key, node.value, node.parent = node.key[at:], node.value[at:], head
+        head.children[node.key[0]] = node
+        parent.children[head.key[0]] = head
+        return head
+
+    def match_len(self, ids: list[int]) -> int:
+        return self._walk(ids, split=False)[1]
+
+    def acquire(self, rid: str, ids: list[int]) -> torch.Tensor | None:
+        """Lock and return the cached KV indices for the longest cached prefix of `ids`."""
+        node, matched, values = self._walk(ids, split=True)
+        now = next(_clock)
+        cursor = node
+        while cursor is not self.root:
+            cursor.ref += 1
+            cursor.last_access = now
+            cursor = cursor.parent
+        self._locked[rid] = (node, matched)
+        return torch.cat(values) if values else None
+
+    # ------------------------------------------------------------------------------------ release
+
+    def release(self, rid: str, ids: list[int], indices: torch.Tensor, insert: bool) -> torch.Tensor:
+        """Unlock `rid`; optionally insert its tokens. Returns indices the pool should free."""
+        node, matched = self._locked.pop(rid, (self.root, 0))
+        cursor = node
+        while cursor is not self.root:
+            cursor.ref -= 1
+            cursor = cursor.parent
+        if not insert or len(ids) <= matched:
+            return indices[matched:]
+        return self._insert(ids, indices, matched)
+
+    def _insert(self, ids: list[int], indices: torch.Tensor, owned: int) -> torch.Tensor:
+        node, pos, _ = self._walk(ids, split=True)
+        # Positions [owned, pos) were computed by this request but another one cached them meanwhile.
+        duplicate = indices[owned:pos] if pos > owned else indices[:0]
+        if pos < len(ids):
+            child = _Node(list(ids[pos:]), indices[pos:].clone(), node, last_access=next(_clock))
+            node.children[ids[pos]] = child
+            self.total_tokens += len(ids) - pos
+        return duplicate
+
+    # ------------------------------------------------------------------------------------ eviction
+
+    def _unlocked_leaves(self) -> list[_Node]:
+        leaves, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            if not node.children and node.ref == 0:
+                leaves.append(node)
+            stack.extend(node.children.values())
+        return leaves
+
+    def evictable(self) -> int:
+        total, stack = 0, [self.root]
+        while stack:
+            node = stack.pop()
+            if node.ref == 0:
+                total += len(node.key)
+            stack.extend(node.children.values())
+        return total
+
+    def evict(self, num_tokens: int) -> int:
+        """Free at least `num_tokens` (if possible) from least recently used unlocked leaves."""
+        freed = 0
+        while freed < num_tokens:
+            leaves = self._unlocked_leaves()
+            if not leaves:
+                break
+            for leaf in sorted(leaves, key=lambda n: n.last_access):
+                self.pool.free(leaf.value)
+                freed += len(leaf.key)
+                self.total_tokens -= len(leaf.key)
+                del leaf.parent.children[leaf.key[0]]
+                if freed >= num_tokens:
+                    break
+        return freed
+
+    def clear(self) -> int:
+        return self.evict(self.total_tokens)
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

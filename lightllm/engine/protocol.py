@@ -1,0 +1,109 @@
+"""Messages between the API process and the engine process (pickled over zmq).
+
+Plain dataclasses with no torch types, so the API side imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine process needs to start (picklable)."""
+
+    model_path: str
+    data_type: str = "auto"
+    max_total_token_num: int | None = None
+    mem_fraction: float | None = None
+    batch_max_tokens: int | None = None
+    chunked_prefill_size: int = 512
+    disable_chunked_prefill: bool = False
+    running_max_req_size: int = 256
+    max_req_total_len: int = 16384
+    eos_id: list[int] | None = None
+    disable_dynamic_prompt_cache: bool = False
+    router_max_new_token_len: int = 512
+    grammar_backend: str = "xgrammar"
+    device: str | None = None
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob plus top-k alternatives
+    grammar: dict[str, Any] | None = None  # {"type": "json_schema" | "json_object" | ..., ...}
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5 or self.top_k == 1
+
+
+@dataclass
+class AddRequest:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class AbortRequest:
+    rid: str
+
+
+@dataclass
+class TokenOutput:
+    rid: str
+    token_id: int | None  # None for an output that only reports an error or abort
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    kv_total: int
+    kv_used: int
+    kv_cached: int  # tokens held only by the prefix cache
+    running: int
+    waiting: int
+
+
+@dataclass
+class StepOutputs:
+    outputs: list[TokenOutput]
+    stats: EngineStats
+
+
+@dataclass
+class EngineReady:
+    model_name: str
+    architecture: str
+    dtype: str
+    device: str
+    max_total_token_num: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+
+
+@dataclass
+class EngineFailed:
+    error: str

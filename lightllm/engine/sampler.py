@@ -1,0 +1,97 @@
+"""Logits processing and token selection for one batch.
+
+Order: logit bias → penalties → min_new_tokens EOS ban → grammar mask → (greedy argmax | temperature,
+top-k, top-p, min-p, seeded multinomial). Logprobs report the model's raw distribution (as vLLM does by
+default), so they do not depend on the sampling knobs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightllm.engine.scheduler import SampledToken
+from lightllm.engine.sequence import Sequence
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], device: torch.device):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
+        self.device = device
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        raw_logprobs = None
+        if any(s.params.logprobs is not None for s in seqs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._process(logits, seqs)
+        greedy = [s.params.greedy for s in seqs]
+        tokens = torch.empty(len(seqs), dtype=torch.long)
+        if any(greedy):
+            tokens[:] = logits.argmax(dim=-1).cpu()
+        for i, seq in enumerate(seqs):
+            if not greedy[i]:
+                tokens[i] = self._sample_row(logits[i], seq)
+        results = []
+        for i, seq in enumerate(seqs):
+            token = int(tokens[i])
+            result = SampledToken(token)
+            if raw_logprobs is not None and seq.params.logprobs is not None:
+                row = raw_logprobs[i]
+                result.logprob = float(row[token])
+                k = seq.params.logprobs
+                if k > 0:
+                    values, ids = row.topk(k)
+                    result.top_logprobs = list(zip(ids.tolist(), values.tolist()))
+            results.append(result)
+        return results
+
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        needs_copy = any(self._row_needs_processing(s) for s in seqs)
+        if not needs_copy:
+            return logits
+        logits = logits.clone()
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            row = logits[i]
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long, device=row.device)
+                row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device))
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.long, device=row.device)
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+                out = torch.tensor(seq.output_ids, dtype=torch.long, device=row.device)
+                counts = torch.bincount(out, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+            if len(seq.output_ids) < p.min_new_tokens and self.eos_token_ids.numel():
+                row[self.eos_token_ids] = float("-inf")
+                if p.stop_token_ids:
+                    row[torch.tensor(p.stop_token_ids, device=row.device)] = float("-inf")
+            if seq.grammar is not None:
+                seq.grammar.apply_mask(row)
+        return logits
+
+    @staticmethod
+    def _row_needs_processing(seq: Sequence) -> bool:
+        p = seq.params
+        return bool(p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                    or len(seq.output_ids) < p.min_new_tokens or seq.grammar is not None)
+
+    def _sample_row(self, row: torch.Tensor, seq: Sequence) -> int:
+        p = seq.params
+        row = row / p.temperature
+        if 0 < p.top_k < row.shape[0]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            cumulative = sorted_probs.cumsum(0)
+            # Keep the smallest set whose mass reaches top_p (the first token always survives).
+            drop = cumulative - sorted_probs > p.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        if p.min_p > 0.0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))

@@ -1,0 +1,239 @@
+"""Continuous-batching scheduler: admission by KV budget, chunked prefill, preemption, finishing.
+
+Each step processes, for every scheduled sequence, a run of its not-yet-computed tokens: one token for
+a decoding sequence, a chunk of the prompt for a prefilling one. A sequence samples a new token when its
+chunk reaches the end of its known tokens, so decode and prefill are the same operation and a
+preempted sequence simply recomputes prompt + output without re-emitting anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
+from lightllm.engine.prefix_cache import PrefixCache
+from lightllm.engine.protocol import TokenOutput
+from lightllm.engine.sequence import Sequence, SeqStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first position computed this step
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.num_tokens == self.seq.total_len
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class Scheduler:
+    def __init__(self, pool: TokenKVPool, table: ReqToTokenTable, *, batch_max_tokens: int,
+                 chunked_prefill_size: int, chunked_prefill: bool, running_max_req_size: int,
+                 max_model_len: int, eos_token_ids: list[int], new_token_estimate: int = 512,
+                 prefix_cache: PrefixCache | None = None):
+        self.pool = pool
+        self.table = table
+        self.batch_max_tokens = batch_max_tokens
+        self.chunked_prefill_size = chunked_prefill_size
+        self.chunked_prefill = chunked_prefill
+        self.running_max_req_size = running_max_req_size
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        # Admission reserves this many future tokens per request (capped by its max_new_tokens), like
+        # LightLLM's router estimate; if reality exceeds it, preemption keeps the pool consistent.
+        self.new_token_estimate = new_token_estimate
+        self.prefix_cache = prefix_cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._failed: list[Sequence] = []  # dropped by schedule(); reported by process_results()
+
+    # ------------------------------------------------------------------------------------ queue ops
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, rid: str) -> bool:
+        for seq in self.waiting:
+            if seq.rid == rid:
+                self.waiting.remove(seq)
+                seq.status = SeqStatus.FINISHED
+                return True
+        for seq in self.running:
+            if seq.rid == rid:
+                self._finish(seq, "abort")
+                return True
+        return False
+
+    # ------------------------------------------------------------------------------------ schedule
+
+    def schedule(self) -> list[ScheduledChunk]:
+        """Pick this step's work and allocate its KV slots (preempting the newest if memory runs out)."""
+        while True:
+            plan = self._plan()
+            needed = sum(c.num_tokens for c in plan)
+            if needed <= self.pool.num_free:
+                break
+            if self.prefix_cache is not None and self.prefix_cache.evict(needed - self.pool.num_free):
+                continue
+            if not self._preempt_newest():
+                break
+        plan = [c for c in plan if c.num_tokens <= self.pool.num_free or self._drop_oversized(c)]
+        for chunk in plan:
+            indices = self.pool.alloc(chunk.num_tokens)
+            self.table.table[chunk.seq.slot, chunk.start:chunk.start + chunk.num_tokens] = indices
+        return plan
+
+    def _plan(self) -> list[ScheduledChunk]:
+        budget = self.batch_max_tokens
+        plan: list[ScheduledChunk] = []
+        for seq in self.running:  # decodes first: they keep streams flowing
+            if seq.num_pending == 1 and budget > 0:
+                plan.append(ScheduledChunk(seq, seq.num_computed, 1))
+                budget -= 1
+        for seq in self.running:  # then prompts already being prefilled
+            if seq.num_pending > 1 and budget > 0:
+                n = self._chunk_len(seq, budget, plan_empty=not plan)
+                if n:
+                    plan.append(ScheduledChunk(seq, seq.num_computed, n))
+                    budget -= n
+        while self.waiting and budget > 0 and self._can_admit(self.waiting[0]):
+            seq = self.waiting[0]
+            n = self._chunk_len(seq, budget, plan_empty=not plan, pending=seq.total_len - self._cached_len(seq))
+            if n == 0:
+                break
+            self.waiting.popleft()
+            self._admit(seq)
+            plan.append(ScheduledChunk(seq, seq.num_computed, min(n, seq.num_pending)))
+            budget -= plan[-1].num_tokens
+        return plan
+
+    def _chunk_len(self, seq: Sequence, budget: int, plan_empty: bool, pending: int | None = None) -> int:
+        pending = seq.num_pending if pending is None else pending
+        if self.chunked_prefill:
+            return min(pending, budget, self.chunked_prefill_size)
+        if pending <= budget or plan_empty:
+            return pending
+        return 0
+
+    def _cached_len(self, seq: Sequence) -> int:
+        if self.prefix_cache is None:
+            return 0
+        return self.prefix_cache.match_len(seq.all_ids[:-1])
+
+    def _future_need(self, seq: Sequence) -> int:
+        return seq.num_pending + min(seq.remaining_new_tokens, self.new_token_estimate)
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        if len(self.running) >= self.running_max_req_size or self.table.num_free_slots == 0:
+            return False
+        available = self.pool.num_free + (self.prefix_cache.evictable() if self.prefix_cache else 0)
+        need = seq.total_len - self._cached_len(seq) + min(seq.remaining_new_tokens, self.new_token_estimate)
+        if not self.running:
+            return True  # alone it always runs; one that cannot fit the pool at all fails in schedule()
+        reserved = sum(self._future_need(s) for s in self.running)
+        return available - reserved >= need
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.slot = self.table.alloc_slot()
+        seq.num_computed = 0
+        if self.prefix_cache is not None:
+            indices = self.prefix_cache.acquire(seq.rid, seq.all_ids[:-1])
+            if indices is not None and indices.numel():
+                self.table.table[seq.slot, :indices.numel()] = indices
+                seq.num_computed = indices.numel()
+                if seq.num_cached == 0:
+                    seq.num_cached = seq.num_computed
+        seq.mark_admitted()
+        self.running.append(seq)
+
+    def _preempt_newest(self) -> bool:
+        if len(self.running) <= 1:
+            return False
+        victim = max(self.running, key=lambda s: s.admission_order)
+        logger.info("preempting request %s (KV pool full); it will be recomputed", victim.rid)
+        self._release_kv(victim, cache=False)
+        self.running.remove(victim)
+        victim.status = SeqStatus.WAITING
+        victim.num_computed = 0
+        self.waiting.appendleft(victim)
+        self.num_preemptions += 1
+        return True
+
+    def _drop_oversized(self, chunk: ScheduledChunk) -> bool:
+        """A lone request that cannot fit the whole pool fails instead of blocking everyone forever."""
+        self._finish(chunk.seq, "abort")
+        self._failed.append(chunk.seq)
+        return False
+
+    # ------------------------------------------------------------------------------------ results
+
+    def process_results(self, plan: list[ScheduledChunk], sampled: dict[str, SampledToken]) -> list[TokenOutput]:
+        outputs = [TokenOutput(seq.rid, None, finished=True, finish_reason="abort", prompt_tokens=len(seq.prompt_ids),
+                               error=f"request needs more KV cache than the pool holds ({self.pool.size} tokens)")
+                   for seq in self._failed]
+        self._failed.clear()
+        for chunk in plan:
+            seq = chunk.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            seq.num_computed = chunk.start + chunk.num_tokens
+            if not chunk.samples:
+                continue
+            token = sampled[seq.rid]
+            seq.output_ids.append(token.token_id)
+            reason = self._finish_reason(seq, token.token_id)
+            out = TokenOutput(seq.rid, token.token_id, token.logprob, token.top_logprobs,
+                              prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.num_cached)
+            if reason is not None:
+                out.finished, out.finish_reason = True, reason
+                self._finish(seq, reason)
+            outputs.append(out)
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.params
+        n_out = len(seq.output_ids)
+        if n_out >= params.min_new_tokens:
+            if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+                return "stop"
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            return "stop"
+        if n_out >= params.max_new_tokens or seq.total_len >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        self._release_kv(seq, cache=reason != "abort")
+
+    def _release_kv(self, seq: Sequence, cache: bool) -> None:
+        if seq.slot is None:
+            return
+        indices = self.table.table[seq.slot, :seq.num_computed].clone()
+        if self.prefix_cache is not None:
+            # The cache keeps what it can reuse and returns the indices nobody references any more.
+            indices = self.prefix_cache.release(seq.rid, seq.all_ids[:seq.num_computed], indices, insert=cache)
+        self.pool.free(indices)
+        self.table.free_slot(seq.slot)
+        seq.slot = None

@@ -1,0 +1,57 @@
+"""Engine-side state of one request."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightllm.engine.protocol import SamplingParams
+
+_admission_counter = itertools.count()
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    slot: int | None = None  # row in the req_to_token table while KV is held
+    num_computed: int = 0  # leading tokens of all_ids whose K/V are in the pool
+    num_cached: int = 0  # prompt tokens served by the prefix cache at admission
+    admission_order: int = -1
+    generator: torch.Generator | None = None
+    grammar: Any = None  # a grammar matcher when the request is constrained
+    finish_reason: str | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose K/V must still be computed before the next token can be sampled."""
+        return self.total_len - self.num_computed
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return max(0, self.params.max_new_tokens - len(self.output_ids))
+
+    def mark_admitted(self) -> None:
+        self.status = SeqStatus.RUNNING
+        self.admission_order = next(_admission_counter)

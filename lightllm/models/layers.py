@@ -1,0 +1,118 @@
+"""Building blocks: RMSNorm, rotary embedding (with llama3/linear scaling) and paged attention."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return x * torch.rsqrt(variance + eps) * weight
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    old_context = float(scaling.get("original_max_position_embeddings", 8192))
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding:
+    """Precomputed cos/sin tables (NeoX/HF "rotate_half" layout) indexed by absolute position."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
+                 device: torch.device, dtype: torch.dtype):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+        if rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        elif rope_type == "linear":
+            inv_freq = inv_freq / float(scaling["factor"])
+        elif rope_type != "default":
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
+        positions = torch.arange(max_positions, dtype=torch.float64)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos().to(device=device, dtype=dtype)
+        self.sin = emb.sin().to(device=device, dtype=dtype)
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D], k: [T, KVH, D], positions: [T]."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+@dataclass
+class PrefillSegment:
+    """One sequence whose new tokens (more than one) attend to its own cached context."""
+
+    token_start: int
+    token_end: int
+    kv_indices: torch.Tensor  # [ctx] pool indices of the whole context, new tokens included
+    mask: torch.Tensor | None  # [n, ctx] bool, None means plain causal with n == ctx
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step description of the ragged batch; built once and shared by every layer."""
+
+    slot_indices: torch.Tensor  # [T] pool index where each new token's K/V is written
+    prefill: list[PrefillSegment] = field(default_factory=list)
+    decode_token_idx: torch.Tensor | None = None  # [B] rows of the batch that are single-token decodes
+    decode_kv_indices: torch.Tensor | None = None  # [B, L] padded pool indices
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool
+
+
+def causal_mask(n_new: int, ctx_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Mask for n_new queries that are the last tokens of a ctx_len context."""
+    if n_new == ctx_len and sliding_window is None:
+        return None
+    q_pos = torch.arange(ctx_len - n_new, ctx_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(ctx_len, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """q: [T, H, D]; pools: [P, KVH, D]. Returns [T, H, D].
+
+    Prefill segments run one SDPA each over their gathered context; all single-token decodes run as one
+    padded, masked SDPA so the per-step Python overhead does not grow with the batch.
+    """
+    out = torch.empty_like(q)
+    for seg in meta.prefill:
+        qs = q[seg.token_start:seg.token_end].transpose(0, 1)
+        ks = k_pool[seg.kv_indices].transpose(0, 1)
+        vs = v_pool[seg.kv_indices].transpose(0, 1)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, is_causal=seg.mask is None,
+                                           scale=scale, enable_gqa=True)
+        out[seg.token_start:seg.token_end] = o.transpose(0, 1)
+    if meta.decode_token_idx is not None:
+        qd = q[meta.decode_token_idx].unsqueeze(2)  # [B, H, 1, D]
+        kd = k_pool[meta.decode_kv_indices].transpose(1, 2)  # [B, KVH, L, D]
+        vd = v_pool[meta.decode_kv_indices].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+        out[meta.decode_token_idx] = o.squeeze(2)
+    return out

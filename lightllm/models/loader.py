@@ -1,0 +1,232 @@
+"""Load weights from a Hugging Face safetensors directory or a GGUF file into our fused layout.
+
+Both sources are first mapped to canonical names (`layers.{i}.q`, `embed`, ...), then `assemble`
+fuses q/k/v and gate/up once, so the model code never sees where the weights came from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lightllm.models.config import ModelConfig, config_from_hf
+from lightllm.models.llama import LayerWeights, ModelWeights
+from lightllm.models.paths import find_gguf_file
+
+logger = logging.getLogger(__name__)
+
+_HF_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "q",
+    "self_attn.k_proj.weight": "k",
+    "self_attn.v_proj.weight": "v",
+    "self_attn.q_proj.bias": "q_bias",
+    "self_attn.k_proj.bias": "k_bias",
+    "self_attn.v_proj.bias": "v_bias",
+    "self_attn.o_proj.weight": "o",
+    "mlp.gate_proj.weight": "gate",
+    "mlp.up_proj.weight": "up",
+    "mlp.down_proj.weight": "down",
+    "input_layernorm.weight": "input_norm",
+    "post_attention_layernorm.weight": "post_norm",
+}
+_HF_GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
+
+_GGUF_LAYER_NAMES = {
+    "attn_q.weight": "q", "attn_k.weight": "k", "attn_v.weight": "v",
+    "attn_q.bias": "q_bias", "attn_k.bias": "k_bias", "attn_v.bias": "v_bias",
+    "attn_output.weight": "o", "ffn_gate.weight": "gate", "ffn_up.weight": "up", "ffn_down.weight": "down",
+    "attn_norm.weight": "input_norm", "ffn_norm.weight": "post_norm",
+}
+_GGUF_GLOBAL_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "final_norm", "output.weight": "lm_head"}
+
+
+def load_model_config(model_path: str | Path) -> ModelConfig:
+    gguf_path = find_gguf_file(model_path)
+    if gguf_path is not None:
+        from gguf import GGUFReader
+
+        return config_from_gguf(GGUFReader(str(gguf_path)))
+    path = Path(model_path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is neither a .gguf file nor a directory with config.json")
+    cfg = json.loads((path / "config.json").read_text())
+    gen_path = path / "generation_config.json"
+    gen_cfg = json.loads(gen_path.read_text()) if gen_path.exists() else None
+    config = config_from_hf(cfg, gen_cfg)
+    config.name = path.name
+    return config
+
+
+def load_model_weights(model_path: str | Path, config: ModelConfig, device: torch.device,
+                       dtype: torch.dtype) -> ModelWeights:
+    gguf_path = find_gguf_file(model_path)
+    if gguf_path is not None:
+        tensors = _gguf_tensors(gguf_path, config)
+    else:
+        tensors = _safetensors_tensors(Path(model_path))
+    return assemble(config, tensors, device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- HF files
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    return files
+
+
+def _safetensors_tensors(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    from safetensors import safe_open
+
+    for file in _safetensors_files(path):
+        # Left open on purpose: the loaders run after this generator is exhausted; GC closes it.
+        handle = safe_open(str(file), framework="pt")
+        for name in handle.keys():
+            canonical = _canonical_hf_name(name)
+            if canonical is not None:
+                yield canonical, (lambda h=handle, n=name: h.get_tensor(n))
+
+
+def _canonical_hf_name(name: str) -> str | None:
+    if name in _HF_GLOBAL_NAMES:
+        return _HF_GLOBAL_NAMES[name]
+    if name.startswith("model.layers."):
+        _, _, idx, rest = name.split(".", 3)
+        if rest in _HF_LAYER_NAMES:
+            return f"layers.{idx}.{_HF_LAYER_NAMES[rest]}"
+    return None  # rotary inv_freq buffers and the like
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+
+
+def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader: Any) -> ModelConfig:
+    arch = _gguf_value(reader, "general.architecture")
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2, mistral")
+    p = f"{arch}."
+    num_heads = int(_gguf_value(reader, p + "attention.head_count"))
+    hidden = int(_gguf_value(reader, p + "embedding_length"))
+    vocab = _gguf_value(reader, p + "vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    scaling_type = _gguf_value(reader, p + "rope.scaling.type")
+    rope_scaling = None
+    if scaling_type and scaling_type != "none":
+        rope_scaling = {"rope_type": scaling_type, "factor": _gguf_value(reader, p + "rope.scaling.factor", 1.0)}
+    eos = [int(_gguf_value(reader, "tokenizer.ggml.eos_token_id"))] if "tokenizer.ggml.eos_token_id" in reader.fields else []
+    names = [t.name for t in reader.tensors]
+    window = _gguf_value(reader, p + "attention.sliding_window")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(_gguf_value(reader, p + "feed_forward_length")),
+        num_layers=int(_gguf_value(reader, p + "block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(_gguf_value(reader, p + "attention.head_count_kv", num_heads)),
+        head_dim=int(_gguf_value(reader, p + "attention.key_length", hidden // num_heads)),
+        rms_norm_eps=float(_gguf_value(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(_gguf_value(reader, p + "rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(_gguf_value(reader, p + "context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        sliding_window=int(window) if window else None,
+        bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=eos,
+        name=str(_gguf_value(reader, "general.name", "model")),
+    )
+
+
+def _unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's convert-time permutation that turns HF's rotate-half q/k rows into interleaved pairs."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _gguf_tensors(path: Path, config: ModelConfig) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    # Only llama-arch files were permuted by llama.cpp's converter; qwen2 uses NeoX rope as HF does.
+    permuted = config.architecture in ("llama", "mistral")
+    for tensor in reader.tensors:
+        canonical = _canonical_gguf_name(tensor.name)
+        if canonical is None:
+            continue
+
+        def load(t: Any = tensor, name: str = canonical) -> torch.Tensor:
+            array = dequantize(t.data, t.tensor_type)
+            if permuted and name.endswith((".q", ".q_bias")):
+                array = _unpermute_qk(array, config.num_heads)
+            elif permuted and name.endswith((".k", ".k_bias")):
+                array = _unpermute_qk(array, config.num_kv_heads)
+            return torch.from_numpy(np.array(array, dtype=np.float32))  # copy: GGUF data is a read-only memmap
+
+        yield canonical, load
+
+
+def _canonical_gguf_name(name: str) -> str | None:
+    if name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[name]
+    if name.startswith("blk."):
+        _, idx, rest = name.split(".", 2)
+        if rest in _GGUF_LAYER_NAMES:
+            return f"layers.{idx}.{_GGUF_LAYER_NAMES[rest]}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- assemble
+
+
+def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], torch.Tensor]]],
+             device: torch.device, dtype: torch.dtype) -> ModelWeights:
+    """Materialise tensors (with a progress bar) and fuse them into per-layer weights."""
+    loaders = dict(tensors)
+    loaded: dict[str, torch.Tensor] = {}
+    for name in tqdm(sorted(loaders), desc="loading weights", unit="tensor", leave=False):
+        loaded[name] = loaders[name]().to(device=device, dtype=dtype)
+
+    def take(name: str) -> torch.Tensor:
+        if name not in loaded:
+            raise ValueError(f"weight {name!r} missing from the checkpoint")
+        return loaded.pop(name)
+
+    layers = []
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        bias = None
+        if config.attention_bias:
+            bias = torch.cat([take(p + "q_bias"), take(p + "k_bias"), take(p + "v_bias")])
+        layers.append(LayerWeights(
+            input_norm=take(p + "input_norm"),
+            qkv_weight=torch.cat([take(p + "q"), take(p + "k"), take(p + "v")]).contiguous(),
+            qkv_bias=bias,
+            o_weight=take(p + "o"),
+            post_norm=take(p + "post_norm"),
+            gate_up_weight=torch.cat([take(p + "gate"), take(p + "up")]).contiguous(),
+            down_weight=take(p + "down"),
+        ))
+    embed = take("embed")
+    lm_head = loaded.pop("lm_head", None)
+    if lm_head is None:
+        lm_head = embed
+    return ModelWeights(embed=embed, layers=layers, final_norm=take("final_norm"), lm_head=lm_head)

@@ -1,0 +1,57 @@
+"""Command-line flags: LightLLM's names and defaults, plus the vLLM ones users expect."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lightllm.server.api_server",
+                                description="lightllm: an OpenAI-compatible LLM server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model_dir", default=None,
+                   help="HF directory (config.json + *.safetensors), a .gguf file, or a directory holding one; "
+                        "default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--model_name", default="default_model_name",
+                   help="name served in /v1/models; the default derives it from the model")
+    p.add_argument("--tokenizer_mode", default="fast")
+    p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node_rank", type=int, default=0)
+    p.add_argument("--nccl_host", default="127.0.0.1")
+    p.add_argument("--nccl_port", type=int, default=28765)
+    p.add_argument("--max_total_token_num", type=int, default=None,
+                   help="KV cache size in tokens; default: a share of free memory (--mem_fraction)")
+    p.add_argument("--mem_fraction", type=float, default=None,
+                   help="share of free memory for the KV cache (default 0.85 on GPU, 0.2 on CPU)")
+    p.add_argument("--batch_max_tokens", type=int, default=None, help="max tokens in one forward step")
+    p.add_argument("--running_max_req_size", type=int, default=256, help="max requests running at once")
+    p.add_argument("--max_req_total_len", type=int, default=16384, help="max prompt + output tokens of one request")
+    p.add_argument("--chunked_prefill_size", type=int, default=512)
+    p.add_argument("--disable_chunked_prefill", action="store_true")
+    p.add_argument("--router_max_new_token_len", type=int, default=512,
+                   help="output tokens reserved per request at admission (preemption covers the rest)")
+    p.add_argument("--data_type", default="auto", choices=["auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"])
+    p.add_argument("--eos_id", type=int, nargs="+", default=None)
+    p.add_argument("--disable_dynamic_prompt_cache", action="store_true", help="turn the prefix cache off")
+    p.add_argument("--quant_type", default="none", choices=["none"])
+    p.add_argument("--tool_call_parser", default=None, choices=["qwen25", "llama3", "mistral"])
+    p.add_argument("--reasoning_parser", default=None)
+    p.add_argument("--chat_template", default=None, help="jinja2 chat template file overriding the model's")
+    p.add_argument("--output_constraint_mode", default="xgrammar", choices=["xgrammar", "outlines", "none"])
+    p.add_argument("--long_truncation_mode", default=None, choices=[None, "head", "center"])
+    p.add_argument("--api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    p.add_argument("--cors_allow_origins", nargs="*", default=[], help="origins allowed by CORS (e.g. '*')")
+    p.add_argument("--max_concurrent_requests", type=int, default=1024,
+                   help="requests in flight before the server answers 503/429")
+    p.add_argument("--log_level", default="INFO")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.tp != 1 or args.nnodes != 1:
+        raise SystemExit("error: --tp/--nnodes other than 1 is not yet supported by this build")
+    return args

@@ -1,0 +1,126 @@
+"""API-process side of the engine connection: start the engine process, submit, stream, abort."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import tempfile
+from typing import AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from lightllm.engine.entry import engine_main
+from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineFailed, EngineReady, EngineStats,
+                                      SamplingParams, StepOutputs, TokenOutput)
+
+logger = logging.getLogger("lightllm.api")
+
+
+class EngineDied(RuntimeError):
+    pass
+
+
+class EngineClient:
+    def __init__(self, engine_config, log_level: str = "INFO"):
+        self.engine_config = engine_config
+        self.log_level = log_level
+        self._dir = tempfile.mkdtemp(prefix="lightllm-")
+        self.in_addr = f"ipc://{os.path.join(self._dir, 'to_engine')}"
+        self.out_addr = f"ipc://{os.path.join(self._dir, 'from_engine')}"
+        self.ctx = zmq.asyncio.Context()
+        self.to_engine = self.ctx.socket(zmq.PUSH)
+        self.to_engine.bind(self.in_addr)
+        self.from_engine = self.ctx.socket(zmq.PULL)
+        self.from_engine.bind(self.out_addr)
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.info: EngineReady | None = None
+        self.stats: EngineStats | None = None
+        self.queues: dict[str, asyncio.Queue[TokenOutput]] = {}
+        self._recv_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self.dead_reason: str | None = None
+
+    async def start(self) -> EngineReady:
+        ctx = multiprocessing.get_context("spawn")
+        self.process = ctx.Process(target=engine_main, name="lightllm-engine",
+                                   args=(self.engine_config, self.in_addr, self.out_addr, self.log_level),
+                                   daemon=True)
+        self.process.start()
+        while True:
+            if await self.from_engine.poll(500):
+                msg = await self.from_engine.recv_pyobj()
+                if isinstance(msg, EngineFailed):
+                    raise RuntimeError(f"engine failed to start: {msg.error}")
+                if isinstance(msg, EngineReady):
+                    self.info = msg
+                    break
+            elif not self.process.is_alive():
+                raise RuntimeError(f"engine process exited during start-up (code {self.process.exitcode})")
+        self._recv_task = asyncio.create_task(self._receive_loop())
+        self._watch_task = asyncio.create_task(self._watch_process())
+        return self.info
+
+    async def _receive_loop(self) -> None:
+        while True:
+            msg = await self.from_engine.recv_pyobj()
+            if not isinstance(msg, StepOutputs):
+                continue
+            self.stats = msg.stats
+            for out in msg.outputs:
+                queue = self.queues.get(out.rid)
+                if queue is not None:
+                    queue.put_nowait(out)
+
+    async def _watch_process(self) -> None:
+        while self.process.is_alive():
+            await asyncio.sleep(1.0)
+        self.dead_reason = f"engine process exited (code {self.process.exitcode})"
+        logger.error(self.dead_reason)
+        for rid, queue in list(self.queues.items()):
+            queue.put_nowait(TokenOutput(rid, None, finished=True, finish_reason="abort", error=self.dead_reason))
+
+    @property
+    def alive(self) -> bool:
+        return self.dead_reason is None and self.process is not None and self.process.is_alive()
+
+    async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
+        """Yield the engine's outputs for one request; leaving early (client gone, stop string) aborts it."""
+        if not self.alive:
+            raise EngineDied(self.dead_reason or "engine is not running")
+        queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
+        self.queues[rid] = queue
+        finished = False
+        try:
+            await self.to_engine.send_pyobj(AddRequest(rid, prompt_ids, params))
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            self.queues.pop(rid, None)
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, rid: str) -> None:
+        try:
+            self.to_engine.send_pyobj(AbortRequest(rid), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            logger.warning("could not send abort for request %s", rid)
+
+    async def shutdown(self) -> None:
+        for task in (self._recv_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+        if self.process is not None and self.process.is_alive():
+            try:
+                self.to_engine.send_pyobj(None, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            await asyncio.to_thread(self.process.join, 5)
+            if self.process.is_alive():
+                self.process.terminate()
+                await asyncio.to_thread(self.process.join, 5)
+        self.ctx.destroy(linger=0)

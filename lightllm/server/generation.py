@@ -1,0 +1,115 @@
+"""One request's text stream: engine tokens → incremental detokenization → stop strings → chunks."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from lightllm.engine.protocol import SamplingParams
+from lightllm.tokenizer import IncrementalDetokenizer
+
+
+class GenerationError(RuntimeError):
+    """The engine refused or failed the request (the message is safe to show the client)."""
+
+
+@dataclass
+class TokenInfo:
+    token_id: int
+    text: str  # the token's own text (for logprobs displays)
+    logprob: float | None
+    top_logprobs: list[tuple[int, str, float]] | None
+
+
+@dataclass
+class GenerationChunk:
+    text: str  # new text since the previous chunk (may be empty)
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def new_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text, holding back any tail that could still become one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
+        self.text += delta
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return self._release(len(self.text)), True
+        return self._release(len(self.text) - self._held_back()), False
+
+    def flush(self) -> str:
+        return self._release(len(self.text))
+
+    def _held_back(self) -> int:
+        longest = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def _release(self, upto: int) -> str:
+        upto = max(upto, self.sent)
+        out = self.text[self.sent:upto]
+        self.sent = upto
+        return out
+
+
+async def generate_text(engine: Any, tokenizer: Any, prompt_ids: list[int], params: SamplingParams, *,
+                        stop: list[str] | None = None, skip_special_tokens: bool = True,
+                        eos_token_ids: list[int] | None = None, rid: str | None = None) -> AsyncIterator[GenerationChunk]:
+    rid = rid or new_request_id()
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+    matcher = StopStringMatcher(stop or [])
+    stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids or []))
+    completion_tokens = 0
+    want_logprobs = params.logprobs is not None
+    async for out in engine.generate(rid, prompt_ids, params):
+        if out.error:
+            raise GenerationError(out.error)
+        chunk = GenerationChunk("", prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens)
+        if out.token_id is not None:
+            completion_tokens += 1
+            stopped_by_token = out.finish_reason == "stop" and out.token_id in stop_token_ids
+            delta = "" if stopped_by_token else detok.add(out.token_id)
+            if out.finished:
+                delta += "" if stopped_by_token else detok.flush()
+            text, hit = matcher.feed(delta)
+            chunk.text = text
+            if want_logprobs:
+                chunk.tokens.append(_token_info(tokenizer, out))
+            if hit:
+                chunk.finished, chunk.finish_reason = True, "stop"
+        if out.finished and not chunk.finished:
+            chunk.text += matcher.flush()
+            chunk.finished, chunk.finish_reason = True, out.finish_reason
+        chunk.completion_tokens = completion_tokens
+        yield chunk
+        if chunk.finished:
+            return  # leaving the engine stream early aborts the request there (stop string case)
+
+
+def _token_info(tokenizer: Any, out: Any) -> TokenInfo:
+    top = None
+    if out.top_logprobs is not None:
+        top = [(tid, tokenizer.decode([tid]), lp) for tid, lp in out.top_logprobs]
+    return TokenInfo(out.token_id, tokenizer.decode([out.token_id]), out.logprob, top)

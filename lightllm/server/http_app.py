@@ -1,0 +1,143 @@
+"""FastAPI app: lifespan (engine start/stop), auth, CORS, error handlers and the small routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from lightllm.engine.protocol import EngineConfig
+from lightllm.server.engine_client import EngineClient
+from lightllm.server.errors import error_response, install_error_handlers
+from lightllm.server.state import ServerState
+
+logger = logging.getLogger("lightllm.api")
+
+
+def engine_config_from_args(args: Any, model_path: str) -> EngineConfig:
+    return EngineConfig(
+        model_path=model_path, data_type=args.data_type, max_total_token_num=args.max_total_token_num,
+        mem_fraction=args.mem_fraction, batch_max_tokens=args.batch_max_tokens,
+        chunked_prefill_size=args.chunked_prefill_size, disable_chunked_prefill=args.disable_chunked_prefill,
+        running_max_req_size=args.running_max_req_size, max_req_total_len=args.max_req_total_len,
+        eos_id=args.eos_id, disable_dynamic_prompt_cache=args.disable_dynamic_prompt_cache,
+        router_max_new_token_len=args.router_max_new_token_len, grammar_backend=args.output_constraint_mode)
+
+
+def create_app(args: Any, model_path: str) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from lightllm.tokenizer import end_of_generation_ids, load_tokenizer
+
+        start = time.perf_counter()
+        engine = EngineClient(engine_config_from_args(args, model_path), args.log_level)
+        tokenizer_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_path, args.chat_template,
+                                                               args.trust_remote_code))
+        try:
+            info = await engine.start()
+            tokenizer = await tokenizer_task
+        except BaseException:
+            tokenizer_task.cancel()
+            await engine.shutdown()
+            raise
+        name = args.model_name if args.model_name != "default_model_name" else _default_model_name(model_path, info)
+        app.state.server = ServerState(args=args, tokenizer=tokenizer, engine=engine, model_name=name,
+                                       max_model_len=info.max_model_len,
+                                       eog_token_ids=sorted(set(end_of_generation_ids(tokenizer)) | set(info.eos_token_ids)),
+                                       tool_call_parser=args.tool_call_parser)
+        logger.info("model %s (%s) dtype=%s device=%s kv_cache=%d tokens max_len=%d ready in %.1fs",
+                    name, info.architecture, info.dtype, info.device, info.max_total_token_num,
+                    info.max_model_len, time.perf_counter() - start)
+        logger.info("serving on http://%s:%d (OpenAI API at http://%s:%d/v1)", args.host, args.port, args.host, args.port)
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="lightllm", lifespan=lifespan)
+    install_error_handlers(app)
+    if args.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=args.cors_allow_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=True)
+    if args.api_key:
+        _install_auth(app, args.api_key)
+
+    from lightllm.server import native
+    from lightllm.server.openai import chat, completions
+
+    app.include_router(native.router)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+    _add_info_routes(app)
+    return app
+
+
+def _default_model_name(model_path: str, info: Any) -> str:
+    from pathlib import Path
+
+    path = Path(model_path)
+    return path.stem if path.suffix == ".gguf" else path.name or info.model_name
+
+
+def _install_auth(app: FastAPI, api_key: str) -> None:
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if request.url.path.startswith("/v1") and request.method != "OPTIONS":
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error_response(401, "Incorrect API key provided.", code="invalid_api_key")
+        return await call_next(request)
+
+
+class TokensRequest(BaseModel):
+    text: str
+
+
+def _add_info_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    @app.get("/healthz")
+    async def health(request: Request):
+        state: ServerState = request.app.state.server
+        if not state.engine.alive:
+            return JSONResponse({"message": "engine not running"}, status_code=503)
+        return {"message": "Ok"}
+
+    @app.get("/get_model_name")
+    async def get_model_name(request: Request):
+        return {"model_name": request.app.state.server.model_name}
+
+    @app.post("/tokens")
+    async def tokens(req: TokensRequest, request: Request):
+        return {"ntokens": len(request.app.state.server.tokenizer.encode(req.text, add_special_tokens=False))}
+
+    @app.get("/token_load")
+    async def token_load(request: Request):
+        state: ServerState = request.app.state.server
+        stats = state.engine.stats
+        total = state.engine.info.max_total_token_num
+        used = stats.kv_used if stats else 0
+        cached = stats.kv_cached if stats else 0
+        return {"kv_total": total, "kv_used": used, "kv_cached": cached,
+                "kv_used_by_requests": used - cached, "current_load": (used - cached) / total,
+                "running": stats.running if stats else 0, "waiting": stats.waiting if stats else 0,
+                "inflight": state.inflight}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        state: ServerState = request.app.state.server
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "lightllm",
+            "root": state.model_name, "parent": None, "max_model_len": state.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        from lightllm.server.metrics import render_metrics
+
+        body, content_type = render_metrics(request.app.state.server)
+        return Response(body, media_type=content_type)

@@ -1,0 +1,27 @@
+"""Prometheus exposition of engine and request counters, rendered on scrape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+
+def render_metrics(state: Any) -> tuple[bytes, str]:
+    registry = CollectorRegistry()
+    stats = state.engine.stats
+    gauges = {
+        "lightllm_kv_cache_total_tokens": state.engine.info.max_total_token_num,
+        "lightllm_kv_cache_used_tokens": stats.kv_used if stats else 0,
+        "lightllm_kv_cache_prefix_cached_tokens": stats.kv_cached if stats else 0,
+        "lightllm_requests_running": stats.running if stats else 0,
+        "lightllm_requests_waiting": stats.waiting if stats else 0,
+        "lightllm_requests_inflight": state.inflight,
+        "lightllm_requests_total": state.counters["requests"],
+        "lightllm_prompt_tokens_total": state.counters["prompt_tokens"],
+        "lightllm_generation_tokens_total": state.counters["generation_tokens"],
+    }
+    for name, value in gauges.items():
+        Gauge(name, name.replace("_", " "), registry=registry).set(value)
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,164 @@
+"""LightLLM's native API: POST /generate and POST /generate_stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lightllm.engine.protocol import SamplingParams
+from lightllm.server.errors import APIError, error_body
+from lightllm.server.generation import GenerationError, new_request_id
+from lightllm.server.state import ServerState, collect, until_disconnect
+
+router = APIRouter()
+
+
+class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    do_sample: bool = False
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    max_new_tokens: int = Field(16, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_sequences: list[str] | str | None = None
+    n: int = Field(1, ge=1, le=16)
+    best_of: int | None = None
+    skip_special_tokens: bool = True
+    add_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = None
+    return_details: bool = False
+    stop_token_ids: list[int] = Field(default_factory=list)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str | list[int]
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+def _prepare(state: ServerState, req: GenerateRequest) -> tuple[list[int], SamplingParams, list[str]]:
+    p = req.parameters
+    if isinstance(req.inputs, str):
+        if not req.inputs:
+            raise APIError(400, "inputs must not be empty", param="inputs")
+        prompt_ids = state.tokenizer.encode(req.inputs, add_special_tokens=p.add_special_tokens)
+    else:
+        prompt_ids = list(req.inputs)
+        if not prompt_ids:
+            raise APIError(400, "inputs must not be empty", param="inputs")
+    stops = [p.stop_sequences] if isinstance(p.stop_sequences, str) else list(p.stop_sequences or [])
+    if len(stops) > 10:
+        raise APIError(400, "at most 10 stop_sequences are allowed", param="parameters.stop_sequences")
+    max_new = state.check_length(len(prompt_ids), p.max_new_tokens, param="parameters.max_new_tokens")
+    greedy = not p.do_sample or p.temperature < 1e-5
+    params = SamplingParams(
+        max_new_tokens=max_new, min_new_tokens=p.min_new_tokens, temperature=0.0 if greedy else p.temperature,
+        top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, seed=p.seed,
+        ignore_eos=p.ignore_eos, stop_token_ids=list(p.stop_token_ids),
+        logit_bias={int(k): float(v) for k, v in (p.logit_bias or {}).items()},
+        logprobs=0 if p.return_details else None)
+    return prompt_ids, params, stops
+
+
+def _with_seed(params: SamplingParams, i: int) -> SamplingParams:
+    copy = SamplingParams(**params.__dict__)
+    copy.stop_token_ids = list(params.stop_token_ids)
+    if copy.seed is not None:
+        copy.seed += i
+    return copy
+
+
+async def _parse_body(request: Request) -> GenerateRequest:
+    """LightLLM clients often post JSON without a JSON content type (curl -d): accept any."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"invalid JSON body: {exc}") from None
+    try:
+        return GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+@router.post("/generate")
+async def generate(request: Request) -> dict[str, Any]:
+    req = await _parse_body(request)
+    state: ServerState = request.app.state.server
+    state.check_capacity()
+    prompt_ids, params, stops = _prepare(state, req)
+    p = req.parameters
+
+    async def run_all():
+        gens = [collect(state.stream(prompt_ids, _with_seed(params, i), stop=stops,
+                                     skip_special_tokens=p.skip_special_tokens)) for i in range(p.n)]
+        return await asyncio.gather(*gens)
+
+    results = await until_disconnect(request, run_all())
+    texts = [text for text, _ in results]
+    last = [chunks[-1] for _, chunks in results]
+    body: dict[str, Any] = {
+        "generated_text": texts,
+        "count_output_tokens": sum(c.completion_tokens for c in last),
+        "finish_reason": last[0].finish_reason,
+        "prompt_tokens": len(prompt_ids),
+    }
+    if p.return_details:
+        body["tokens"] = [[{"id": t.token_id, "text": t.text, "logprob": t.logprob}
+                           for c in chunks for t in c.tokens] for _, chunks in results]
+        body["finish_reasons"] = [c.finish_reason for c in last]
+    return body
+
+
+@router.post("/generate_stream")
+async def generate_stream(request: Request) -> StreamingResponse:
+    req = await _parse_body(request)
+    state: ServerState = request.app.state.server
+    state.check_capacity()
+    prompt_ids, params, stops = _prepare(state, req)
+    if req.parameters.n != 1:
+        raise APIError(400, "n > 1 is not supported for /generate_stream", param="parameters.n")
+    params.logprobs = 0
+    special = set(state.tokenizer.all_special_ids)
+
+    async def events():
+        gen = state.stream(prompt_ids, params, stop=stops, skip_special_tokens=req.parameters.skip_special_tokens,
+                           rid=new_request_id("gen"))
+        text_so_far = []
+        try:
+            async for chunk in gen:
+                token = chunk.tokens[0] if chunk.tokens else None
+                text_so_far.append(chunk.text)
+                event = {
+                    "token": {"id": token.token_id if token else None, "text": chunk.text,
+                              "logprob": token.logprob if token else None,
+                              "special": bool(token and token.token_id in special),
+                              "count_output_tokens": chunk.completion_tokens, "prompt_tokens": len(prompt_ids)},
+                    "generated_text": "".join(text_so_far) if chunk.finished else None,
+                    "finished": chunk.finished,
+                    "finish_reason": chunk.finish_reason,
+                    "details": None,
+                }
+                yield f"data:{json.dumps(event, ensure_ascii=False)}\n\n"
+        except GenerationError as exc:
+            yield f"data:{json.dumps(error_body(str(exc), 'invalid_request_error'))}\n\n"
+        finally:
+            await gen.aclose()
+
+    return StreamingResponse(events(), media_type="text/event-stream")

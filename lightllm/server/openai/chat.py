@@ -1,0 +1,168 @@
+"""POST /v1/chat/completions, plain and streamed, with tool calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from lightllm.server.errors import APIError, error_body
+from lightllm.server.function_call import ToolContext, prepare_tool_context, response_format_grammar
+from lightllm.server.generation import GenerationError
+from lightllm.server.openai.common import (chat_logprob_entries, merge_streams, new_id, now, sampling_params, sse,
+                                           usage)
+from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage
+from lightllm.server.state import ServerState, collect, until_disconnect
+
+router = APIRouter()
+
+
+def _template_message(msg: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()}
+    if msg.name:
+        out["name"] = msg.name
+    if msg.tool_call_id:
+        out["tool_call_id"] = msg.tool_call_id
+    if msg.tool_calls:
+        calls = []
+        for call in msg.tool_calls:
+            args = call.function.arguments
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError:
+                    raise APIError(400, f"tool call {call.function.name!r} has arguments that are not valid JSON",
+                                   param="messages") from None
+            calls.append({"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": args}})
+        out["tool_calls"] = calls
+    return out
+
+
+def render_prompt(state: ServerState, req: ChatCompletionRequest, tools: ToolContext | None) -> str:
+    import jinja2
+
+    messages = [_template_message(m) for m in req.messages]
+    if tools is not None:
+        messages = tools.adapt_messages(messages)
+    kwargs = dict(req.chat_template_kwargs or {})
+    if tools is not None and tools.template_tools is not None:
+        kwargs["tools"] = tools.template_tools
+    if state.tokenizer.chat_template is None:
+        raise APIError(400, "this model has no chat template; start the server with --chat_template FILE")
+    try:
+        return state.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                   add_generation_prompt=req.add_generation_prompt, **kwargs)
+    except jinja2.TemplateError as exc:
+        raise APIError(400, f"chat template error: {exc}", param="messages") from exc
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    state: ServerState = request.app.state.server
+    state.check_capacity()
+    tools = prepare_tool_context(req, state)
+    grammar = tools.grammar if tools is not None else None
+    if req.response_format is not None and req.response_format.type != "text":
+        if grammar is not None:
+            raise APIError(400, "use either response_format or a forced tool_choice, not both", param="response_format")
+        grammar = response_format_grammar(req.response_format)
+    prompt = render_prompt(state, req, tools)
+    prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
+    max_new = state.check_length(len(prompt_ids), req.max_completion_tokens or req.max_tokens,
+                                 param="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    # Tool markers are special tokens in some vocabularies: keep them while parsing.
+    skip_special = req.skip_special_tokens and (tools is None or not tools.parses)
+    streams = [state.stream(prompt_ids, sampling_params(req, max_new, logprobs, i, grammar), stop=req.stop_list(),
+                            skip_special_tokens=skip_special, rid=new_id("chatcmpl")) for i in range(req.n)]
+    response_id = new_id("chatcmpl")
+    if req.stream:
+        return StreamingResponse(_stream(state, req, response_id, streams, len(prompt_ids), tools),
+                                 media_type="text/event-stream")
+
+    async def run_all():
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    results = await until_disconnect(request, run_all())
+    choices = []
+    completion_tokens = cached = 0
+    for index, (text, chunks) in enumerate(results):
+        last = chunks[-1]
+        completion_tokens += last.completion_tokens
+        cached = max(cached, last.cached_tokens)
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        finish_reason = last.finish_reason
+        if tools is not None and tools.parses:
+            content, calls = tools.parse(text)
+            if calls:
+                message["content"] = content or None
+                message["tool_calls"] = calls
+                finish_reason = tools.finish_reason(finish_reason)
+        logprobs_body = None
+        if req.logprobs:
+            logprobs_body = {"content": chat_logprob_entries([t for c in chunks for t in c.tokens]), "refusal": None}
+        choices.append({"index": index, "message": message, "logprobs": logprobs_body, "finish_reason": finish_reason})
+    return {"id": response_id, "object": "chat.completion", "created": now(), "model": state.model_name,
+            "choices": choices, "usage": usage(len(prompt_ids), completion_tokens, cached),
+            "system_fingerprint": None}
+
+
+async def _stream(state: ServerState, req: ChatCompletionRequest, response_id: str, streams: list, prompt_len: int,
+                  tools: ToolContext | None):
+    created = now()
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None,
+              logprobs: dict[str, Any] | None = None) -> str:
+        body: dict[str, Any] = {"id": response_id, "object": "chat.completion.chunk", "created": created,
+                                "model": state.model_name, "system_fingerprint": None,
+                                "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                             "finish_reason": finish_reason}]}
+        if include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    parsers = [tools.stream_parser() if tools is not None and tools.parses else None for _ in streams]
+    made_calls = [False] * len(streams)
+    completion_tokens: dict[int, int] = {}
+    cached = 0
+    merged = merge_streams(streams)
+    try:
+        for index in range(len(streams)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for index, gen in merged:
+            completion_tokens[index] = gen.completion_tokens
+            cached = max(cached, gen.cached_tokens)
+            logprobs = None
+            if req.logprobs and gen.tokens:
+                logprobs = {"content": chat_logprob_entries(gen.tokens), "refusal": None}
+            parser = parsers[index]
+            if parser is None:
+                deltas = [{"content": gen.text}] if gen.text else []
+            else:
+                deltas = parser.feed(gen.text)
+                if gen.finished:
+                    deltas += parser.finish()
+            for delta in deltas:
+                made_calls[index] |= "tool_calls" in delta
+                yield chunk(index, delta, logprobs=logprobs)
+                logprobs = None
+            if logprobs is not None:  # a token whose text is held back still reports its logprob
+                yield chunk(index, {}, logprobs=logprobs)
+            if gen.finished:
+                reason = gen.finish_reason
+                if made_calls[index]:
+                    reason = tools.finish_reason(reason)
+                yield chunk(index, {}, finish_reason=reason)
+        if include_usage:
+            yield sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
+                       "model": state.model_name, "system_fingerprint": None, "choices": [],
+                       "usage": usage(prompt_len, sum(completion_tokens.values()), cached)})
+    except (GenerationError, APIError) as exc:
+        yield sse(error_body(str(exc), "invalid_request_error"))
+    finally:
+        await merged.aclose()
+    yield sse("[DONE]")

@@ -1,0 +1,117 @@
+"""POST /v1/completions (prompt as text, list of texts, token ids or lists of token ids)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from lightllm.server.errors import APIError, error_body
+from lightllm.server.generation import GenerationChunk, GenerationError
+from lightllm.server.openai.common import merge_streams, new_id, now, sampling_params, sse, usage
+from lightllm.server.openai.protocol import CompletionRequest
+from lightllm.server.state import ServerState, collect, until_disconnect
+
+router = APIRouter()
+
+
+def _prompts(state: ServerState, req: CompletionRequest) -> list[list[int]]:
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        texts: list[Any] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        texts = [prompt]
+    else:
+        texts = list(prompt)
+    if not texts:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    out = []
+    for item in texts:
+        ids = state.tokenizer.encode(item, add_special_tokens=req.add_special_tokens) if isinstance(item, str) else list(item)
+        if not ids:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        out.append(ids)
+    return out
+
+
+def _logprobs_body(chunks: list[GenerationChunk], offset: int = 0) -> dict[str, Any]:
+    tokens = [t for c in chunks for t in c.tokens]
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{s: lp for _, s, lp in (t.top_logprobs or [])} for t in tokens],
+            "text_offset": offsets}
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    state: ServerState = request.app.state.server
+    state.check_capacity()
+    if req.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
+    if req.echo and req.stream:
+        raise APIError(400, "echo is not supported with stream", param="echo", code="unsupported_parameter")
+    if req.best_of not in (None, 1, req.n):
+        raise APIError(400, "best_of other than n is not supported", param="best_of", code="unsupported_parameter")
+    prompts = _prompts(state, req)
+    streams, prompt_lens = [], []
+    for ids in prompts:
+        max_new = state.check_length(len(ids), req.max_tokens if req.max_tokens is not None else 16)
+        for i in range(req.n):
+            streams.append(state.stream(ids, sampling_params(req, max_new, req.logprobs, i), stop=req.stop_list(),
+                                        skip_special_tokens=req.skip_special_tokens, rid=new_id("cmpl")))
+            prompt_lens.append(len(ids))
+    response_id = new_id("cmpl")
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    if req.stream:
+        return StreamingResponse(_stream(state, req, response_id, streams, prompt_tokens), media_type="text/event-stream")
+
+    async def run_all():
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    results = await until_disconnect(request, run_all())
+    choices = []
+    completion_tokens = 0
+    for index, (text, chunks) in enumerate(results):
+        completion_tokens += chunks[-1].completion_tokens
+        prefix = ""
+        if req.echo:
+            prefix = state.tokenizer.decode(prompts[index // req.n])
+        choices.append({"index": index, "text": prefix + text,
+                        "logprobs": _logprobs_body(chunks, len(prefix)) if req.logprobs is not None else None,
+                        "finish_reason": chunks[-1].finish_reason})
+    return {"id": response_id, "object": "text_completion", "created": now(), "model": state.model_name,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": None}
+
+
+async def _stream(state: ServerState, req: CompletionRequest, response_id: str, streams: list, prompt_tokens: int):
+    created = now()
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    completion_tokens: dict[int, int] = {}
+    merged = merge_streams(streams)
+    try:
+        async for index, gen in merged:
+            completion_tokens[index] = gen.completion_tokens
+            if not gen.text and not gen.finished and not gen.tokens:
+                continue
+            body: dict[str, Any] = {"id": response_id, "object": "text_completion", "created": created,
+                                    "model": state.model_name, "system_fingerprint": None,
+                                    "choices": [{"index": index, "text": gen.text,
+                                                 "logprobs": _logprobs_body([gen]) if req.logprobs is not None else None,
+                                                 "finish_reason": gen.finish_reason if gen.finished else None}]}
+            if include_usage:
+                body["usage"] = None
+            yield sse(body)
+        if include_usage:
+            yield sse({"id": response_id, "object": "text_completion", "created": created, "model": state.model_name,
+                       "system_fingerprint": None, "choices": [],
+                       "usage": usage(prompt_tokens, sum(completion_tokens.values()))})
+    except (GenerationError, APIError) as exc:
+        yield sse(error_body(str(exc), "invalid_request_error"))
+    finally:
+        await merged.aclose()
+    yield sse("[DONE]")

@@ -1,0 +1,113 @@
+"""Shared fixtures: one real server process per model per test session, and tiny random HF models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m lightllm.server.api_server` on loopback, stopped (with its engine) at the end."""
+
+    def __init__(self, args: list[str], log_path: Path, timeout: float = 240.0):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "lightllm.server.api_server", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{log_path.read_text()[-4000:]}")
+            try:
+                if requests.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+    def token_load(self) -> dict:
+        return requests.get(self.base_url + "/token_load", timeout=5).json()
+
+    def wait_idle(self, timeout: float = 30.0) -> dict:
+        """Wait until no request holds KV (the prefix cache may still keep finished prompts)."""
+        deadline = time.time() + timeout
+        load = self.token_load()
+        while time.time() < deadline:
+            load = self.token_load()
+            if load["running"] == 0 and load["waiting"] == 0 and load["kv_used_by_requests"] == 0:
+                return load
+            time.sleep(0.2)
+        return load
+
+
+def embedded_model_path() -> str:
+    from lightllm.server.api_server import embedded_model_path as locate
+
+    return locate()
+
+
+@pytest.fixture(scope="session")
+def smol_server(tmp_path_factory):
+    """The embedded SmolLM2 model, with an API key on /v1 routes."""
+    log = tmp_path_factory.mktemp("logs") / "smol_server.log"
+    server = ServerProcess(["--max_total_token_num", "30000", "--api_key", API_KEY, "--max_req_total_len", "4096",
+                            "--tool_call_parser", "qwen25"], log)
+    yield server
+    server.stop()
+
+
+def build_tiny_model(path: Path, arch: str, **overrides) -> Path:
+    """Save a tiny random HF model (safetensors) of the given family; returns its directory."""
+    import torch
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1,
+                  eos_token_id=2)
+    common.update(overrides)
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "mistral": (MistralConfig, MistralForCausalLM)}
+    config_cls, model_cls = classes[arch]
+    torch.manual_seed(1234)
+    model = model_cls(config_cls(**common)).eval()
+    if arch == "qwen2":  # make the q/k/v biases matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return path

@@ -1,0 +1,154 @@
+"""Our model runtime against the transformers reference: logits for a ragged batch, prefill + decode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightllm.engine.engine import Engine
+from lightllm.engine.protocol import AddRequest, EngineConfig, SamplingParams
+from tests.conftest import build_tiny_model
+
+CASES = {
+    "llama_gqa_untied": ("llama", dict(tie_word_embeddings=False)),
+    "llama_tied_llama3_rope": ("llama", dict(tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "mistral_sliding_window": ("mistral", dict(sliding_window=6, tie_word_embeddings=False)),
+}
+PROMPTS = [[5, 17, 33, 2 + 40, 9, 100, 3, 77, 12, 8, 250, 19], [7, 7], [1, 90, 45, 60, 23]]
+DECODE_STEPS = 9
+
+
+def run_engine_recording_logits(model_dir, prompts, **engine_kwargs):
+    engine = Engine(EngineConfig(model_path=str(model_dir), max_total_token_num=1024, **engine_kwargs))
+    recorded: dict[str, list[torch.Tensor]] = {}
+    sampler = engine.runner.sampler
+
+    def recording_sampler(logits, seqs):
+        for row, seq in zip(logits, seqs):
+            recorded.setdefault(seq.rid, []).append(row.clone())
+        return sampler(logits, seqs)
+
+    engine.runner.sampler = recording_sampler
+    outputs: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(AddRequest(str(i), prompt, SamplingParams(max_new_tokens=DECODE_STEPS, temperature=0.0,
+                                                                     ignore_eos=True)))
+        if i == 0:  # let the first request start before the others join the batch
+            for out in engine.step():
+                outputs.setdefault(out.rid, []).append(out.token_id)
+    while engine.scheduler.has_work():
+        for out in engine.step():
+            outputs.setdefault(out.rid, []).append(out.token_id)
+    return engine, outputs, recorded
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(case, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    arch, overrides = CASES[case]
+    model_dir = build_tiny_model(tmp_path / case, arch, **overrides)
+    engine, outputs, recorded = run_engine_recording_logits(model_dir, PROMPTS, chunked_prefill_size=4)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for i, prompt in enumerate(PROMPTS):
+        generated = outputs[str(i)]
+        assert len(generated) == DECODE_STEPS
+        full = torch.tensor([prompt + generated])
+        with torch.no_grad():
+            ref_logits = reference(full).logits[0]
+        ours = torch.stack(recorded[str(i)])
+        expected = ref_logits[len(prompt) - 1:len(prompt) - 1 + DECODE_STEPS]
+        assert ours.shape == expected.shape
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    assert engine.pool.num_used - engine.prefix_cache.evictable() == 0
+
+
+def _write_gguf_from_hf(model_dir, out_path):
+    """Write an F32 llama-arch GGUF the way llama.cpp's converter does (q/k rows permuted)."""
+    import gguf
+    from safetensors.torch import load_file
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def permute(w, heads):
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(out_path), "llama")
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(cfg.get("rope_theta", cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_eos_token_id(2)
+    names = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+             "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
+             "post_attention_layernorm.weight": "ffn_norm.weight"}
+    for name, tensor in tensors.items():
+        array = tensor.float().numpy()
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
+        else:
+            _, _, idx, rest = name.split(".", 3)
+            gname = f"blk.{idx}.{names[rest]}"
+            if rest == "self_attn.q_proj.weight":
+                array = permute(array, n_head)
+            elif rest == "self_attn.k_proj.weight":
+                array = permute(array, n_kv)
+        writer.add_tensor(gname, np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_and_safetensors_give_same_logits(tmp_path):
+    model_dir = build_tiny_model(tmp_path / "llama", "llama", tie_word_embeddings=False)
+    gguf_path = tmp_path / "tiny.gguf"
+    _write_gguf_from_hf(model_dir, gguf_path)
+    _, out_st, logits_st = run_engine_recording_logits(model_dir, PROMPTS)
+    _, out_gguf, logits_gguf = run_engine_recording_logits(gguf_path, PROMPTS)
+    assert out_st == out_gguf
+    for rid in logits_st:
+        torch.testing.assert_close(torch.stack(logits_gguf[rid]), torch.stack(logits_st[rid]), atol=1e-5, rtol=1e-5)
+
+
+def test_preemption_recomputes_and_matches_solo_runs(tmp_path):
+    """A pool too small for all requests at once forces preemption; outputs still equal solo runs."""
+    model_dir = build_tiny_model(tmp_path / "llama", "llama")
+    prompts = [[3 + i, 10 + i, 20, 30, 40 + i, 50] for i in range(6)]
+
+    def run(prompt_list, pool):
+        engine = Engine(EngineConfig(model_path=str(model_dir), max_total_token_num=pool,
+                                     disable_dynamic_prompt_cache=True, router_max_new_token_len=1))
+        for i, p in enumerate(prompt_list):
+            engine.add_request(AddRequest(str(i), p, SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)))
+        outs: dict[str, list[int]] = {}
+        while engine.scheduler.has_work():
+            for o in engine.step():
+                assert o.error is None, o.error
+                outs.setdefault(o.rid, []).append(o.token_id)
+        assert engine.pool.num_used == 0
+        return engine, outs
+
+    engine, batched = run(prompts, pool=100)
+    assert engine.scheduler.num_preemptions > 0
+    for i, prompt in enumerate(prompts):
+        _, solo = run([prompt], pool=100)
+        assert batched[str(i)] == solo["0"]

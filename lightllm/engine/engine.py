@@ -67,6 +67,7 @@ class Engine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)  # unseeded sampling is reproducible for a given request order
         self.dtype = pick_dtype(cfg.data_type, self.device)
         model_cfg = load_model_config(cfg.model_path)
         if cfg.eos_id:
@@ -92,7 +93,11 @@ class Engine:
             new_token_estimate=cfg.router_max_new_token_len, prefix_cache=self.prefix_cache)
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, self.device)
         self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler)
-        self.grammars = None  # built lazily by the first constrained request
+        self.grammars = None
+        if cfg.grammar_backend != "none":
+            from lightllm.engine.grammar import GrammarFactory
+
+            self.grammars = GrammarFactory(cfg.model_path, model_cfg.vocab_size)  # warms up in the background
 
     def ready_message(self) -> EngineReady:
         return EngineReady(model_name=self.model_config.name, architecture=self.model_config.architecture,
@@ -134,9 +139,7 @@ class Engine:
 
     def _grammar_factory(self):
         if self.grammars is None:
-            from lightllm.engine.grammar import GrammarFactory
-
-            self.grammars = GrammarFactory(self.cfg.model_path, self.model_config.vocab_size)
+            raise ValueError("constrained decoding is off (--output_constraint_mode none)")
         return self.grammars
 
     def step(self) -> list[TokenOutput]:

@@ -27,6 +27,7 @@ class EngineConfig:
     router_max_new_token_len: int = 512
     grammar_backend: str = "xgrammar"
     device: str | None = None
+    seed: int = 0
 
 
 @dataclass

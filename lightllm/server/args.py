@@ -40,12 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tool_call_parser", default=None, choices=["qwen25", "llama3", "mistral"])
     p.add_argument("--reasoning_parser", default=None)
     p.add_argument("--chat_template", default=None, help="jinja2 chat template file overriding the model's")
-    p.add_argument("--output_constraint_mode", default="xgrammar", choices=["xgrammar", "outlines", "none"])
+    p.add_argument("--output_constraint_mode", default="xgrammar", choices=["xgrammar", "none"],
+                   help="grammar engine for tool_choice required/named and response_format")
     p.add_argument("--long_truncation_mode", default=None, choices=[None, "head", "center"])
     p.add_argument("--api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     p.add_argument("--cors_allow_origins", nargs="*", default=[], help="origins allowed by CORS (e.g. '*')")
     p.add_argument("--max_concurrent_requests", type=int, default=1024,
                    help="requests in flight before the server answers 503/429")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the engine's random generator for requests without their own seed")
     p.add_argument("--log_level", default="INFO")
     return p
 

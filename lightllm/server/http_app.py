@@ -28,7 +28,8 @@ def engine_config_from_args(args: Any, model_path: str) -> EngineConfig:
         chunked_prefill_size=args.chunked_prefill_size, disable_chunked_prefill=args.disable_chunked_prefill,
         running_max_req_size=args.running_max_req_size, max_req_total_len=args.max_req_total_len,
         eos_id=args.eos_id, disable_dynamic_prompt_cache=args.disable_dynamic_prompt_cache,
-        router_max_new_token_len=args.router_max_new_token_len, grammar_backend=args.output_constraint_mode)
+        router_max_new_token_len=args.router_max_new_token_len, grammar_backend=args.output_constraint_mode,
+        seed=args.seed)
 
 
 def create_app(args: Any, model_path: str) -> FastAPI:

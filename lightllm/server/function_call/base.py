@@ -1,0 +1,200 @@
+"""Detector interface and the streaming machinery shared by every tool-call format.
+
+A detector only has to `scan` a whole text into decided segments (text or calls) and say how much of
+the text is decided. Decisions must be prefix-stable: a segment decided for a prefix stays the same for
+every extension. Streaming then re-scans the growing buffer and emits only what is newly decided, so
+streamed output reassembles to exactly the non-streamed parse for any chunking of the same text.
+
+Calls from untrusted (free-running) output are decided only once complete, so a block that turns out to
+be malformed can still fall back to text. Calls from grammar-constrained output are `trusted`: they are
+emitted as soon as the name is known and their raw argument text streams as it grows.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass
+class ParsedCall:
+    name: str
+    arguments: str  # JSON text of an object (possibly partial while streaming a trusted call)
+    complete: bool = True
+
+
+@dataclass
+class Segment:
+    text: str = ""
+    call: ParsedCall | None = None
+
+
+@dataclass
+class ScanResult:
+    segments: list[Segment]
+    decided: int  # text[:decided] is final; the rest may still change meaning
+
+
+class ToolCallDetector:
+    """Base class: subclasses implement `scan`."""
+
+    name = "base"
+    markers: tuple[str, ...] = ()
+
+    def __init__(self, tool_names: set[str]):
+        self.tool_names = tool_names
+
+    def scan(self, text: str, final: bool) -> ScanResult:
+        raise NotImplementedError
+
+    def new_call_id(self) -> str:
+        return "call_" + secrets.token_hex(12)
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def known(self, name: Any) -> bool:
+        return isinstance(name, str) and bool(name) and (not self.tool_names or name in self.tool_names)
+
+    def call_from_object(self, obj: Any) -> ParsedCall | None:
+        """{"name", "arguments"|"parameters"} → call, or None when it is not a valid call of a known tool."""
+        if not isinstance(obj, dict) or not self.known(obj.get("name")):
+            return None
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):  # some models double-encode the arguments
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                return None
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            return None
+        return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+    def text_with_holdback(self, text: str, start: int, final: bool) -> tuple[Segment, int]:
+        """Text from `start` to the end, minus a tail that could be the beginning of a marker."""
+        if final:
+            return Segment(text[start:]), len(text)
+        hold = partial_marker_len(text, start, self.markers)
+        return Segment(text[start:len(text) - hold]), len(text) - hold
+
+
+def partial_marker_len(text: str, start: int, markers: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text[start:] that is a proper prefix of one of the markers."""
+    best = 0
+    for marker in markers:
+        for k in range(min(len(marker) - 1, len(text) - start), best, -1):
+            if text.endswith(marker[:k]):
+                best = k
+                break
+    return best
+
+
+def match_json(text: str, start: int) -> int | None:
+    """End (exclusive) of the JSON object/array opening at text[start], string-aware; None if not closed yet."""
+    depth = 0
+    in_string = escaped = False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def load_json(span: str) -> Any:
+    try:
+        return json.loads(span)
+    except json.JSONDecodeError:
+        return None
+
+
+def skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+def assemble(segments: list[Segment]) -> tuple[str, list[ParsedCall]]:
+    """Content is the text before the first call (all text when there is none); text after it is dropped."""
+    content: list[str] = []
+    calls: list[ParsedCall] = []
+    for seg in segments:
+        if seg.call is not None:
+            calls.append(seg.call)
+        elif not calls:
+            content.append(seg.text)
+    return "".join(content), calls
+
+
+def mistral_call_id() -> str:
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(9))
+
+
+class ToolStreamParser:
+    """Feeds text deltas to a detector and returns OpenAI `delta` dicts (content or tool_calls)."""
+
+    def __init__(self, detector: ToolCallDetector, max_calls: int | None = None):
+        self.detector = detector
+        self.max_calls = max_calls
+        self.buffer = ""
+        self.content_sent = 0
+        self.args_sent: list[int] = []  # per emitted call: characters of arguments already sent
+        self.ids: list[str] = []
+
+    def feed(self, delta: str) -> list[dict[str, Any]]:
+        self.buffer += delta
+        return self._diff(self.detector.scan(self.buffer, final=False), final=False)
+
+    def finish(self) -> list[dict[str, Any]]:
+        return self._diff(self.detector.scan(self.buffer, final=True), final=True)
+
+    def _diff(self, result: ScanResult, final: bool) -> list[dict[str, Any]]:
+        content, calls = assemble(result.segments)
+        if self.max_calls is not None:
+            calls = calls[:self.max_calls]
+        deltas: list[dict[str, Any]] = []
+        # Whitespace-only content is held: it is dropped if a call follows, kept if none does.
+        if len(content) > self.content_sent and (content.strip() or (final and not calls)):
+            deltas.append({"content": content[self.content_sent:]})
+            self.content_sent = len(content)
+        for index, call in enumerate(calls):
+            if index == len(self.args_sent):
+                self.ids.append(self.detector.new_call_id())
+                self.args_sent.append(0)
+                deltas.append({"tool_calls": [{"index": index, "id": self.ids[index], "type": "function",
+                                               "function": {"name": call.name, "arguments": ""}}]})
+            if len(call.arguments) > self.args_sent[index]:
+                deltas.append({"tool_calls": [{"index": index, "function": {
+                    "name": None, "arguments": call.arguments[self.args_sent[index]:]}}]})
+                self.args_sent[index] = len(call.arguments)
+        return deltas
+
+
+def parse_complete(detector: ToolCallDetector, text: str, max_calls: int | None = None,
+                   id_factory: Callable[[], str] | None = None) -> tuple[str | None, list[dict[str, Any]]]:
+    """Non-streaming parse → (content or None, OpenAI tool_calls list)."""
+    content, calls = assemble(detector.scan(text, final=True).segments)
+    if max_calls is not None:
+        calls = calls[:max_calls]
+    if not calls:
+        return text, []
+    new_id = id_factory or detector.new_call_id
+    return (content if content.strip() else None), [
+        {"id": new_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]

@@ -1,0 +1,74 @@
+"""Parsers for grammar-constrained tool output (tool_choice "required" or a named function).
+
+The grammar guarantees the shape, so these are `trusted`: a call is announced as soon as its name is
+known and its raw argument text streams as it grows (and is passed through verbatim, as vLLM does).
+- required: `[{"name": "<tool>", "parameters": {...}}, ...]`
+- named: the chosen function's arguments object alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from lightllm.server.function_call.base import ParsedCall, ScanResult, Segment, ToolCallDetector, match_json, skip_ws
+
+_ITEM_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"parameters"\s*:\s*')
+
+
+def _partial_call(text: str, name: str, start: int) -> tuple[ParsedCall, int | None]:
+    """The call whose arguments object starts at `start`; the end index when it is complete."""
+    if start >= len(text) or text[start] != "{":
+        return ParsedCall(name, "", complete=False), None
+    end = match_json(text, start)
+    if end is None:
+        return ParsedCall(name, text[start:], complete=False), None
+    return ParsedCall(name, text[start:end]), end
+
+
+class RequiredDetector(ToolCallDetector):
+    name = "required"
+
+    def scan(self, text: str, final: bool) -> ScanResult:
+        i = skip_ws(text, 0)
+        if i >= len(text):
+            return ScanResult([Segment(text)] if final else [], len(text) if final else 0)
+        if text[i] != "[":
+            return ScanResult([Segment(text)], len(text))
+        segments: list[Segment] = []
+        i += 1
+        while True:
+            i = skip_ws(text, i)
+            while i < len(text) and text[i] in ",}":
+                i = skip_ws(text, i + 1)
+            if i >= len(text) or text[i] == "]":
+                break
+            head = _ITEM_HEAD.match(text, i)
+            if head is None:
+                break  # the item's head is still arriving
+            name = json.loads(f'"{head.group(1)}"')
+            call, end = _partial_call(text, name, head.end())
+            segments.append(Segment(call=call))
+            if end is None:
+                break
+            i = end
+        if final and not segments:
+            return ScanResult([Segment(text)], len(text))
+        return ScanResult(segments, len(text) if final else i)
+
+
+class NamedDetector(ToolCallDetector):
+    name = "named"
+
+    def __init__(self, tool_names: set[str], function_name: str):
+        super().__init__(tool_names)
+        self.function_name = function_name
+
+    def scan(self, text: str, final: bool) -> ScanResult:
+        i = skip_ws(text, 0)
+        if i >= len(text):
+            return ScanResult([Segment(text)] if final else [], len(text) if final else 0)
+        if text[i] != "{":
+            return ScanResult([Segment(text)], len(text))
+        call, end = _partial_call(text, self.function_name, i)
+        return ScanResult([Segment(call=call)], len(text) if final or end is None else end)

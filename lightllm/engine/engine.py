@@ -74,7 +74,7 @@ class Engine:
             model_cfg.eos_token_ids = list(cfg.eos_id)
         self.model_config = model_cfg
         self.max_model_len = min(model_cfg.max_position_embeddings, cfg.max_req_total_len)
-        weights = load_model_weights(cfg.model_path, model_cfg, self.device, self.dtype)
+        weights = load_model_weights(cfg.model_path, model_cfg, self.device, self.dtype, cfg.quant_type)
         self.model = model_class_for(model_cfg.architecture)(model_cfg, weights, self.device, self.dtype)
         elem = torch.tensor([], dtype=self.dtype).element_size()
         self.kv_tokens = kv_budget_tokens(cfg, model_cfg.kv_bytes_per_token(elem), self.device)

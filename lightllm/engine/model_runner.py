@@ -56,7 +56,8 @@ class ModelRunner:
                 mask &= k_pos >= lens - self.window
             meta.decode_token_idx = torch.tensor(decode_rows, device=self.device)
             meta.decode_kv_indices = self.table.table[torch.tensor(decode_slots, device=self.device), :max_len]
-            meta.decode_mask = mask[:, None, None, :]
+            # Equal lengths and no window: nothing to mask, and SDPA takes its faster unmasked path.
+            meta.decode_mask = None if bool(mask.all()) else mask[:, None, None, :]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return input_ids, pos, meta, logit_rows

@@ -28,6 +28,7 @@ class EngineConfig:
     grammar_backend: str = "xgrammar"
     device: str | None = None
     seed: int = 0
+    quant_type: str = "none"
 
 
 @dataclass

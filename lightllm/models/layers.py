@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return x * torch.rsqrt(variance + eps) * weight
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op instead of five
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -49,10 +48,13 @@ class RotaryEmbedding:
         self.cos = emb.cos().to(device=device, dtype=dtype)
         self.sin = emb.sin().to(device=device, dtype=dtype)
 
-    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D], positions: [T]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for a step's positions, [T, 1, D]; looked up once and shared by every layer."""
+        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
+
+    @staticmethod
+    def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D], k: [T, KVH, D]."""
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -99,20 +101,23 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     """q: [T, H, D]; pools: [P, KVH, D]. Returns [T, H, D].
 
     Prefill segments run one SDPA each over their gathered context; all single-token decodes run as one
-    padded, masked SDPA so the per-step Python overhead does not grow with the batch.
+    padded, masked SDPA so the per-step Python overhead does not grow with the batch. Gathers use
+    index_select: on CPU it is ~8x faster than advanced indexing for these shapes.
     """
     out = torch.empty_like(q)
     for seg in meta.prefill:
         qs = q[seg.token_start:seg.token_end].transpose(0, 1)
-        ks = k_pool[seg.kv_indices].transpose(0, 1)
-        vs = v_pool[seg.kv_indices].transpose(0, 1)
+        ks = k_pool.index_select(0, seg.kv_indices).transpose(0, 1)
+        vs = v_pool.index_select(0, seg.kv_indices).transpose(0, 1)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, is_causal=seg.mask is None,
                                            scale=scale, enable_gqa=True)
         out[seg.token_start:seg.token_end] = o.transpose(0, 1)
     if meta.decode_token_idx is not None:
-        qd = q[meta.decode_token_idx].unsqueeze(2)  # [B, H, 1, D]
-        kd = k_pool[meta.decode_kv_indices].transpose(1, 2)  # [B, KVH, L, D]
-        vd = v_pool[meta.decode_kv_indices].transpose(1, 2)
+        batch, length = meta.decode_kv_indices.shape
+        flat = meta.decode_kv_indices.reshape(-1)
+        qd = q.index_select(0, meta.decode_token_idx).unsqueeze(2)  # [B, H, 1, D]
+        kd = k_pool.index_select(0, flat).view(batch, length, *k_pool.shape[1:]).transpose(1, 2)  # [B, KVH, L, D]
+        vd = v_pool.index_select(0, flat).view(batch, length, *v_pool.shape[1:]).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-        out[meta.decode_token_idx] = o.squeeze(2)
+        out.index_copy_(0, meta.decode_token_idx, o.squeeze(2))
     return out

@@ -7,6 +7,7 @@ The model is stateless apart from its weights: the KV pool and the batch layout 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,15 +16,17 @@ from lightllm.models.config import ModelConfig
 from lightllm.models.layers import AttentionMetadata, RotaryEmbedding, paged_attention, rms_norm
 
 
+Linear = Callable[[torch.Tensor], torch.Tensor]  # dense or weight-only quantized (see quant.py)
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv_weight: torch.Tensor  # [(H + 2 * KVH) * D, hidden]
-    qkv_bias: torch.Tensor | None
-    o_weight: torch.Tensor
+    qkv: Linear  # hidden -> (H + 2 * KVH) * D, with Qwen2's bias
+    o: Linear
     post_norm: torch.Tensor
-    gate_up_weight: torch.Tensor  # [2 * intermediate, hidden]
-    down_weight: torch.Tensor
+    gate_up: Linear  # hidden -> 2 * intermediate
+    down: Linear
 
 
 @dataclass
@@ -31,7 +34,7 @@ class ModelWeights:
     embed: torch.Tensor
     layers: list[LayerWeights]
     final_norm: torch.Tensor
-    lm_head: torch.Tensor
+    lm_head: Linear
 
 
 class LlamaModel:
@@ -52,24 +55,25 @@ class LlamaModel:
                 logit_rows: torch.Tensor) -> torch.Tensor:
         """Run one ragged batch; returns float32 logits for the token rows listed in `logit_rows`."""
         cfg = self.config
-        hidden = self.weights.embed[input_ids]
+        hidden = self.weights.embed.index_select(0, input_ids)
         n_tokens = input_ids.shape[0]
+        cos, sin = self.rotary.lookup(positions)
         for layer_idx, lw in enumerate(self.weights.layers):
             residual = hidden
             x = rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, lw.qkv_weight, lw.qkv_bias)
+            qkv = lw.qkv(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(n_tokens, cfg.num_heads, cfg.head_dim)
             k = k.view(n_tokens, cfg.num_kv_heads, cfg.head_dim)
             v = v.view(n_tokens, cfg.num_kv_heads, cfg.head_dim)
-            q, k = self.rotary.apply(q, k, positions)
-            k_cache[layer_idx][meta.slot_indices] = k
-            v_cache[layer_idx][meta.slot_indices] = v
+            q, k = self.rotary.apply(q, k, cos, sin)
+            k_cache[layer_idx].index_copy_(0, meta.slot_indices, k)
+            v_cache[layer_idx].index_copy_(0, meta.slot_indices, v)
             attn = paged_attention(q, k_cache[layer_idx], v_cache[layer_idx], meta, self.scale)
-            hidden = residual + F.linear(attn.reshape(n_tokens, self.q_size), lw.o_weight)
+            hidden = residual + lw.o(attn.reshape(n_tokens, self.q_size))
             residual = hidden
             x = rms_norm(hidden, lw.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(x, lw.gate_up_weight).chunk(2, dim=-1)
-            hidden = residual + F.linear(F.silu(gate) * up, lw.down_weight)
-        last = rms_norm(hidden[logit_rows], self.weights.final_norm, cfg.rms_norm_eps)
-        return F.linear(last, self.weights.lm_head).float()
+            gate, up = lw.gate_up(x).chunk(2, dim=-1)
+            hidden = residual + lw.down(F.silu(gate) * up)
+        last = rms_norm(hidden.index_select(0, logit_rows), self.weights.final_norm, cfg.rms_norm_eps)
+        return self.weights.lm_head(last).float()

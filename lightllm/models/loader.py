@@ -18,6 +18,7 @@ from tqdm import tqdm
 from lightllm.models.config import ModelConfig, config_from_hf
 from lightllm.models.llama import LayerWeights, ModelWeights
 from lightllm.models.paths import find_gguf_file
+from lightllm.models.quant import QUANT_TYPES, GroupQuantized, cat_rows, gguf_q4_blocks, make_linear
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +65,15 @@ def load_model_config(model_path: str | Path) -> ModelConfig:
 
 
 def load_model_weights(model_path: str | Path, config: ModelConfig, device: torch.device,
-                       dtype: torch.dtype) -> ModelWeights:
+                       dtype: torch.dtype, quant_type: str = "none") -> ModelWeights:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"--quant_type {quant_type!r} is not supported; choose from {QUANT_TYPES}")
     gguf_path = find_gguf_file(model_path)
     if gguf_path is not None:
-        tensors = _gguf_tensors(gguf_path, config)
+        tensors = _gguf_tensors(gguf_path, config, keep_q4=quant_type == "gguf")
     else:
         tensors = _safetensors_tensors(Path(model_path))
-    return assemble(config, tensors, device, dtype)
+    return assemble(config, tensors, device, dtype, quant_type)
 
 
 # ---------------------------------------------------------------------------------------------- HF files
@@ -161,7 +164,7 @@ def _unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _gguf_tensors(path: Path, config: ModelConfig) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+def _gguf_tensors(path: Path, config: ModelConfig, keep_q4: bool = False) -> Iterator[tuple[str, Callable[[], Any]]]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -173,12 +176,20 @@ def _gguf_tensors(path: Path, config: ModelConfig) -> Iterator[tuple[str, Callab
         if canonical is None:
             continue
 
-        def load(t: Any = tensor, name: str = canonical) -> torch.Tensor:
-            array = dequantize(t.data, t.tensor_type)
+        def load(t: Any = tensor, name: str = canonical) -> Any:
+            heads = None
             if permuted and name.endswith((".q", ".q_bias")):
-                array = _unpermute_qk(array, config.num_heads)
+                heads = config.num_heads
             elif permuted and name.endswith((".k", ".k_bias")):
-                array = _unpermute_qk(array, config.num_kv_heads)
+                heads = config.num_kv_heads
+            if keep_q4 and t.tensor_type.name in ("Q4_0", "Q4_1") and name not in ("embed",):
+                blocks = gguf_q4_blocks(t.data, t.tensor_type.name, (t.data.shape[0], int(t.shape[0])))
+                if heads is not None:
+                    blocks = blocks.permute_rows(lambda x: torch.from_numpy(_unpermute_qk(x.numpy(), heads)))
+                return blocks
+            array = dequantize(t.data, t.tensor_type)
+            if heads is not None:
+                array = _unpermute_qk(array, heads)
             return torch.from_numpy(np.array(array, dtype=np.float32))  # copy: GGUF data is a read-only memmap
 
         yield canonical, load
@@ -197,15 +208,26 @@ def _canonical_gguf_name(name: str) -> str | None:
 # ---------------------------------------------------------------------------------------------- assemble
 
 
-def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], torch.Tensor]]],
-             device: torch.device, dtype: torch.dtype) -> ModelWeights:
-    """Materialise tensors (with a progress bar) and fuse them into per-layer weights."""
+def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]]],
+             device: torch.device, dtype: torch.dtype, quant_type: str = "none") -> ModelWeights:
+    """Materialise tensors (with a progress bar), fuse them into per-layer weights, build the linears."""
     loaders = dict(tensors)
-    loaded: dict[str, torch.Tensor] = {}
+    loaded: dict[str, Any] = {}
     for name in tqdm(sorted(loaders), desc="loading weights", unit="tensor", leave=False):
-        loaded[name] = loaders[name]().to(device=device, dtype=dtype)
+        value = loaders[name]()
+        # Linear weights stay float32 on the host until make_linear decides their final form.
+        loaded[name] = value if isinstance(value, GroupQuantized) else value.to(
+            device=device if quant_type == "none" else "cpu", dtype=dtype if quant_type == "none" else torch.float32)
 
-    def take(name: str) -> torch.Tensor:
+    def linear(weight: Any, bias: torch.Tensor | None = None):
+        if bias is not None:
+            bias = bias.to(device=device, dtype=dtype)
+        return make_linear(weight, bias, quant_type, device, dtype)
+
+    def small(name: str) -> torch.Tensor:
+        return take(name).to(device=device, dtype=dtype)
+
+    def take(name: str) -> Any:
         if name not in loaded:
             raise ValueError(f"weight {name!r} missing from the checkpoint")
         return loaded.pop(name)
@@ -217,16 +239,14 @@ def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], torc
         if config.attention_bias:
             bias = torch.cat([take(p + "q_bias"), take(p + "k_bias"), take(p + "v_bias")])
         layers.append(LayerWeights(
-            input_norm=take(p + "input_norm"),
-            qkv_weight=torch.cat([take(p + "q"), take(p + "k"), take(p + "v")]).contiguous(),
-            qkv_bias=bias,
-            o_weight=take(p + "o"),
-            post_norm=take(p + "post_norm"),
-            gate_up_weight=torch.cat([take(p + "gate"), take(p + "up")]).contiguous(),
-            down_weight=take(p + "down"),
+            input_norm=small(p + "input_norm"),
+            qkv=linear(cat_rows([take(p + "q"), take(p + "k"), take(p + "v")]), bias),
+            o=linear(take(p + "o")),
+            post_norm=small(p + "post_norm"),
+            gate_up=linear(cat_rows([take(p + "gate"), take(p + "up")])),
+            down=linear(take(p + "down")),
         ))
-    embed = take("embed")
+    embed = small("embed")
     lm_head = loaded.pop("lm_head", None)
-    if lm_head is None:
-        lm_head = embed
-    return ModelWeights(embed=embed, layers=layers, final_norm=take("final_norm"), lm_head=lm_head)
+    return ModelWeights(embed=embed, layers=layers, final_norm=small("final_norm"),
+                        lm_head=linear(embed if lm_head is None else lm_head))

@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_type", default="auto", choices=["auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"])
     p.add_argument("--eos_id", type=int, nargs="+", default=None)
     p.add_argument("--disable_dynamic_prompt_cache", action="store_true", help="turn the prefix cache off")
-    p.add_argument("--quant_type", default="none", choices=["none"])
+    p.add_argument("--quant_type", default="none",
+                   choices=["none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf"],
+                   help="weight-only quantized linears on CPU: int8 per channel, int4 per group, or 'gguf' "
+                        "(Q4_0/Q4_1 blocks repacked exactly, other types as int8)")
     p.add_argument("--tool_call_parser", default=None, choices=["qwen25", "llama3", "mistral"])
     p.add_argument("--reasoning_parser", default=None)
     p.add_argument("--chat_template", default=None, help="jinja2 chat template file overriding the model's")

@@ -1,0 +1,133 @@
+"""Linear layers: dense, and weight-only int8 / int4 using PyTorch's packed CPU kernels.
+
+On AVX2 CPUs `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` fed bf16 activations read 4-8x fewer
+weight bytes than fp32 `F.linear`, which is what bounds decode speed (see shared/reference/cpu_performance.md).
+GGUF Q4_0/Q4_1 blocks map exactly onto int4pack's `(q - 8) * scale + zero` with group 32, so such files are
+repacked without re-quantizing (`--quant_type gguf`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+QUANT_TYPES = ("none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf")
+
+
+@dataclass
+class GroupQuantized:
+    """Weights as w = scale * (q - 8) + zero per group of `group` input columns; q in 0..15."""
+
+    q: torch.Tensor  # int32 [N, K]
+    scale: torch.Tensor  # float32 [N, K // group]
+    zero: torch.Tensor  # float32 [N, K // group]
+    group: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        q = self.q.reshape(n, k // self.group, self.group).float()
+        return ((q - 8) * self.scale.unsqueeze(-1) + self.zero.unsqueeze(-1)).reshape(n, k)
+
+    def permute_rows(self, fn) -> "GroupQuantized":
+        return GroupQuantized(fn(self.q), fn(self.scale), fn(self.zero), self.group)
+
+
+def cat_rows(parts: list) -> torch.Tensor | GroupQuantized:
+    """Concatenate weights along the output dimension (fusing q/k/v or gate/up)."""
+    if all(isinstance(p, GroupQuantized) for p in parts) and len({p.group for p in parts}) == 1:
+        return GroupQuantized(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                              torch.cat([p.zero for p in parts]), parts[0].group)
+    dense = [p.dequantize() if isinstance(p, GroupQuantized) else p for p in parts]
+    return torch.cat(dense).contiguous()
+
+
+def gguf_q4_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int]) -> GroupQuantized:
+    """Decode Q4_0 (d, 16 bytes) or Q4_1 (d, m, 16 bytes) blocks of 32 weights without dequantizing."""
+    n, k = shape
+    block_bytes = 18 if qtype_name == "Q4_0" else 20
+    blocks = np.frombuffer(np.ascontiguousarray(raw).tobytes(), dtype=np.uint8).reshape(-1, block_bytes)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(n, k // 32)
+    if qtype_name == "Q4_0":
+        m = None
+        qs = blocks[:, 2:]
+    else:
+        m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32).reshape(n, k // 32)
+        qs = blocks[:, 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int32).reshape(n, k)  # low nibbles first
+    scale = torch.from_numpy(d)
+    zero = torch.zeros_like(scale) if m is None else torch.from_numpy(m) + 8 * scale
+    return GroupQuantized(torch.from_numpy(q), scale, zero, 32)
+
+
+def quantize_int4(weight: torch.Tensor, group: int) -> GroupQuantized:
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-10)
+    q = torch.clamp(torch.round((w - lo.unsqueeze(-1)) / scale.unsqueeze(-1)), 0, 15).to(torch.int32)
+    return GroupQuantized(q.reshape(n, k), scale, lo + 8 * scale, group)
+
+
+class DenseLinear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight = weight
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Int8Linear:
+    """Per-output-channel symmetric int8 weights; bf16 activations into the packed kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        w = weight.float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+        self.weight = torch.clamp(torch.round(w / scales[:, None]), -127, 127).to(torch.int8).contiguous()
+        self.scales = scales.to(torch.bfloat16)
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear:
+    def __init__(self, weight: GroupQuantized, bias: torch.Tensor | None = None):
+        self.group = weight.group
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.contiguous(), 2)
+        self.scales_zeros = torch.stack([weight.scale, weight.zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.bias = bias
+
+    @staticmethod
+    def supports(n: int, k: int, group: int) -> bool:
+        return k % group == 0 and k % 32 == 0 and n % 16 == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group,
+                                                       self.scales_zeros).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def make_linear(weight: torch.Tensor | GroupQuantized, bias: torch.Tensor | None, quant_type: str,
+                device: torch.device, dtype: torch.dtype):
+    """Build the linear layer for `weight` under `--quant_type` (quantized paths are CPU-only for now)."""
+    quantized_ok = device.type == "cpu"
+    if isinstance(weight, GroupQuantized):
+        if quant_type == "gguf" and quantized_ok and Int4Linear.supports(*weight.shape, weight.group):
+            return Int4Linear(weight, bias)
+        weight = weight.dequantize()
+    if quant_type == "none" or not quantized_ok:
+        return DenseLinear(weight.to(device=device, dtype=dtype), bias)
+    if quant_type.startswith("int4wo"):
+        group = int(quant_type.split("-")[1])
+        if Int4Linear.supports(*weight.shape, group):
+            return Int4Linear(quantize_int4(weight, group), bias)
+    return Int8Linear(weight, bias)  # int8wo, and gguf tensors that are not Q4_0/Q4_1

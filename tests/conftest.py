@@ -111,3 +111,35 @@ def build_tiny_model(path: Path, arch: str, **overrides) -> Path:
                     proj.bias.normal_(0, 0.5)
     model.save_pretrained(path)
     return path
+
+
+def run_engine_recording_logits(model_dir, prompts, steps: int = 9, **engine_kwargs):
+    """Greedy-run prompts through an Engine (the first one alone for a step, then batched), recording the
+    logits each sampling step saw. Returns (engine, generated ids per rid, logits per rid)."""
+    import torch
+
+    from lightllm.engine.engine import Engine
+    from lightllm.engine.protocol import AddRequest, EngineConfig, SamplingParams
+
+    engine_kwargs.setdefault("max_total_token_num", 1024)
+    engine = Engine(EngineConfig(model_path=str(model_dir), **engine_kwargs))
+    recorded: dict[str, list[torch.Tensor]] = {}
+    sampler = engine.runner.sampler
+
+    def recording_sampler(logits, seqs):
+        for row, seq in zip(logits, seqs):
+            recorded.setdefault(seq.rid, []).append(row.clone())
+        return sampler(logits, seqs)
+
+    engine.runner.sampler = recording_sampler
+    outputs: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(AddRequest(str(i), prompt, SamplingParams(max_new_tokens=steps, temperature=0.0,
+                                                                     ignore_eos=True)))
+        if i == 0:  # let the first request start before the others join the batch
+            for out in engine.step():
+                outputs.setdefault(out.rid, []).append(out.token_id)
+    while engine.scheduler.has_work():
+        for out in engine.step():
+            outputs.setdefault(out.rid, []).append(out.token_id)
+    return engine, outputs, recorded

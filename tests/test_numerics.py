@@ -8,7 +8,7 @@ import torch
 
 from lightllm.engine.engine import Engine
 from lightllm.engine.protocol import AddRequest, EngineConfig, SamplingParams
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, run_engine_recording_logits
 
 CASES = {
     "llama_gqa_untied": ("llama", dict(tie_word_embeddings=False)),
@@ -19,31 +19,7 @@ CASES = {
     "mistral_sliding_window": ("mistral", dict(sliding_window=6, tie_word_embeddings=False)),
 }
 PROMPTS = [[5, 17, 33, 2 + 40, 9, 100, 3, 77, 12, 8, 250, 19], [7, 7], [1, 90, 45, 60, 23]]
-DECODE_STEPS = 9
-
-
-def run_engine_recording_logits(model_dir, prompts, **engine_kwargs):
-    engine = Engine(EngineConfig(model_path=str(model_dir), max_total_token_num=1024, **engine_kwargs))
-    recorded: dict[str, list[torch.Tensor]] = {}
-    sampler = engine.runner.sampler
-
-    def recording_sampler(logits, seqs):
-        for row, seq in zip(logits, seqs):
-            recorded.setdefault(seq.rid, []).append(row.clone())
-        return sampler(logits, seqs)
-
-    engine.runner.sampler = recording_sampler
-    outputs: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        engine.add_request(AddRequest(str(i), prompt, SamplingParams(max_new_tokens=DECODE_STEPS, temperature=0.0,
-                                                                     ignore_eos=True)))
-        if i == 0:  # let the first request start before the others join the batch
-            for out in engine.step():
-                outputs.setdefault(out.rid, []).append(out.token_id)
-    while engine.scheduler.has_work():
-        for out in engine.step():
-            outputs.setdefault(out.rid, []).append(out.token_id)
-    return engine, outputs, recorded
+DECODE_STEPS = 9  # run_engine_recording_logits' default
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightllm.engine.engine import Engine
-from lightllm.engine.protocol import AddRequest, EngineConfig, SamplingParams
 from lightllm.models.quant import DenseLinear, Int4Linear, Int8Linear, gguf_q4_blocks, quantize_int4
-from tests.conftest import embedded_model_path
+from tests.conftest import embedded_model_path, run_engine_recording_logits
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,25 +40,10 @@ def test_quantized_linears_track_dense(shape):
 
 
 def _first_logits_and_greedy(quant_type: str, prompts: list[list[int]], steps: int):
-    engine = Engine(EngineConfig(model_path=embedded_model_path(), max_total_token_num=2000, quant_type=quant_type,
-                                 grammar_backend="none", disable_dynamic_prompt_cache=True))
-    first: dict[str, torch.Tensor] = {}
-    sampler = engine.runner.sampler
-
-    def recording(logits, seqs):
-        for row, seq in zip(logits, seqs):
-            first.setdefault(seq.rid, row.clone())
-        return sampler(logits, seqs)
-
-    engine.runner.sampler = recording
-    tokens: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        engine.add_request(AddRequest(str(i), prompt, SamplingParams(max_new_tokens=steps, temperature=0.0,
-                                                                     ignore_eos=True)))
-    while engine.scheduler.has_work():
-        for out in engine.step():
-            tokens.setdefault(out.rid, []).append(out.token_id)
-    return first, tokens
+    _, tokens, logits = run_engine_recording_logits(embedded_model_path(), prompts, steps=steps, quant_type=quant_type,
+                                                    max_total_token_num=2000, grammar_backend="none",
+                                                    disable_dynamic_prompt_cache=True)
+    return {rid: rows[0] for rid, rows in logits.items()}, tokens
 
 
 @pytest.mark.parametrize("quant_type", ["gguf", "int8wo"])

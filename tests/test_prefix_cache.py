@@ -77,3 +77,22 @@ def test_engine_reuses_prefix_and_matches_uncached_output(tmp_path):
     without, _ = run(True)
     assert with_cache == without
     assert max(cached) >= len(shared)
+
+
+def test_scheduler_never_readmits_a_request_it_just_preempted(tmp_path):
+    """A pool that holds one request's growth at a time: requests take turns, none starves, all finish."""
+    model_dir = build_tiny_model(tmp_path / "llama", "llama")
+    engine = Engine(EngineConfig(model_path=str(model_dir), max_total_token_num=60, grammar_backend="none",
+                                 router_max_new_token_len=1))
+    for i in range(4):
+        engine.add_request(AddRequest(str(i), [5 + i] * 20, SamplingParams(max_new_tokens=25, temperature=0.0,
+                                                                         ignore_eos=True)))
+    counts: dict[str, int] = {}
+    for _ in range(2000):
+        if not engine.scheduler.has_work():
+            break
+        for out in engine.step():
+            assert out.error is None, out.error
+            counts[out.rid] = counts.get(out.rid, 0) + 1
+    assert counts == {str(i): 25 for i in range(4)}
+    assert engine.scheduler.num_preemptions > 0

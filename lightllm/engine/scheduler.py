@@ -85,9 +85,14 @@ class Scheduler:
     # ------------------------------------------------------------------------------------ schedule
 
     def schedule(self) -> list[ScheduledChunk]:
-        """Pick this step's work and allocate its KV slots (preempting the newest if memory runs out)."""
+        """Pick this step's work and allocate its KV slots (preempting the newest if memory runs out).
+
+        Each retry either evicts cached tokens or preempts a request, so the loop ends; once something was
+        preempted this step admits nobody, or the victim could be re-admitted and preempted forever.
+        """
+        admit = True
         while True:
-            plan = self._plan()
+            plan = self._plan(admit)
             needed = sum(c.num_tokens for c in plan)
             if needed <= self.pool.num_free:
                 break
@@ -95,13 +100,14 @@ class Scheduler:
                 continue
             if not self._preempt_newest():
                 break
+            admit = False
         plan = [c for c in plan if c.num_tokens <= self.pool.num_free or self._drop_oversized(c)]
         for chunk in plan:
             indices = self.pool.alloc(chunk.num_tokens)
             self.table.table[chunk.seq.slot, chunk.start:chunk.start + chunk.num_tokens] = indices
         return plan
 
-    def _plan(self) -> list[ScheduledChunk]:
+    def _plan(self, admit: bool = True) -> list[ScheduledChunk]:
         budget = self.batch_max_tokens
         plan: list[ScheduledChunk] = []
         for seq in self.running:  # decodes first: they keep streams flowing
@@ -114,7 +120,7 @@ class Scheduler:
                 if n:
                     plan.append(ScheduledChunk(seq, seq.num_computed, n))
                     budget -= n
-        while self.waiting and budget > 0 and self._can_admit(self.waiting[0]):
+        while admit and self.waiting and budget > 0 and self._can_admit(self.waiting[0]):
             seq = self.waiting[0]
             n = self._chunk_len(seq, budget, plan_empty=not plan, pending=seq.total_len - self._cached_len(seq))
             if n == 0:

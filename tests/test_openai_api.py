@@ -166,3 +166,36 @@ def test_sdk_raises_typed_errors(client, model):
     bad = openai.OpenAI(base_url=client.base_url, api_key="nope")
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    """A second server that takes one request at a time and allows one CORS origin."""
+    from tests.conftest import ServerProcess
+
+    server = ServerProcess(["--max_concurrent_requests", "1", "--cors_allow_origins", "http://app.example",
+                            "--max_total_token_num", "4000"], tmp_path_factory.mktemp("logs") / "limited.log")
+    yield server
+    server.stop()
+
+
+def test_overload_gets_503_and_cors_preflight(limited_server):
+    url = limited_server.base_url + "/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 150, "ignore_eos": True,
+            "temperature": 0}
+    first = requests.post(url, json=dict(body, stream=True), stream=True, timeout=120)
+    lines = first.iter_lines()
+    next(line for line in lines if b'"content"' in line and b'"role"' not in line)  # it is generating now
+    assert limited_server.token_load()["inflight"] == 1
+    busy = requests.post(url, json=body, timeout=30)
+    assert busy.status_code == 503
+    assert busy.json()["error"]["code"] == "server_overloaded"
+    first.close()
+    assert limited_server.wait_idle()["running"] == 0
+    assert requests.post(url, json=dict(body, max_tokens=4), timeout=60).status_code == 200
+    preflight = requests.options(url, headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"},
+                                 timeout=10)
+    assert preflight.headers.get("access-control-allow-origin") == "http://app.example"
+    other = requests.options(url, headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+                             timeout=10)
+    assert other.headers.get("access-control-allow-origin") is None

@@ -53,9 +53,9 @@ class RotaryEmbedding:
         return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
 
     @staticmethod
-    def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D]."""
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D] (q and k heads may be stacked)."""
+        return torch.addcmul(x * cos, _rotate_half(x), sin)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -104,6 +104,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     padded, masked SDPA so the per-step Python overhead does not grow with the batch. Gathers use
     index_select: on CPU it is ~8x faster than advanced indexing for these shapes.
     """
+    if not meta.prefill and meta.decode_token_idx is not None:
+        return _decode_attention(q, k_pool, v_pool, meta, scale)  # decode-only step: no scatter needed
     out = torch.empty_like(q)
     for seg in meta.prefill:
         qs = q[seg.token_start:seg.token_end].transpose(0, 1)
@@ -113,11 +115,17 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                                            scale=scale, enable_gqa=True)
         out[seg.token_start:seg.token_end] = o.transpose(0, 1)
     if meta.decode_token_idx is not None:
-        batch, length = meta.decode_kv_indices.shape
-        flat = meta.decode_kv_indices.reshape(-1)
-        qd = q.index_select(0, meta.decode_token_idx).unsqueeze(2)  # [B, H, 1, D]
-        kd = k_pool.index_select(0, flat).view(batch, length, *k_pool.shape[1:]).transpose(1, 2)  # [B, KVH, L, D]
-        vd = v_pool.index_select(0, flat).view(batch, length, *v_pool.shape[1:]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-        out.index_copy_(0, meta.decode_token_idx, o.squeeze(2))
+        out.index_copy_(0, meta.decode_token_idx, _decode_attention(q.index_select(0, meta.decode_token_idx),
+                                                                    k_pool, v_pool, meta, scale))
     return out
+
+
+def _decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata,
+                      scale: float) -> torch.Tensor:
+    """q: [B, H, D], one query per decoding sequence → [B, H, D]."""
+    batch, length = meta.decode_kv_indices.shape
+    flat = meta.decode_kv_indices.reshape(-1)
+    kd = k_pool.index_select(0, flat).view(batch, length, *k_pool.shape[1:]).transpose(1, 2)  # [B, KVH, L, D]
+    vd = v_pool.index_select(0, flat).view(batch, length, *v_pool.shape[1:]).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)

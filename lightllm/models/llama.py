@@ -62,11 +62,11 @@ class LlamaModel:
             residual = hidden
             x = rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
             qkv = lw.qkv(x)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(n_tokens, cfg.num_heads, cfg.head_dim)
-            k = k.view(n_tokens, cfg.num_kv_heads, cfg.head_dim)
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            # q and k heads rotate together: half the rotary ops per layer
+            qk = self.rotary.apply(qk.view(n_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
             v = v.view(n_tokens, cfg.num_kv_heads, cfg.head_dim)
-            q, k = self.rotary.apply(q, k, cos, sin)
             k_cache[layer_idx].index_copy_(0, meta.slot_indices, k)
             v_cache[layer_idx].index_copy_(0, meta.slot_indices, v)
             attn = paged_attention(q, k_cache[layer_idx], v_cache[layer_idx], meta, self.scale)

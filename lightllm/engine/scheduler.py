@@ -12,8 +12,6 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-import torch
-
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.prefix_cache import PrefixCache
 from lightllm.engine.protocol import TokenOutput
@@ -120,9 +118,12 @@ class Scheduler:
                 if n:
                     plan.append(ScheduledChunk(seq, seq.num_computed, n))
                     budget -= n
-        while admit and self.waiting and budget > 0 and self._can_admit(self.waiting[0]):
+        while admit and self.waiting and budget > 0:
             seq = self.waiting[0]
-            n = self._chunk_len(seq, budget, plan_empty=not plan, pending=seq.total_len - self._cached_len(seq))
+            uncached = seq.total_len - self._cached_len(seq)  # one prefix-tree walk per admission attempt
+            if not self._can_admit(seq, uncached):
+                break
+            n = self._chunk_len(seq, budget, plan_empty=not plan, pending=uncached)
             if n == 0:
                 break
             self.waiting.popleft()
@@ -147,13 +148,14 @@ class Scheduler:
     def _future_need(self, seq: Sequence) -> int:
         return seq.num_pending + min(seq.remaining_new_tokens, self.new_token_estimate)
 
-    def _can_admit(self, seq: Sequence) -> bool:
+    def _can_admit(self, seq: Sequence, uncached: int) -> bool:
+        """`uncached`: prompt tokens the prefix cache cannot serve."""
         if len(self.running) >= self.running_max_req_size or self.table.num_free_slots == 0:
             return False
-        available = self.pool.num_free + (self.prefix_cache.evictable() if self.prefix_cache else 0)
-        need = seq.total_len - self._cached_len(seq) + min(seq.remaining_new_tokens, self.new_token_estimate)
         if not self.running:
             return True  # alone it always runs; one that cannot fit the pool at all fails in schedule()
+        available = self.pool.num_free + (self.prefix_cache.evictable() if self.prefix_cache else 0)
+        need = uncached + min(seq.remaining_new_tokens, self.new_token_estimate)
         reserved = sum(self._future_need(s) for s in self.running)
         return available - reserved >= need
 

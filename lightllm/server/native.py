@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import json
 from typing import Any
 
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lightllm.engine.protocol import SamplingParams
 from lightllm.server.errors import APIError, error_body
 from lightllm.server.generation import GenerationError, new_request_id
-from lightllm.server.state import ServerState, collect, until_disconnect
+from lightllm.server.state import ServerState, collect_all, until_disconnect
 
 router = APIRouter()
 
@@ -77,11 +77,8 @@ def _prepare(state: ServerState, req: GenerateRequest) -> tuple[list[int], Sampl
 
 
 def _with_seed(params: SamplingParams, i: int) -> SamplingParams:
-    copy = SamplingParams(**params.__dict__)
-    copy.stop_token_ids = list(params.stop_token_ids)
-    if copy.seed is not None:
-        copy.seed += i
-    return copy
+    """The i-th of n samples: its own, still reproducible, seed."""
+    return dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
 
 
 async def _parse_body(request: Request) -> GenerateRequest:
@@ -105,12 +102,9 @@ async def generate(request: Request) -> dict[str, Any]:
     prompt_ids, params, stops = _prepare(state, req)
     p = req.parameters
 
-    async def run_all():
-        gens = [collect(state.stream(prompt_ids, _with_seed(params, i), stop=stops,
-                                     skip_special_tokens=p.skip_special_tokens)) for i in range(p.n)]
-        return await asyncio.gather(*gens)
-
-    results = await until_disconnect(request, run_all())
+    streams = [state.stream(prompt_ids, _with_seed(params, i), stop=stops, skip_special_tokens=p.skip_special_tokens)
+               for i in range(p.n)]
+    results = await until_disconnect(request, collect_all(streams))
     texts = [text for text, _ in results]
     last = [chunks[-1] for _, chunks in results]
     body: dict[str, Any] = {

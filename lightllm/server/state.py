@@ -82,6 +82,11 @@ async def collect(gen: AsyncIterator[GenerationChunk]) -> tuple[str, list[Genera
     return "".join(c.text for c in chunks), chunks
 
 
+async def collect_all(streams: list[AsyncIterator[GenerationChunk]]) -> list[tuple[str, list[GenerationChunk]]]:
+    """Run several generations (n choices, several prompts) concurrently to the end."""
+    return await asyncio.gather(*(collect(s) for s in streams))
+
+
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it (which aborts its engine requests) if the client goes away."""
     task = asyncio.ensure_future(work)

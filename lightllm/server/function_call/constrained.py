@@ -26,15 +26,24 @@ def _partial_call(text: str, name: str, start: int) -> tuple[ParsedCall, int | N
     return ParsedCall(name, text[start:end]), end
 
 
+def _opening(text: str, opener: str, final: bool) -> tuple[int, ScanResult | None]:
+    """Index of the expected opening bracket, or the result to return when the output is still empty or
+    does not open with it (then it is plain text)."""
+    i = skip_ws(text, 0)
+    if i >= len(text):
+        return i, ScanResult([Segment(text)] if final else [], len(text) if final else 0)
+    if text[i] != opener:
+        return i, ScanResult([Segment(text)], len(text))
+    return i, None
+
+
 class RequiredDetector(ToolCallDetector):
     name = "required"
 
     def scan(self, text: str, final: bool) -> ScanResult:
-        i = skip_ws(text, 0)
-        if i >= len(text):
-            return ScanResult([Segment(text)] if final else [], len(text) if final else 0)
-        if text[i] != "[":
-            return ScanResult([Segment(text)], len(text))
+        i, early = _opening(text, "[", final)
+        if early is not None:
+            return early
         segments: list[Segment] = []
         i += 1
         while True:
@@ -65,10 +74,8 @@ class NamedDetector(ToolCallDetector):
         self.function_name = function_name
 
     def scan(self, text: str, final: bool) -> ScanResult:
-        i = skip_ws(text, 0)
-        if i >= len(text):
-            return ScanResult([Segment(text)] if final else [], len(text) if final else 0)
-        if text[i] != "{":
-            return ScanResult([Segment(text)], len(text))
+        i, early = _opening(text, "{", final)
+        if early is not None:
+            return early
         call, end = _partial_call(text, self.function_name, i)
         return ScanResult([Segment(call=call)], len(text) if final or end is None else end)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -15,7 +14,7 @@ from lightllm.server.generation import GenerationError
 from lightllm.server.openai.common import (chat_logprob_entries, merge_streams, new_id, now, sampling_params, sse,
                                            usage)
 from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage
-from lightllm.server.state import ServerState, collect, until_disconnect
+from lightllm.server.state import ServerState, collect_all, until_disconnect
 
 router = APIRouter()
 
@@ -83,10 +82,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         return StreamingResponse(_stream(state, req, response_id, streams, len(prompt_ids), tools),
                                  media_type="text/event-stream")
 
-    async def run_all():
-        return await asyncio.gather(*(collect(s) for s in streams))
-
-    results = await until_disconnect(request, run_all())
+    results = await until_disconnect(request, collect_all(streams))
     choices = []
     completion_tokens = cached = 0
     for index, (text, chunks) in enumerate(results):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,7 +11,7 @@ from lightllm.server.errors import APIError, error_body
 from lightllm.server.generation import GenerationChunk, GenerationError
 from lightllm.server.openai.common import merge_streams, new_id, now, sampling_params, sse, usage
 from lightllm.server.openai.protocol import CompletionRequest
-from lightllm.server.state import ServerState, collect, until_disconnect
+from lightllm.server.state import ServerState, collect_all, until_disconnect
 
 router = APIRouter()
 
@@ -58,22 +57,18 @@ async def completions(req: CompletionRequest, request: Request):
     if req.best_of not in (None, 1, req.n):
         raise APIError(400, "best_of other than n is not supported", param="best_of", code="unsupported_parameter")
     prompts = _prompts(state, req)
-    streams, prompt_lens = [], []
+    streams = []
     for ids in prompts:
         max_new = state.check_length(len(ids), req.max_tokens if req.max_tokens is not None else 16)
         for i in range(req.n):
             streams.append(state.stream(ids, sampling_params(req, max_new, req.logprobs, i), stop=req.stop_list(),
                                         skip_special_tokens=req.skip_special_tokens, rid=new_id("cmpl")))
-            prompt_lens.append(len(ids))
     response_id = new_id("cmpl")
     prompt_tokens = sum(len(ids) for ids in prompts)
     if req.stream:
         return StreamingResponse(_stream(state, req, response_id, streams, prompt_tokens), media_type="text/event-stream")
 
-    async def run_all():
-        return await asyncio.gather(*(collect(s) for s in streams))
-
-    results = await until_disconnect(request, run_all())
+    results = await until_disconnect(request, collect_all(streams))
     choices = []
     completion_tokens = 0
     for index, (text, chunks) in enumerate(results):

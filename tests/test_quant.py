@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightllm.models.quant import DenseLinear, Int4Linear, Int8Linear, gguf_q4_blocks, quantize_int4
+from lightllm.models.quant import (DenseLinear, Int4Linear, Int8Linear, RowCountDispatch, gguf_q4_blocks, quantize_int4,
+                                  with_dense_batch_path)
 from tests.conftest import embedded_model_path, run_engine_recording_logits
 
 
@@ -37,6 +38,29 @@ def test_quantized_linears_track_dense(shape):
     exact = DenseLinear(q4.dequantize(), bias)(x)
     assert rel_err(Int4Linear(q4, bias)(x), exact) < 0.01  # the kernel computes what the int4 weights say
     assert rel_err(Int4Linear(q4, bias)(x), dense) < 0.15  # and int4 itself stays close to the original
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_dense_batch_copy_computes_the_quantized_weights(kind, monkeypatch):
+    """Large batches may run a dense bf16 copy of a quantized layer: it must compute the same function."""
+    torch.manual_seed(1)
+    weight, bias = torch.randn(960, 576) * 0.05, torch.randn(960) * 0.1
+    if kind == "int4":
+        q4 = quantize_int4(weight, 32)
+        layer, dequantize = Int4Linear(q4, bias), lambda: Int4Linear.dequantized(q4)
+    else:
+        layer = Int8Linear(weight, bias)
+        dequantize = layer.dequantized
+    monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "8")
+    dispatch = with_dense_batch_path(layer, dequantize)
+    assert isinstance(dispatch, RowCountDispatch) and dispatch.min_rows == 8
+    calls = []
+    monkeypatch.setattr(dispatch.dense, "raw", lambda x, f=dispatch.dense.raw: calls.append(len(x)) or f(x))
+    small, large = torch.randn(3, 576), torch.randn(12, 576)
+    assert rel_err(dispatch(small), layer(small)) < 1e-6 and calls == []  # below the threshold: quantized kernel
+    assert rel_err(dispatch(large), layer(large)) < 0.01 and calls == [12]  # dense copy, same weights
+    monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "0")
+    assert with_dense_batch_path(layer, dequantize) is layer
 
 
 def _first_logits_and_greedy(quant_type: str, prompts: list[list[int]], steps: int):

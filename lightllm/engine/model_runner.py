@@ -47,7 +47,12 @@ class ModelRunner:
             if chunk.samples:
                 logit_rows.append(row - 1)
         meta = AttentionMetadata(slot_indices=torch.cat(slot_indices), prefill=prefill)
-        if decode_rows:
+        if decode_rows and self.model.uses_paged_decode_kernel:
+            meta.decode_token_idx = torch.tensor(decode_rows, device=self.device)
+            meta.table = self.table.table
+            meta.decode_req_slots = torch.tensor(decode_slots, device=self.device)
+            meta.decode_lens = torch.tensor(decode_lens, device=self.device)
+        elif decode_rows:
             max_len = max(decode_lens)
             lens = torch.tensor(decode_lens, device=self.device).unsqueeze(1)
             k_pos = torch.arange(max_len, device=self.device).unsqueeze(0)

@@ -80,8 +80,13 @@ class AttentionMetadata:
     slot_indices: torch.Tensor  # [T] pool index where each new token's K/V is written
     prefill: list[PrefillSegment] = field(default_factory=list)
     decode_token_idx: torch.Tensor | None = None  # [B] rows of the batch that are single-token decodes
+    # PyTorch path: padded gather indices and mask
     decode_kv_indices: torch.Tensor | None = None  # [B, L] padded pool indices
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool
+    # fused-kernel path: the kernel walks req_to_token rows itself
+    table: torch.Tensor | None = None  # req_to_token [slots, max_len]
+    decode_req_slots: torch.Tensor | None = None  # [B] table rows
+    decode_lens: torch.Tensor | None = None  # [B] context lengths, the new token included
 
 
 def causal_mask(n_new: int, ctx_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -108,16 +113,22 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         return _decode_attention(q, k_pool, v_pool, meta, scale)  # decode-only step: no scatter needed
     out = torch.empty_like(q)
     for seg in meta.prefill:
-        qs = q[seg.token_start:seg.token_end].transpose(0, 1)
-        ks = k_pool.index_select(0, seg.kv_indices).transpose(0, 1)
-        vs = v_pool.index_select(0, seg.kv_indices).transpose(0, 1)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, is_causal=seg.mask is None,
-                                           scale=scale, enable_gqa=True)
-        out[seg.token_start:seg.token_end] = o.transpose(0, 1)
+        out[seg.token_start:seg.token_end] = prefill_attention(q, k_pool, v_pool, seg, scale)
     if meta.decode_token_idx is not None:
         out.index_copy_(0, meta.decode_token_idx, _decode_attention(q.index_select(0, meta.decode_token_idx),
                                                                     k_pool, v_pool, meta, scale))
     return out
+
+
+def prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg: PrefillSegment,
+                      scale: float) -> torch.Tensor:
+    """The segment's queries over its gathered context (compute-bound, so SDPA's blocked kernel) → [n, H, D]."""
+    qs = q[seg.token_start:seg.token_end].transpose(0, 1)
+    ks = k_pool.index_select(0, seg.kv_indices).transpose(0, 1).to(q.dtype)
+    vs = v_pool.index_select(0, seg.kv_indices).transpose(0, 1).to(q.dtype)
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, is_causal=seg.mask is None,
+                                       scale=scale, enable_gqa=True)
+    return o.transpose(0, 1)
 
 
 def _decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata,

@@ -7,16 +7,14 @@ The model is stateless apart from its weights: the KV pool and the batch layout 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.config import ModelConfig
-from lightllm.models.layers import AttentionMetadata, RotaryEmbedding, paged_attention, rms_norm
-
-
-Linear = Callable[[torch.Tensor], torch.Tensor]  # dense or weight-only quantized (see quant.py)
+from lightllm.models.layers import AttentionMetadata, RotaryEmbedding, paged_attention, prefill_attention, rms_norm
+from lightllm.models.quant import Linear
 
 
 @dataclass
@@ -48,12 +46,22 @@ class LlamaModel:
                                       config.rope_scaling, device, dtype)
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
+        # Fused C kernels for the elementwise work and the paged decode attention (fp32 CPU models);
+        # otherwise, or when they cannot be built, the PyTorch path below.
+        self.kernels = cpu_kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
+
+    @property
+    def uses_paged_decode_kernel(self) -> bool:
+        """Decode attention reads the req_to_token table itself (no padded index/mask per step)."""
+        return self.kernels is not None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
                 logit_rows: torch.Tensor) -> torch.Tensor:
         """Run one ragged batch; returns float32 logits for the token rows listed in `logit_rows`."""
+        if self.kernels is not None:
+            return self._forward_fused(input_ids, positions, meta, k_cache, v_cache, logit_rows)
         cfg = self.config
         hidden = self.weights.embed.index_select(0, input_ids)
         n_tokens = input_ids.shape[0]
@@ -75,5 +83,52 @@ class LlamaModel:
             x = rms_norm(hidden, lw.post_norm, cfg.rms_norm_eps)
             gate, up = lw.gate_up(x).chunk(2, dim=-1)
             hidden = residual + lw.down(F.silu(gate) * up)
+        last = rms_norm(hidden.index_select(0, logit_rows), self.weights.final_norm, cfg.rms_norm_eps)
+        return self.weights.lm_head(last).float()
+
+    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
+                       logit_rows: torch.Tensor) -> torch.Tensor:
+        """Same math as `forward`'s PyTorch path; per layer four matmuls and four kernel calls. Matmul
+        outputs go straight into the kernels in whatever dtype the matmul produced (bf16 for the quantized
+        ones), and each kernel writes the dtype its consumer takes."""
+        cfg, k = self.config, self.kernels
+        layers = self.weights.layers
+        n_tokens = input_ids.shape[0]
+        hidden = self.weights.embed.index_select(0, input_ids)  # the fp32 residual stream, updated in place
+        buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+        def buffer(name: str, width: int, dtype: torch.dtype) -> torch.Tensor:
+            key = (name, dtype)
+            if key not in buffers:
+                buffers[key] = torch.empty(n_tokens, width, dtype=dtype)
+            return buffers[key]
+
+        q = torch.empty(n_tokens, cfg.num_heads, cfg.head_dim)
+        x = buffer("norm", cfg.hidden_size, layers[0].qkv.input_dtype)
+        k.add_rms_norm(hidden, None, layers[0].input_norm, cfg.rms_norm_eps, x)
+        for layer_idx, lw in enumerate(layers):
+            qkv = lw.qkv.raw(x)
+            k.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads, positions, self.rotary.cos, self.rotary.sin,
+                         meta.slot_indices, k_cache[layer_idx], v_cache[layer_idx], q)
+            attn = buffer("attn", self.q_size, lw.o.input_dtype).view(n_tokens, cfg.num_heads, cfg.head_dim)
+            for seg in meta.prefill:
+                attn[seg.token_start:seg.token_end] = prefill_attention(q, k_cache[layer_idx], v_cache[layer_idx],
+                                                                         seg, self.scale)
+            if meta.decode_req_slots is not None:
+                k.decode_attention(q, k_cache[layer_idx], v_cache[layer_idx], meta.table, meta.decode_req_slots,
+                                   meta.decode_lens, meta.decode_token_idx if meta.prefill else None,
+                                   cfg.sliding_window, self.scale, attn)
+            x = buffer("norm", cfg.hidden_size, lw.gate_up.input_dtype)
+            k.add_rms_norm(hidden, lw.o.raw(attn.view(n_tokens, self.q_size)), lw.post_norm, cfg.rms_norm_eps, x)
+            act = buffer("act", cfg.intermediate_size, lw.down.input_dtype)
+            k.silu_mul(lw.gate_up.raw(x), act)
+            down = lw.down.raw(act)
+            if layer_idx + 1 < len(layers):
+                nxt = layers[layer_idx + 1]
+                x = buffer("norm", cfg.hidden_size, nxt.qkv.input_dtype)
+                k.add_rms_norm(hidden, down, nxt.input_norm, cfg.rms_norm_eps, x)
+            else:
+                hidden.add_(down)
         last = rms_norm(hidden.index_select(0, logit_rows), self.weights.final_norm, cfg.rms_norm_eps)
         return self.weights.lm_head(last).float()

@@ -8,11 +8,17 @@ repacked without re-quantizing (`--quant_type gguf`).
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger("lightllm.models")
 
 QUANT_TYPES = ("none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf")
 
@@ -75,12 +81,29 @@ def quantize_int4(weight: torch.Tensor, group: int) -> GroupQuantized:
     return GroupQuantized(q.reshape(n, k), scale, lo + 8 * scale, group)
 
 
+class Linear(Protocol):
+    """What the model needs of a linear layer, dense or weight-only quantized."""
+
+    input_dtype: torch.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class DenseLinear:
+    """`__call__` returns x's dtype; `raw` takes `input_dtype` and returns the matmul's own output dtype,
+    which the fused CPU kernels consume directly (no cast ops between layers)."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight = weight
         self.bias = bias
+        self.input_dtype = weight.dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
@@ -93,9 +116,17 @@ class Int8Linear:
         self.weight = torch.clamp(torch.round(w / scales[:, None]), -127, 127).to(torch.int8).contiguous()
         self.scales = scales.to(torch.bfloat16)
         self.bias = bias
+        self.input_dtype = torch.bfloat16
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weights this layer computes with."""
+        return self.weight.float() * self.scales.float()[:, None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+        return self.raw(x).to(x.dtype)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales)
         return y if self.bias is None else y + self.bias
 
 
@@ -105,15 +136,109 @@ class Int4Linear:
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.contiguous(), 2)
         self.scales_zeros = torch.stack([weight.scale, weight.zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.bias = bias
+        self.input_dtype = torch.bfloat16
+
+    @staticmethod
+    def dequantized(weight: GroupQuantized) -> torch.Tensor:
+        """The float32 weights the layer built from `weight` computes with (scales and zeros stored as bf16)."""
+        scale, zero = (t.to(torch.bfloat16).float() for t in (weight.scale, weight.zero))
+        return GroupQuantized(weight.q, scale, zero, weight.group).dequantize()
 
     @staticmethod
     def supports(n: int, k: int, group: int) -> bool:
         return k % group == 0 and k % 32 == 0 and n % 16 == 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.raw(x).to(x.dtype)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group,
-                                                       self.scales_zeros).to(x.dtype)
+                                                       self.scales_zeros)
         return y if self.bias is None else y + self.bias
+
+
+class RowCountDispatch:
+    """A quantized layer plus a dense bf16 copy of the same (dequantized) weights, chosen per call by the
+    number of input rows. The packed int4/int8 kernels are GEMVs whose cost grows linearly with the rows;
+    on CPUs with native bf16 dot products (AVX512-BF16, AMX) oneDNN's bf16 GEMM overtakes them from a
+    batch of ~8-16 rows, while the quantized kernel stays ~2x faster for single-token decode."""
+
+    def __init__(self, quantized: "Int4Linear | Int8Linear", dense: DenseLinear, min_rows: int):
+        self.quantized = quantized
+        self.dense = dense
+        self.min_rows = min_rows
+        self.input_dtype = torch.bfloat16
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.raw(x).to(x.dtype)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < self.min_rows:
+            return self.quantized.raw(x)
+        y = self.dense.raw(x.to(torch.bfloat16))
+        return y if self.quantized.bias is None else y + self.quantized.bias  # fp32 bias, as the quantized path
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+_DENSE_MIN_ROWS: dict[tuple[int, int], int | None] = {}  # (N, K) -> measured crossover, shared by layers
+_TUNE_ROWS = (4, 8, 16, 32, 64)
+
+
+def _median_us(fn, x: torch.Tensor, reps: int = 5) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[reps // 2] * 1e6
+
+
+def _measure_min_rows(quantized, dense: DenseLinear, k: int) -> int | None:
+    """Smallest measured row count from which the dense copy is faster at every larger measured count."""
+    faster = []
+    for rows in _TUNE_ROWS:
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        quantized.raw(x), dense.raw(x)  # warm-up (oneDNN primitive creation)
+        q_us, d_us = _median_us(quantized.raw, x), _median_us(dense.raw, x)
+        faster.append(d_us < 0.9 * q_us)
+    best = None
+    for rows, wins in reversed(list(zip(_TUNE_ROWS, faster))):
+        if not wins:
+            break
+        best = rows
+    return best
+
+
+def with_dense_batch_path(quantized: "Int4Linear | Int8Linear", dequantize: Callable[[], torch.Tensor]):
+    """Wrap `quantized` in a RowCountDispatch when a dense bf16 GEMM measures faster for large batches.
+
+    LIGHTLLM_DENSE_MIN_ROWS overrides the measurement (an integer; 0 disables the dense copy)."""
+    override = os.environ.get("LIGHTLLM_DENSE_MIN_ROWS")
+    if override is not None and not int(override):
+        return quantized
+    if override is None and not cpu_has_fast_bf16():
+        return quantized
+    dense = DenseLinear(dequantize().to(torch.bfloat16))
+    if override is not None:
+        min_rows = int(override)
+    else:
+        key = tuple(dense.weight.shape)
+        if key not in _DENSE_MIN_ROWS:
+            _DENSE_MIN_ROWS[key] = _measure_min_rows(quantized, dense, key[1])
+            logger.info("linear %s: dense bf16 GEMM from %s rows", key, _DENSE_MIN_ROWS[key])
+        min_rows = _DENSE_MIN_ROWS[key]
+    return quantized if min_rows is None else RowCountDispatch(quantized, dense, min_rows)
 
 
 def make_linear(weight: torch.Tensor | GroupQuantized, bias: torch.Tensor | None, quant_type: str,
@@ -122,12 +247,14 @@ def make_linear(weight: torch.Tensor | GroupQuantized, bias: torch.Tensor | None
     quantized_ok = device.type == "cpu"
     if isinstance(weight, GroupQuantized):
         if quant_type == "gguf" and quantized_ok and Int4Linear.supports(*weight.shape, weight.group):
-            return Int4Linear(weight, bias)
+            return with_dense_batch_path(Int4Linear(weight, bias), lambda: Int4Linear.dequantized(weight))
         weight = weight.dequantize()
     if quant_type == "none" or not quantized_ok:
         return DenseLinear(weight.to(device=device, dtype=dtype), bias)
     if quant_type.startswith("int4wo"):
         group = int(quant_type.split("-")[1])
         if Int4Linear.supports(*weight.shape, group):
-            return Int4Linear(quantize_int4(weight, group), bias)
-    return Int8Linear(weight, bias)  # int8wo, and gguf tensors that are not Q4_0/Q4_1
+            quantized = quantize_int4(weight, group)
+            return with_dense_batch_path(Int4Linear(quantized, bias), lambda: Int4Linear.dequantized(quantized))
+    layer = Int8Linear(weight, bias)  # int8wo, and gguf tensors that are not Q4_0/Q4_1
+    return with_dense_batch_path(layer, layer.dequantized)

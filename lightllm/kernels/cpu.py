@@ -1,0 +1,170 @@
+"""Builds and loads the fused CPU kernels (`cpu_kernels.c`) and wraps them for torch tensors.
+
+The C file is compiled on first use with the system C compiler for this host's instruction set
+(`-march=native`) and cached under ~/.cache/lightllm/kernels, keyed by the source, the flags and the CPU's
+feature flags, so it builds once per machine (~1 s). Without a compiler, or with LIGHTLLM_CPU_KERNELS=0,
+`load()` returns None and the model runs its pure-PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("lightllm.kernels")
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -fno-trapping-math / -fno-math-errno let floorf and the exp polynomial vectorise; no -ffast-math, so
+# float semantics (ordering, NaN) are otherwise kept.
+_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fno-strict-aliasing", "-fopenmp",
+          "-fPIC", "-shared"]
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_i64, _int, _flt, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {
+    "lk_add_rms_norm": [_ptr, _ptr, _int, _ptr, _ptr, _int, _i64, _i64, _flt],
+    "lk_silu_mul": [_ptr, _int, _ptr, _int, _i64, _i64],
+    "lk_rope_store": [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr],
+    "lk_decode_attention": [_ptr, _ptr, _ptr, _int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64,
+                            _flt, _ptr, _int],
+}
+
+
+class KernelError(RuntimeError):
+    pass
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("LIGHTLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lightllm")
+    return Path(base) / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode() + _cpu_fingerprint().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"lightllm_cpu_kernels_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run([compiler, *_FLAGS, "-o", str(out), str(_SOURCE)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise KernelError(f"{compiler} failed: {proc.stderr.strip()[:2000]}")
+        os.replace(out, target)  # atomic: concurrent builders (several servers starting) agree
+    logger.info("built CPU kernels %s", target)
+    return target
+
+
+@lru_cache(maxsize=1)
+def load() -> "CpuKernels | None":
+    """The kernels for this process, or None when they are disabled or cannot be built."""
+    if os.environ.get("LIGHTLLM_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        logger.warning("no C compiler found: fused CPU kernels disabled, using the PyTorch path")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (KernelError, OSError) as exc:
+        logger.warning("fused CPU kernels unavailable (%s): using the PyTorch path", exc)
+        return None
+    return CpuKernels(lib)
+
+
+def _code(t: torch.Tensor) -> int:
+    return _DTYPE_CODES[t.dtype]
+
+
+def _check(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise KernelError("CPU kernels need contiguous CPU tensors")
+
+
+def _check_index(*tensors: torch.Tensor) -> None:
+    _check(*tensors)
+    for t in tensors:
+        if t.dtype != torch.int64:
+            raise KernelError("CPU kernels take int64 index tensors")
+
+
+class CpuKernels:
+    """Thin typed wrappers; each returns nothing and writes into the `out` tensors it is given."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+        self._lib = lib
+
+    @staticmethod
+    def _ok(rc: int, name: str) -> None:
+        if rc != 0:
+            raise KernelError(f"{name} rejected its arguments (code {rc})")
+
+    def add_rms_norm(self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     out: torch.Tensor) -> None:
+        """hidden += delta (if given), in place; out = rms_norm(hidden) * weight."""
+        _check(hidden, weight, out)
+        rows, dim = hidden.shape
+        if delta is not None:
+            _check(delta)
+        rc = self._lib.lk_add_rms_norm(hidden.data_ptr(), None if delta is None else delta.data_ptr(),
+                                       0 if delta is None else _code(delta), weight.data_ptr(), out.data_ptr(),
+                                       _code(out), rows, dim, eps)
+        self._ok(rc, "add_rms_norm")
+
+    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> None:
+        """out = silu(gate_up[:, :I]) * gate_up[:, I:]."""
+        _check(gate_up, out)
+        rows, inter = out.shape
+        self._ok(self._lib.lk_silu_mul(gate_up.data_ptr(), _code(gate_up), out.data_ptr(), _code(out), rows, inter),
+                 "silu_mul")
+
+    def rope_store(self, qkv: torch.Tensor, heads: int, kv_heads: int, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, slots: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                   q_out: torch.Tensor) -> None:
+        """Rotate q (into q_out) and k, and write k and v into the pools at `slots`."""
+        _check(qkv, cos, sin, k_pool, v_pool, q_out)
+        _check_index(positions, slots)
+        head_dim = k_pool.shape[-1]
+        rc = self._lib.lk_rope_store(qkv.data_ptr(), _code(qkv), qkv.shape[0], heads, kv_heads, head_dim,
+                                     positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+                                     k_pool.data_ptr(), v_pool.data_ptr(), _code(k_pool), q_out.data_ptr())
+        self._ok(rc, "rope_store")
+
+    def decode_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+                         req_slots: torch.Tensor, lens: torch.Tensor, rows: torch.Tensor | None, window: int | None,
+                         scale: float, out: torch.Tensor) -> None:
+        """One query per sequence over its paged context; q/out [*, H, D], rows picks their rows (or 0..B-1)."""
+        _check(q, k_pool, v_pool, out)
+        _check_index(table, req_slots, lens, *([] if rows is None else [rows]))
+        heads, head_dim = q.shape[1], q.shape[2]
+        rc = self._lib.lk_decode_attention(
+            q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), _code(k_pool), table.data_ptr(), table.shape[1],
+            req_slots.data_ptr(), lens.data_ptr(), None if rows is None else rows.data_ptr(), window or 0,
+            req_slots.shape[0], heads, k_pool.shape[1], head_dim, scale, out.data_ptr(), _code(out))
+        self._ok(rc, "decode_attention")

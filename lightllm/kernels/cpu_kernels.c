@@ -1,0 +1,276 @@
+/* Fused CPU kernels for the decode path (see lightllm/kernels/cpu.py for how they are built and called).
+ *
+ * PyTorch eager runs a decode layer as ~60 small ops; at batch 1 their dispatch costs more than the
+ * memory-bound matmuls, and the batched decode attention has to gather K/V into a padded copy first.
+ * These kernels do the elementwise work of a layer in four calls and read the paged KV pool in place.
+ *
+ * Conventions: all tensors are contiguous; dtype codes are 0 = float32, 1 = bfloat16, 2 = float16;
+ * activations and the residual stream are float32, matmul inputs/outputs may be bf16 (the weight-only
+ * quantized matmuls take and return bf16). Threads come from the process's OpenMP runtime, which is the
+ * libgomp that PyTorch loaded, so torch.set_num_threads governs these kernels too.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+enum { LK_F32 = 0, LK_BF16 = 1, LK_F16 = 2 };
+
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, u;
+    if (exp == 0) {
+        if (man == 0) { u = sign; }
+        else {  /* subnormal */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400u)) { man <<= 1; exp--; }
+            u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) { u = sign | 0x7f800000u | (man << 13); }
+    else { u = sign | ((exp + 127 - 15) << 23) | (man << 13); }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+static inline uint16_t f32_to_f16(float f) {
+#if defined(__F16C__)
+    return _cvtss_sh(f, 0);  /* round to nearest even */
+#else
+    /* portable path: via the compiler's _Float16 where available */
+    _Float16 h = (_Float16)f;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+#endif
+}
+
+/* Convert n values of `dtype` at src into float32 dst (vectorisable loops, one per dtype). */
+static inline void load_f32(const void *src, int dtype, float *dst, int64_t n) {
+    if (dtype == LK_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+    } else if (dtype == LK_BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+        uint32_t *d = (uint32_t *)dst;  /* built with -fno-strict-aliasing */
+        for (int64_t i = 0; i < n; i++) d[i] = (uint32_t)s[i] << 16;
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+#if defined(__F16C__)
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+        for (; i < n; i++) dst[i] = f16_to_f32(s[i]);
+#else
+        for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(s[i]);
+#endif
+    }
+}
+
+static inline void store_f32(const float *src, void *dst, int dtype, int64_t n) {
+    if (dtype == LK_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+    } else if (dtype == LK_BF16) {
+        const uint32_t *s = (const uint32_t *)src;
+        uint16_t *d = (uint16_t *)dst;
+        for (int64_t i = 0; i < n; i++) {  /* round to nearest even; NaN stays a (quiet) NaN; branch-free */
+            uint32_t u = s[i];
+            uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+            d[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded);
+        }
+    } else {
+        uint16_t *d = (uint16_t *)dst;
+#if defined(__F16C__)
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), 0));
+        for (; i < n; i++) d[i] = f32_to_f16(src[i]);
+#else
+        for (int64_t i = 0; i < n; i++) d[i] = f32_to_f16(src[i]);
+#endif
+    }
+}
+
+static inline size_t dtype_size(int dtype) { return dtype == LK_F32 ? 4 : 2; }
+
+/* exp(x) for x <= 88: Cody-Waite reduction and a degree-6 polynomial (Cephes expf), ~1 ulp, in plain
+ * arithmetic so loops over it vectorise (libm's expf does not without -ffast-math). */
+static inline float lk_expf(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float k = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)k + 127) << 23;
+    return p * scale.f;
+}
+
+#define ROW_BUF 16384 /* largest row handled with stack buffers */
+
+/* hidden[r] += delta[r] (when delta is given), then out[r] = rms_norm(hidden[r]) * weight. */
+int lk_add_rms_norm(float *hidden, const void *delta, int delta_dtype, const float *weight, void *out,
+                    int out_dtype, int64_t rows, int64_t dim, float eps) {
+    if (dim > ROW_BUF) return -1;
+#pragma omp parallel for schedule(static) if (rows * dim >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[ROW_BUF];
+        float *h = hidden + r * dim;
+        if (delta) {
+            load_f32((const char *)delta + (size_t)(r * dim) * dtype_size(delta_dtype), delta_dtype, buf, dim);
+            for (int64_t i = 0; i < dim; i++) h[i] += buf[i];
+        }
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < dim; i++) ss += h[i] * h[i];
+        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i++) buf[i] = h[i] * inv * weight[i];
+        store_f32(buf, (char *)out + (size_t)(r * dim) * dtype_size(out_dtype), out_dtype, dim);
+    }
+    return 0;
+}
+
+static void silu_mul_row(float *restrict g, const float *restrict u, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + lk_expf(-g[i])) * u[i];
+}
+
+/* silu(gate) * up where each row of gate_up is [gate (inter) | up (inter)]. */
+int lk_silu_mul(const void *gate_up, int in_dtype, void *out, int out_dtype, int64_t rows, int64_t inter) {
+    if (inter > ROW_BUF) return -1;
+#pragma omp parallel for schedule(static) if (rows * inter >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        float g[ROW_BUF], u[ROW_BUF];
+        const char *row = (const char *)gate_up + (size_t)(r * 2 * inter) * dtype_size(in_dtype);
+        load_f32(row, in_dtype, g, inter);
+        load_f32(row + (size_t)inter * dtype_size(in_dtype), in_dtype, u, inter);
+        silu_mul_row(g, u, inter);
+        store_f32(g, (char *)out + (size_t)(r * inter) * dtype_size(out_dtype), out_dtype, inter);
+    }
+    return 0;
+}
+
+/* Rotary embedding ("rotate half" layout) for q and k, then K/V written into the pools at their slots.
+ * qkv rows: [H*D q | KVH*D k | KVH*D v]; q_out: float32 [T, H, D]; pools: [P, KVH, D] of kv_dtype;
+ * cos/sin: float32 [max_pos, D]. */
+int lk_rope_store(const void *qkv, int qkv_dtype, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t hd,
+                  const int64_t *positions, const float *cos_table, const float *sin_table, const int64_t *slots,
+                  void *k_pool, void *v_pool, int kv_dtype, float *q_out) {
+    const int64_t width = (heads + 2 * kv_heads) * hd, half = hd / 2;
+    if (width > ROW_BUF || hd > 1024) return -1;
+    const size_t kv_el = dtype_size(kv_dtype);
+#pragma omp parallel for schedule(static) if (tokens * width >= 65536)
+    for (int64_t t = 0; t < tokens; t++) {
+        float row[ROW_BUF], rot[1024];
+        load_f32((const char *)qkv + (size_t)(t * width) * dtype_size(qkv_dtype), qkv_dtype, row, width);
+        const float *c = cos_table + positions[t] * hd, *s = sin_table + positions[t] * hd;
+        for (int64_t h = 0; h < heads + kv_heads; h++) {
+            const float *x = row + h * hd;
+            float *dst = h < heads ? q_out + (t * heads + h) * hd : rot;
+            for (int64_t i = 0; i < half; i++) dst[i] = x[i] * c[i] - x[i + half] * s[i];
+            for (int64_t i = half; i < hd; i++) dst[i] = x[i] * c[i] + x[i - half] * s[i];
+            if (h >= heads) {
+                int64_t kvh = h - heads;
+                store_f32(rot, (char *)k_pool + (size_t)((slots[t] * kv_heads + kvh) * hd) * kv_el, kv_dtype, hd);
+            }
+        }
+        store_f32(row + (heads + kv_heads) * hd, (char *)v_pool + (size_t)(slots[t] * kv_heads * hd) * kv_el,
+                  kv_dtype, kv_heads * hd);
+    }
+    return 0;
+}
+
+#define PREFETCH_AHEAD 8
+
+static inline void prefetch_row(const char *p, size_t bytes) {
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+/* One query token per sequence attends to its cached context, read from the pools in place.
+ * q: float32 [*, H, D]; rows[b] (or b when rows is NULL) is the row of q and out for sequence b;
+ * the context of sequence b is table[req_slots[b] * table_stride + i] for i < lens[b] (only the last
+ * `window` positions when window > 0); out: [*, H, D] of out_dtype. Work is split over (sequence, kv head):
+ * the G = H / KVH query heads sharing a kv head reuse each K/V row they load. */
+int lk_decode_attention(const float *q, const void *k_pool, const void *v_pool, int kv_dtype,
+                        const int64_t *table, int64_t table_stride, const int64_t *req_slots, const int64_t *lens,
+                        const int64_t *rows, int64_t window, int64_t batch, int64_t heads, int64_t kv_heads,
+                        int64_t hd, float scale, void *out, int out_dtype) {
+    const int64_t group = heads / kv_heads;
+    if (hd > 256 || group > 64 || group * kv_heads != heads) return -1;
+    int64_t total = 0;
+    for (int64_t b = 0; b < batch; b++) total += lens[b];
+    const size_t kv_el = dtype_size(kv_dtype), out_el = dtype_size(out_dtype);
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) if (total * kv_heads * hd >= 32768) reduction(| : failed)
+    for (int64_t item = 0; item < batch * kv_heads; item++) {
+        const int64_t b = item / kv_heads, kvh = item % kv_heads;
+        const int64_t len = lens[b], start = (window > 0 && len > window) ? len - window : 0, n = len - start;
+        const int64_t row = rows ? rows[b] : b;
+        const int64_t *ctx = table + req_slots[b] * table_stride + start;
+        if (n <= 0) { failed = 1; continue; }
+        const float *qg = q + (row * heads + kvh * group) * hd;
+        float *scores = (float *)malloc((size_t)(group * n + 1) * sizeof(float));
+        if (!scores) { failed = 1; continue; }
+        float kbuf[256], acc[64 * 256], sums[64];
+        const size_t row_bytes = (size_t)hd * kv_el;
+        for (int64_t t = 0; t < n; t++) {
+            if (t + PREFETCH_AHEAD < n)  /* token slots are scattered: keep several row loads in flight */
+                prefetch_row((const char *)k_pool + (size_t)((ctx[t + PREFETCH_AHEAD] * kv_heads + kvh) * hd) * kv_el,
+                             row_bytes);
+            const char *kp = (const char *)k_pool + (size_t)((ctx[t] * kv_heads + kvh) * hd) * kv_el;
+            const float *k;
+            if (kv_dtype == LK_F32) k = (const float *)kp;
+            else { load_f32(kp, kv_dtype, kbuf, hd); k = kbuf; }
+            for (int64_t g = 0; g < group; g++) {
+                const float *qq = qg + g * hd;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t i = 0; i < hd; i++) dot += qq[i] * k[i];
+                scores[g * n + t] = dot * scale;
+            }
+        }
+        for (int64_t g = 0; g < group; g++) {
+            float *sc = scores + g * n, mx = sc[0], sum = 0.0f;
+            for (int64_t t = 1; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < n; t++) { sc[t] = lk_expf(sc[t] - mx); sum += sc[t]; }
+            sums[g] = sum;
+        }
+        memset(acc, 0, (size_t)(group * hd) * sizeof(float));
+        for (int64_t t = 0; t < n; t++) {
+            if (t + PREFETCH_AHEAD < n)
+                prefetch_row((const char *)v_pool + (size_t)((ctx[t + PREFETCH_AHEAD] * kv_heads + kvh) * hd) * kv_el,
+                             row_bytes);
+            const char *vp = (const char *)v_pool + (size_t)((ctx[t] * kv_heads + kvh) * hd) * kv_el;
+            const float *v;
+            if (kv_dtype == LK_F32) v = (const float *)vp;
+            else { load_f32(vp, kv_dtype, kbuf, hd); v = kbuf; }
+            for (int64_t g = 0; g < group; g++) {
+                const float p = scores[g * n + t];
+                float *a = acc + g * hd;
+#pragma omp simd
+                for (int64_t i = 0; i < hd; i++) a[i] += p * v[i];
+            }
+        }
+        for (int64_t g = 0; g < group; g++) {
+            const float inv = 1.0f / sums[g];
+            float *a = acc + g * hd;
+            for (int64_t i = 0; i < hd; i++) a[i] *= inv;
+            store_f32(a, (char *)out + (size_t)((row * heads + kvh * group + g) * hd) * out_el, out_dtype, hd);
+        }
+        free(scores);
+    }
+    return failed ? -2 : 0;
+}

@@ -122,6 +122,7 @@ def run_engine_recording_logits(model_dir, prompts, steps: int = 9, **engine_kwa
     from lightllm.engine.protocol import AddRequest, EngineConfig, SamplingParams
 
     engine_kwargs.setdefault("max_total_token_num", 1024)
+    engine_kwargs.setdefault("kv_cache_dtype", "fp32")  # exact comparisons; fp16 KV has its own quality test
     engine = Engine(EngineConfig(model_path=str(model_dir), **engine_kwargs))
     recorded: dict[str, list[torch.Tensor]] = {}
     sampler = engine.runner.sampler
@@ -143,3 +144,16 @@ def run_engine_recording_logits(model_dir, prompts, steps: int = 9, **engine_kwa
         for out in engine.step():
             outputs.setdefault(out.rid, []).append(out.token_id)
     return engine, outputs, recorded
+
+
+@pytest.fixture(params=["fused_kernels", "pytorch"])
+def model_path_kind(request, monkeypatch):
+    """Run the model through the fused C kernels and through the pure-PyTorch path (CUDA's and the fallback)."""
+    from lightllm.kernels import cpu as cpu_kernels
+
+    if request.param == "fused_kernels":
+        if cpu_kernels.load() is None:
+            pytest.skip("no C compiler: fused CPU kernels unavailable")
+    else:
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    return request.param

@@ -22,19 +22,6 @@ PROMPTS = [[5, 17, 33, 2 + 40, 9, 100, 3, 77, 12, 8, 250, 19], [7, 7], [1, 90, 4
 DECODE_STEPS = 9  # run_engine_recording_logits' default
 
 
-@pytest.fixture(params=["fused_kernels", "pytorch"])
-def model_path_kind(request, monkeypatch):
-    """Run the model through the fused C kernels and through the pure-PyTorch path (CUDA's and the fallback)."""
-    from lightllm.kernels import cpu as cpu_kernels
-
-    if request.param == "fused_kernels":
-        if cpu_kernels.load() is None:
-            pytest.skip("no C compiler: fused CPU kernels unavailable")
-    else:
-        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
-    return request.param
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(case, model_path_kind, tmp_path):
     from transformers import AutoModelForCausalLM

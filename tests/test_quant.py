@@ -81,3 +81,18 @@ def test_quantized_smollm_quality(quant_type):
         assert logits[rid].argmax() == ref_logits[rid].argmax()
         assert (logits[rid] - ref_logits[rid]).abs().max() < 1.5
         assert tokens[rid][:4] == ref_tokens[rid][:4]
+
+
+def test_fp16_kv_cache_quality(model_path_kind):
+    """The fp16 KV cache (the CPU default with the fused kernels) against fp32 KV on SmolLM2, prefill + decode."""
+    prompts = [[1, 4093, 198, 504, 3575, 282, 4649, 314, 2, 198, 1, 520, 9531, 198], [504, 3575, 282, 4649, 314]]
+    runs = {}
+    for kv in ("fp32", "fp16"):
+        _, tokens, logits = run_engine_recording_logits(embedded_model_path(), prompts, steps=8, kv_cache_dtype=kv,
+                                                        max_total_token_num=2000, grammar_backend="none",
+                                                        disable_dynamic_prompt_cache=True)
+        runs[kv] = tokens, logits
+    for rid, ref_rows in runs["fp32"][1].items():
+        assert runs["fp16"][0][rid] == runs["fp32"][0][rid]
+        for ours, ref in zip(runs["fp16"][1][rid], ref_rows):
+            assert (ours - ref).abs().max() < 0.05

@@ -42,6 +42,16 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def pick_kv_dtype(name: str, model_dtype: torch.dtype, fused_cpu_kernels: bool) -> torch.dtype:
+    """'auto': fp16 when the fused CPU kernels read the cache (decode attention is bound by KV bytes; they
+    convert with F16C), else the model's dtype."""
+    if name in ("auto", None):
+        return torch.float16 if fused_cpu_kernels else model_dtype
+    if name not in _DTYPES:
+        raise ValueError(f"--kv_cache_dtype {name!r} is not supported; use one of auto, fp32, fp16, bf16")
+    return _DTYPES[name]
+
+
 def _available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -76,10 +86,11 @@ class Engine:
         self.max_model_len = min(model_cfg.max_position_embeddings, cfg.max_req_total_len)
         weights = load_model_weights(cfg.model_path, model_cfg, self.device, self.dtype, cfg.quant_type)
         self.model = model_class_for(model_cfg.architecture)(model_cfg, weights, self.device, self.dtype)
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        self.kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, self.dtype, self.model.kernels is not None)
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         self.kv_tokens = kv_budget_tokens(cfg, model_cfg.kv_bytes_per_token(elem), self.device)
         self.pool = TokenKVPool(self.kv_tokens, model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
-                                self.dtype, self.device)
+                                self.kv_dtype, self.device)
         self.table = ReqToTokenTable(cfg.running_max_req_size, self.max_model_len, self.device)
         self.prefix_cache = None if cfg.disable_dynamic_prompt_cache else PrefixCache(self.pool)
         batch_max_tokens = cfg.batch_max_tokens or max(cfg.chunked_prefill_size, 2048)
@@ -171,7 +182,9 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
     try:
         start = time.perf_counter()
         engine = Engine(cfg)
-        logger.info("model loaded in %.1fs", time.perf_counter() - start)
+        logger.info("model loaded in %.1fs (quant_type=%s, kv_cache_dtype=%s, fused CPU kernels %s)",
+                    time.perf_counter() - start, cfg.quant_type, str(engine.kv_dtype).replace("torch.", ""),
+                    "on" if engine.model.kernels is not None else "off")
     except Exception as exc:
         logger.exception("engine failed to start")
         outbox.send_pyobj(EngineFailed(f"{type(exc).__name__}: {exc}"))

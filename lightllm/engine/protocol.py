@@ -29,6 +29,7 @@ class EngineConfig:
     device: str | None = None
     seed: int = 0
     quant_type: str = "none"
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass

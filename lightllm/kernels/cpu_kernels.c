@@ -198,79 +198,150 @@ static inline void prefetch_row(const char *p, size_t bytes) {
     for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
+/* Attention of the `group` query heads at qg (each hd floats, consecutive) over n context tokens whose pool
+ * slots are ctx[0..n), one kv head. Leaves the unnormalised result: per head the running max m[g], the
+ * sum of exp(score - m) l[g] and acc[g * hd ...] = sum of exp(score - m) * v. */
+static inline __attribute__((always_inline)) int attend_range_impl(
+        const float *qg, int64_t group, int64_t hd, const void *k_pool, const void *v_pool, int kv_dtype,
+        int64_t kv_heads, int64_t kvh, const int64_t *ctx, int64_t n, float scale, float *m, float *l, float *acc) {
+    const size_t kv_el = dtype_size(kv_dtype), row_bytes = (size_t)hd * kv_el;
+    float *scores = (float *)malloc((size_t)(group * n + 1) * sizeof(float));
+    if (!scores) return -1;
+    float kbuf[256];
+    for (int64_t t = 0; t < n; t++) {
+        if (t + PREFETCH_AHEAD < n)  /* token slots are scattered: keep several row loads in flight */
+            prefetch_row((const char *)k_pool + (size_t)((ctx[t + PREFETCH_AHEAD] * kv_heads + kvh) * hd) * kv_el,
+                         row_bytes);
+        const char *kp = (const char *)k_pool + (size_t)((ctx[t] * kv_heads + kvh) * hd) * kv_el;
+        const float *k;
+        if (kv_dtype == LK_F32) k = (const float *)kp;
+        else { load_f32(kp, kv_dtype, kbuf, hd); k = kbuf; }
+        for (int64_t g = 0; g < group; g++) {
+            const float *qq = qg + g * hd;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < hd; i++) dot += qq[i] * k[i];
+            scores[g * n + t] = dot * scale;
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *sc = scores + g * n, mx = sc[0], sum = 0.0f;
+        for (int64_t t = 1; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < n; t++) { sc[t] = lk_expf(sc[t] - mx); sum += sc[t]; }
+        m[g] = mx;
+        l[g] = sum;
+    }
+    memset(acc, 0, (size_t)(group * hd) * sizeof(float));
+    for (int64_t t = 0; t < n; t++) {
+        if (t + PREFETCH_AHEAD < n)
+            prefetch_row((const char *)v_pool + (size_t)((ctx[t + PREFETCH_AHEAD] * kv_heads + kvh) * hd) * kv_el,
+                         row_bytes);
+        const char *vp = (const char *)v_pool + (size_t)((ctx[t] * kv_heads + kvh) * hd) * kv_el;
+        const float *v;
+        if (kv_dtype == LK_F32) v = (const float *)vp;
+        else { load_f32(vp, kv_dtype, kbuf, hd); v = kbuf; }
+        for (int64_t g = 0; g < group; g++) {
+            const float p = scores[g * n + t];
+            float *a = acc + g * hd;
+#pragma omp simd
+            for (int64_t i = 0; i < hd; i++) a[i] += p * v[i];
+        }
+    }
+    free(scores);
+    return 0;
+}
+
+/* Specialised for the common head sizes and GQA groups (and their kv dtypes) so the compiler unrolls the
+ * per-token dot products and updates fully; other shapes take the generic instance. */
+static int attend_range(const float *qg, int64_t group, int64_t hd, const void *k_pool, const void *v_pool,
+                        int kv_dtype, int64_t kv_heads, int64_t kvh, const int64_t *ctx, int64_t n, float scale,
+                        float *m, float *l, float *acc) {
+#define LK_ATTEND(G, HD, DT) \
+    if (group == G && hd == HD && kv_dtype == DT) \
+        return attend_range_impl(qg, G, HD, k_pool, v_pool, DT, kv_heads, kvh, ctx, n, scale, m, l, acc);
+    LK_ATTEND(1, 64, LK_F16) LK_ATTEND(2, 64, LK_F16) LK_ATTEND(3, 64, LK_F16) LK_ATTEND(4, 64, LK_F16)
+    LK_ATTEND(7, 64, LK_F16) LK_ATTEND(8, 64, LK_F16) LK_ATTEND(1, 128, LK_F16) LK_ATTEND(2, 128, LK_F16)
+    LK_ATTEND(4, 128, LK_F16) LK_ATTEND(8, 128, LK_F16) LK_ATTEND(3, 64, LK_F32) LK_ATTEND(4, 128, LK_F32)
+#undef LK_ATTEND
+    return attend_range_impl(qg, group, hd, k_pool, v_pool, kv_dtype, kv_heads, kvh, ctx, n, scale, m, l, acc);
+}
+
+#define SPLIT_MIN_TOKENS 64
+
 /* One query token per sequence attends to its cached context, read from the pools in place.
  * q: float32 [*, H, D]; rows[b] (or b when rows is NULL) is the row of q and out for sequence b;
  * the context of sequence b is table[req_slots[b] * table_stride + i] for i < lens[b] (only the last
  * `window` positions when window > 0); out: [*, H, D] of out_dtype. Work is split over (sequence, kv head):
- * the G = H / KVH query heads sharing a kv head reuse each K/V row they load. */
+ * the G = H / KVH query heads sharing a kv head reuse each K/V row they load. When there are fewer such
+ * items than threads can share evenly (small batches), each context is also split into chunks whose
+ * partial softmax results are merged afterwards (flash-decoding). */
 int lk_decode_attention(const float *q, const void *k_pool, const void *v_pool, int kv_dtype,
                         const int64_t *table, int64_t table_stride, const int64_t *req_slots, const int64_t *lens,
                         const int64_t *rows, int64_t window, int64_t batch, int64_t heads, int64_t kv_heads,
                         int64_t hd, float scale, void *out, int out_dtype) {
     const int64_t group = heads / kv_heads;
     if (hd > 256 || group > 64 || group * kv_heads != heads) return -1;
-    int64_t total = 0;
-    for (int64_t b = 0; b < batch; b++) total += lens[b];
-    const size_t kv_el = dtype_size(kv_dtype), out_el = dtype_size(out_dtype);
+    int64_t total = 0, max_len = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        if (lens[b] <= 0) return -1;
+        total += lens[b];
+        max_len = lens[b] > max_len ? lens[b] : max_len;
+    }
+    const int threads = omp_get_max_threads();
+    const int64_t pairs = batch * kv_heads;
+    int64_t splits = 1;
+    if (pairs < 2 * threads) {
+        splits = (2 * threads + pairs - 1) / pairs;
+        int64_t by_length = max_len / SPLIT_MIN_TOKENS;
+        splits = splits < by_length ? splits : (by_length > 1 ? by_length : 1);
+    }
+    const size_t out_el = dtype_size(out_dtype);
+    /* partial results per (pair, split): m and l per head, acc per head */
+    float *part = (float *)malloc((size_t)(pairs * splits * group * (hd + 2)) * sizeof(float));
+    if (!part) return -2;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) if (total * kv_heads * hd >= 32768) reduction(| : failed)
-    for (int64_t item = 0; item < batch * kv_heads; item++) {
-        const int64_t b = item / kv_heads, kvh = item % kv_heads;
+    for (int64_t item = 0; item < pairs * splits; item++) {
+        const int64_t pair = item / splits, split = item % splits, b = pair / kv_heads, kvh = pair % kv_heads;
         const int64_t len = lens[b], start = (window > 0 && len > window) ? len - window : 0, n = len - start;
+        const int64_t chunk = (n + splits - 1) / splits, lo = split * chunk, hi = lo + chunk < n ? lo + chunk : n;
         const int64_t row = rows ? rows[b] : b;
-        const int64_t *ctx = table + req_slots[b] * table_stride + start;
-        if (n <= 0) { failed = 1; continue; }
-        const float *qg = q + (row * heads + kvh * group) * hd;
-        float *scores = (float *)malloc((size_t)(group * n + 1) * sizeof(float));
-        if (!scores) { failed = 1; continue; }
-        float kbuf[256], acc[64 * 256], sums[64];
-        const size_t row_bytes = (size_t)hd * kv_el;
-        for (int64_t t = 0; t < n; t++) {
-            if (t + PREFETCH_AHEAD < n)  /* token slots are scattered: keep several row loads in flight */
-                prefetch_row((const char *)k_pool + (size_t)((ctx[t + PREFETCH_AHEAD] * kv_heads + kvh) * hd) * kv_el,
-                             row_bytes);
-            const char *kp = (const char *)k_pool + (size_t)((ctx[t] * kv_heads + kvh) * hd) * kv_el;
-            const float *k;
-            if (kv_dtype == LK_F32) k = (const float *)kp;
-            else { load_f32(kp, kv_dtype, kbuf, hd); k = kbuf; }
-            for (int64_t g = 0; g < group; g++) {
-                const float *qq = qg + g * hd;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < hd; i++) dot += qq[i] * k[i];
-                scores[g * n + t] = dot * scale;
-            }
+        float *pm = part + (size_t)item * group * (hd + 2), *pl = pm + group, *pacc = pl + group;
+        if (hi <= lo) {  /* an empty tail chunk contributes nothing */
+            for (int64_t g = 0; g < group; g++) { pm[g] = -INFINITY; pl[g] = 0.0f; }
+            memset(pacc, 0, (size_t)(group * hd) * sizeof(float));
+            continue;
         }
-        for (int64_t g = 0; g < group; g++) {
-            float *sc = scores + g * n, mx = sc[0], sum = 0.0f;
-            for (int64_t t = 1; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < n; t++) { sc[t] = lk_expf(sc[t] - mx); sum += sc[t]; }
-            sums[g] = sum;
-        }
-        memset(acc, 0, (size_t)(group * hd) * sizeof(float));
-        for (int64_t t = 0; t < n; t++) {
-            if (t + PREFETCH_AHEAD < n)
-                prefetch_row((const char *)v_pool + (size_t)((ctx[t + PREFETCH_AHEAD] * kv_heads + kvh) * hd) * kv_el,
-                             row_bytes);
-            const char *vp = (const char *)v_pool + (size_t)((ctx[t] * kv_heads + kvh) * hd) * kv_el;
-            const float *v;
-            if (kv_dtype == LK_F32) v = (const float *)vp;
-            else { load_f32(vp, kv_dtype, kbuf, hd); v = kbuf; }
-            for (int64_t g = 0; g < group; g++) {
-                const float p = scores[g * n + t];
-                float *a = acc + g * hd;
-#pragma omp simd
-                for (int64_t i = 0; i < hd; i++) a[i] += p * v[i];
-            }
-        }
-        for (int64_t g = 0; g < group; g++) {
-            const float inv = 1.0f / sums[g];
-            float *a = acc + g * hd;
-            for (int64_t i = 0; i < hd; i++) a[i] *= inv;
-            store_f32(a, (char *)out + (size_t)((row * heads + kvh * group + g) * hd) * out_el, out_dtype, hd);
-        }
-        free(scores);
+        const int64_t *ctx = table + req_slots[b] * table_stride + start + lo;
+        if (attend_range(q + (row * heads + kvh * group) * hd, group, hd, k_pool, v_pool, kv_dtype, kv_heads, kvh,
+                         ctx, hi - lo, scale, pm, pl, pacc) != 0)
+            failed = 1;
     }
+    if (!failed) {
+        for (int64_t pair = 0; pair < pairs; pair++) {
+            const int64_t b = pair / kv_heads, kvh = pair % kv_heads, row = rows ? rows[b] : b;
+            for (int64_t g = 0; g < group; g++) {
+                float mx = -INFINITY, denom = 0.0f, res[256];
+                for (int64_t sp = 0; sp < splits; sp++) {
+                    float pm = part[(size_t)(pair * splits + sp) * group * (hd + 2) + g];
+                    mx = pm > mx ? pm : mx;
+                }
+                memset(res, 0, (size_t)hd * sizeof(float));
+                for (int64_t sp = 0; sp < splits; sp++) {
+                    const float *base = part + (size_t)(pair * splits + sp) * group * (hd + 2);
+                    if (base[group + g] == 0.0f) continue;
+                    const float w = splits == 1 ? 1.0f : expf(base[g] - mx);
+                    const float *pacc = base + 2 * group + g * hd;
+                    denom += w * base[group + g];
+                    for (int64_t i = 0; i < hd; i++) res[i] += w * pacc[i];
+                }
+                const float inv = 1.0f / denom;
+                for (int64_t i = 0; i < hd; i++) res[i] *= inv;
+                store_f32(res, (char *)out + (size_t)((row * heads + kvh * group + g) * hd) * out_el, out_dtype, hd);
+            }
+        }
+    }
+    free(part);
     return failed ? -2 : 0;
 }

@@ -136,7 +136,7 @@ def _decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     """q: [B, H, D], one query per decoding sequence → [B, H, D]."""
     batch, length = meta.decode_kv_indices.shape
     flat = meta.decode_kv_indices.reshape(-1)
-    kd = k_pool.index_select(0, flat).view(batch, length, *k_pool.shape[1:]).transpose(1, 2)  # [B, KVH, L, D]
-    vd = v_pool.index_select(0, flat).view(batch, length, *v_pool.shape[1:]).transpose(1, 2)
+    kd = k_pool.index_select(0, flat).view(batch, length, *k_pool.shape[1:]).transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
+    vd = v_pool.index_select(0, flat).view(batch, length, *v_pool.shape[1:]).transpose(1, 2).to(q.dtype)
     o = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
     return o.squeeze(2)

@@ -75,8 +75,8 @@ class LlamaModel:
             qk = self.rotary.apply(qk.view(n_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
             q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
             v = v.view(n_tokens, cfg.num_kv_heads, cfg.head_dim)
-            k_cache[layer_idx].index_copy_(0, meta.slot_indices, k)
-            v_cache[layer_idx].index_copy_(0, meta.slot_indices, v)
+            k_cache[layer_idx].index_copy_(0, meta.slot_indices, k.to(k_cache[layer_idx].dtype))
+            v_cache[layer_idx].index_copy_(0, meta.slot_indices, v.to(v_cache[layer_idx].dtype))
             attn = paged_attention(q, k_cache[layer_idx], v_cache[layer_idx], meta, self.scale)
             hidden = residual + lw.o(attn.reshape(n_tokens, self.q_size))
             residual = hidden

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf"],
                    help="weight-only quantized linears on CPU: int8 per channel, int4 per group, or 'gguf' "
                         "(Q4_0/Q4_1 blocks repacked exactly, other types as int8)")
+    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="KV cache storage; 'auto' is fp16 on CPU with the fused kernels (half the memory "
+                        "traffic of decode attention, llama.cpp's default) and the model dtype elsewhere")
     p.add_argument("--tool_call_parser", default=None, choices=["qwen25", "llama3", "mistral"])
     p.add_argument("--reasoning_parser", default=None)
     p.add_argument("--chat_template", default=None, help="jinja2 chat template file overriding the model's")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +18,45 @@ logger = logging.getLogger(__name__)
 _END_OF_GENERATION_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "</s>")
 
 
+def _gguf_tokenizer_cache(gguf: Path) -> Path:
+    """Where the HF tokenizer converted from this GGUF file is kept (keyed by path, size and mtime)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    base = os.environ.get("LIGHTLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lightllm")
+    return Path(base) / "tokenizers" / f"{gguf.stem}-{key}"
+
+
+def _load_gguf_tokenizer(gguf: Path):
+    """Converting a GGUF vocabulary to a fast tokenizer takes seconds (6 s for SmolLM2's 49k), so the
+    result is saved once and later starts (and the engine process) load the saved files."""
+    from transformers import AutoTokenizer
+
+    cache = _gguf_tokenizer_cache(gguf)
+    if (cache / "tokenizer_config.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache))
+        except (OSError, ValueError) as exc:
+            logger.warning("cached tokenizer %s unusable (%s); converting again", cache, exc)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=cache.name + "."))
+        tokenizer.save_pretrained(str(staging))
+        try:
+            os.rename(staging, cache)  # atomic; loses harmlessly to a process that got there first
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:  # a read-only home only costs the conversion next time
+        logger.warning("could not cache the converted tokenizer in %s: %s", cache, exc)
+    return tokenizer
+
+
 def load_tokenizer(model_path: str | Path, chat_template_file: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     gguf = find_gguf_file(model_path)
     if gguf is not None:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = _load_gguf_tokenizer(gguf)
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
     if chat_template_file:

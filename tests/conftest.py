@@ -81,10 +81,13 @@ def embedded_model_path() -> str:
 
 @pytest.fixture(scope="session")
 def smol_server(tmp_path_factory):
-    """The embedded SmolLM2 model, with an API key on /v1 routes."""
+    """The embedded SmolLM2 model, with an API key on /v1 routes. Dense fp32 weights (`--quant_type none`):
+    several tests compare token sequences exactly (against transformers, stream against non-stream under a
+    seed, solo against batched), and the default int4 path's numerics shift slightly with the batch size (a
+    dense bf16 GEMM takes over large batches). The default path has its own server in test_openai_api."""
     log = tmp_path_factory.mktemp("logs") / "smol_server.log"
     server = ServerProcess(["--max_total_token_num", "30000", "--api_key", API_KEY, "--max_req_total_len", "4096",
-                            "--tool_call_parser", "qwen25"], log)
+                            "--tool_call_parser", "qwen25", "--quant_type", "none"], log)
     yield server
     server.stop()
 

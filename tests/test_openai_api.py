@@ -170,7 +170,8 @@ def test_sdk_raises_typed_errors(client, model):
 
 @pytest.fixture(scope="module")
 def limited_server(tmp_path_factory):
-    """A second server that takes one request at a time and allows one CORS origin."""
+    """A second server that takes one request at a time and allows one CORS origin. It runs the default
+    configuration (for the embedded GGUF: its int4 blocks, fp16 KV cache, fused CPU kernels)."""
     from tests.conftest import ServerProcess
 
     server = ServerProcess(["--max_concurrent_requests", "1", "--cors_allow_origins", "http://app.example",
@@ -199,3 +200,22 @@ def test_overload_gets_503_and_cors_preflight(limited_server):
     other = requests.options(url, headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
                              timeout=10)
     assert other.headers.get("access-control-allow-origin") is None
+
+
+def test_default_fast_path_answers_through_the_sdk(limited_server):
+    """What `python -m lightllm.server.api_server` serves by default: quantized weights and kernels, plain and
+    streamed, one request after another (the second reuses the first's prompt from the prefix cache)."""
+    log = limited_server.log_path.read_text()
+    from lightllm.kernels import cpu as cpu_kernels
+
+    assert "quant_type=gguf" in log
+    if cpu_kernels.load() is not None:
+        assert "kv_cache_dtype=float16, fused CPU kernels on" in log
+    client = openai.OpenAI(base_url=limited_server.base_url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=30)
+    assert "Paris" in plain.choices[0].message.content
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        model="m", messages=messages, temperature=0, max_tokens=30, stream=True) if chunk.choices)
+    assert "Paris" in streamed
+    assert limited_server.wait_idle()["running"] == 0

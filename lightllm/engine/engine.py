@@ -16,7 +16,7 @@ from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineConfig, En
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import Scheduler
 from lightllm.engine.sequence import Sequence
-from lightllm.models.loader import load_model_config, load_model_weights
+from lightllm.models.loader import load_model_config, load_model_weights, resolve_quant_type
 from lightllm.models.registry import model_class_for
 
 logger = logging.getLogger("lightllm.engine")
@@ -83,8 +83,15 @@ class Engine:
         if cfg.eos_id:
             model_cfg.eos_token_ids = list(cfg.eos_id)
         self.model_config = model_cfg
+        self.grammars = None
+        if cfg.grammar_backend != "none":
+            from lightllm.engine.grammar import GrammarFactory
+
+            # builds its tokenizer info in a thread, overlapping the weight loading below
+            self.grammars = GrammarFactory(cfg.model_path, model_cfg.vocab_size)
         self.max_model_len = min(model_cfg.max_position_embeddings, cfg.max_req_total_len)
-        weights = load_model_weights(cfg.model_path, model_cfg, self.device, self.dtype, cfg.quant_type)
+        self.quant_type = resolve_quant_type(cfg.quant_type, cfg.model_path, self.device)
+        weights = load_model_weights(cfg.model_path, model_cfg, self.device, self.dtype, self.quant_type)
         self.model = model_class_for(model_cfg.architecture)(model_cfg, weights, self.device, self.dtype)
         self.kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, self.dtype, self.model.kernels is not None)
         elem = torch.tensor([], dtype=self.kv_dtype).element_size()
@@ -104,11 +111,6 @@ class Engine:
             new_token_estimate=cfg.router_max_new_token_len, prefix_cache=self.prefix_cache)
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, self.device)
         self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler)
-        self.grammars = None
-        if cfg.grammar_backend != "none":
-            from lightllm.engine.grammar import GrammarFactory
-
-            self.grammars = GrammarFactory(cfg.model_path, model_cfg.vocab_size)  # warms up in the background
 
     def ready_message(self) -> EngineReady:
         return EngineReady(model_name=self.model_config.name, architecture=self.model_config.architecture,
@@ -182,8 +184,12 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
     try:
         start = time.perf_counter()
         engine = Engine(cfg)
+        if engine.grammars is not None:
+            # Announce readiness only once the grammar thread is done, so its CPU work does not slow the
+            # first requests on a 2-core box.
+            engine.grammars.wait()
         logger.info("model loaded in %.1fs (quant_type=%s, kv_cache_dtype=%s, fused CPU kernels %s)",
-                    time.perf_counter() - start, cfg.quant_type, str(engine.kv_dtype).replace("torch.", ""),
+                    time.perf_counter() - start, engine.quant_type, str(engine.kv_dtype).replace("torch.", ""),
                     "on" if engine.model.kernels is not None else "off")
     except Exception as exc:
         logger.exception("engine failed to start")

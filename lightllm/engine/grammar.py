@@ -2,8 +2,9 @@
 
 xgrammar was measured against llguidance on the embedded model's 49k vocabulary (see the function-calling
 issue note): 6.6 ms to compile a tool-call schema and ~0.2 ms per token for mask + accept.
-The tokenizer info is built in a background thread at engine start so the first constrained request
-does not pay for it.
+The tokenizer info is built in a background thread while the engine loads its weights; the engine
+reports ready once it is done, so neither the first constrained request nor the first requests' decode
+steps pay for it.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class GrammarFactory:
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         except BaseException as exc:  # reported to the first request that needs a grammar
             self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            logger.warning("grammar engine unavailable: %s", self._error)
 
     def compiler(self):
         self._thread.join()

@@ -64,8 +64,17 @@ def load_model_config(model_path: str | Path) -> ModelConfig:
     return config
 
 
+def resolve_quant_type(quant_type: str, model_path: str | Path, device: torch.device) -> str:
+    """'auto': a GGUF file on CPU keeps its own quantization ('gguf', as llama.cpp runs it); everything else
+    runs the checkpoint's dense weights ('none')."""
+    if quant_type != "auto":
+        return quant_type
+    return "gguf" if device.type == "cpu" and find_gguf_file(model_path) is not None else "none"
+
+
 def load_model_weights(model_path: str | Path, config: ModelConfig, device: torch.device,
                        dtype: torch.dtype, quant_type: str = "none") -> ModelWeights:
+    quant_type = resolve_quant_type(quant_type, model_path, device)
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"--quant_type {quant_type!r} is not supported; choose from {QUANT_TYPES}")
     gguf_path = find_gguf_file(model_path)

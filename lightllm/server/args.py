@@ -36,10 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_type", default="auto", choices=["auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"])
     p.add_argument("--eos_id", type=int, nargs="+", default=None)
     p.add_argument("--disable_dynamic_prompt_cache", action="store_true", help="turn the prefix cache off")
-    p.add_argument("--quant_type", default="none",
-                   choices=["none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf"],
+    p.add_argument("--quant_type", default="auto",
+                   choices=["auto", "none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf"],
                    help="weight-only quantized linears on CPU: int8 per channel, int4 per group, or 'gguf' "
-                        "(Q4_0/Q4_1 blocks repacked exactly, other types as int8)")
+                        "(Q4_0/Q4_1 blocks repacked exactly, other types as int8); 'auto' = 'gguf' for GGUF "
+                        "files on CPU, 'none' (dense weights) otherwise")
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="KV cache storage; 'auto' is fp16 on CPU with the fused kernels (half the memory "
                         "traffic of decode attention, llama.cpp's default) and the model dtype elsewhere")

@@ -95,8 +95,10 @@ def _reference_decode(q, k_pool, v_pool, table, req_slots, lens, window, scale):
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("lens", [[1], [7, 1, 300, 64], [2048]])
-def test_decode_attention(kv_dtype, window, lens):
-    heads, kv_heads, head_dim = 9, 3, 64
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (14, 2, 64), (4, 4, 64), (8, 1, 64), (6, 1, 64),
+                                                     (8, 2, 128), (6, 2, 48)])
+def test_decode_attention(kv_dtype, window, lens, heads, kv_heads, head_dim):
+    """Every group size of the register-blocked hd-64 path, the other specialisations and a generic shape."""
     g = torch.Generator().manual_seed(3)
     pool = sum(lens) + 10
     k_pool = torch.randn(pool, kv_heads, head_dim, generator=g).to(kv_dtype)

@@ -252,11 +252,84 @@ static inline __attribute__((always_inline)) int attend_range_impl(
     return 0;
 }
 
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define LK_HAVE_AVX2_F16 1
+
+static inline float hsum256(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+/* attend_range for head size 64 and an fp16 cache, in AVX2 registers: each K row is converted once and
+ * dotted with the G query heads (two FMA chains each); V is accumulated in passes over VP*8 of the 64
+ * dims so that all G accumulators stay in registers (G*VP + VP <= 16 ymm registers). */
+static inline __attribute__((always_inline)) int attend_h64_f16(
+        const float *qg, const int G, const int VP, const uint16_t *k_pool, const uint16_t *v_pool,
+        int64_t kv_heads, int64_t kvh, const int64_t *ctx, int64_t n, float scale, float *m, float *l, float *acc) {
+    float *scores = (float *)malloc((size_t)(G * n + 1) * sizeof(float));
+    if (!scores) return -1;
+    for (int64_t t = 0; t < n; t++) {
+        if (t + PREFETCH_AHEAD < n) prefetch_row((const char *)(k_pool + (ctx[t + PREFETCH_AHEAD] * kv_heads + kvh) * 64), 128);
+        const uint16_t *kp = k_pool + (ctx[t] * kv_heads + kvh) * 64;
+        __m256 k[8];
+        for (int i = 0; i < 8; i++) k[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kp + 8 * i)));
+        for (int g = 0; g < G; g++) {
+            const float *qq = qg + g * 64;
+            __m256 a0 = _mm256_mul_ps(k[0], _mm256_loadu_ps(qq)), a1 = _mm256_mul_ps(k[1], _mm256_loadu_ps(qq + 8));
+            for (int i = 2; i < 8; i += 2) {
+                a0 = _mm256_fmadd_ps(k[i], _mm256_loadu_ps(qq + 8 * i), a0);
+                a1 = _mm256_fmadd_ps(k[i + 1], _mm256_loadu_ps(qq + 8 * i + 8), a1);
+            }
+            scores[g * n + t] = hsum256(_mm256_add_ps(a0, a1)) * scale;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *sc = scores + g * n, mx = sc[0], sum = 0.0f;
+        for (int64_t t = 1; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < n; t++) { sc[t] = lk_expf(sc[t] - mx); sum += sc[t]; }
+        m[g] = mx;
+        l[g] = sum;
+    }
+    for (int d0 = 0; d0 < 64; d0 += 8 * VP) {
+        __m256 a[8][8];
+        for (int g = 0; g < G; g++)
+            for (int i = 0; i < VP; i++) a[g][i] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            if (d0 == 0 && t + PREFETCH_AHEAD < n)
+                prefetch_row((const char *)(v_pool + (ctx[t + PREFETCH_AHEAD] * kv_heads + kvh) * 64), 128);
+            const uint16_t *vp = v_pool + (ctx[t] * kv_heads + kvh) * 64 + d0;
+            __m256 v[8];
+            for (int i = 0; i < VP; i++) v[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vp + 8 * i)));
+            for (int g = 0; g < G; g++) {
+                const __m256 p = _mm256_set1_ps(scores[g * n + t]);
+                for (int i = 0; i < VP; i++) a[g][i] = _mm256_fmadd_ps(p, v[i], a[g][i]);
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int i = 0; i < VP; i++) _mm256_storeu_ps(acc + g * 64 + d0 + 8 * i, a[g][i]);
+    }
+    free(scores);
+    return 0;
+}
+#endif
+
 /* Specialised for the common head sizes and GQA groups (and their kv dtypes) so the compiler unrolls the
  * per-token dot products and updates fully; other shapes take the generic instance. */
 static int attend_range(const float *qg, int64_t group, int64_t hd, const void *k_pool, const void *v_pool,
                         int kv_dtype, int64_t kv_heads, int64_t kvh, const int64_t *ctx, int64_t n, float scale,
                         float *m, float *l, float *acc) {
+#ifdef LK_HAVE_AVX2_F16
+#define LK_ATTEND_AVX2(G, VP) \
+    if (group == G && hd == 64 && kv_dtype == LK_F16) \
+        return attend_h64_f16(qg, G, VP, (const uint16_t *)k_pool, (const uint16_t *)v_pool, kv_heads, kvh, ctx, n, \
+                              scale, m, l, acc);
+    LK_ATTEND_AVX2(1, 8) LK_ATTEND_AVX2(2, 4) LK_ATTEND_AVX2(3, 4) LK_ATTEND_AVX2(4, 2) LK_ATTEND_AVX2(5, 2)
+    LK_ATTEND_AVX2(6, 2) LK_ATTEND_AVX2(7, 1) LK_ATTEND_AVX2(8, 1)
+#undef LK_ATTEND_AVX2
+#endif
 #define LK_ATTEND(G, HD, DT) \
     if (group == G && hd == HD && kv_dtype == DT) \
         return attend_range_impl(qg, G, HD, k_pool, v_pool, DT, kv_heads, kvh, ctx, n, scale, m, l, acc);

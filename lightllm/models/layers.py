@@ -122,13 +122,16 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
 
 def prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg: PrefillSegment,
                       scale: float) -> torch.Tensor:
-    """The segment's queries over its gathered context (compute-bound, so SDPA's blocked kernel) → [n, H, D]."""
-    qs = q[seg.token_start:seg.token_end].transpose(0, 1)
-    ks = k_pool.index_select(0, seg.kv_indices).transpose(0, 1).to(q.dtype)
-    vs = v_pool.index_select(0, seg.kv_indices).transpose(0, 1).to(q.dtype)
+    """The segment's queries over its gathered context (compute-bound, so SDPA's blocked kernel) → [n, H, D].
+
+    Inputs are 4-D ([1, heads, n, D]): on CPU only 4-D inputs reach the fused flash kernel, 3-D ones fall
+    back to the unfused math path (3x slower for a 512-token prefill)."""
+    qs = q[seg.token_start:seg.token_end].transpose(0, 1).unsqueeze(0)
+    ks = k_pool.index_select(0, seg.kv_indices).transpose(0, 1).to(q.dtype).unsqueeze(0)
+    vs = v_pool.index_select(0, seg.kv_indices).transpose(0, 1).to(q.dtype).unsqueeze(0)
     o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, is_causal=seg.mask is None,
                                        scale=scale, enable_gqa=True)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)
 
 
 def _decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata,

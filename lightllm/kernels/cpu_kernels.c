@@ -162,13 +162,19 @@ int lk_silu_mul(const void *gate_up, int in_dtype, void *out, int out_dtype, int
     return 0;
 }
 
+static inline void rotate_half(const float *x, const float *c, const float *s, float *dst, int64_t hd) {
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; i++) dst[i] = x[i] * c[i] - x[i + half] * s[i];
+    for (int64_t i = half; i < hd; i++) dst[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
 /* Rotary embedding ("rotate half" layout) for q and k, then K/V written into the pools at their slots.
  * qkv rows: [H*D q | KVH*D k | KVH*D v]; q_out: float32 [T, H, D]; pools: [P, KVH, D] of kv_dtype;
  * cos/sin: float32 [max_pos, D]. */
 int lk_rope_store(const void *qkv, int qkv_dtype, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t hd,
                   const int64_t *positions, const float *cos_table, const float *sin_table, const int64_t *slots,
                   void *k_pool, void *v_pool, int kv_dtype, float *q_out) {
-    const int64_t width = (heads + 2 * kv_heads) * hd, half = hd / 2;
+    const int64_t width = (heads + 2 * kv_heads) * hd;
     if (width > ROW_BUF || hd > 1024) return -1;
     const size_t kv_el = dtype_size(kv_dtype);
 #pragma omp parallel for schedule(static) if (tokens * width >= 65536)
@@ -176,15 +182,11 @@ int lk_rope_store(const void *qkv, int qkv_dtype, int64_t tokens, int64_t heads,
         float row[ROW_BUF], rot[1024];
         load_f32((const char *)qkv + (size_t)(t * width) * dtype_size(qkv_dtype), qkv_dtype, row, width);
         const float *c = cos_table + positions[t] * hd, *s = sin_table + positions[t] * hd;
-        for (int64_t h = 0; h < heads + kv_heads; h++) {
-            const float *x = row + h * hd;
-            float *dst = h < heads ? q_out + (t * heads + h) * hd : rot;
-            for (int64_t i = 0; i < half; i++) dst[i] = x[i] * c[i] - x[i + half] * s[i];
-            for (int64_t i = half; i < hd; i++) dst[i] = x[i] * c[i] + x[i - half] * s[i];
-            if (h >= heads) {
-                int64_t kvh = h - heads;
-                store_f32(rot, (char *)k_pool + (size_t)((slots[t] * kv_heads + kvh) * hd) * kv_el, kv_dtype, hd);
-            }
+        for (int64_t h = 0; h < heads; h++)
+            rotate_half(row + h * hd, c, s, q_out + (t * heads + h) * hd, hd);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            rotate_half(row + (heads + h) * hd, c, s, rot, hd);
+            store_f32(rot, (char *)k_pool + (size_t)((slots[t] * kv_heads + h) * hd) * kv_el, kv_dtype, hd);
         }
         store_f32(row + (heads + kv_heads) * hd, (char *)v_pool + (size_t)(slots[t] * kv_heads * hd) * kv_el,
                   kv_dtype, kv_heads * hd);
@@ -196,6 +198,30 @@ int lk_rope_store(const void *qkv, int qkv_dtype, int64_t tokens, int64_t heads,
 
 static inline void prefetch_row(const char *p, size_t bytes) {
     for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+static inline const char *pool_row(const void *pool, int64_t slot, int64_t kv_heads, int64_t kvh, int64_t hd,
+                                   size_t kv_el) {
+    return (const char *)pool + (size_t)((slot * kv_heads + kvh) * hd) * kv_el;
+}
+
+/* A pool row as float32: in place for an fp32 pool, converted into buf otherwise. */
+static inline const float *row_f32(const char *row, int kv_dtype, float *buf, int64_t hd) {
+    if (kv_dtype == LK_F32) return (const float *)row;
+    load_f32(row, kv_dtype, buf, hd);
+    return buf;
+}
+
+/* Per query head g: scores[g*n ...] become exp(score - max); m[g] = max, l[g] = sum of the exps. */
+static inline void softmax_rows(float *scores, int64_t group, int64_t n, float *m, float *l) {
+    for (int64_t g = 0; g < group; g++) {
+        float *sc = scores + g * n, mx = sc[0], sum = 0.0f;
+        for (int64_t t = 1; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < n; t++) { sc[t] = lk_expf(sc[t] - mx); sum += sc[t]; }
+        m[g] = mx;
+        l[g] = sum;
+    }
 }
 
 /* Attention of the `group` query heads at qg (each hd floats, consecutive) over n context tokens whose pool
@@ -210,12 +236,8 @@ static inline __attribute__((always_inline)) int attend_range_impl(
     float kbuf[256];
     for (int64_t t = 0; t < n; t++) {
         if (t + PREFETCH_AHEAD < n)  /* token slots are scattered: keep several row loads in flight */
-            prefetch_row((const char *)k_pool + (size_t)((ctx[t + PREFETCH_AHEAD] * kv_heads + kvh) * hd) * kv_el,
-                         row_bytes);
-        const char *kp = (const char *)k_pool + (size_t)((ctx[t] * kv_heads + kvh) * hd) * kv_el;
-        const float *k;
-        if (kv_dtype == LK_F32) k = (const float *)kp;
-        else { load_f32(kp, kv_dtype, kbuf, hd); k = kbuf; }
+            prefetch_row(pool_row(k_pool, ctx[t + PREFETCH_AHEAD], kv_heads, kvh, hd, kv_el), row_bytes);
+        const float *k = row_f32(pool_row(k_pool, ctx[t], kv_heads, kvh, hd, kv_el), kv_dtype, kbuf, hd);
         for (int64_t g = 0; g < group; g++) {
             const float *qq = qg + g * hd;
             float dot = 0.0f;
@@ -224,23 +246,12 @@ static inline __attribute__((always_inline)) int attend_range_impl(
             scores[g * n + t] = dot * scale;
         }
     }
-    for (int64_t g = 0; g < group; g++) {
-        float *sc = scores + g * n, mx = sc[0], sum = 0.0f;
-        for (int64_t t = 1; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < n; t++) { sc[t] = lk_expf(sc[t] - mx); sum += sc[t]; }
-        m[g] = mx;
-        l[g] = sum;
-    }
+    softmax_rows(scores, group, n, m, l);
     memset(acc, 0, (size_t)(group * hd) * sizeof(float));
     for (int64_t t = 0; t < n; t++) {
         if (t + PREFETCH_AHEAD < n)
-            prefetch_row((const char *)v_pool + (size_t)((ctx[t + PREFETCH_AHEAD] * kv_heads + kvh) * hd) * kv_el,
-                         row_bytes);
-        const char *vp = (const char *)v_pool + (size_t)((ctx[t] * kv_heads + kvh) * hd) * kv_el;
-        const float *v;
-        if (kv_dtype == LK_F32) v = (const float *)vp;
-        else { load_f32(vp, kv_dtype, kbuf, hd); v = kbuf; }
+            prefetch_row(pool_row(v_pool, ctx[t + PREFETCH_AHEAD], kv_heads, kvh, hd, kv_el), row_bytes);
+        const float *v = row_f32(pool_row(v_pool, ctx[t], kv_heads, kvh, hd, kv_el), kv_dtype, kbuf, hd);
         for (int64_t g = 0; g < group; g++) {
             const float p = scores[g * n + t];
             float *a = acc + g * hd;
@@ -285,14 +296,7 @@ static inline __attribute__((always_inline)) int attend_h64_f16(
             scores[g * n + t] = hsum256(_mm256_add_ps(a0, a1)) * scale;
         }
     }
-    for (int g = 0; g < G; g++) {
-        float *sc = scores + g * n, mx = sc[0], sum = 0.0f;
-        for (int64_t t = 1; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < n; t++) { sc[t] = lk_expf(sc[t] - mx); sum += sc[t]; }
-        m[g] = mx;
-        l[g] = sum;
-    }
+    softmax_rows(scores, G, n, m, l);
     for (int d0 = 0; d0 < 64; d0 += 8 * VP) {
         __m256 a[8][8];
         for (int g = 0; g < G; g++)

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lightllm.host import cache_dir
 from lightllm.models.paths import find_gguf_file
 
 logger = logging.getLogger(__name__)
@@ -22,8 +23,7 @@ def _gguf_tokenizer_cache(gguf: Path) -> Path:
     """Where the HF tokenizer converted from this GGUF file is kept (keyed by path, size and mtime)."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    base = os.environ.get("LIGHTLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lightllm")
-    return Path(base) / "tokenizers" / f"{gguf.stem}-{key}"
+    return cache_dir("tokenizers", f"{gguf.stem}-{key}")
 
 
 def _load_gguf_tokenizer(gguf: Path):

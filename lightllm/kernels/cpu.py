@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from lightllm.host import cache_dir, cpu_flags
+
 logger = logging.getLogger("lightllm.kernels")
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -44,25 +46,14 @@ class KernelError(RuntimeError):
 
 
 def _cpu_fingerprint() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return os.uname().machine
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("LIGHTLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lightllm")
-    return Path(base) / "kernels"
+    """What -march=native compiles for: the machine and its feature flags."""
+    return " ".join([os.uname().machine, *sorted(cpu_flags())])
 
 
 def _build(compiler: str) -> Path:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode() + _cpu_fingerprint().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"lightllm_cpu_kernels_{key}.so"
+    target = cache_dir("kernels") / f"lightllm_cpu_kernels_{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ def resolve_quant_type(quant_type: str, model_path: str | Path, device: torch.de
 
 def load_model_weights(model_path: str | Path, config: ModelConfig, device: torch.device,
                        dtype: torch.dtype, quant_type: str = "none") -> ModelWeights:
-    quant_type = resolve_quant_type(quant_type, model_path, device)
+    """`quant_type` is a resolved one (see resolve_quant_type), not 'auto'."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"--quant_type {quant_type!r} is not supported; choose from {QUANT_TYPES}")
     gguf_path = find_gguf_file(model_path)

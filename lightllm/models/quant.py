@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lightllm.host import cpu_flags
+
 QUANT_TYPES = ("none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf")
 
 
@@ -176,15 +178,7 @@ class RowCountDispatch:
 
 
 def cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except OSError:
-        pass
-    return False
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 # Row count from which the dense bf16 copy runs. Measured on an AVX512-BF16 Zen 4 (SmolLM2's shapes, hot

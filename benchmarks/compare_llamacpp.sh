@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-GGUF="${1:-$($PY -c 'from lightllm.server.api_server import embedded_model_path as p; print(p())')}"
+GGUF="${1:-$($PY -c 'from lightllm.models.catalog import smollm2_path as p; print(p())')}"
 LEVELS="${LEVELS:-1 4 16 32}"
 OUTPUT_LEN="${OUTPUT_LEN:-128}"
 INPUT_LEN="${INPUT_LEN:-180}"

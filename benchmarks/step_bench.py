@@ -72,9 +72,9 @@ def main() -> None:
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     if args.model_dir is None:
-        from lightllm.server.api_server import embedded_model_path
+        from lightllm.models.catalog import smollm2_path
 
-        args.model_dir = embedded_model_path()
+        args.model_dir = str(smollm2_path())
     torch.set_num_threads(torch.get_num_threads())
     rng = random.Random(0)
     need = max(args.batch) * (max(args.context) + args.steps + 16) + args.prefill * 4

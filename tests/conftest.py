@@ -74,9 +74,10 @@ class ServerProcess:
 
 
 def embedded_model_path() -> str:
-    from lightllm.server.api_server import embedded_model_path as locate
+    """SmolLM2-135M-Instruct, the small model the tests run (installed with the package)."""
+    from lightllm.models.catalog import smollm2_path
 
-    return locate()
+    return str(smollm2_path())
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +87,8 @@ def smol_server(tmp_path_factory):
     seed, solo against batched), and the default int4 path's numerics shift slightly with the batch size (a
     dense bf16 GEMM takes over large batches). The default path has its own server in test_openai_api."""
     log = tmp_path_factory.mktemp("logs") / "smol_server.log"
-    server = ServerProcess(["--max_total_token_num", "30000", "--api_key", API_KEY, "--max_req_total_len", "4096",
-                            "--tool_call_parser", "qwen25", "--quant_type", "none"], log)
+    server = ServerProcess(["--model_dir", "smollm2", "--max_total_token_num", "30000", "--api_key", API_KEY,
+                            "--max_req_total_len", "4096", "--tool_call_parser", "qwen25", "--quant_type", "none"], log)
     yield server
     server.stop()
 
@@ -96,14 +97,14 @@ def build_tiny_model(path: Path, arch: str, **overrides) -> Path:
     """Save a tiny random HF model (safetensors) of the given family; returns its directory."""
     import torch
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1,
                   eos_token_id=2)
     common.update(overrides)
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "mistral": (MistralConfig, MistralForCausalLM)}
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
     config_cls, model_cls = classes[arch]
     torch.manual_seed(1234)
     model = model_cls(config_cls(**common)).eval()
@@ -112,6 +113,11 @@ def build_tiny_model(path: Path, arch: str, **overrides) -> Path:
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+    if arch == "qwen3":  # make the per-head q/k norms matter (they initialise to ones)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1, 0.3)
+                layer.self_attn.k_norm.weight.normal_(1, 0.3)
     model.save_pretrained(path)
     return path
 

@@ -174,7 +174,7 @@ def limited_server(tmp_path_factory):
     configuration (for the embedded GGUF: its int4 blocks, fp16 KV cache, fused CPU kernels)."""
     from tests.conftest import ServerProcess
 
-    server = ServerProcess(["--max_concurrent_requests", "1", "--cors_allow_origins", "http://app.example",
+    server = ServerProcess(["--model_dir", "smollm2", "--max_concurrent_requests", "1", "--cors_allow_origins", "http://app.example",
                             "--max_total_token_num", "4000"], tmp_path_factory.mktemp("logs") / "limited.log")
     yield server
     server.stop()

@@ -193,3 +193,27 @@ def test_named_mode_and_parallel_limit():
     assert [c["function"]["name"] for c in calls] == ["get_weather"]
     _, s_calls = reassemble(stream(detector_class("qwen25")(TOOLS), text, 3, max_calls=1))
     assert [c["name"] for c in s_calls] == ["get_weather"]
+
+
+def test_required_mode_drops_a_repeated_call_and_asks_to_stop():
+    one = '{"name": "add", "parameters": {"a": 1}}'
+    other = '{"name": "add", "parameters": {"a": 2}}'
+    looping = f"[{one}, {other}, {one}, {one}, {one}"
+    check_case(lambda: RequiredDetector(TOOLS), looping, None, [("add", {"a": 1}), ("add", {"a": 2})])
+    assert RequiredDetector(TOOLS).scan(f"[{one}, {other}, {one}", final=False).stop
+    assert not RequiredDetector(TOOLS).scan(f"[{one}, {other}", final=False).stop
+    # same arguments in another key order are the same call
+    assert RequiredDetector(TOOLS).scan('[{"name": "add", "parameters": {"a": 1, "b": 2}}, '
+                                        '{"name": "add", "parameters": {"b": 2, "a": 1}}', final=False).stop
+
+
+def test_a_call_cut_by_the_length_limit_is_not_returned():
+    first = '{"name": "add", "parameters": {"a": 1}}'
+    # A later call still open at the end was never streamed and is not returned.
+    check_case(lambda: RequiredDetector(TOOLS), f'[{first}, {{"name": "search", "parameters": {{"q": "un', None,
+               [("add", {"a": 1})])
+    # The first call streams as it grows; cut off, it is not a call in the non-streamed response (its
+    # arguments are not JSON), which then returns the raw output as text.
+    text = '[{"name": "search", "parameters": {"q": "unfinish'
+    content, calls = parse_complete(RequiredDetector(TOOLS), text)
+    assert calls == [] and content == text

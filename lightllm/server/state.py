@@ -13,6 +13,8 @@ from lightllm.engine.protocol import SamplingParams
 from lightllm.server.engine_client import EngineClient, EngineDied
 from lightllm.server.errors import APIError
 from lightllm.server.generation import GenerationChunk, GenerationError, generate_text
+from lightllm.server.reasoning.base import ReasoningDetector
+from lightllm.server.reasoning.registry import reasoning_detector
 
 T = TypeVar("T")
 
@@ -26,8 +28,12 @@ class ServerState:
     max_model_len: int
     eog_token_ids: list[int]
     tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
     inflight: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0})
+
+    def new_reasoning_detector(self) -> ReasoningDetector | None:
+        return reasoning_detector(self.reasoning_parser) if self.reasoning_parser else None
 
     def check_capacity(self) -> None:
         if not self.engine.alive:

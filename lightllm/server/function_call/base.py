@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import string
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ class ParsedCall:
     name: str
     arguments: str  # JSON text of an object (possibly partial while streaming a trusted call)
     complete: bool = True
+    call_id: str | None = None  # set by formats whose output names the call (kimi_k2); else generated
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Segment:
 class ScanResult:
     segments: list[Segment]
     decided: int  # text[:decided] is final; the rest may still change meaning
+    stop: bool = False  # nothing useful can follow (a repeated call): generation may end here
 
 
 class ToolCallDetector:
@@ -43,15 +44,25 @@ class ToolCallDetector:
 
     name = "base"
     markers: tuple[str, ...] = ()
+    # Tool-call markers that are special tokens in the model's vocabulary must survive detokenization.
+    needs_special_tokens = True
 
-    def __init__(self, tool_names: set[str]):
+    def __init__(self, tool_names: set[str], schemas: dict[str, dict[str, Any]] | None = None,
+                 id_factory: Callable[[], str] | None = None):
         self.tool_names = tool_names
+        self.schemas = schemas or {}  # tool name → its `parameters` JSON schema (for text-valued formats)
+        self._id_factory = id_factory or self.default_call_id
 
     def scan(self, text: str, final: bool) -> ScanResult:
         raise NotImplementedError
 
-    def new_call_id(self) -> str:
+    @staticmethod
+    def default_call_id() -> str:
+        """The call-id style of this format (OpenAI's `call_…` unless a format needs its own)."""
         return "call_" + secrets.token_hex(12)
+
+    def new_call_id(self) -> str:
+        return self._id_factory()
 
     # ---------------------------------------------------------------------------------- helpers
 
@@ -73,6 +84,13 @@ class ToolCallDetector:
         if not isinstance(args, dict):
             return None
         return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+    def call_from_parts(self, name: str, arguments_text: str) -> ParsedCall | None:
+        """A call written as a name and a JSON arguments text; None unless that text is a JSON object."""
+        args = load_json(arguments_text.strip()) if arguments_text.strip() else {}
+        if not isinstance(args, dict):
+            return None
+        return self.call_from_object({"name": name, "arguments": args})
 
     def text_with_holdback(self, text: str, start: int, final: bool) -> tuple[Segment, int]:
         """Text from `start` to the end, minus a tail that could be the beginning of a marker."""
@@ -142,11 +160,6 @@ def assemble(segments: list[Segment]) -> tuple[str, list[ParsedCall]]:
     return "".join(content), calls
 
 
-def mistral_call_id() -> str:
-    alphabet = string.ascii_letters + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(9))
-
-
 class ToolStreamParser:
     """Feeds text deltas to a detector and returns OpenAI `delta` dicts (content or tool_calls)."""
 
@@ -176,7 +189,7 @@ class ToolStreamParser:
             self.content_sent = len(content)
         for index, call in enumerate(calls):
             if index == len(self.args_sent):
-                self.ids.append(self.detector.new_call_id())
+                self.ids.append(call.call_id or self.detector.new_call_id())
                 self.args_sent.append(0)
                 deltas.append({"tool_calls": [{"index": index, "id": self.ids[index], "type": "function",
                                                "function": {"name": call.name, "arguments": ""}}]})
@@ -187,14 +200,18 @@ class ToolStreamParser:
         return deltas
 
 
-def parse_complete(detector: ToolCallDetector, text: str, max_calls: int | None = None,
-                   id_factory: Callable[[], str] | None = None) -> tuple[str | None, list[dict[str, Any]]]:
-    """Non-streaming parse → (content or None, OpenAI tool_calls list)."""
+def parse_complete(detector: ToolCallDetector, text: str,
+                   max_calls: int | None = None) -> tuple[str | None, list[dict[str, Any]]]:
+    """Non-streaming parse → (content or None, OpenAI tool_calls list).
+
+    A call cut off by the length limit (a trusted call whose arguments never closed) is not a call: its
+    arguments are not valid JSON, so it is left out; with no complete call the output is returned as text."""
     content, calls = assemble(detector.scan(text, final=True).segments)
     if max_calls is not None:
         calls = calls[:max_calls]
+    calls = [c for c in calls if c.complete]
     if not calls:
         return text, []
-    new_id = id_factory or detector.new_call_id
     return (content if content.strip() else None), [
-        {"id": new_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        {"id": c.call_id or detector.new_call_id(), "type": "function",
+         "function": {"name": c.name, "arguments": c.arguments}} for c in calls]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any, Callable
 
 from lightllm.server.function_call.base import ParsedCall, ScanResult, Segment, ToolCallDetector, match_json, skip_ws
 
@@ -37,7 +38,16 @@ def _opening(text: str, opener: str, final: bool) -> tuple[int, ScanResult | Non
     return i, None
 
 
+def _call_key(call: ParsedCall) -> str:
+    return call.name + "\0" + json.dumps(json.loads(call.arguments), sort_keys=True, ensure_ascii=False)
+
+
 class RequiredDetector(ToolCallDetector):
+    """The required-mode array. Its first call streams as it grows; later calls are decided only once
+    complete, so a call that repeats an earlier one (same name and arguments: a weak model looping at
+    temperature > 0) is dropped before any of it is sent, and the scan reports `stop` so generation ends
+    there instead of running to max_tokens."""
+
     name = "required"
 
     def scan(self, text: str, final: bool) -> ScanResult:
@@ -45,6 +55,7 @@ class RequiredDetector(ToolCallDetector):
         if early is not None:
             return early
         segments: list[Segment] = []
+        seen: set[str] = set()
         i += 1
         while True:
             i = skip_ws(text, i)
@@ -57,9 +68,15 @@ class RequiredDetector(ToolCallDetector):
                 break  # the item's head is still arriving
             name = json.loads(f'"{head.group(1)}"')
             call, end = _partial_call(text, name, head.end())
-            segments.append(Segment(call=call))
             if end is None:
+                if not segments:
+                    segments.append(Segment(call=call))
                 break
+            key = _call_key(call)
+            if key in seen:
+                return ScanResult(segments, len(text), stop=True)
+            seen.add(key)
+            segments.append(Segment(call=call))
             i = end
         if final and not segments:
             return ScanResult([Segment(text)], len(text))
@@ -69,8 +86,9 @@ class RequiredDetector(ToolCallDetector):
 class NamedDetector(ToolCallDetector):
     name = "named"
 
-    def __init__(self, tool_names: set[str], function_name: str):
-        super().__init__(tool_names)
+    def __init__(self, tool_names: set[str], function_name: str, schemas: dict[str, dict[str, Any]] | None = None,
+                 id_factory: Callable[[], str] | None = None):
+        super().__init__(tool_names, schemas, id_factory)
         self.function_name = function_name
 
     def scan(self, text: str, final: bool) -> ScanResult:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
+from lightllm.engine.protocol import GrammarSpec
 from lightllm.server.errors import APIError
-from lightllm.server.function_call.base import ToolCallDetector, ToolStreamParser, mistral_call_id, parse_complete
+from lightllm.server.generation import GenerationChunk
+from lightllm.server.function_call.base import ToolCallDetector, ToolStreamParser, parse_complete
 from lightllm.server.function_call.constrained import NamedDetector, RequiredDetector
 from lightllm.server.function_call.prompts import inline_tools
 from lightllm.server.function_call.registry import detector_class
@@ -22,7 +24,7 @@ class ToolContext:
     fmt: str  # prompt / parser format when the template has no tools support
     template_has_tools: bool
     detector: ToolCallDetector | None
-    grammar: dict[str, Any] | None = None
+    grammar: GrammarSpec | None = None
     max_calls: int | None = None
     template_tools: list[dict[str, Any]] | None = field(default=None)
 
@@ -40,6 +42,19 @@ class ToolContext:
 
     def stream_parser(self) -> ToolStreamParser:
         return ToolStreamParser(self.detector, self.max_calls)
+
+    async def limit_repeats(self, stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+        """End a required-mode generation as soon as it repeats a call (see RequiredDetector); leaving the
+        engine stream early aborts the request there."""
+        text = ""
+        async for chunk in stream:
+            text += chunk.text
+            if self.mode == "required" and not chunk.finished and self.detector.scan(text, final=False).stop:
+                chunk.finished, chunk.finish_reason = True, "stop"
+                yield chunk
+                await stream.aclose()
+                return
+            yield chunk
 
     def finish_reason(self, reason: str | None) -> str | None:
         if reason == "length":
@@ -91,43 +106,39 @@ def prepare_tool_context(req: Any, state: Any) -> ToolContext | None:
     for tool in tools:
         if tool["function"].get("parameters") is not None:
             _validate_schema(tool["function"]["parameters"], tool["function"]["name"])
-    parser = state.tool_call_parser
-    fmt = parser or "qwen25"
+    fmt = state.tool_call_parser or "qwen25"  # the syntax the inlined tool prompt teaches when none is set
+    fmt_cls = detector_class(fmt)
+    schemas = {t["function"]["name"]: t["function"].get("parameters") or _EMPTY_PARAMS for t in tools}
     template = state.tokenizer.chat_template or ""
     ctx = ToolContext(mode="auto", tools=tools, fmt=fmt, template_has_tools="tools" in template, detector=None,
                       max_calls=None if req.parallel_tool_calls else 1)
     ctx.template_tools = tools if ctx.template_has_tools else None
     if choice is None or choice == "auto":
-        if parser is None:
-            raise APIError(400, '"auto" tool choice requires the server to run with --tool_call_parser '
-                                "(qwen25, llama3 or mistral)", param="tool_choice")
-        ctx.detector = detector_class(parser)(set(names))
+        ctx.detector = fmt_cls(set(names), schemas)
     elif choice == "none":
         ctx.mode = "none"
     elif choice == "required":
         ctx.mode = "required"
-        ctx.detector = RequiredDetector(set(names))
-        ctx.grammar = {"type": "json_schema", "schema": required_schema(tools, ctx.max_calls)}
+        # Constrained output is JSON in every format; the call ids keep the format's own style.
+        ctx.detector = RequiredDetector(set(names), schemas, id_factory=fmt_cls.default_call_id)
+        ctx.grammar = GrammarSpec.json_schema(required_schema(tools, ctx.max_calls))
     else:
         name = choice.function.name
         if name not in names:
             raise APIError(400, f"Tool '{name}' not found in tools list.", param="tool_choice")
         ctx.mode = "named"
-        ctx.detector = NamedDetector(set(names), name)
-        params = tools[names.index(name)]["function"].get("parameters") or _EMPTY_PARAMS
-        ctx.grammar = {"type": "json_schema", "schema": params}
-    if fmt == "mistral" and ctx.detector is not None:
-        ctx.detector.new_call_id = mistral_call_id  # Mistral templates need 9-character ids in every mode
+        ctx.detector = NamedDetector(set(names), name, schemas, id_factory=fmt_cls.default_call_id)
+        ctx.grammar = GrammarSpec.json_schema(schemas[name])
     if ctx.grammar is not None and state.args.output_constraint_mode == "none":
         raise APIError(400, "tool_choice 'required' or a named function needs constrained decoding, which this "
                             "server runs without (--output_constraint_mode none)", param="tool_choice")
     return ctx
 
 
-def response_format_grammar(fmt: Any) -> dict[str, Any]:
+def response_format_grammar(fmt: Any) -> GrammarSpec:
     if fmt.type == "json_object":
-        return {"type": "json_object"}
+        return GrammarSpec.json_object()
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise APIError(400, "response_format json_schema needs a `json_schema.schema`", param="response_format")
     _validate_schema(fmt.json_schema.schema_, fmt.json_schema.name)
-    return {"type": "json_schema", "schema": fmt.json_schema.schema_}
+    return GrammarSpec.json_schema(fmt.json_schema.schema_)

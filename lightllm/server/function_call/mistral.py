@@ -5,22 +5,27 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 
 from lightllm.server.function_call.base import (ParsedCall, ScanResult, Segment, ToolCallDetector, load_json,
-                                                match_json, mistral_call_id, skip_ws)
+                                                match_json, skip_ws)
 
 TOOL_CALLS = "[TOOL_CALLS]"
 ARGS = "[ARGS]"
 CALL_ID = re.compile(r"\[CALL_ID\][A-Za-z0-9]*")
 NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_ID_ALPHABET = string.ascii_letters + string.digits
 
 
 class MistralDetector(ToolCallDetector):
     name = "mistral"
     markers = (TOOL_CALLS,)
 
-    def new_call_id(self) -> str:
-        return mistral_call_id()
+    @staticmethod
+    def default_call_id() -> str:
+        """Mistral templates need ids of exactly 9 alphanumerics."""
+        return "".join(secrets.choice(_ID_ALPHABET) for _ in range(9))
 
     def scan(self, text: str, final: bool) -> ScanResult:
         tag = text.find(TOOL_CALLS)

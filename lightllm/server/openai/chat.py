@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from lightllm.server.errors import APIError, error_body
 from lightllm.server.function_call import ToolContext, prepare_tool_context, response_format_grammar
 from lightllm.server.generation import GenerationError
+from lightllm.server.openai.chat_output import ChatOutputParser
 from lightllm.server.openai.common import (chat_logprob_entries, merge_streams, new_id, now, sampling_params, sse,
                                            usage)
 from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage
@@ -49,8 +50,14 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest, tools: ToolCon
     kwargs = dict(req.chat_template_kwargs or {})
     if tools is not None and tools.template_tools is not None:
         kwargs["tools"] = tools.template_tools
-    if state.tokenizer.chat_template is None:
+    template = state.tokenizer.chat_template
+    if template is None:
         raise APIError(400, "this model has no chat template; start the server with --chat_template FILE")
+    if req.reasoning_effort is not None:
+        if "reasoning_effort" not in template:
+            raise APIError(400, "reasoning_effort is not supported by this model: its chat template has no "
+                                "reasoning effort setting", param="reasoning_effort")
+        kwargs.setdefault("reasoning_effort", req.reasoning_effort)
     try:
         return state.tokenizer.apply_chat_template(messages, tokenize=False,
                                                    add_generation_prompt=req.add_generation_prompt, **kwargs)
@@ -73,13 +80,18 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     max_new = state.check_length(len(prompt_ids), req.max_completion_tokens or req.max_tokens,
                                  param="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    # Tool markers are special tokens in some vocabularies: keep them while parsing.
-    skip_special = req.skip_special_tokens and (tools is None or not tools.parses)
+    # Constrained output (forced tool calls, response_format) is the answer itself: no reasoning block.
+    reasoning = state.new_reasoning_detector() if req.separate_reasoning and grammar is None else None
+    output = ChatOutputParser(reasoning.for_prompt(prompt) if reasoning is not None else None, tools)
+    # Tool and reasoning markers are special tokens in some vocabularies: keep them while parsing.
+    skip_special = req.skip_special_tokens and not output.needs_special_tokens
     streams = [state.stream(prompt_ids, sampling_params(req, max_new, logprobs, i, grammar), stop=req.stop_list(),
                             skip_special_tokens=skip_special, rid=new_id("chatcmpl")) for i in range(req.n)]
+    if tools is not None and tools.mode == "required":
+        streams = [tools.limit_repeats(s) for s in streams]
     response_id = new_id("chatcmpl")
     if req.stream:
-        return StreamingResponse(_stream(state, req, response_id, streams, len(prompt_ids), tools),
+        return StreamingResponse(_stream(state, req, response_id, streams, len(prompt_ids), output),
                                  media_type="text/event-stream")
 
     results = await until_disconnect(request, collect_all(streams))
@@ -89,14 +101,14 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         last = chunks[-1]
         completion_tokens += last.completion_tokens
         cached = max(cached, last.cached_tokens)
-        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        parsed = output.parse(text)
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content, "refusal": None}
+        if output.reasoning is not None:
+            message["reasoning_content"] = parsed.reasoning
         finish_reason = last.finish_reason
-        if tools is not None and tools.parses:
-            content, calls = tools.parse(text)
-            if calls:
-                message["content"] = content or None
-                message["tool_calls"] = calls
-                finish_reason = tools.finish_reason(finish_reason)
+        if parsed.tool_calls:
+            message["tool_calls"] = parsed.tool_calls
+            finish_reason = tools.finish_reason(finish_reason)
         logprobs_body = None
         if req.logprobs:
             logprobs_body = {"content": chat_logprob_entries([t for c in chunks for t in c.tokens]), "refusal": None}
@@ -107,7 +119,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, response_id: str, streams: list, prompt_len: int,
-                  tools: ToolContext | None):
+                  output: ChatOutputParser):
     created = now()
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -121,8 +133,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, response_id: s
             body["usage"] = None
         return sse(body)
 
-    parsers = [tools.stream_parser() if tools is not None and tools.parses else None for _ in streams]
-    made_calls = [False] * len(streams)
+    parsers = [output.stream() for _ in streams]
     completion_tokens: dict[int, int] = {}
     cached = 0
     merged = merge_streams(streams)
@@ -136,22 +147,18 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, response_id: s
             if req.logprobs and gen.tokens:
                 logprobs = {"content": chat_logprob_entries(gen.tokens), "refusal": None}
             parser = parsers[index]
-            if parser is None:
-                deltas = [{"content": gen.text}] if gen.text else []
-            else:
-                deltas = parser.feed(gen.text)
-                if gen.finished:
-                    deltas += parser.finish()
+            deltas = parser.feed(gen.text) if gen.text else []
+            if gen.finished:
+                deltas += parser.finish()
             for delta in deltas:
-                made_calls[index] |= "tool_calls" in delta
                 yield chunk(index, delta, logprobs=logprobs)
                 logprobs = None
             if logprobs is not None:  # a token whose text is held back still reports its logprob
                 yield chunk(index, {}, logprobs=logprobs)
             if gen.finished:
                 reason = gen.finish_reason
-                if made_calls[index]:
-                    reason = tools.finish_reason(reason)
+                if parser.made_calls:
+                    reason = output.tools.finish_reason(reason)
                 yield chunk(index, {}, finish_reason=reason)
         if include_usage:
             yield sse({"id": response_id, "object": "chat.completion.chunk", "created": created,

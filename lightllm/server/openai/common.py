@@ -8,13 +8,13 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from lightllm.engine.protocol import SamplingParams
+from lightllm.engine.protocol import GrammarSpec, SamplingParams
 from lightllm.server.generation import GenerationChunk, TokenInfo
 from lightllm.server.openai.protocol import SamplingFields
 
 
 def sampling_params(req: SamplingFields, max_new_tokens: int, logprobs: int | None, index: int = 0,
-                    grammar: dict[str, Any] | None = None) -> SamplingParams:
+                    grammar: GrammarSpec | None = None) -> SamplingParams:
     temperature = 1.0 if req.temperature is None else req.temperature
     return SamplingParams(
         max_new_tokens=max_new_tokens, min_new_tokens=req.min_tokens,

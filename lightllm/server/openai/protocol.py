@@ -141,6 +141,10 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    # Reasoning models: split the thinking into `reasoning_content` (false: leave it in `content`), and
+    # the effort setting for templates that take one (gpt-oss).
+    separate_reasoning: bool = True
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
 
     @model_validator(mode="after")
     def _check_logprobs(self):

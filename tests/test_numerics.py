@@ -16,6 +16,8 @@ CASES = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64})),
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True)),
+    # head_dim 32 != hidden / heads (16), as in the real Qwen3 sizes
+    "qwen3_qk_norm_tied_head_dim": ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
     "mistral_sliding_window": ("mistral", dict(sliding_window=6, tie_word_embeddings=False)),
 }
 PROMPTS = [[5, 17, 33, 2 + 40, 9, 100, 3, 77, 12, 8, 250, 19], [7, 7], [1, 90, 45, 60, 23]]
@@ -43,8 +45,8 @@ def test_logits_match_transformers(case, model_path_kind, tmp_path):
     assert engine.pool.num_used - engine.prefix_cache.evictable() == 0
 
 
-def _write_gguf_from_hf(model_dir, out_path):
-    """Write an F32 llama-arch GGUF the way llama.cpp's converter does (q/k rows permuted)."""
+def _write_gguf_from_hf(model_dir, out_path, arch="llama"):
+    """Write an F32 GGUF the way llama.cpp's converter does (q/k rows permuted for the llama arch only)."""
     import gguf
     from safetensors.torch import load_file
     import json
@@ -56,13 +58,16 @@ def _write_gguf_from_hf(model_dir, out_path):
     def permute(w, heads):
         return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-    writer = gguf.GGUFWriter(str(out_path), "llama")
+    writer = gguf.GGUFWriter(str(out_path), arch)
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_feed_forward_length(cfg["intermediate_size"])
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
+    if cfg.get("head_dim"):
+        writer.add_key_length(cfg["head_dim"])
+        writer.add_value_length(cfg["head_dim"])
     writer.add_rope_freq_base(cfg.get("rope_theta", cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_vocab_size(cfg["vocab_size"])
@@ -71,7 +76,8 @@ def _write_gguf_from_hf(model_dir, out_path):
              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
              "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
-             "post_attention_layernorm.weight": "ffn_norm.weight"}
+             "post_attention_layernorm.weight": "ffn_norm.weight",
+             "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
     for name, tensor in tensors.items():
         array = tensor.float().numpy()
         if name == "model.embed_tokens.weight":
@@ -83,9 +89,9 @@ def _write_gguf_from_hf(model_dir, out_path):
         else:
             _, _, idx, rest = name.split(".", 3)
             gname = f"blk.{idx}.{names[rest]}"
-            if rest == "self_attn.q_proj.weight":
+            if arch == "llama" and rest == "self_attn.q_proj.weight":
                 array = permute(array, n_head)
-            elif rest == "self_attn.k_proj.weight":
+            elif arch == "llama" and rest == "self_attn.k_proj.weight":
                 array = permute(array, n_kv)
         writer.add_tensor(gname, np.ascontiguousarray(array))
     writer.write_header_to_file()
@@ -94,10 +100,12 @@ def _write_gguf_from_hf(model_dir, out_path):
     writer.close()
 
 
-def test_gguf_and_safetensors_give_same_logits(tmp_path):
-    model_dir = build_tiny_model(tmp_path / "llama", "llama", tie_word_embeddings=False)
+@pytest.mark.parametrize("arch, overrides", [("llama", dict(tie_word_embeddings=False)),
+                                             ("qwen3", dict(tie_word_embeddings=True, head_dim=32))])
+def test_gguf_and_safetensors_give_same_logits(arch, overrides, tmp_path):
+    model_dir = build_tiny_model(tmp_path / arch, arch, **overrides)
     gguf_path = tmp_path / "tiny.gguf"
-    _write_gguf_from_hf(model_dir, gguf_path)
+    _write_gguf_from_hf(model_dir, gguf_path, arch)
     _, out_st, logits_st = run_engine_recording_logits(model_dir, PROMPTS)
     _, out_gguf, logits_gguf = run_engine_recording_logits(gguf_path, PROMPTS)
     assert out_st == out_gguf

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 
 # HF `architectures` entries -> our family name.
 _HF_ARCH_TO_FAMILY = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
 
@@ -31,6 +32,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head (weights [head_dim]) before rotary
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -55,7 +57,8 @@ def config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | None = 
         family = cfg.get("model_type")
     if family not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"unsupported architecture {archs or cfg.get('model_type')!r}; supported: Llama, Qwen2, Mistral"
+            f"unsupported architecture {archs or cfg.get('model_type')!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     num_heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
@@ -66,7 +69,7 @@ def config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | None = 
     if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
         rope_scaling = rope_params
     sliding_window = cfg.get("sliding_window")
-    if family == "qwen2" and not cfg.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         sliding_window = None
     if family == "llama":
         sliding_window = None
@@ -88,6 +91,7 @@ def config_from_hf(cfg: dict[str, Any], generation_cfg: dict[str, Any] | None = 
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+        qk_norm=family == "qwen3",
         sliding_window=int(sliding_window) if sliding_window else None,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos,

@@ -1,4 +1,5 @@
 """Llama-family decoder (Llama 2/3, SmolLM, Mistral with sliding window, Qwen2 with q/k/v bias).
+Families that differ in more than config values subclass `LlamaModel` and override its hooks (qwen3.py).
 
 Weights are plain tensors with q/k/v and gate/up fused at load time, so each layer runs four matmuls.
 The model is stateless apart from its weights: the KV pool and the batch layout come in per call.
@@ -25,6 +26,8 @@ class LayerWeights:
     post_norm: torch.Tensor
     gate_up: Linear  # hidden -> 2 * intermediate
     down: Linear
+    q_norm: torch.Tensor | None = None  # [head_dim] per-head RMSNorm weights (Qwen3), else None
+    k_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,6 +58,10 @@ class LlamaModel:
         """Decode attention reads the req_to_token table itself (no padded index/mask per step)."""
         return self.kernels is not None
 
+    def _norm_qk_(self, qk: torch.Tensor, lw: LayerWeights) -> None:
+        """Hook on the q and k heads, [T, H + KVH, D] (a view into the qkv output), before rotary; changes
+        them in place. Llama has no such step; Qwen3 normalises each head here."""
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
@@ -71,8 +78,10 @@ class LlamaModel:
             x = rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
             qkv = lw.qkv(x)
             qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            qk = qk.view(n_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+            self._norm_qk_(qk, lw)
             # q and k heads rotate together: half the rotary ops per layer
-            qk = self.rotary.apply(qk.view(n_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            qk = self.rotary.apply(qk, cos, sin)
             q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
             v = v.view(n_tokens, cfg.num_kv_heads, cfg.head_dim)
             k_cache[layer_idx].index_copy_(0, meta.slot_indices, k.to(k_cache[layer_idx].dtype))
@@ -109,6 +118,7 @@ class LlamaModel:
         k.add_rms_norm(hidden, None, layers[0].input_norm, cfg.rms_norm_eps, x)
         for layer_idx, lw in enumerate(layers):
             qkv = lw.qkv.raw(x)
+            self._norm_qk_(qkv[:, :self.q_size + self.kv_size].view(n_tokens, -1, cfg.head_dim), lw)
             k.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads, positions, self.rotary.cos, self.rotary.sin,
                          meta.slot_indices, k_cache[layer_idx], v_cache[layer_idx], q)
             attn = buffer("attn", self.q_size, lw.o.input_dtype).view(n_tokens, cfg.num_heads, cfg.head_dim)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lightllm.models.config import ModelConfig, config_from_hf
+from lightllm.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, config_from_hf
 from lightllm.models.llama import LayerWeights, ModelWeights
 from lightllm.models.paths import find_gguf_file
 from lightllm.models.quant import QUANT_TYPES, GroupQuantized, cat_rows, gguf_q4_blocks, make_linear
@@ -30,6 +30,8 @@ _HF_LAYER_NAMES = {
     "self_attn.k_proj.bias": "k_bias",
     "self_attn.v_proj.bias": "v_bias",
     "self_attn.o_proj.weight": "o",
+    "self_attn.q_norm.weight": "q_norm",
+    "self_attn.k_norm.weight": "k_norm",
     "mlp.gate_proj.weight": "gate",
     "mlp.up_proj.weight": "up",
     "mlp.down_proj.weight": "down",
@@ -41,6 +43,7 @@ _HF_GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "
 _GGUF_LAYER_NAMES = {
     "attn_q.weight": "q", "attn_k.weight": "k", "attn_v.weight": "v",
     "attn_q.bias": "q_bias", "attn_k.bias": "k_bias", "attn_v.bias": "v_bias",
+    "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
     "attn_output.weight": "o", "ffn_gate.weight": "gate", "ffn_up.weight": "up", "ffn_down.weight": "down",
     "attn_norm.weight": "input_norm", "ffn_norm.weight": "post_norm",
 }
@@ -131,8 +134,8 @@ def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
 
 def config_from_gguf(reader: Any) -> ModelConfig:
     arch = _gguf_value(reader, "general.architecture")
-    if arch not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2, mistral")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     p = f"{arch}."
     num_heads = int(_gguf_value(reader, p + "attention.head_count"))
     hidden = int(_gguf_value(reader, p + "embedding_length"))
@@ -159,6 +162,7 @@ def config_from_gguf(reader: Any) -> ModelConfig:
         max_position_embeddings=int(_gguf_value(reader, p + "context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
+        qk_norm=arch == "qwen3",
         sliding_window=int(window) if window else None,
         bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=eos,
@@ -178,7 +182,7 @@ def _gguf_tensors(path: Path, config: ModelConfig, keep_q4: bool = False) -> Ite
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
-    # Only llama-arch files were permuted by llama.cpp's converter; qwen2 uses NeoX rope as HF does.
+    # Only llama-arch files were permuted by llama.cpp's converter; qwen2/qwen3 use NeoX rope as HF does.
     permuted = config.architecture in ("llama", "mistral")
     for tensor in reader.tensors:
         canonical = _canonical_gguf_name(tensor.name)
@@ -254,6 +258,8 @@ def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]
             post_norm=small(p + "post_norm"),
             gate_up=linear(cat_rows([take(p + "gate"), take(p + "up")])),
             down=linear(take(p + "down")),
+            q_norm=small(p + "q_norm") if config.qk_norm else None,
+            k_norm=small(p + "k_norm") if config.qk_norm else None,
         ))
     embed = small("embed")
     lm_head = loaded.pop("lm_head", None)

@@ -158,8 +158,9 @@ def qwen_server(tmp_path_factory):
     if fetched.returncode != 0:
         pytest.skip(f"Qwen2.5-Coder GGUF could not be fetched: {fetched.stderr[-500:]}")
     path = fetched.stdout.strip().splitlines()[-1]
-    server = ServerProcess(["--model_dir", path, "--tool_call_parser", "qwen25", "--max_total_token_num", "20000",
-                            "--max_req_total_len", "8192"], tmp_path_factory.mktemp("logs") / "qwen.log")
+    # No parser flag: the server picks qwen25 from the template's <tool_call>, as `make serve` does.
+    server = ServerProcess(["--model_dir", path, "--max_total_token_num", "20000", "--max_req_total_len", "8192"],
+                           tmp_path_factory.mktemp("logs") / "qwen.log")
     yield server
     server.stop()
 
@@ -212,6 +213,8 @@ for line in response.iter_lines():
 
 @pytest.mark.qwen
 def test_documented_tool_programs_on_qwen(qwen_server):
+    info = requests.get(qwen_server.base_url + "/get_server_info", timeout=10).json()
+    assert info["tool_call_parser"] == "qwen25" and info["reasoning_parser"] is None
     plain = run_doc_program(DOC_PLAIN, qwen_server.base_url)
     assert "NAME get_current_weather" in plain
     args = json.loads(next(l[5:] for l in plain.splitlines() if l.startswith("ARGS ")))

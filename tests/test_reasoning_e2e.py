@@ -1,4 +1,4 @@
-"""Reasoning end to end: a tiny random model served with Qwen3's own chat template (its thinking
+"""Reasoning end to end: a tiny random Qwen3 model served with Qwen3's own chat template (its thinking
 variant, which opens `<think>` in the generation prompt unless `enable_thinking` is false), driven
 through HTTP with the OpenAI SDK and plain requests. The random model never closes the block, so its
 whole greedy output is reasoning: the checks compare that split with the raw text of the same greedy
@@ -31,7 +31,7 @@ def thinking_server(tmp_path_factory):
     assert THINKING_TEMPLATE != QWEN3_TEMPLATE
     tmp = tmp_path_factory.mktemp("qwen3_thinking")
     tokenizer = load_tokenizer(embedded_model_path())
-    model_dir = build_tiny_model(tmp / "model", "qwen2", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    model_dir = build_tiny_model(tmp / "model", "qwen3", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
     tokenizer.chat_template = THINKING_TEMPLATE
     tokenizer.save_pretrained(model_dir)

@@ -4,7 +4,9 @@
 The rules follow what vLLM's and SGLang's parsers do: a `string` parameter keeps its text verbatim;
 integer / number / boolean / null / object / array texts are decoded; text that does not decode as its
 declared type is kept as a string (the call is still returned, so the client can see what the model
-wrote). A parameter the schema does not declare is decoded as JSON when it is JSON, else kept as text.
+wrote; the peers turn a non-boolean into false, which hides it). `null` is None whatever the type, as
+all three peers do. A parameter the schema does not declare is decoded as JSON when it is JSON, else
+kept as text.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def _as_type(text: str, kind: str) -> tuple[bool, Any]:
 
 def convert_value(text: str, schema: dict[str, Any] | None) -> Any:
     """The value of one parameter written as text, typed by its property schema (None: undeclared)."""
+    if text.strip().lower() == "null":
+        return None
     kinds = declared_types(schema)
     if not kinds:
         ok, value = _decode_json_like(text.strip()) if text.strip() else (False, None)

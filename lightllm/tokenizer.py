@@ -51,14 +51,23 @@ def _load_gguf_tokenizer(gguf: Path):
     return tokenizer
 
 
-def load_tokenizer(model_path: str | Path, chat_template_file: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(model_path: str | Path, chat_template_file: str | None = None, trust_remote_code: bool = False,
+                   mode: str = "fast"):
+    """mode: `fast` / `auto` take the Rust tokenizer (auto falls back to a slow one where only that exists),
+    `slow` the Python one; GGUF vocabularies convert to fast tokenizers only."""
     from transformers import AutoTokenizer
 
     gguf = find_gguf_file(model_path)
     if gguf is not None:
+        if mode == "slow":
+            raise ValueError("--tokenizer_mode slow is not available for GGUF files (their vocabulary converts to a "
+                             "fast tokenizer); use fast or auto")
         tokenizer = _load_gguf_tokenizer(gguf)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code,
+                                                  use_fast=mode != "slow")
+        if mode == "fast" and not tokenizer.is_fast:
+            raise ValueError(f"{model_path} has no fast tokenizer; start with --tokenizer_mode auto or slow")
     if chat_template_file:
         tokenizer.chat_template = Path(chat_template_file).read_text()
     return tokenizer

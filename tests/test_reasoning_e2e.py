@@ -6,7 +6,6 @@ generation (`separate_reasoning: false`), plain and streamed."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

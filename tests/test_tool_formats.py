@@ -178,3 +178,20 @@ def test_lightllm_parser_names_and_aliases():
     with pytest.raises(ValueError, match="qwen3_coder"):
         detector_class("nonsense")
     assert TOOL_PARSER_NAMES == sorted(TOOL_PARSER_NAMES)
+
+
+def test_strict_tools_only_yield_calls_that_satisfy_their_schema():
+    strict_schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                     "additionalProperties": False}
+    good = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    bad = '<tool_call>{"name": "get_weather", "arguments": {"town": "Oslo"}}</tool_call>'
+    for text, expected in ((good, [("get_weather", {"city": "Oslo"})]), (bad, [])):
+        content = None if expected else text
+        check_case(lambda: detector_class("qwen25")(TOOLS, {"get_weather": strict_schema}, strict={"get_weather"}),
+                   text, content, expected)
+    # not strict: the same call is returned as the model wrote it
+    check_case(lambda: detector_class("qwen25")(TOOLS, {"get_weather": strict_schema}), bad, None,
+               [("get_weather", {"town": "Oslo"})])
+    xml = "<tool_call>\n<function=get_weather>\n<parameter=town>\nOslo\n</parameter>\n</function>\n</tool_call>"
+    check_case(lambda: detector_class("qwen3_coder")(TOOLS, {"get_weather": strict_schema}, strict={"get_weather"}),
+               xml, xml, [])

@@ -11,8 +11,8 @@ import zmq
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.model_runner import ModelRunner
 from lightllm.engine.prefix_cache import PrefixCache
-from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineConfig, EngineFailed, EngineReady,
-                                      EngineStats, StepOutputs, TokenOutput)
+from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineConfig, EngineError, EngineFailed,
+                                      EngineReady, EngineStats, StepOutputs, TokenOutput, length_problem)
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import Scheduler
 from lightllm.engine.sequence import Sequence
@@ -128,25 +128,28 @@ class Engine:
     def add_request(self, req: AddRequest) -> TokenOutput | None:
         """Queue a request; returns an error output instead when it cannot be served."""
         n = len(req.prompt_ids)
-        if n == 0:
-            return TokenOutput(req.rid, None, finished=True, finish_reason="abort", error="empty prompt")
-        if n >= self.max_model_len:
+
+        def refuse(message: str) -> TokenOutput:
             return TokenOutput(req.rid, None, finished=True, finish_reason="abort", prompt_tokens=n,
-                               error=f"prompt has {n} tokens; the limit is {self.max_model_len - 1}")
+                               error=EngineError("client", message))
+
+        problem = length_problem(n, req.params.max_new_tokens, self.max_model_len)
+        if problem is not None:
+            return refuse(problem)
         if any(t < 0 or t >= self.model_config.vocab_size for t in req.prompt_ids):
-            return TokenOutput(req.rid, None, finished=True, finish_reason="abort", prompt_tokens=n,
-                               error="prompt holds token ids outside the vocabulary")
+            return refuse("prompt holds token ids outside the vocabulary")
         params = req.params
-        params.max_new_tokens = max(1, min(params.max_new_tokens, self.max_model_len - n))
         seq = Sequence(req.rid, list(req.prompt_ids), params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if params.grammar is not None:
             try:
                 seq.grammar = self._grammar_factory().matcher(params.grammar)
-            except Exception as exc:  # a schema the grammar engine rejects is the client's error
-                return TokenOutput(req.rid, None, finished=True, finish_reason="abort", prompt_tokens=n,
-                                   error=f"invalid grammar: {exc}")
+            except (ValueError, RuntimeError) as exc:
+                if self.grammars is not None and self.grammars.failed:  # the grammar engine itself is broken
+                    return TokenOutput(req.rid, None, finished=True, finish_reason="abort", prompt_tokens=n,
+                                       error=EngineError("server", f"constrained decoding unavailable: {exc}"))
+                return refuse(f"invalid grammar: {exc}")  # a schema the grammar engine rejects
         self.scheduler.add(seq)
         return None
 
@@ -163,12 +166,7 @@ class Engine:
             sampled = self.runner.execute(plan)
         except Exception as exc:  # fail this step's requests, keep the engine alive for the others
             logger.exception("step failed for requests %s", [c.seq.rid for c in plan])
-            outputs = []
-            for chunk in plan:
-                self.scheduler.abort(chunk.seq.rid)
-                outputs.append(TokenOutput(chunk.seq.rid, None, finished=True, finish_reason="abort",
-                                           error=f"engine error: {exc}"))
-            return outputs
+            return self.scheduler.fail_step(plan, EngineError("server", f"model step failed: {type(exc).__name__}: {exc}"))
         return self.scheduler.process_results(plan, sampled)
 
 

@@ -58,11 +58,16 @@ class GrammarFactory:
 
             from lightllm.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(self.model_path)
+            tokenizer = load_tokenizer(self.model_path, mode="auto")
             info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
             self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         except BaseException as exc:  # reported to the first request that needs a grammar
             self._error = exc
+
+    @property
+    def failed(self) -> bool:
+        """The grammar engine could not be built (every constrained request fails: a server fault)."""
+        return not self._thread.is_alive() and self._error is not None
 
     def wait(self) -> None:
         self._thread.join()

@@ -74,6 +74,22 @@ class SamplingParams:
         return self.temperature < 1e-5 or self.top_k == 1
 
 
+def length_problem(prompt_len: int, max_new_tokens: int | None, max_model_len: int,
+                   new_tokens_param: str = "max_tokens") -> str | None:
+    """The one home of the request length limits (the API checks them to answer 400, the engine again
+    for requests that reach it directly): what is wrong, or None."""
+    if prompt_len == 0:
+        return "the prompt is empty"
+    if prompt_len >= max_model_len:
+        return (f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
+                f"{prompt_len} tokens; reduce its length.")
+    if max_new_tokens is not None and prompt_len + max_new_tokens > max_model_len:
+        return (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{prompt_len + max_new_tokens} tokens ({prompt_len} in the prompt, {max_new_tokens} for the "
+                f"completion). Reduce the prompt or {new_tokens_param}.")
+    return None
+
+
 @dataclass
 class AddRequest:
     rid: str
@@ -86,6 +102,19 @@ class AbortRequest:
     rid: str
 
 
+ErrorKind = Literal["client", "server", "unavailable"]
+
+
+@dataclass(frozen=True)
+class EngineError:
+    """Why the engine ended a request abnormally. `client`: the request cannot be served as sent (the API
+    answers 400); `server`: a fault on our side (500); `unavailable`: overloaded or the engine is down,
+    retry later (503)."""
+
+    kind: ErrorKind
+    message: str
+
+
 @dataclass
 class TokenOutput:
     rid: str
@@ -96,7 +125,8 @@ class TokenOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    error: str | None = None
+    error: EngineError | None = None
+    stop_token: bool = False  # the sampled token is the stop/EOS token that ended the request (not text)
 
 
 @dataclass

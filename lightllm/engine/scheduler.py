@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.prefix_cache import PrefixCache
-from lightllm.engine.protocol import TokenOutput
+from lightllm.engine.protocol import EngineError, TokenOutput
 from lightllm.engine.sequence import Sequence, SeqStatus
 
 logger = logging.getLogger(__name__)
@@ -193,9 +193,25 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------ results
 
+    def fail_step(self, plan: list[ScheduledChunk], error: EngineError) -> list[TokenOutput]:
+        """The model step for `plan` raised: end its requests, returning every KV slot they hold, the ones
+        allocated for this step included (their contents were never computed, so nothing is cached)."""
+        outputs = []
+        for chunk in plan:
+            seq = chunk.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            self.running.remove(seq)
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
+            self._release_kv(seq, cache=False, held=chunk.start + chunk.num_tokens)
+            outputs.append(TokenOutput(seq.rid, None, finished=True, finish_reason="abort",
+                                       prompt_tokens=len(seq.prompt_ids), error=error))
+        return outputs
+
     def process_results(self, plan: list[ScheduledChunk], sampled: dict[str, SampledToken]) -> list[TokenOutput]:
         outputs = [TokenOutput(seq.rid, None, finished=True, finish_reason="abort", prompt_tokens=len(seq.prompt_ids),
-                               error=f"request needs more KV cache than the pool holds ({self.pool.size} tokens)")
+                               error=EngineError("client", "request needs more KV cache than the server's pool holds "
+                                                           f"({self.pool.size} tokens)"))
                    for seq in self._failed]
         self._failed.clear()
         for chunk in plan:
@@ -207,26 +223,28 @@ class Scheduler:
                 continue
             token = sampled[seq.rid]
             seq.output_ids.append(token.token_id)
-            reason = self._finish_reason(seq, token.token_id)
+            reason, stop_token = self._finish_reason(seq, token.token_id)
             out = TokenOutput(seq.rid, token.token_id, token.logprob, token.top_logprobs,
-                              prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.num_cached)
+                              prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.num_cached, stop_token=stop_token)
             if reason is not None:
                 out.finished, out.finish_reason = True, reason
                 self._finish(seq, reason)
             outputs.append(out)
         return outputs
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token_id: int) -> tuple[str | None, bool]:
+        """The one place a request's end is decided from its tokens (stop strings, which need text, are the
+        API's): (finish reason or None, whether `token_id` is the stop token that ended it)."""
         params = seq.params
         n_out = len(seq.output_ids)
         if n_out >= params.min_new_tokens:
             if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
-                return "stop"
+                return "stop", True
         if seq.grammar is not None and seq.grammar.is_terminated():
-            return "stop"
+            return "stop", False
         if n_out >= params.max_new_tokens or seq.total_len >= self.max_model_len:
-            return "length"
-        return None
+            return "length", False
+        return None, False
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SeqStatus.FINISHED
@@ -235,13 +253,15 @@ class Scheduler:
             self.running.remove(seq)
         self._release_kv(seq, cache=reason != "abort")
 
-    def _release_kv(self, seq: Sequence, cache: bool) -> None:
+    def _release_kv(self, seq: Sequence, cache: bool, held: int | None = None) -> None:
+        """Give back the request's KV: its first `held` table entries (default: the computed ones)."""
         if seq.slot is None:
             return
-        indices = self.table.table[seq.slot, :seq.num_computed].clone()
+        held = seq.num_computed if held is None else held
+        indices = self.table.table[seq.slot, :held].clone()
         if self.prefix_cache is not None:
             # The cache keeps what it can reuse and returns the indices nobody references any more.
-            indices = self.prefix_cache.release(seq.rid, seq.all_ids[:seq.num_computed], indices, insert=cache)
+            indices = self.prefix_cache.release(seq.rid, seq.all_ids[:held], indices, insert=cache)
         self.pool.free(indices)
         self.table.free_slot(seq.slot)
         seq.slot = None

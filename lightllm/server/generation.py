@@ -6,12 +6,21 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from lightllm.engine.protocol import SamplingParams
+from lightllm.engine.protocol import EngineError, SamplingParams
+from lightllm.server.errors import APIError
 from lightllm.tokenizer import IncrementalDetokenizer
 
 
-class GenerationError(RuntimeError):
-    """The engine refused or failed the request (the message is safe to show the client)."""
+_STATUS = {"client": 400, "server": 500, "unavailable": 503}
+
+
+class GenerationError(APIError):
+    """The engine refused or failed the request; the HTTP status follows whose fault it was."""
+
+    def __init__(self, error: EngineError):
+        super().__init__(_STATUS[error.kind], error.message, code="engine_error" if error.kind == "server" else None,
+                         headers={"Retry-After": "5"} if error.kind == "unavailable" else None)
+        self.kind = error.kind
 
 
 @dataclass
@@ -76,11 +85,10 @@ class StopStringMatcher:
 
 async def generate_text(engine: Any, tokenizer: Any, prompt_ids: list[int], params: SamplingParams, *,
                         stop: list[str] | None = None, skip_special_tokens: bool = True,
-                        eos_token_ids: list[int] | None = None, rid: str | None = None) -> AsyncIterator[GenerationChunk]:
+                        rid: str | None = None) -> AsyncIterator[GenerationChunk]:
     rid = rid or new_request_id()
     detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
     matcher = StopStringMatcher(stop or [])
-    stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids or []))
     completion_tokens = 0
     want_logprobs = params.logprobs is not None
     async for out in engine.generate(rid, prompt_ids, params):
@@ -89,10 +97,9 @@ async def generate_text(engine: Any, tokenizer: Any, prompt_ids: list[int], para
         chunk = GenerationChunk("", prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens)
         if out.token_id is not None:
             completion_tokens += 1
-            stopped_by_token = out.finish_reason == "stop" and out.token_id in stop_token_ids
-            delta = "" if stopped_by_token else detok.add(out.token_id)
+            delta = "" if out.stop_token else detok.add(out.token_id)
             if out.finished:
-                delta += "" if stopped_by_token else detok.flush()
+                delta += "" if out.stop_token else detok.flush()
             text, hit = matcher.feed(delta)
             chunk.text = text
             if want_logprobs:

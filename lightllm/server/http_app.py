@@ -15,7 +15,9 @@ from pydantic import BaseModel
 
 from lightllm.engine.protocol import EngineConfig
 from lightllm.server.engine_client import EngineClient
-from lightllm.server.errors import error_response, install_error_handlers
+from lightllm.server.errors import APIError, error_response, install_error_handlers
+from lightllm.server.limits import MAX_BODY_BYTES
+from lightllm.server.lifecycle import Lifecycle
 from lightllm.server.parser_selection import select_parsers
 from lightllm.server.state import ServerState
 
@@ -33,15 +35,18 @@ def engine_config_from_args(args: Any, model_path: str) -> EngineConfig:
         seed=args.seed, quant_type=args.quant_type, kv_cache_dtype=args.kv_cache_dtype)
 
 
-def create_app(args: Any, model_path: str) -> FastAPI:
+def create_app(args: Any, model_path: str, lifecycle: Lifecycle | None = None) -> FastAPI:
+    lifecycle = lifecycle or Lifecycle(shutdown_timeout=args.shutdown_timeout)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         from lightllm.tokenizer import end_of_generation_ids, load_tokenizer
 
         start = time.perf_counter()
-        engine = EngineClient(engine_config_from_args(args, model_path), args.log_level)
+        engine = EngineClient(engine_config_from_args(args, model_path), args.log_level,
+                              max_restarts=args.max_engine_restarts, on_give_up=lifecycle.fail)
         tokenizer_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_path, args.chat_template,
-                                                               args.trust_remote_code))
+                                                               args.trust_remote_code, args.tokenizer_mode))
         try:
             info = await engine.start()
             tokenizer = await tokenizer_task
@@ -59,7 +64,8 @@ def create_app(args: Any, model_path: str) -> FastAPI:
                                        max_model_len=info.max_model_len,
                                        eog_token_ids=sorted(set(end_of_generation_ids(tokenizer)) | set(info.eos_token_ids)),
                                        tool_call_parser=parsers.tool_call_parser,
-                                       reasoning_parser=parsers.reasoning_parser)
+                                       reasoning_parser=parsers.reasoning_parser, lifecycle=lifecycle)
+        lifecycle.inflight = lambda: app.state.server.inflight
         logger.info("model %s (%s) dtype=%s device=%s kv_cache=%d tokens max_len=%d ready in %.1fs",
                     name, info.architecture, info.dtype, info.device, info.max_total_token_num,
                     info.max_model_len, time.perf_counter() - start)
@@ -71,6 +77,7 @@ def create_app(args: Any, model_path: str) -> FastAPI:
 
     app = FastAPI(title="lightllm", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     if args.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=args.cors_allow_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=True)
@@ -85,6 +92,33 @@ def create_app(args: Any, model_path: str) -> FastAPI:
     app.include_router(completions.router)
     _add_info_routes(app)
     return app
+
+
+class BodySizeLimit:
+    """413 for a request body over `max_bytes`: by Content-Length before reading, else while it streams in."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body larger than {self.max_bytes} bytes"
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await error_response(413, message, code="request_too_large")(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            event = await receive()
+            seen += len(event.get("body", b""))
+            if seen > self.max_bytes:
+                raise APIError(413, message, code="request_too_large")
+            return event
+
+        return await self.app(scope, limited_receive, send)
 
 
 def _default_model_name(model_path: str, info: Any) -> str:
@@ -110,10 +144,20 @@ class TokensRequest(BaseModel):
 def _add_info_routes(app: FastAPI) -> None:
     @app.get("/health")
     @app.get("/healthz")
+    @app.get("/readiness")
     async def health(request: Request):
+        """Ready to serve: the engine runs and the server is not draining."""
         state: ServerState = request.app.state.server
         if not state.engine.alive:
-            return JSONResponse({"message": "engine not running"}, status_code=503)
+            return JSONResponse({"message": f"engine not running: {state.engine.dead_reason}"}, status_code=503,
+                                headers={"Retry-After": "5"})
+        if state.lifecycle.draining:
+            return JSONResponse({"message": "shutting down"}, status_code=503)
+        return {"message": "Ok"}
+
+    @app.get("/liveness")
+    async def liveness():
+        """The API process answers (a supervisor restarts it when this fails)."""
         return {"message": "Ok"}
 
     @app.get("/get_server_info")

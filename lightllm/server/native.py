@@ -12,8 +12,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lightllm.engine.protocol import SamplingParams
-from lightllm.server.errors import APIError, error_body
-from lightllm.server.generation import GenerationError, new_request_id
+from lightllm.server.errors import APIError, stream_error_event
+from lightllm.server.generation import new_request_id
 from lightllm.server.state import ServerState, collect_all, until_disconnect
 
 router = APIRouter()
@@ -64,7 +64,8 @@ def _prepare(state: ServerState, req: GenerateRequest) -> tuple[list[int], Sampl
     stops = [p.stop_sequences] if isinstance(p.stop_sequences, str) else list(p.stop_sequences or [])
     if len(stops) > 10:
         raise APIError(400, "at most 10 stop_sequences are allowed", param="parameters.stop_sequences")
-    max_new = state.check_length(len(prompt_ids), p.max_new_tokens, param="parameters.max_new_tokens")
+    prompt_ids, max_new = state.fit_length(prompt_ids, p.max_new_tokens, param="parameters.max_new_tokens",
+                                           prompt_param="inputs")
     greedy = not p.do_sample or p.temperature < 1e-5
     params = SamplingParams(
         max_new_tokens=max_new, min_new_tokens=p.min_new_tokens, temperature=0.0 if greedy else p.temperature,
@@ -150,8 +151,8 @@ async def generate_stream(request: Request) -> StreamingResponse:
                     "details": None,
                 }
                 yield f"data:{json.dumps(event, ensure_ascii=False)}\n\n"
-        except GenerationError as exc:
-            yield f"data:{json.dumps(error_body(str(exc), 'invalid_request_error'))}\n\n"
+        except Exception as exc:  # the stream has begun: the error travels as its last event
+            yield f"data:{json.dumps(stream_error_event(exc))}\n\n"
         finally:
             await gen.aclose()
 

@@ -9,10 +9,11 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 
-from lightllm.engine.protocol import SamplingParams
+from lightllm.engine.protocol import SamplingParams, length_problem
 from lightllm.server.engine_client import EngineClient, EngineDied
 from lightllm.server.errors import APIError
-from lightllm.server.generation import GenerationChunk, GenerationError, generate_text
+from lightllm.server.lifecycle import Lifecycle
+from lightllm.server.generation import GenerationChunk, generate_text
 from lightllm.server.reasoning.base import ReasoningDetector
 from lightllm.server.reasoning.registry import reasoning_detector
 
@@ -29,6 +30,7 @@ class ServerState:
     eog_token_ids: list[int]
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(shutdown_timeout=0))
     inflight: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0})
 
@@ -36,34 +38,47 @@ class ServerState:
         return reasoning_detector(self.reasoning_parser) if self.reasoning_parser else None
 
     def check_capacity(self) -> None:
+        """503 with Retry-After when the request cannot start now (engine down, draining, overloaded)."""
         if not self.engine.alive:
-            raise APIError(503, f"the engine is not running: {self.engine.dead_reason}")
+            raise APIError(503, f"the engine is not running ({self.engine.dead_reason}); retry shortly",
+                           code="engine_unavailable", headers={"Retry-After": "5"})
+        if self.lifecycle.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         if self.inflight >= self.args.max_concurrent_requests:
             raise APIError(503, "server overloaded: too many requests in flight; retry later",
-                           code="server_overloaded")
+                           code="server_overloaded", headers={"Retry-After": "1"})
 
-    def check_length(self, prompt_len: int, max_new_tokens: int | None, param: str = "max_tokens") -> int:
-        """Validate the request's total length; returns the effective max_new_tokens."""
-        if prompt_len >= self.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                                f"your prompt has {prompt_len} tokens; reduce its length.",
-                           param="messages", code="context_length_exceeded")
-        if max_new_tokens is None:
-            return self.max_model_len - prompt_len
-        if prompt_len + max_new_tokens > self.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                                f"you requested {prompt_len + max_new_tokens} tokens ({prompt_len} in the prompt, "
-                                f"{max_new_tokens} for the completion). Reduce the prompt or {param}.",
-                           param=param, code="context_length_exceeded")
-        return max_new_tokens
+    def fit_length(self, prompt_ids: list[int], max_new_tokens: int | None, param: str = "max_tokens",
+                   prompt_param: str = "messages") -> tuple[list[int], int]:
+        """Validate the request's total length (limits: engine.protocol.length_problem) → the prompt and the
+        effective max_new_tokens (all the room left when the request sets none). With --long_truncation_mode
+        an over-long prompt is cut instead of refused: `head` drops its beginning, `center` its middle,
+        keeping room for max_new_tokens (or for a quarter of the context, at most 256, when unset)."""
+        mode = self.args.long_truncation_mode
+        room = max_new_tokens if max_new_tokens is not None else min(256, self.max_model_len // 4)
+        keep = self.max_model_len - room
+        if mode and prompt_ids and len(prompt_ids) + room > self.max_model_len and keep > 0:
+            if mode == "head":
+                prompt_ids = prompt_ids[-keep:]
+            else:
+                prompt_ids = prompt_ids[:keep // 2] + prompt_ids[len(prompt_ids) - (keep - keep // 2):]
+        return prompt_ids, self.check_length(len(prompt_ids), max_new_tokens, param, prompt_param)
+
+    def check_length(self, prompt_len: int, max_new_tokens: int | None, param: str = "max_tokens",
+                     prompt_param: str = "messages") -> int:
+        problem = length_problem(prompt_len, max_new_tokens, self.max_model_len, param)
+        if problem is not None:
+            too_long = prompt_len >= self.max_model_len or max_new_tokens is None
+            raise APIError(400, problem, param=prompt_param if too_long or prompt_len == 0 else param,
+                           code="context_length_exceeded" if prompt_len else None)
+        return self.max_model_len - prompt_len if max_new_tokens is None else max_new_tokens
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, *, stop: list[str] | None = None,
                skip_special_tokens: bool = True, rid: str | None = None) -> AsyncIterator[GenerationChunk]:
         if not params.ignore_eos:
             params.stop_token_ids = sorted(set(params.stop_token_ids) | set(self.eog_token_ids))
         return self._tracked(generate_text(self.engine, self.tokenizer, prompt_ids, params, stop=stop,
-                                           skip_special_tokens=skip_special_tokens,
-                                           eos_token_ids=self.eog_token_ids, rid=rid), len(prompt_ids))
+                                           skip_special_tokens=skip_special_tokens, rid=rid), len(prompt_ids))
 
     async def _tracked(self, gen: AsyncIterator[GenerationChunk], prompt_len: int) -> AsyncIterator[GenerationChunk]:
         self.inflight += 1
@@ -106,8 +121,6 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
                 raise APIError(499, "client disconnected")
-    except GenerationError as exc:
-        raise APIError(400, str(exc)) from exc
     finally:
         if not task.done():
             task.cancel()

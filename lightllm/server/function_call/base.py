@@ -48,10 +48,11 @@ class ToolCallDetector:
     needs_special_tokens = True
 
     def __init__(self, tool_names: set[str], schemas: dict[str, dict[str, Any]] | None = None,
-                 id_factory: Callable[[], str] | None = None):
+                 id_factory: Callable[[], str] | None = None, strict: set[str] | None = None):
         self.tool_names = tool_names
         self.schemas = schemas or {}  # tool name → its `parameters` JSON schema (for text-valued formats)
         self._id_factory = id_factory or self.default_call_id
+        self.strict = strict or set()  # tools declared `strict`: a call must satisfy the schema to count
 
     def scan(self, text: str, final: bool) -> ScanResult:
         raise NotImplementedError
@@ -83,7 +84,16 @@ class ToolCallDetector:
             args = {}
         if not isinstance(args, dict):
             return None
-        return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False))
+        return self.make_call(obj["name"], args)
+
+    def make_call(self, name: str, args: dict[str, Any]) -> ParsedCall | None:
+        """The call, or None when it is no valid call: an unknown tool, or a `strict` tool's arguments that
+        break its schema (then the text stays text, as a malformed call does)."""
+        if not self.known(name):
+            return None
+        if name in self.strict and not _satisfies(args, self.schemas.get(name)):
+            return None
+        return ParsedCall(name, json.dumps(args, ensure_ascii=False))
 
     def call_from_parts(self, name: str, arguments_text: str) -> ParsedCall | None:
         """A call written as a name and a JSON arguments text; None unless that text is a JSON object."""
@@ -98,6 +108,14 @@ class ToolCallDetector:
             return Segment(text[start:]), len(text)
         hold = partial_marker_len(text, start, self.markers)
         return Segment(text[start:len(text) - hold]), len(text) - hold
+
+
+def _satisfies(value: Any, schema: dict[str, Any] | None) -> bool:
+    import jsonschema
+
+    if not schema:
+        return True
+    return jsonschema.validators.validator_for(schema)(schema).is_valid(value)
 
 
 def partial_marker_len(text: str, start: int, markers: tuple[str, ...]) -> int:

@@ -113,8 +113,9 @@ def prepare_tool_context(req: Any, state: Any) -> ToolContext | None:
     ctx = ToolContext(mode="auto", tools=tools, fmt=fmt, template_has_tools="tools" in template, detector=None,
                       max_calls=None if req.parallel_tool_calls else 1)
     ctx.template_tools = tools if ctx.template_has_tools else None
+    strict = {t["function"]["name"] for t in tools if t["function"].get("strict")}
     if choice is None or choice == "auto":
-        ctx.detector = fmt_cls(set(names), schemas)
+        ctx.detector = fmt_cls(set(names), schemas, strict=strict)
     elif choice == "none":
         ctx.mode = "none"
     elif choice == "required":

@@ -51,4 +51,4 @@ class DeepSeekV32Detector(SectionDetector):
                 except json.JSONDecodeError:
                     args[key] = convert_value(value, property_schema(self.schemas.get(name), key))
             pos = param.end()
-        return ParsedCall(name, json.dumps(args, ensure_ascii=False))
+        return self.make_call(name, args)

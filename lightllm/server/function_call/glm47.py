@@ -11,7 +11,6 @@ Values are text, typed by the tool's JSON schema (see values.py).
 
 from __future__ import annotations
 
-import json
 import re
 
 from lightllm.server.function_call.base import ParsedCall
@@ -40,4 +39,4 @@ class Glm47Detector(BlockDetector):
             key = pair.group(1).strip()
             args[key] = convert_value(pair.group(2), property_schema(self.schemas.get(name), key))
             pos = pair.end()
-        return ParsedCall(name, json.dumps(args, ensure_ascii=False))
+        return self.make_call(name, args)

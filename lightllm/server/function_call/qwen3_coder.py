@@ -15,7 +15,6 @@ call too. A last parameter without `</parameter>` ends at `</function>`, as the 
 
 from __future__ import annotations
 
-import json
 import re
 
 from lightllm.server.function_call.base import ParsedCall
@@ -54,4 +53,4 @@ class Qwen3CoderDetector(BlockDetector):
             key = param.group(1).strip()
             args[key] = convert_value(_layout_trimmed(param.group(2)), property_schema(self.schemas.get(name), key))
             pos = param.end()
-        return ParsedCall(name, json.dumps(args, ensure_ascii=False))
+        return self.make_call(name, args)

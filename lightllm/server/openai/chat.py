@@ -8,9 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from lightllm.server.errors import APIError, error_body
+from lightllm.server.errors import APIError, stream_error_event
 from lightllm.server.function_call import ToolContext, prepare_tool_context, response_format_grammar
-from lightllm.server.generation import GenerationError
 from lightllm.server.openai.chat_output import ChatOutputParser
 from lightllm.server.openai.common import (chat_logprob_entries, merge_streams, new_id, now, sampling_params, sse,
                                            usage)
@@ -77,8 +76,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         grammar = response_format_grammar(req.response_format)
     prompt = render_prompt(state, req, tools)
     prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
-    max_new = state.check_length(len(prompt_ids), req.max_completion_tokens or req.max_tokens,
-                                 param="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+    prompt_ids, max_new = state.fit_length(prompt_ids, req.max_completion_tokens or req.max_tokens,
+                                           param="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # Constrained output (forced tool calls, response_format) is the answer itself: no reasoning block.
     reasoning = state.new_reasoning_detector() if req.separate_reasoning and grammar is None else None
@@ -122,6 +121,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, response_id: s
                   output: ChatOutputParser):
     created = now()
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    continuous_usage = include_usage and req.stream_options.continuous_usage_stats
 
     def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None,
               logprobs: dict[str, Any] | None = None) -> str:
@@ -129,8 +129,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, response_id: s
                                 "model": state.model_name, "system_fingerprint": None,
                                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                              "finish_reason": finish_reason}]}
-        if include_usage:
-            body["usage"] = None
+        if include_usage:  # usage so far on every chunk with continuous_usage_stats (vLLM's option)
+            body["usage"] = usage(prompt_len, sum(completion_tokens.values()), cached) if continuous_usage else None
         return sse(body)
 
     parsers = [output.stream() for _ in streams]
@@ -164,8 +164,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, response_id: s
             yield sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
                        "model": state.model_name, "system_fingerprint": None, "choices": [],
                        "usage": usage(prompt_len, sum(completion_tokens.values()), cached)})
-    except (GenerationError, APIError) as exc:
-        yield sse(error_body(str(exc), "invalid_request_error"))
+    except Exception as exc:  # the stream has begun: the error travels as its last event
+        yield sse(stream_error_event(exc, response_id))
     finally:
         await merged.aclose()
     yield sse("[DONE]")

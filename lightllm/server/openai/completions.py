@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from lightllm.server.errors import APIError, error_body
-from lightllm.server.generation import GenerationChunk, GenerationError
+from lightllm.server.errors import APIError, stream_error_event
+from lightllm.server.generation import GenerationChunk
 from lightllm.server.openai.common import merge_streams, new_id, now, sampling_params, sse, usage
 from lightllm.server.openai.protocol import CompletionRequest
 from lightllm.server.state import ServerState, collect_all, until_disconnect
@@ -56,10 +56,12 @@ async def completions(req: CompletionRequest, request: Request):
         raise APIError(400, "echo is not supported with stream", param="echo", code="unsupported_parameter")
     if req.best_of not in (None, 1, req.n):
         raise APIError(400, "best_of other than n is not supported", param="best_of", code="unsupported_parameter")
-    prompts = _prompts(state, req)
+    prompts = []
     streams = []
-    for ids in prompts:
-        max_new = state.check_length(len(ids), req.max_tokens if req.max_tokens is not None else 16)
+    for ids in _prompts(state, req):
+        ids, max_new = state.fit_length(ids, req.max_tokens if req.max_tokens is not None else 16,
+                                        prompt_param="prompt")
+        prompts.append(ids)
         for i in range(req.n):
             streams.append(state.stream(ids, sampling_params(req, max_new, req.logprobs, i), stop=req.stop_list(),
                                         skip_special_tokens=req.skip_special_tokens, rid=new_id("cmpl")))
@@ -86,6 +88,7 @@ async def completions(req: CompletionRequest, request: Request):
 async def _stream(state: ServerState, req: CompletionRequest, response_id: str, streams: list, prompt_tokens: int):
     created = now()
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    continuous_usage = include_usage and req.stream_options.continuous_usage_stats
     completion_tokens: dict[int, int] = {}
     merged = merge_streams(streams)
     try:
@@ -98,15 +101,15 @@ async def _stream(state: ServerState, req: CompletionRequest, response_id: str, 
                                     "choices": [{"index": index, "text": gen.text,
                                                  "logprobs": _logprobs_body([gen]) if req.logprobs is not None else None,
                                                  "finish_reason": gen.finish_reason if gen.finished else None}]}
-            if include_usage:
-                body["usage"] = None
+            if include_usage:  # usage so far on every chunk with continuous_usage_stats (vLLM's option)
+                body["usage"] = usage(prompt_tokens, sum(completion_tokens.values())) if continuous_usage else None
             yield sse(body)
         if include_usage:
             yield sse({"id": response_id, "object": "text_completion", "created": created, "model": state.model_name,
                        "system_fingerprint": None, "choices": [],
                        "usage": usage(prompt_tokens, sum(completion_tokens.values()))})
-    except (GenerationError, APIError) as exc:
-        yield sse(error_body(str(exc), "invalid_request_error"))
+    except Exception as exc:  # the stream has begun: the error travels as its last event
+        yield sse(stream_error_event(exc, response_id))
     finally:
         await merged.aclose()
     yield sse("[DONE]")

@@ -3,9 +3,12 @@ their shape, nulls included, matches OpenAI's exactly)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lightllm.server.limits import MAX_MESSAGES, MAX_N, MAX_STOP_SEQUENCES, MAX_TOOL_SCHEMA_BYTES, MAX_TOOLS
 
 
 class _Lenient(BaseModel):
@@ -48,7 +51,14 @@ class FunctionDefinition(_Lenient):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: bool | None = None  # auto mode: a call whose arguments break the schema is not a call
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema_size(cls, value: dict[str, Any] | None):
+        if value is not None and len(json.dumps(value)) > MAX_TOOL_SCHEMA_BYTES:
+            raise ValueError(f"the parameters schema is larger than {MAX_TOOL_SCHEMA_BYTES} bytes")
+        return value
 
 
 class Tool(_Lenient):
@@ -88,7 +98,7 @@ class SamplingFields(_Lenient):
     model: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -110,8 +120,8 @@ class SamplingFields(_Lenient):
     @field_validator("stop")
     @classmethod
     def _stop_limit(cls, value: str | list[str] | None):
-        if isinstance(value, list) and len(value) > 16:
-            raise ValueError("at most 16 stop sequences are allowed")
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         return value
 
     @field_validator("logit_bias")
@@ -131,11 +141,11 @@ class SamplingFields(_Lenient):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None

@@ -26,12 +26,12 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m lightllm.server.api_server` on loopback, stopped (with its engine) at the end."""
 
-    def __init__(self, args: list[str], log_path: Path, timeout: float = 240.0):
+    def __init__(self, args: list[str], log_path: Path, timeout: float = 240.0, env: dict[str, str] | None = None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "lightllm.server.api_server", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

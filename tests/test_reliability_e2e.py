@@ -172,3 +172,27 @@ def test_short_soak():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "soak.py"), "--duration", "120", "--concurrency",
                           "16"], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0 and "SOAK PASSED" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_injected_step_faults_answer_500_and_the_server_serves_on(tmp_path):
+    """Steps 3 and 12 of the engine raise (LIGHTLLM_FAULT_STEPS): the request of each answers 500 — plain as
+    an OpenAI error object, streamed as one error event then [DONE] — and the requests after succeed."""
+    srv = ServerProcess(["--model_dir", "smollm2", "--max_total_token_num", "2000"], tmp_path / "faults.log",
+                        env={"LIGHTLLM_FAULT_STEPS": "3,12"})
+    try:
+        url = srv.base_url + "/v1/chat/completions"
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "ignore_eos": True}
+        plain = requests.post(url, json=body, timeout=60)  # steps 1-6: the fault hits it at step 3
+        assert plain.status_code == 500, plain.text
+        error = plain.json()["error"]
+        assert error["type"] == "server_error" and "injected fault" in error["message"]
+        assert srv.wait_idle()["kv_used_by_requests"] == 0
+        ok = requests.post(url, json=body, timeout=60)  # steps 4-9
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+        streamed = requests.post(url, json=dict(body, stream=True), stream=True, timeout=60)  # hit at step 12
+        events = sse_events(streamed)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["status"] == 500
+        assert srv.wait_idle()["kv_used_by_requests"] == 0
+        assert requests.post(url, json=body, timeout=60).status_code == 200
+    finally:
+        srv.stop()

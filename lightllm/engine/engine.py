@@ -8,6 +8,7 @@ import time
 import torch
 import zmq
 
+from lightllm.engine.faults import FaultInjector
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.model_runner import ModelRunner
 from lightllm.engine.prefix_cache import PrefixCache
@@ -111,6 +112,7 @@ class Engine:
             new_token_estimate=cfg.router_max_new_token_len, prefix_cache=self.prefix_cache)
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, self.device)
         self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler)
+        self.faults = FaultInjector.from_env()
 
     def ready_message(self) -> EngineReady:
         return EngineReady(model_name=self.model_config.name, architecture=self.model_config.architecture,
@@ -163,6 +165,8 @@ class Engine:
         if not plan:
             return self.scheduler.process_results([], {})
         try:
+            if self.faults is not None:
+                self.faults.before_step()
             sampled = self.runner.execute(plan)
         except Exception as exc:  # fail this step's requests, keep the engine alive for the others
             logger.exception("step failed for requests %s", [c.seq.rid for c in plan])

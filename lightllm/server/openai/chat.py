@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from lightllm.server.errors import APIError, stream_error_event
+from lightllm.server.generation import GenerationChunk
 from lightllm.server.function_call import ToolContext, prepare_tool_context, response_format_grammar
 from lightllm.server.openai.chat_output import ChatOutputParser
 from lightllm.server.openai.common import (chat_logprob_entries, merge_streams, new_id, now, sampling_params, sse,
@@ -64,9 +66,23 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest, tools: ToolCon
         raise APIError(400, f"chat template error: {exc}", param="messages") from exc
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request):
-    state: ServerState = request.app.state.server
+@dataclass
+class PreparedChat:
+    """A chat request ready to run: its prompt, one generation stream per choice, and how to read the
+    output. Other API shapes (Responses, Anthropic Messages) translate their request into a
+    ChatCompletionRequest, prepare it here and shape the results their own way."""
+
+    prompt_ids: list[int]
+    streams: list[AsyncIterator[GenerationChunk]]
+    output: ChatOutputParser
+    tools: ToolContext | None
+
+    def finish_reason(self, parsed_calls: bool, reason: str | None) -> str | None:
+        return self.tools.finish_reason(reason) if parsed_calls and self.tools is not None else reason
+
+
+def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str = "chatcmpl") -> PreparedChat:
+    """Validate, render and tokenize the request and start its generations (they run once iterated)."""
     state.check_capacity()
     tools = prepare_tool_context(req, state)
     grammar = tools.grammar if tools is not None else None
@@ -85,9 +101,17 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     # Tool and reasoning markers are special tokens in some vocabularies: keep them while parsing.
     skip_special = req.skip_special_tokens and not output.needs_special_tokens
     streams = [state.stream(prompt_ids, sampling_params(req, max_new, logprobs, i, grammar), stop=req.stop_list(),
-                            skip_special_tokens=skip_special, rid=new_id("chatcmpl")) for i in range(req.n)]
+                            skip_special_tokens=skip_special, rid=new_id(rid_prefix)) for i in range(req.n)]
     if tools is not None and tools.mode == "required":
         streams = [tools.limit_repeats(s) for s in streams]
+    return PreparedChat(prompt_ids, streams, output, tools)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    state: ServerState = request.app.state.server
+    prepared = prepare_chat(state, req)
+    prompt_ids, streams, output = prepared.prompt_ids, prepared.streams, prepared.output
     response_id = new_id("chatcmpl")
     if req.stream:
         return StreamingResponse(_stream(state, req, response_id, streams, len(prompt_ids), output),
@@ -104,10 +128,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content, "refusal": None}
         if output.reasoning is not None:
             message["reasoning_content"] = parsed.reasoning
-        finish_reason = last.finish_reason
+        finish_reason = prepared.finish_reason(bool(parsed.tool_calls), last.finish_reason)
         if parsed.tool_calls:
             message["tool_calls"] = parsed.tool_calls
-            finish_reason = tools.finish_reason(finish_reason)
         logprobs_body = None
         if req.logprobs:
             logprobs_body = {"content": chat_logprob_entries([t for c in chunks for t in c.tokens]), "refusal": None}

@@ -85,11 +85,12 @@ def create_app(args: Any, model_path: str, lifecycle: Lifecycle | None = None) -
         _install_auth(app, args.api_key)
 
     from lightllm.server import native
-    from lightllm.server.openai import chat, completions
+    from lightllm.server.openai import chat, completions, tokenize
 
     app.include_router(native.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(tokenize.router)
     _add_info_routes(app)
     return app
 
@@ -192,13 +193,6 @@ def _add_info_routes(app: FastAPI) -> None:
                 "kv_used_by_requests": used - cached, "current_load": (used - cached) / total,
                 "running": stats.running if stats else 0, "waiting": stats.waiting if stats else 0,
                 "inflight": state.inflight}
-
-    @app.get("/v1/models")
-    async def list_models(request: Request):
-        state: ServerState = request.app.state.server
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "lightllm",
-            "root": state.model_name, "parent": None, "max_model_len": state.max_model_len}]}
 
     @app.get("/metrics")
     async def metrics(request: Request):

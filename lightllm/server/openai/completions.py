@@ -73,8 +73,10 @@ async def completions(req: CompletionRequest, request: Request):
     results = await until_disconnect(request, collect_all(streams))
     choices = []
     completion_tokens = 0
+    cached: dict[int, int] = {}
     for index, (text, chunks) in enumerate(results):
         completion_tokens += chunks[-1].completion_tokens
+        cached[index] = chunks[-1].cached_tokens
         prefix = ""
         if req.echo:
             prefix = state.tokenizer.decode(prompts[index // req.n])
@@ -82,7 +84,16 @@ async def completions(req: CompletionRequest, request: Request):
                         "logprobs": _logprobs_body(chunks, len(prefix)) if req.logprobs is not None else None,
                         "finish_reason": chunks[-1].finish_reason})
     return {"id": response_id, "object": "text_completion", "created": now(), "model": state.model_name,
-            "choices": choices, "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": None}
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens, _cached_total(cached, req.n)),
+            "system_fingerprint": None}
+
+
+def _cached_total(cached: dict[int, int], n: int) -> int:
+    """Prompt tokens served by the prefix cache, once per prompt (its n choices share the prompt)."""
+    per_prompt: dict[int, int] = {}
+    for index, tokens in cached.items():
+        per_prompt[index // n] = max(per_prompt.get(index // n, 0), tokens)
+    return sum(per_prompt.values())
 
 
 async def _stream(state: ServerState, req: CompletionRequest, response_id: str, streams: list, prompt_tokens: int):
@@ -90,10 +101,12 @@ async def _stream(state: ServerState, req: CompletionRequest, response_id: str, 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous_usage = include_usage and req.stream_options.continuous_usage_stats
     completion_tokens: dict[int, int] = {}
+    cached: dict[int, int] = {}
     merged = merge_streams(streams)
     try:
         async for index, gen in merged:
             completion_tokens[index] = gen.completion_tokens
+            cached[index] = gen.cached_tokens
             if not gen.text and not gen.finished and not gen.tokens:
                 continue
             body: dict[str, Any] = {"id": response_id, "object": "text_completion", "created": created,
@@ -102,12 +115,13 @@ async def _stream(state: ServerState, req: CompletionRequest, response_id: str, 
                                                  "logprobs": _logprobs_body([gen]) if req.logprobs is not None else None,
                                                  "finish_reason": gen.finish_reason if gen.finished else None}]}
             if include_usage:  # usage so far on every chunk with continuous_usage_stats (vLLM's option)
-                body["usage"] = usage(prompt_tokens, sum(completion_tokens.values())) if continuous_usage else None
+                body["usage"] = (usage(prompt_tokens, sum(completion_tokens.values()), _cached_total(cached, req.n))
+                                 if continuous_usage else None)
             yield sse(body)
         if include_usage:
             yield sse({"id": response_id, "object": "text_completion", "created": created, "model": state.model_name,
                        "system_fingerprint": None, "choices": [],
-                       "usage": usage(prompt_tokens, sum(completion_tokens.values()))})
+                       "usage": usage(prompt_tokens, sum(completion_tokens.values()), _cached_total(cached, req.n))})
     except Exception as exc:  # the stream has begun: the error travels as its last event
         yield sse(stream_error_event(exc, response_id))
     finally:

@@ -1,0 +1,83 @@
+"""vLLM's `POST /tokenize` and `POST /detokenize`, and OpenAI's `GET /v1/models` / `/v1/models/{id}`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+
+from lightllm.server.errors import APIError
+from lightllm.server.openai.chat import render_prompt
+from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage, Tool, _Lenient
+from lightllm.server.state import ServerState
+
+router = APIRouter()
+
+
+class TokenizeRequest(_Lenient):
+    """Either `prompt` (text) or `messages` (rendered with the chat template first), as vLLM takes them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template has them)
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int]
+
+
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request):
+    state: ServerState = request.app.state.server
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of `prompt` and `messages`", param="prompt")
+    if req.messages is not None:
+        chat = ChatCompletionRequest(messages=req.messages, tools=req.tools,
+                                     add_generation_prompt=req.add_generation_prompt,
+                                     chat_template_kwargs=req.chat_template_kwargs)
+        from lightllm.server.function_call import prepare_tool_context
+
+        text = render_prompt(state, chat, prepare_tool_context(chat, state))
+        special = bool(req.add_special_tokens)
+    else:
+        text = req.prompt
+        special = req.add_special_tokens is not False
+    ids = state.tokenizer.encode(text, add_special_tokens=special)
+    return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
+            "token_strs": state.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None}
+
+
+@router.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, request: Request):
+    state: ServerState = request.app.state.server
+    vocab = state.engine.info.vocab_size
+    bad = [t for t in req.tokens if t < 0 or t >= vocab]
+    if bad:
+        raise APIError(400, f"token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", param="tokens")
+    return {"prompt": state.tokenizer.decode(req.tokens)}
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "lightllm",
+            "root": state.model_name, "parent": None, "max_model_len": state.max_model_len}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [_model_card(request.app.state.server)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request):
+    state: ServerState = request.app.state.server
+    if model_id != state.model_name:
+        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+    return _model_card(state)

@@ -1,0 +1,82 @@
+"""Routes and fields clients of vLLM / LightLLM call besides chat: tokenize / detokenize, model lookup,
+cached-token usage from the prefix cache (plain and streamed), continuous usage stats, probes."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+
+from tests.conftest import API_KEY
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def client(smol_server):
+    return openai.OpenAI(base_url=smol_server.base_url + "/v1", api_key=API_KEY)
+
+
+def test_tokenize_and_detokenize_round_trip(smol_server):
+    base = smol_server.base_url
+    out = requests.post(base + "/tokenize", json={"prompt": "Hello world, 你好"}, timeout=10).json()
+    assert out["count"] == len(out["tokens"]) > 0 and out["max_model_len"] == 4096 and out["token_strs"] is None
+    back = requests.post(base + "/detokenize", json={"tokens": out["tokens"]}, timeout=10).json()
+    assert back["prompt"] == "Hello world, 你好"
+    chat = requests.post(base + "/tokenize", json={"messages": [{"role": "user", "content": "Hello world"}],
+                                                   "return_token_strs": True}, timeout=10).json()
+    assert chat["count"] > out["count"] and len(chat["token_strs"]) == chat["count"]  # the template adds turns
+    usage = requests.post(base + "/v1/chat/completions", headers=HEADERS, timeout=60, json={
+        "messages": [{"role": "user", "content": "Hello world"}], "max_tokens": 1}).json()["usage"]
+    assert usage["prompt_tokens"] == chat["count"]  # the same prompt the chat route runs
+    bad = requests.post(base + "/tokenize", json={"prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+                        timeout=10)
+    assert bad.status_code == 400
+    bad = requests.post(base + "/detokenize", json={"tokens": [10 ** 9]}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_model_lookup(client):
+    model = client.models.list().data[0].id
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model")
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_cached_tokens_plain_and_streamed(client):
+    system = "You are a terse assistant. " + " ".join(f"Rule {i}: be brief." for i in range(60))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Say hi."}]
+    first = client.chat.completions.create(model="m", messages=messages, max_tokens=2, temperature=0)
+    second = client.chat.completions.create(model="m", messages=messages, max_tokens=2, temperature=0)
+    details = second.usage.prompt_tokens_details
+    assert details is not None and second.usage.prompt_tokens - 8 <= details.cached_tokens < second.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details is None or \
+        first.usage.prompt_tokens_details.cached_tokens < details.cached_tokens
+    stream = client.chat.completions.create(model="m", messages=messages, max_tokens=2, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    final = [c for c in stream if c.usage is not None][-1]
+    assert final.usage.prompt_tokens_details.cached_tokens == details.cached_tokens
+    done = client.completions.create(model="m", prompt=system, max_tokens=2, temperature=0)
+    again = client.completions.create(model="m", prompt=system, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens >= done.usage.prompt_tokens - 1
+
+
+def test_continuous_usage_stats(smol_server):
+    body = {"messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 6, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    response = requests.post(smol_server.base_url + "/v1/chat/completions", headers=HEADERS, json=body, stream=True,
+                             timeout=60)
+    chunks = [json.loads(l[6:]) for l in response.iter_lines() if l.startswith(b"data: {")]
+    counts = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
+    assert all(c["usage"] is not None for c in chunks)
+    assert counts == sorted(counts) and counts[-1] == 6 and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_probes(smol_server):
+    for path in ("/health", "/healthz", "/readiness", "/liveness"):
+        assert requests.get(smol_server.base_url + path, timeout=5).json() == {"message": "Ok"}, path
+    info = requests.get(smol_server.base_url + "/get_server_info", timeout=5).json()
+    assert info["max_total_token_num"] == 30000 and info["tool_call_parser"] == "qwen25"

@@ -138,12 +138,16 @@ class Engine:
         problem = length_problem(n, req.params.max_new_tokens, self.max_model_len)
         if problem is not None:
             return refuse(problem)
-        if any(t < 0 or t >= self.model_config.vocab_size for t in req.prompt_ids):
-            return refuse("prompt holds token ids outside the vocabulary")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in req.prompt_ids):
+            return refuse(f"prompt holds token ids outside the vocabulary (0..{vocab - 1})")
         params = req.params
+        if any(t < 0 or t >= vocab for t in list(params.logit_bias) + list(params.stop_token_ids)):
+            return refuse(f"logit_bias / stop_token_ids name token ids outside the vocabulary (0..{vocab - 1})")
         seq = Sequence(req.rid, list(req.prompt_ids), params)
         if params.seed is not None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            # any integer is a valid seed: folded into the 64 bits torch takes
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
         if params.grammar is not None:
             try:
                 seq.grammar = self._grammar_factory().matcher(params.grammar)
@@ -208,7 +212,13 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
             msg = inbox.recv_pyobj()
             changed = True
             if isinstance(msg, AddRequest):
-                error = engine.add_request(msg)
+                try:
+                    error = engine.add_request(msg)
+                except Exception as exc:  # one bad request must not take the engine (and everyone's work) down
+                    logger.exception("could not queue request %s", msg.rid)
+                    engine.scheduler.abort(msg.rid)
+                    error = TokenOutput(msg.rid, None, finished=True, finish_reason="abort",
+                                        error=EngineError("server", f"could not queue the request: {exc}"))
                 if error is not None:
                     outputs.append(error)
             elif isinstance(msg, AbortRequest):

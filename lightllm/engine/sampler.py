@@ -13,6 +13,11 @@ from lightllm.engine.scheduler import SampledToken
 from lightllm.engine.sequence import Sequence
 
 
+def _finite_(row: torch.Tensor) -> torch.Tensor:
+    """In place: NaN → -inf (never chosen), +inf → the largest finite value (softmax stays defined)."""
+    return torch.nan_to_num_(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max, neginf=float("-inf"))
+
+
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int], device: torch.device):
         self.vocab_size = vocab_size
@@ -70,6 +75,7 @@ class Sampler:
                     row[torch.tensor(p.stop_token_ids, device=row.device)] = float("-inf")
             if seq.grammar is not None:
                 seq.grammar.apply_mask(row)
+            _finite_(row)  # extreme penalties or biases must not turn into inf/NaN probabilities
         return logits
 
     @staticmethod
@@ -80,7 +86,7 @@ class Sampler:
 
     def _sample_row(self, row: torch.Tensor, seq: Sequence) -> int:
         p = seq.params
-        row = row / p.temperature
+        row = _finite_(row / p.temperature)
         if 0 < p.top_k < row.shape[0]:
             kth = torch.topk(row, p.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

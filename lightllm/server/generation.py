@@ -40,6 +40,7 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    stop_string: str | None = None  # the stop string that ended the generation (finish_reason "stop")
 
 
 def new_request_id(prefix: str = "req") -> str:
@@ -53,14 +54,16 @@ class StopStringMatcher:
         self.stops = [s for s in stops if s]
         self.text = ""
         self.sent = 0
+        self.matched: str | None = None  # the stop string hit: the earliest in the text (the shorter on a tie)
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was hit)."""
         start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
         self.text += delta
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        hits = [(i, len(s), s) for s, i in ((s, self.text.find(s, start)) for s in self.stops) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            at, _, self.matched = min(hits)
+            self.text = self.text[:at]
             return self._release(len(self.text)), True
         return self._release(len(self.text) - self._held_back()), False
 
@@ -105,7 +108,7 @@ async def generate_text(engine: Any, tokenizer: Any, prompt_ids: list[int], para
             if want_logprobs:
                 chunk.tokens.append(_token_info(tokenizer, out))
             if hit:
-                chunk.finished, chunk.finish_reason = True, "stop"
+                chunk.finished, chunk.finish_reason, chunk.stop_string = True, "stop", matcher.matched
         if out.finished and not chunk.finished:
             chunk.text += matcher.flush()
             chunk.finished, chunk.finish_reason = True, out.finish_reason

@@ -17,6 +17,7 @@ from lightllm.engine.protocol import EngineConfig
 from lightllm.server.engine_client import EngineClient
 from lightllm.server.errors import APIError, error_response, install_error_handlers
 from lightllm.server.limits import MAX_BODY_BYTES
+from lightllm.server.openapi import COMMON_ERRORS, HEALTH_RESPONSES, install_openapi
 from lightllm.server.lifecycle import Lifecycle
 from lightllm.server.parser_selection import select_parsers
 from lightllm.server.state import ServerState
@@ -75,7 +76,7 @@ def create_app(args: Any, model_path: str, lifecycle: Lifecycle | None = None) -
         finally:
             await engine.shutdown()
 
-    app = FastAPI(title="lightllm", lifespan=lifespan)
+    app = FastAPI(title="lightllm", version=_version(), lifespan=lifespan, responses=COMMON_ERRORS)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     if args.cors_allow_origins:
@@ -85,14 +86,28 @@ def create_app(args: Any, model_path: str, lifecycle: Lifecycle | None = None) -
         _install_auth(app, args.api_key)
 
     from lightllm.server import native
+    from lightllm.server.anthropic import routes as anthropic_routes
     from lightllm.server.openai import chat, completions, tokenize
+    from lightllm.server.openai import responses as responses_api
 
     app.include_router(native.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(responses_api.router)
     app.include_router(tokenize.router)
+    app.include_router(anthropic_routes.router)
     _add_info_routes(app)
+    install_openapi(app, hand_parsed=[native.GenerateRequest])
     return app
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("lightllm")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
 
 
 class BodySizeLimit:
@@ -108,7 +123,8 @@ class BodySizeLimit:
         message = f"request body larger than {self.max_bytes} bytes"
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await error_response(413, message, code="request_too_large")(scope, receive, send)
+            return await error_response(413, message, code="request_too_large",
+                                        path=scope.get("path"))(scope, receive, send)
         seen = 0
 
         async def limited_receive() -> dict:
@@ -133,8 +149,11 @@ def _install_auth(app: FastAPI, api_key: str) -> None:
     @app.middleware("http")
     async def check_key(request: Request, call_next):
         if request.url.path.startswith("/v1") and request.method != "OPTIONS":
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(401, "Incorrect API key provided.", code="invalid_api_key")
+            # Anthropic clients send `x-api-key: KEY`; OpenAI clients `Authorization: Bearer KEY`.
+            if request.headers.get("authorization", "") != f"Bearer {api_key}" and \
+                    request.headers.get("x-api-key") != api_key:
+                return error_response(401, "Incorrect API key provided.", code="invalid_api_key",
+                                      path=request.url.path)
         return await call_next(request)
 
 
@@ -143,9 +162,9 @@ class TokensRequest(BaseModel):
 
 
 def _add_info_routes(app: FastAPI) -> None:
-    @app.get("/health")
-    @app.get("/healthz")
-    @app.get("/readiness")
+    @app.get("/health", responses=HEALTH_RESPONSES)
+    @app.get("/healthz", responses=HEALTH_RESPONSES)
+    @app.get("/readiness", responses=HEALTH_RESPONSES)
     async def health(request: Request):
         """Ready to serve: the engine runs and the server is not draining."""
         state: ServerState = request.app.state.server
@@ -194,7 +213,8 @@ def _add_info_routes(app: FastAPI) -> None:
                 "running": stats.running if stats else 0, "waiting": stats.waiting if stats else 0,
                 "inflight": state.inflight}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics(request: Request):
         from lightllm.server.metrics import render_metrics
 

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lightllm.engine.protocol import SamplingParams
 from lightllm.server.errors import APIError, stream_error_event
+from lightllm.server.openai.protocol import LogitBias, NonEmptyText, Seed, TokenId, TokenIds
+from lightllm.server.openapi import json_body
 from lightllm.server.generation import new_request_id
 from lightllm.server.state import ServerState, collect_all, until_disconnect
 
@@ -20,14 +22,14 @@ router = APIRouter()
 
 
 class GenerateParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     do_sample: bool = False
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = -1
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -39,15 +41,15 @@ class GenerateParameters(BaseModel):
     best_of: int | None = None
     skip_special_tokens: bool = True
     add_special_tokens: bool = True
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None
     return_details: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[TokenId] = Field(default_factory=list)
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    inputs: str | list[int]
+    inputs: NonEmptyText | TokenIds
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
 
@@ -95,7 +97,7 @@ async def _parse_body(request: Request) -> GenerateRequest:
         raise RequestValidationError(exc.errors()) from None
 
 
-@router.post("/generate")
+@router.post("/generate", openapi_extra=json_body(GenerateRequest))
 async def generate(request: Request) -> dict[str, Any]:
     req = await _parse_body(request)
     state: ServerState = request.app.state.server
@@ -121,7 +123,8 @@ async def generate(request: Request) -> dict[str, Any]:
     return body
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", openapi_extra=json_body(GenerateRequest),
+             responses={200: {"description": "SSE stream of tokens", "content": {"text/event-stream": {}}}})
 async def generate_stream(request: Request) -> StreamingResponse:
     req = await _parse_body(request)
     state: ServerState = request.app.state.server

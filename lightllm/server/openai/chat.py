@@ -13,6 +13,7 @@ from lightllm.server.errors import APIError, stream_error_event
 from lightllm.server.generation import GenerationChunk
 from lightllm.server.function_call import ToolContext, prepare_tool_context, response_format_grammar
 from lightllm.server.openai.chat_output import ChatOutputParser
+from lightllm.server.openapi import STREAMING_OK
 from lightllm.server.openai.common import (chat_logprob_entries, merge_streams, new_id, now, sampling_params, sse,
                                            usage)
 from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage
@@ -107,7 +108,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str
     return PreparedChat(prompt_ids, streams, output, tools)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAMING_OK)
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.server
     prepared = prepare_chat(state, req)

@@ -11,6 +11,7 @@ from lightllm.server.errors import APIError, stream_error_event
 from lightllm.server.generation import GenerationChunk
 from lightllm.server.openai.common import merge_streams, new_id, now, sampling_params, sse, usage
 from lightllm.server.openai.protocol import CompletionRequest
+from lightllm.server.openapi import STREAMING_OK
 from lightllm.server.state import ServerState, collect_all, until_disconnect
 
 router = APIRouter()
@@ -46,7 +47,7 @@ def _logprobs_body(chunks: list[GenerationChunk], offset: int = 0) -> dict[str, 
             "text_offset": offsets}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAMING_OK)
 async def completions(req: CompletionRequest, request: Request):
     state: ServerState = request.app.state.server
     state.check_capacity()

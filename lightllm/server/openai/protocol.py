@@ -4,16 +4,37 @@ their shape, nulls included, matches OpenAI's exactly)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lightllm.server.limits import MAX_MESSAGES, MAX_N, MAX_STOP_SEQUENCES, MAX_TOOL_SCHEMA_BYTES, MAX_TOOLS
 
 
 class _Lenient(BaseModel):
-    # OpenAI clients send fields we do not use (metadata, store, ...): ignore them, but type-check ours.
-    model_config = ConfigDict(extra="ignore")
+    # OpenAI clients send fields we do not use (metadata, store, ...): ignore them, but type-check ours
+    # strictly, as the OpenAPI document says ("1" is not an integer, false is not a token id).
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+TokenId = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]  # OpenAI's int64
+
+
+def _check_logit_bias(value: dict[str, float]) -> dict[str, float]:
+    for key, bias in value.items():
+        if not key.isdigit():
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError("logit_bias values must be between -100 and 100")
+    return value
+
+
+# {"token id": bias}; the engine checks the ids against the vocabulary
+LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]],
+                      AfterValidator(_check_logit_bias)]
+NonEmptyText = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class TextPart(_Lenient):
@@ -105,8 +126,8 @@ class SamplingFields(_Lenient):
     max_tokens: int | None = Field(None, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    logit_bias: LogitBias | None = None
+    seed: Seed | None = None
     user: str | None = None
     # Common extensions (vLLM / LightLLM)
     top_k: int = -1
@@ -115,23 +136,13 @@ class SamplingFields(_Lenient):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop_limit(cls, value: str | list[str] | None):
         if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_range(cls, value: dict[str, float] | None):
-        for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError("logit_bias values must be between -100 and 100")
         return value
 
     def stop_list(self) -> list[str]:
@@ -164,7 +175,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1)]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None

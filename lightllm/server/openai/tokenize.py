@@ -10,7 +10,7 @@ from pydantic import Field
 
 from lightllm.server.errors import APIError
 from lightllm.server.openai.chat import render_prompt
-from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage, Tool, _Lenient
+from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage, TokenId, Tool, _Lenient
 from lightllm.server.state import ServerState
 
 router = APIRouter()
@@ -31,7 +31,7 @@ class TokenizeRequest(_Lenient):
 
 class DetokenizeRequest(_Lenient):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 @router.post("/tokenize")

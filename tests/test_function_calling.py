@@ -12,6 +12,7 @@ import openai
 import pytest
 import requests
 
+from scripts.check_documented_programs import TOOLS_PLAIN, TOOLS_STREAM
 from tests.conftest import API_KEY, REPO, ServerProcess
 
 WEATHER = {"type": "function", "function": {
@@ -171,44 +172,9 @@ def run_doc_program(script: str, base_url: str) -> str:
     return out.stdout
 
 
-DOC_PLAIN = '''
-import sys, requests
-url = sys.argv[1] + "/v1/chat/completions"
-tools = [{"type": "function", "function": {"name": "get_current_weather", "description": "获取指定城市的当前天气",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市名称"},
-    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}}]
-data = {"model": "qwen", "messages": [{"role": "user", "content": "北京今天天气怎么样？"}], "tools": tools,
-        "tool_choice": "auto"}
-response = requests.post(url, headers={"Content-Type": "application/json"}, json=data)
-message = response.json()["choices"][0]["message"]
-if message.get("tool_calls"):
-    for tool_call in message["tool_calls"]:
-        print("NAME", tool_call["function"]["name"])
-        print("ARGS", tool_call["function"]["arguments"])
-'''
-
-DOC_STREAM = '''
-import sys, json, requests
-url = sys.argv[1] + "/v1/chat/completions"
-tools = [{"type": "function", "function": {"name": "calculate", "description": "计算数学表达式",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "数学表达式"}},
-    "required": ["expression"]}}}]
-data = {"model": "qwen", "messages": [{"role": "user", "content": "请计算 25 * 4 + 10 的结果"}], "tools": tools,
-        "stream": True}
-response = requests.post(url, headers={"Content-Type": "application/json"}, json=data, stream=True)
-for line in response.iter_lines():
-    if line:
-        line = line.decode("utf-8")
-        if line.startswith("data: "):
-            if line == "data: [DONE]":
-                break
-            chunk = json.loads(line[6:])
-            delta = chunk["choices"][0]["delta"]
-            if "tool_calls" in delta:
-                for tool_call in delta["tool_calls"]:
-                    print("NAME", tool_call["function"]["name"])
-                    print("ARGS", tool_call["function"].get("arguments"))
-'''
+# The function-calling programs of the docs, unchanged (tool_choice auto, temperature 0.7); the same text
+# scripts/check_documented_programs.py runs against fresh default servers.
+DOC_PLAIN, DOC_STREAM = TOOLS_PLAIN, TOOLS_STREAM
 
 
 @pytest.mark.qwen

@@ -189,7 +189,7 @@ def test_overload_gets_503_and_cors_preflight(limited_server):
     next(line for line in lines if b'"content"' in line and b'"role"' not in line)  # it is generating now
     assert limited_server.token_load()["inflight"] == 1
     busy = requests.post(url, json=body, timeout=30)
-    assert busy.status_code == 503
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
     assert busy.json()["error"]["code"] == "server_overloaded"
     first.close()
     assert limited_server.wait_idle()["running"] == 0

@@ -247,10 +247,11 @@ def _prepared(pieces: list[str], finish_reason: str = "stop", error: Exception |
 
 def _run(prepared, **request) -> tuple[list[dict], list[dict]]:
     """→ (the events' data, the stored bodies), each event checked against the SDK's models."""
-    from lightllm.server.openai.responses import _base_body, response_events
-    from lightllm.server.openai.responses_protocol import ResponsesRequest
+    from lightllm.server.openai.responses.events import response_events
+    from lightllm.server.openai.responses.objects import base_body
+    from lightllm.server.openai.responses.protocol import ResponsesRequest
 
-    base = _base_body(ResponsesRequest(input="hi", tools=[WEATHER], **request), SimpleNamespace(model_name="m"),
+    base = base_body(ResponsesRequest(input="hi", tools=[WEATHER], **request), SimpleNamespace(model_name="m"),
                       "resp_1", 1)
     stored: list[dict] = []
 

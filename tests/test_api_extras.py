@@ -59,6 +59,11 @@ def test_cached_tokens_plain_and_streamed(client):
                                             stream_options={"include_usage": True})
     final = [c for c in stream if c.usage is not None][-1]
     assert final.usage.prompt_tokens_details.cached_tokens == details.cached_tokens
+    metrics = requests.get(client.base_url.scheme + "://" + client.base_url.host + ":" + str(client.base_url.port)
+                           + "/metrics", timeout=10).text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("lightllm_prefix")}
+    assert values["lightllm_prefix_cache_hit_tokens_total"] >= details.cached_tokens
+    assert 0 < values["lightllm_prefix_cache_hit_rate"] <= 1
     done = client.completions.create(model="m", prompt=system, max_tokens=2, temperature=0)
     again = client.completions.create(model="m", prompt=system, max_tokens=2, temperature=0)
     assert again.usage.prompt_tokens_details.cached_tokens >= done.usage.prompt_tokens - 1

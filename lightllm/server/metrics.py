@@ -21,6 +21,10 @@ def render_metrics(state: Any) -> tuple[bytes, str]:
         "lightllm_requests_total": state.counters["requests"],
         "lightllm_prompt_tokens_total": state.counters["prompt_tokens"],
         "lightllm_generation_tokens_total": state.counters["generation_tokens"],
+        # prompt tokens served by the prefix cache, and their share of all prompt tokens
+        "lightllm_prefix_cache_hit_tokens_total": state.counters["prefix_cache_hit_tokens"],
+        "lightllm_prefix_cache_hit_rate": (state.counters["prefix_cache_hit_tokens"] / state.counters["prompt_tokens"]
+                                           if state.counters["prompt_tokens"] else 0.0),
     }
     for name, value in gauges.items():
         Gauge(name, name.replace("_", " "), registry=registry).set(value)

@@ -32,7 +32,8 @@ class ServerState:
     reasoning_parser: str | None = None
     lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(shutdown_timeout=0))
     inflight: int = 0
-    counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0})
+    counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0,
+                                                              "prefix_cache_hit_tokens": 0})
 
     def new_reasoning_detector(self) -> ReasoningDetector | None:
         return reasoning_detector(self.reasoning_parser) if self.reasoning_parser else None
@@ -84,16 +85,18 @@ class ServerState:
         self.inflight += 1
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += prompt_len
-        last = 0
+        last = cached = 0
         try:
             async for chunk in gen:
                 self.counters["generation_tokens"] += chunk.completion_tokens - last
                 last = chunk.completion_tokens
+                cached = max(cached, chunk.cached_tokens)
                 yield chunk
         except EngineDied as exc:
-            raise APIError(503, str(exc)) from exc
+            raise APIError(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"}) from exc
         finally:
             self.inflight -= 1
+            self.counters["prefix_cache_hit_tokens"] += cached
             await gen.aclose()
 
 

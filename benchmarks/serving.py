@@ -106,8 +106,8 @@ async def run_level(args, prompts: list[list[dict]], concurrency: int, model: st
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
-        # warm-up: one short request, not measured
-        await one_request(client, url, model, prompts[0], 4, False, headers)
+        # warm-up: one short request, not measured (its own text, so it primes no prefix of the workload)
+        await one_request(client, url, model, [{"role": "user", "content": "Warm-up: say OK."}], 4, False, headers)
         semaphore = asyncio.Semaphore(concurrency)
         rng = random.Random(args.seed)
 

@@ -96,3 +96,73 @@ def test_scheduler_never_readmits_a_request_it_just_preempted(tmp_path):
             counts[out.rid] = counts.get(out.rid, 0) + 1
     assert counts == {str(i): 25 for i in range(4)}
     assert engine.scheduler.num_preemptions > 0
+
+
+def test_publish_moves_the_lock_and_keeps_ownership_clear():
+    pool = make_pool()
+    cache = PrefixCache(pool)
+    ids = [1, 2, 3, 4, 5, 6]
+    row = pool.alloc(6)
+    assert cache.acquire("a", ids) is None
+    cache.publish("a", ids[:3], row[:3])  # first prefill chunk
+    assert cache.match_len(ids) == 3 and cache.evictable() == 0  # shared now, and locked by "a"
+    cache.publish("a", ids[:5], row[:5])
+    assert cache.match_len(ids) == 5 and torch.equal(cache.acquire("b", ids[:5] + [99]), row[:5])
+    assert cache.release("b", ids[:5], row[:5], insert=False).numel() == 0  # b owned nothing
+    freed = cache.release("a", ids, row, insert=True)
+    assert freed.numel() == 0 and cache.total_tokens == 6 and pool.num_used == 6
+
+
+def test_publish_after_divergence_keeps_copies_private():
+    pool = make_pool()
+    cache = PrefixCache(pool)
+    ids = [1, 2, 3, 4]
+    a_row, b_row = pool.alloc(4), pool.alloc(4)
+    cache.acquire("a", ids)
+    cache.acquire("b", ids)
+    cache.publish("a", ids, a_row)
+    cache.publish("b", ids, b_row)  # a cached the same tokens first: b's copies stay b's
+    assert cache.match_len(ids) == 4
+    duplicates = cache.release("b", ids, b_row, insert=True)
+    assert torch.equal(duplicates, b_row)  # all duplicates: the caller frees them
+    pool.free(duplicates)
+    assert cache.release("a", ids, a_row, insert=True).numel() == 0
+    assert pool.num_used == 4 and cache.evictable() == 4
+
+
+def test_requests_sharing_a_prefix_compute_it_once_with_identical_output(tmp_path):
+    """Three requests with one 120-token prefix arrive together; with the cache on, the ones after the first
+    wait while it is computed and then reuse it: every prompt token is computed once, and greedy outputs
+    equal the run without the prefix cache."""
+    model_dir = build_tiny_model(tmp_path / "llama", "llama")
+    shared = [(7 * i) % 200 + 10 for i in range(120)]
+
+    def run(disable: bool) -> tuple[dict[str, list[int]], int, dict[str, int]]:
+        engine = Engine(EngineConfig(model_path=str(model_dir), max_total_token_num=2000, grammar_backend="none",
+                                     chunked_prefill_size=32, disable_dynamic_prompt_cache=disable,
+                                     kv_cache_dtype="fp32"))
+        computed = {"tokens": 0}
+        execute = engine.runner.execute
+
+        def counting(plan):
+            computed["tokens"] += sum(c.num_tokens for c in plan)
+            return execute(plan)
+
+        engine.runner.execute = counting
+        for i in range(3):
+            engine.add_request(AddRequest(str(i), shared + [220 + i, 221], SamplingParams(
+                max_new_tokens=5, temperature=0.0, ignore_eos=True)))
+        outputs: dict[str, list[int]] = {}
+        cached: dict[str, int] = {}
+        while engine.scheduler.has_work():
+            for out in engine.step():
+                outputs.setdefault(out.rid, []).append(out.token_id)
+                cached[out.rid] = out.cached_tokens
+        return outputs, computed["tokens"], cached
+
+    with_cache, computed_with, cached = run(False)
+    without, computed_without, _ = run(True)
+    assert with_cache == without
+    assert computed_without == 3 * (122 + 4)  # prompt + 4 decode steps each
+    assert computed_with == 122 + 2 * 2 + 3 * 4  # the prefix once, the two distinct tails, the decodes
+    assert cached["0"] == 0 and cached["1"] == cached["2"] == 120

@@ -1,8 +1,12 @@
-"""Radix tree over token ids that keeps finished requests' KV indices for reuse (LRU eviction).
+"""Radix tree over token ids that keeps requests' KV indices for reuse (LRU eviction).
 
 Token-level KV makes sharing exact: a new request whose prompt starts with a cached run of tokens
 points its req_to_token row at the cached indices and computes only the rest. Nodes on a running
-request's matched path are locked (ref-counted) so eviction never frees KV that is in use.
+request's path are locked (ref-counted) so eviction never frees KV that is in use.
+
+A running request `publish`es its prompt as each prefill chunk is computed (SGLang caches unfinished
+requests the same way), so requests that share a long system prompt reuse it while it is still being
+computed; the rest of its tokens go in at `release`.
 """
 
 from __future__ import annotations
@@ -79,6 +83,23 @@ class PrefixCache:
             cursor = cursor.parent
         self._locked[rid] = (node, matched)
         return torch.cat(values) if values else None
+
+    def publish(self, rid: str, ids: list[int], indices: torch.Tensor) -> None:
+        """Share the KV a running request has computed so far (`indices`: its row for `ids`). The tree takes
+        ownership of the new part and the request's lock moves to it. When another request has meanwhile
+        cached part of the same range, this one keeps its own copies private (freed or deduplicated at
+        release), so ownership stays unambiguous."""
+        node, matched = self._locked.get(rid, (self.root, 0))
+        if len(ids) <= matched:
+            return
+        end, pos, _ = self._walk(ids, split=True)
+        if pos != matched or end is not node:
+            return  # diverged from the tree: publish nothing more for this request
+        # The new node is locked by this request (ref 1); the path above it already counts this request.
+        child = _Node(list(ids[pos:]), indices[pos:len(ids)].clone(), node, ref=1, last_access=next(_clock))
+        node.children[ids[pos]] = child
+        self.total_tokens += len(ids) - pos
+        self._locked[rid] = (child, len(ids))
 
     # ------------------------------------------------------------------------------------ release
 

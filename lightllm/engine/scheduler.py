@@ -19,6 +19,9 @@ from lightllm.engine.sequence import Sequence, SeqStatus
 
 logger = logging.getLogger(__name__)
 
+MIN_SHARED_PREFIX = 32  # a request waits only for a shared prefix at least this long
+MAX_PREFIX_WAIT_STEPS = 256  # steps a request may be deferred for a shared prefix (no starvation)
+
 
 @dataclass
 class ScheduledChunk:
@@ -118,9 +121,14 @@ class Scheduler:
                 if n:
                     plan.append(ScheduledChunk(seq, seq.num_computed, n))
                     budget -= n
+        deferred: list[Sequence] = []
         while admit and self.waiting and budget > 0:
             seq = self.waiting[0]
-            uncached = seq.total_len - self._cached_len(seq)  # one prefix-tree walk per admission attempt
+            cached = self._cached_len(seq)  # one prefix-tree walk per admission attempt
+            if self._prefix_in_flight(seq, cached):
+                deferred.append(self.waiting.popleft())  # it will find that prefix cached in a few steps
+                continue
+            uncached = seq.total_len - cached
             if not self._can_admit(seq, uncached):
                 break
             n = self._chunk_len(seq, budget, plan_empty=not plan, pending=uncached)
@@ -130,7 +138,23 @@ class Scheduler:
             self._admit(seq)
             plan.append(ScheduledChunk(seq, seq.num_computed, min(n, seq.num_pending)))
             budget -= plan[-1].num_tokens
+        self.waiting.extendleft(reversed(deferred))
         return plan
+
+    def _prefix_in_flight(self, seq: Sequence, cached: int) -> bool:
+        """Whether a running request is still computing a prompt prefix this one shares beyond what is cached
+        (then admitting it now would compute that prefix twice). Bounded: after MAX_PREFIX_WAIT_STEPS
+        deferrals a request is admitted anyway."""
+        if self.prefix_cache is None or seq.prefix_waits >= MAX_PREFIX_WAIT_STEPS:
+            return False
+        for other in self.running:
+            if other.num_computed >= len(other.prompt_ids) or other.num_computed > cached:
+                continue  # done prefilling, or what it computed is not in the cache (diverged): no point waiting
+            shared = _common_prefix_len(other.prompt_ids, seq.prompt_ids)
+            if shared >= MIN_SHARED_PREFIX and shared > cached and other.num_computed < shared:
+                seq.prefix_waits += 1
+                return True
+        return False
 
     def _chunk_len(self, seq: Sequence, budget: int, plan_empty: bool, pending: int | None = None) -> int:
         pending = seq.num_pending if pending is None else pending
@@ -219,6 +243,10 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue
             seq.num_computed = chunk.start + chunk.num_tokens
+            if self.prefix_cache is not None and chunk.start < len(seq.prompt_ids):
+                # the prompt computed so far is shareable now, not only when this request ends
+                self.prefix_cache.publish(seq.rid, seq.all_ids[:seq.num_computed],
+                                          self.table.table[seq.slot, :seq.num_computed])
             if not chunk.samples:
                 continue
             token = sampled[seq.rid]
@@ -265,3 +293,15 @@ class Scheduler:
         self.pool.free(indices)
         self.table.free_slot(seq.slot)
         seq.slot = None
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix; binary search on slice equality (C-speed compares, log n of them)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

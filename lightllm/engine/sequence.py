@@ -34,6 +34,7 @@ class Sequence:
     generator: torch.Generator | None = None
     grammar: Any = None  # a grammar matcher when the request is constrained
     finish_reason: str | None = None
+    prefix_waits: int = 0  # scheduling steps deferred while a running request computed a shared prefix
 
     @property
     def all_ids(self) -> list[int]:

@@ -166,3 +166,23 @@ def test_requests_sharing_a_prefix_compute_it_once_with_identical_output(tmp_pat
     assert computed_without == 3 * (122 + 4)  # prompt + 4 decode steps each
     assert computed_with == 122 + 2 * 2 + 3 * 4  # the prefix once, the two distinct tails, the decodes
     assert cached["0"] == 0 and cached["1"] == cached["2"] == 120
+
+
+def test_eviction_never_frees_a_prefix_published_by_a_running_request():
+    pool = make_pool(16)
+    cache = PrefixCache(pool)
+    old = [9, 9, 9, 9]
+    old_row = pool.alloc(4)
+    cache.acquire("old", old)
+    cache.release("old", old, old_row, insert=True)  # finished: cached and unlocked
+    ids = [1, 2, 3, 4, 5, 6]
+    row = pool.alloc(6)
+    cache.acquire("a", ids)
+    cache.publish("a", ids[:4], row[:4])  # in flight
+    assert cache.evict(100) == 4 and cache.match_len(old) == 0  # only the finished request's tokens go
+    assert cache.match_len(ids) == 4 and pool.num_used == 6
+    cache.acquire("b", ids[:4] + [7])  # a second request shares the in-flight prefix
+    assert cache.release("a", ids[:4], row[:4], insert=False).numel() == 0  # a aborted: b still holds it
+    assert cache.evict(100) == 0 and cache.match_len(ids) == 4
+    cache.release("b", ids[:4], row[:4], insert=False)
+    assert cache.evict(100) == 4 and pool.num_used == 2  # a's unpublished tail is the caller's to free

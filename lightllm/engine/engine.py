@@ -13,7 +13,7 @@ from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.model_runner import ModelRunner
 from lightllm.engine.prefix_cache import PrefixCache
 from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineConfig, EngineError, EngineFailed,
-                                      EngineReady, EngineStats, StepOutputs, TokenOutput, length_problem)
+                                      EngineReady, EngineStats, ErrorKind, StepOutputs, TokenOutput, length_problem)
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import Scheduler
 from lightllm.engine.sequence import Sequence
@@ -131,9 +131,9 @@ class Engine:
         """Queue a request; returns an error output instead when it cannot be served."""
         n = len(req.prompt_ids)
 
-        def refuse(message: str) -> TokenOutput:
+        def refuse(message: str, kind: ErrorKind = "client") -> TokenOutput:
             return TokenOutput(req.rid, None, finished=True, finish_reason="abort", prompt_tokens=n,
-                               error=EngineError("client", message))
+                               error=EngineError(kind, message))
 
         problem = length_problem(n, req.params.max_new_tokens, self.max_model_len)
         if problem is not None:
@@ -153,8 +153,7 @@ class Engine:
                 seq.grammar = self._grammar_factory().matcher(params.grammar)
             except (ValueError, RuntimeError) as exc:
                 if self.grammars is not None and self.grammars.failed:  # the grammar engine itself is broken
-                    return TokenOutput(req.rid, None, finished=True, finish_reason="abort", prompt_tokens=n,
-                                       error=EngineError("server", f"constrained decoding unavailable: {exc}"))
+                    return refuse(f"constrained decoding unavailable: {exc}", "server")
                 return refuse(f"invalid grammar: {exc}")  # a schema the grammar engine rejects
         self.scheduler.add(seq)
         return None

@@ -47,7 +47,7 @@ class PrefixCache:
             child = node.children.get(ids[pos])
             if child is None:
                 break
-            common = _common_prefix_len(child.key, ids[pos:])
+            common = common_prefix_len(child.key, ids[pos:])
             if common < len(child.key):
                 if not split or common == 0:
                     if common:
@@ -164,9 +164,13 @@ class PrefixCache:
         return self.evict(self.total_tokens)
 
 
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix; binary search on slice equality (C-speed compares, log n of them)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
-from lightllm.engine.prefix_cache import PrefixCache
+from lightllm.engine.prefix_cache import PrefixCache, common_prefix_len
 from lightllm.engine.protocol import EngineError, TokenOutput
 from lightllm.engine.sequence import Sequence, SeqStatus
 
@@ -150,7 +150,7 @@ class Scheduler:
         for other in self.running:
             if other.num_computed >= len(other.prompt_ids) or other.num_computed > cached:
                 continue  # done prefilling, or what it computed is not in the cache (diverged): no point waiting
-            shared = _common_prefix_len(other.prompt_ids, seq.prompt_ids)
+            shared = common_prefix_len(other.prompt_ids, seq.prompt_ids)
             if shared >= MIN_SHARED_PREFIX and shared > cached and other.num_computed < shared:
                 seq.prefix_waits += 1
                 return True
@@ -294,14 +294,3 @@ class Scheduler:
         self.table.free_slot(seq.slot)
         seq.slot = None
 
-
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix; binary search on slice equality (C-speed compares, log n of them)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo

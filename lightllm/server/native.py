@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lightllm.engine.protocol import SamplingParams
 from lightllm.server.errors import APIError, stream_error_event
+from lightllm.server.generation import new_request_id
 from lightllm.server.openai.protocol import LogitBias, NonEmptyText, Seed, TokenId, TokenIds
 from lightllm.server.openapi import json_body
-from lightllm.server.generation import new_request_id
 from lightllm.server.state import ServerState, collect_all, until_disconnect
 
 router = APIRouter()
@@ -55,14 +55,11 @@ class GenerateRequest(BaseModel):
 
 def _prepare(state: ServerState, req: GenerateRequest) -> tuple[list[int], SamplingParams, list[str]]:
     p = req.parameters
+    # empty inputs fail validation; a text that encodes to nothing fails the length check below
     if isinstance(req.inputs, str):
-        if not req.inputs:
-            raise APIError(400, "inputs must not be empty", param="inputs")
         prompt_ids = state.tokenizer.encode(req.inputs, add_special_tokens=p.add_special_tokens)
     else:
         prompt_ids = list(req.inputs)
-        if not prompt_ids:
-            raise APIError(400, "inputs must not be empty", param="inputs")
     stops = [p.stop_sequences] if isinstance(p.stop_sequences, str) else list(p.stop_sequences or [])
     if len(stops) > 10:
         raise APIError(400, "at most 10 stop_sequences are allowed", param="parameters.stop_sequences")

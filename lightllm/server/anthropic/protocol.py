@@ -7,13 +7,12 @@ the OpenAI routes: Claude clients send newer ones (`thinking`, `service_tier`, `
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
-from lightllm.server.limits import MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_TOOL_SCHEMA_BYTES, MAX_TOOLS
-from lightllm.server.openai.protocol import _Lenient
+from lightllm.server.limits import MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_TOOLS
+from lightllm.server.openai.protocol import ToolSchema, _Lenient
 
 
 class TextBlock(_Lenient):
@@ -79,14 +78,7 @@ class ToolDefinition(_Lenient):
     type: Literal["custom"] | None = None
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
-    input_schema: dict[str, Any]
-
-    @field_validator("input_schema")
-    @classmethod
-    def _schema_size(cls, value: dict[str, Any]):
-        if len(json.dumps(value)) > MAX_TOOL_SCHEMA_BYTES:
-            raise ValueError(f"the input_schema is larger than {MAX_TOOL_SCHEMA_BYTES} bytes")
-        return value
+    input_schema: ToolSchema
 
 
 class ToolChoiceAuto(_Lenient):

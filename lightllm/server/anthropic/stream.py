@@ -82,12 +82,9 @@ async def message_events(msg_id: str, model: str, input_tokens: int, stream: Asy
             output_tokens = gen.completion_tokens
             if gen.finished:
                 finish_reason, stop_string = gen.finish_reason, gen.stop_string
-            for delta in parser.feed(gen.text) if gen.text else []:
+            for delta in parser.on_chunk(gen):
                 for text in blocks.feed(delta):
                     yield text
-        for delta in parser.finish():
-            for text in blocks.feed(delta):
-                yield text
         for text in blocks.close():
             yield text
         reason = stop_reason(finish_reason, stop_string, parser.made_calls)

@@ -171,10 +171,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, response_id: s
             if req.logprobs and gen.tokens:
                 logprobs = {"content": chat_logprob_entries(gen.tokens), "refusal": None}
             parser = parsers[index]
-            deltas = parser.feed(gen.text) if gen.text else []
-            if gen.finished:
-                deltas += parser.finish()
-            for delta in deltas:
+            for delta in parser.on_chunk(gen):
                 yield chunk(index, delta, logprobs=logprobs)
                 logprobs = None
             if logprobs is not None:  # a token whose text is held back still reports its logprob

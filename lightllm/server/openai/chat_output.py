@@ -12,6 +12,7 @@ from typing import Any
 
 from lightllm.server.function_call import ToolContext
 from lightllm.server.function_call.base import ToolStreamParser
+from lightllm.server.generation import GenerationChunk
 from lightllm.server.reasoning.base import ReasoningDetector, ReasoningStreamParser
 
 
@@ -67,6 +68,11 @@ class ChatStreamParser:
 
     def finish(self) -> list[dict[str, Any]]:
         return self._route(*(self.reasoning.finish() if self.reasoning else ("", "")), final=True)
+
+    def on_chunk(self, chunk: GenerationChunk) -> list[dict[str, Any]]:
+        """The deltas of one generation chunk: its new text, and the held-back rest when it is the last."""
+        deltas = self.feed(chunk.text) if chunk.text else []
+        return deltas + self.finish() if chunk.finished else deltas
 
     def _route(self, reasoning: str, answer: str, final: bool) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = [{"reasoning_content": reasoning}] if reasoning else []

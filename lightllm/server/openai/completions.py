@@ -18,6 +18,7 @@ router = APIRouter()
 
 
 def _prompts(state: ServerState, req: CompletionRequest) -> list[list[int]]:
+    """The prompts as token ids (empty ones fail validation, or the length check if a text encodes to none)."""
     prompt = req.prompt
     if isinstance(prompt, str):
         texts: list[Any] = [prompt]
@@ -25,15 +26,8 @@ def _prompts(state: ServerState, req: CompletionRequest) -> list[list[int]]:
         texts = [prompt]
     else:
         texts = list(prompt)
-    if not texts:
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    out = []
-    for item in texts:
-        ids = state.tokenizer.encode(item, add_special_tokens=req.add_special_tokens) if isinstance(item, str) else list(item)
-        if not ids:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        out.append(ids)
-    return out
+    return [state.tokenizer.encode(item, add_special_tokens=req.add_special_tokens) if isinstance(item, str)
+            else list(item) for item in texts]
 
 
 def _logprobs_body(chunks: list[GenerationChunk], offset: int = 0) -> dict[str, Any]:

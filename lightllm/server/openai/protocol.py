@@ -30,6 +30,15 @@ def _check_logit_bias(value: dict[str, float]) -> dict[str, float]:
     return value
 
 
+def _check_schema_size(value: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(value)) > MAX_TOOL_SCHEMA_BYTES:
+        raise ValueError(f"the tool's schema is larger than {MAX_TOOL_SCHEMA_BYTES} bytes")
+    return value
+
+
+# A tool's JSON schema (chat `parameters`, Anthropic `input_schema`), bounded in size.
+ToolSchema = Annotated[dict[str, Any], AfterValidator(_check_schema_size)]
+
 # {"token id": bias}; the engine checks the ids against the vocabulary
 LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]],
                       AfterValidator(_check_logit_bias)]
@@ -71,15 +80,8 @@ class ChatMessage(_Lenient):
 class FunctionDefinition(_Lenient):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: ToolSchema | None = None
     strict: bool | None = None  # auto mode: a call whose arguments break the schema is not a call
-
-    @field_validator("parameters")
-    @classmethod
-    def _schema_size(cls, value: dict[str, Any] | None):
-        if value is not None and len(json.dumps(value)) > MAX_TOOL_SCHEMA_BYTES:
-            raise ValueError(f"the parameters schema is larger than {MAX_TOOL_SCHEMA_BYTES} bytes")
-        return value
 
 
 class Tool(_Lenient):

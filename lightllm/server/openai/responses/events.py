@@ -115,10 +115,7 @@ async def response_events(prepared: PreparedChat, base: dict[str, Any],
     try:
         async for chunk in stream:
             last = chunk
-            deltas = parser.feed(chunk.text) if chunk.text else []
-            if chunk.finished:
-                deltas += parser.finish()
-            for delta in deltas:
+            for delta in parser.on_chunk(chunk):
                 for event in events.delta(delta):
                     yield event
         finish_reason = last.finish_reason if last else None

@@ -186,3 +186,48 @@ def test_eviction_never_frees_a_prefix_published_by_a_running_request():
     assert cache.evict(100) == 0 and cache.match_len(ids) == 4
     cache.release("b", ids[:4], row[:4], insert=False)
     assert cache.evict(100) == 4 and pool.num_used == 2  # a's unpublished tail is the caller's to free
+
+
+def _admitted(engine, rid: str) -> bool:
+    return all(seq.rid != rid for seq in engine.scheduler.waiting)
+
+
+def _steps_until_admitted(model_dir, max_passed_over: int, monkeypatch) -> tuple[int, list[str]]:
+    """A burst of short requests whose 64-token prefix is cached keeps arriving (20 per step, 2 new tokens
+    each) behind one uncached 60-token request, with a step budget of 32 tokens: returns the steps the
+    uncached request waited and whether it was admitted in the first step."""
+    from lightllm.engine import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "MAX_PASSED_OVER", max_passed_over)
+    engine = Engine(EngineConfig(model_path=str(model_dir), max_total_token_num=4000, grammar_backend="none",
+                                 batch_max_tokens=32, chunked_prefill_size=32, kv_cache_dtype="fp32"))
+    prefix = [(5 * i) % 200 + 20 for i in range(64)]
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+    engine.add_request(AddRequest("warm", prefix + [3], params))
+    while engine.scheduler.has_work():
+        engine.step()
+    engine.add_request(AddRequest("uncached", [(11 * i) % 200 + 30 for i in range(60)], params))
+    first_step: list[str] = []
+    for step in range(1, 40):
+        rids = [f"s{step}-{j}" for j in range(20)]
+        for j, rid in enumerate(rids):
+            engine.add_request(AddRequest(rid, prefix + [(20 * step + j) % 250 + 1, 7], params))
+        engine.step()
+        if step == 1:
+            first_step = [rid for rid in rids + ["uncached"] if _admitted(engine, rid)]
+        if _admitted(engine, "uncached"):
+            return step, first_step
+    return 40, first_step
+
+
+def test_cache_aware_admission_prefers_cached_prefixes_with_bounded_wait(tmp_path, monkeypatch):
+    from lightllm.engine.scheduler import MAX_PASSED_OVER
+
+    model_dir = build_tiny_model(tmp_path / "llama", "llama")
+    waited, first_step = _steps_until_admitted(model_dir, MAX_PASSED_OVER, monkeypatch)
+    # The requests that need 2 new tokens go first although they arrived later ...
+    assert "uncached" not in first_step and len(first_step) == 16  # 16 x 2 tokens fill the budget
+    # ... and the one that needs 60 is overtaken at most MAX_PASSED_OVER times.
+    assert 1 < waited <= MAX_PASSED_OVER + 1
+    unbounded, _ = _steps_until_admitted(model_dir, 10 ** 6, monkeypatch)
+    assert unbounded > MAX_PASSED_OVER + 1  # without the bound the arrivals would keep overtaking it

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import Iterator
 
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.prefix_cache import PrefixCache, common_prefix_len
@@ -21,6 +22,11 @@ logger = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 32  # a request waits only for a shared prefix at least this long
 MAX_PREFIX_WAIT_STEPS = 256  # steps a request may be deferred for a shared prefix (no starvation)
+# Cache-aware admission (SGLang's longest-prefix-match policy): the first CACHE_AWARE_WINDOW waiting requests
+# are tried longest cached prefix first, since those cost the fewest new tokens of the step budget. A
+# request that later arrivals overtook MAX_PASSED_OVER times is tried first in arrival order (bounded wait).
+CACHE_AWARE_WINDOW = 64
+MAX_PASSED_OVER = 8
 
 
 @dataclass
@@ -121,25 +127,50 @@ class Scheduler:
                 if n:
                     plan.append(ScheduledChunk(seq, seq.num_computed, n))
                     budget -= n
-        deferred: list[Sequence] = []
-        while admit and self.waiting and budget > 0:
-            seq = self.waiting[0]
-            cached = self._cached_len(seq)  # one prefix-tree walk per admission attempt
+        if not admit:
+            return plan
+        admitted: list[Sequence] = []
+        for seq, cached in self._admission_order():
+            if budget <= 0:
+                break
             if self._prefix_in_flight(seq, cached):
-                deferred.append(self.waiting.popleft())  # it will find that prefix cached in a few steps
-                continue
+                continue  # it will find that prefix cached in a few steps
             uncached = seq.total_len - cached
             if not self._can_admit(seq, uncached):
                 break
             n = self._chunk_len(seq, budget, plan_empty=not plan, pending=uncached)
             if n == 0:
                 break
-            self.waiting.popleft()
             self._admit(seq)
+            admitted.append(seq)
             plan.append(ScheduledChunk(seq, seq.num_computed, min(n, seq.num_pending)))
             budget -= plan[-1].num_tokens
-        self.waiting.extendleft(reversed(deferred))
+        self._note_overtaken(admitted)
         return plan
+
+    def _admission_order(self) -> Iterator[tuple[Sequence, int]]:
+        """The waiting requests in the order admission tries them, each with its cached prefix length (one
+        prefix-tree walk per request tried: the window is ranked up front, the rest walked only if reached)."""
+        queue = list(self.waiting)
+        window = [(seq, self._cached_len(seq)) for seq in queue[:CACHE_AWARE_WINDOW]]
+        yield from (item for item in window if item[0].passed_over >= MAX_PASSED_OVER)
+        # sorted() is stable: equal cached lengths keep arrival order
+        yield from sorted((item for item in window if item[0].passed_over < MAX_PASSED_OVER), key=lambda it: -it[1])
+        for seq in queue[CACHE_AWARE_WINDOW:]:
+            yield seq, self._cached_len(seq)
+
+    def _note_overtaken(self, admitted: list[Sequence]) -> None:
+        """Remove the admitted requests from the queue; count, for each request still waiting, whether one
+        that arrived after it was admitted (its wait is bounded by MAX_PASSED_OVER such steps)."""
+        if not admitted:
+            return
+        chosen = {id(seq) for seq in admitted}
+        queue = list(self.waiting)
+        last_admitted = max(i for i, seq in enumerate(queue) if id(seq) in chosen)
+        for seq in queue[:last_admitted]:
+            if id(seq) not in chosen:
+                seq.passed_over += 1
+        self.waiting = deque(seq for seq in queue if id(seq) not in chosen)
 
     def _prefix_in_flight(self, seq: Sequence, cached: int) -> bool:
         """Whether a running request is still computing a prompt prefix this one shares beyond what is cached

@@ -35,6 +35,7 @@ class Sequence:
     grammar: Any = None  # a grammar matcher when the request is constrained
     finish_reason: str | None = None
     prefix_waits: int = 0  # scheduling steps deferred while a running request computed a shared prefix
+    passed_over: int = 0  # steps in which a request that arrived later was admitted before this one
 
     @property
     def all_ids(self) -> list[int]:

@@ -93,38 +93,56 @@ def smol_server(tmp_path_factory):
     server.stop()
 
 
+TINY_FAMILIES = {  # family -> (transformers config class, model class, family-specific config values)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                                                          attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # 3 layers: sliding, sliding, global (pattern 3), sliding layers with their own rope base
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, sliding_window=None)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                                moe_intermediate_size=48, norm_topk_prob=False)),
+}
+
+
 def build_tiny_model(path: Path, arch: str, **overrides) -> Path:
     """Save a tiny random HF model (safetensors) of the given family; returns its directory."""
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    import transformers
 
+    config_name, model_name, family_values = TINY_FAMILIES[arch]
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1,
                   eos_token_id=2)
+    common.update(family_values)
     common.update(overrides)
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
-    config_cls, model_cls = classes[arch]
     torch.manual_seed(1234)
-    model = model_cls(config_cls(**common)).eval()
-    if arch == "qwen2":  # make the q/k/v biases matter
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    if arch == "qwen3":  # make the per-head q/k norms matter (they initialise to ones)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_norm.weight.normal_(1, 0.3)
-                layer.self_attn.k_norm.weight.normal_(1, 0.3)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**common)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):  # norms start at ones (Gemma: zeros); make them matter
+                param.normal_(float(param.mean()), 0.3)
+            elif name.endswith("proj.bias"):  # Qwen2's q/k/v biases start at zero
+                param.normal_(0, 0.5)
+            elif name.endswith(("gate.weight",)) and "experts" not in name:
+                param.normal_(0, 1.0)  # a router with clear preferences, so top-k is not decided by rounding
     model.save_pretrained(path)
     return path
 
 
-def run_engine_recording_logits(model_dir, prompts, steps: int = 9, **engine_kwargs):
+def run_engine_recording_logits(model_dir, prompts, steps: int = 9, cached_tokens: dict | None = None,
+                                **engine_kwargs):
     """Greedy-run prompts through an Engine (the first one alone for a step, then batched), recording the
-    logits each sampling step saw. Returns (engine, generated ids per rid, logits per rid)."""
+    logits each sampling step saw. Returns (engine, generated ids per rid, logits per rid); fills
+    `cached_tokens` (when given) with each request's prefix-cache hit count."""
     import torch
 
     from lightllm.engine.engine import Engine
@@ -152,6 +170,8 @@ def run_engine_recording_logits(model_dir, prompts, steps: int = 9, **engine_kwa
     while engine.scheduler.has_work():
         for out in engine.step():
             outputs.setdefault(out.rid, []).append(out.token_id)
+            if cached_tokens is not None:
+                cached_tokens[out.rid] = out.cached_tokens
     return engine, outputs, recorded
 
 

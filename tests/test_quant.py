@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightllm.models.quant import (DenseLinear, Int4Linear, Int8Linear, RowCountDispatch, gguf_q4_blocks, quantize_int4,
-                                  with_dense_batch_path)
+from lightllm.models.gguf_quants import gguf_q4_blocks
+from lightllm.models.quant import DenseLinear, Int4Linear, Int8Linear, RowCountDispatch, quantize_int4, with_dense_batch_path
 from tests.conftest import embedded_model_path, run_engine_recording_logits
 
 

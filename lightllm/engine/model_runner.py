@@ -18,7 +18,7 @@ class ModelRunner:
         self.table = table
         self.sampler = sampler
         self.device = model.device
-        self.window = model.config.sliding_window
+        self.windows = model.attention_windows  # each distinct window the layers use (None: global)
 
     def build_metadata(self, plan: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         ids: list[int] = []
@@ -42,7 +42,7 @@ class ModelRunner:
                 decode_lens.append(end)
             else:
                 prefill.append(PrefillSegment(row, row + n, self.table.table[seq.slot, :end],
-                                              causal_mask(n, end, self.window, self.device)))
+                                              {w: causal_mask(n, end, w, self.device) for w in self.windows}))
             row += n
             if chunk.samples:
                 logit_rows.append(row - 1)
@@ -56,13 +56,14 @@ class ModelRunner:
             max_len = max(decode_lens)
             lens = torch.tensor(decode_lens, device=self.device).unsqueeze(1)
             k_pos = torch.arange(max_len, device=self.device).unsqueeze(0)
-            mask = k_pos < lens
-            if self.window is not None:
-                mask &= k_pos >= lens - self.window
             meta.decode_token_idx = torch.tensor(decode_rows, device=self.device)
             meta.decode_kv_indices = self.table.table[torch.tensor(decode_slots, device=self.device), :max_len]
-            # Equal lengths and no window: nothing to mask, and SDPA takes its faster unmasked path.
-            meta.decode_mask = None if bool(mask.all()) else mask[:, None, None, :]
+            for window in self.windows:
+                mask = k_pos < lens
+                if window is not None:
+                    mask &= k_pos >= lens - window
+                # Equal lengths and no window: nothing to mask, and SDPA takes its faster unmasked path.
+                meta.decode_masks[window] = None if bool(mask.all()) else mask[:, None, None, :]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return input_ids, pos, meta, logit_rows

@@ -1,4 +1,5 @@
-"""Building blocks: RMSNorm, rotary embedding (with llama3/linear scaling) and paged attention."""
+"""Building blocks: RMSNorm, rotary embedding (linear, llama3, yarn, longrope scaling) and paged attention
+(sliding windows, soft-capped scores)."""
 
 from __future__ import annotations
 
@@ -29,24 +30,80 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(inv_freq: torch.Tensor, theta: float, head_dim: int,
+                   scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN (Qwen2.5/Qwen3 long context): interpolate the low frequencies by `factor`, keep the high ones,
+    ramp linearly between the dims that turn beta_fast and beta_slow times over the original context;
+    cos/sin are scaled by the attention factor 0.1 * ln(factor) + 1."""
+    factor = float(scaling["factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+        def get_mscale(m: float = 1.0) -> float:
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+        attention_factor = get_mscale(mscale) / get_mscale(mscale_all_dim) if mscale and mscale_all_dim else get_mscale()
+    return inv_freq, float(attention_factor)
+
+
+def _longrope_attention_factor(scaling: dict[str, Any], max_positions: int) -> float:
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = int(scaling["original_max_position_embeddings"])
+    factor = float(scaling.get("factor") or max_positions / original)
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 class RotaryEmbedding:
-    """Precomputed cos/sin tables (NeoX/HF "rotate_half" layout) indexed by absolute position."""
+    """Precomputed cos/sin tables (NeoX/HF "rotate_half" layout) indexed by absolute position.
+
+    Scaling types: linear, llama3 (Llama 3.1+), yarn (Qwen), longrope/su (Phi-3: short factors for positions
+    inside the original context, long factors beyond it — chosen per position, as vLLM does; transformers
+    switches the whole sequence once it grows past the original context)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
                  device: torch.device, dtype: torch.dtype):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+        inv_freq = 1.0 / (theta ** exponents)
+        scaling = scaling or {}
+        rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+        attention_factor = 1.0
+        positions = torch.arange(max_positions, dtype=torch.float64)
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
         elif rope_type == "linear":
             inv_freq = inv_freq / float(scaling["factor"])
+        elif rope_type == "yarn":
+            inv_freq, attention_factor = _yarn_inv_freq(inv_freq, theta, head_dim, scaling)
+        elif rope_type in ("longrope", "su"):
+            attention_factor = _longrope_attention_factor(scaling, max_positions)
+            original = int(scaling["original_max_position_embeddings"])
+            short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float64) * theta ** exponents)
+            long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float64) * theta ** exponents)
+            inv_freq = torch.where((positions < original).unsqueeze(1), short, long)  # [P, D/2] per position
         elif rope_type != "default":
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
-        positions = torch.arange(max_positions, dtype=torch.float64)
-        freqs = torch.outer(positions, inv_freq)
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported "
+                             "(default, linear, llama3, yarn, longrope)")
+        freqs = positions.unsqueeze(1) * inv_freq if inv_freq.dim() == 2 else torch.outer(positions, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos().to(device=device, dtype=dtype)
-        self.sin = emb.sin().to(device=device, dtype=dtype)
+        self.cos = (emb.cos() * attention_factor).to(device=device, dtype=dtype)
+        self.sin = (emb.sin() * attention_factor).to(device=device, dtype=dtype)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for a step's positions, [T, 1, D]; looked up once and shared by every layer."""
@@ -70,7 +127,8 @@ class PrefillSegment:
     token_start: int
     token_end: int
     kv_indices: torch.Tensor  # [ctx] pool indices of the whole context, new tokens included
-    mask: torch.Tensor | None  # [n, ctx] bool, None means plain causal with n == ctx
+    # per attention window (None: global) the [n, ctx] bool mask; a None mask means plain causal, n == ctx
+    masks: dict[int | None, torch.Tensor | None]
 
 
 @dataclass
@@ -82,7 +140,7 @@ class AttentionMetadata:
     decode_token_idx: torch.Tensor | None = None  # [B] rows of the batch that are single-token decodes
     # PyTorch path: padded gather indices and mask
     decode_kv_indices: torch.Tensor | None = None  # [B, L] padded pool indices
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool
+    decode_masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # per window [B, 1, 1, L]
     # fused-kernel path: the kernel walks req_to_token rows itself
     table: torch.Tensor | None = None  # req_to_token [slots, max_len]
     decode_req_slots: torch.Tensor | None = None  # [B] table rows
@@ -102,7 +160,7 @@ def causal_mask(n_new: int, ctx_len: int, sliding_window: int | None, device: to
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+                    scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [T, H, D]; pools: [P, KVH, D]. Returns [T, H, D].
 
     Prefill segments run one SDPA each over their gathered context; all single-token decodes run as one
@@ -110,18 +168,35 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     index_select: on CPU it is ~8x faster than advanced indexing for these shapes.
     """
     if not meta.prefill and meta.decode_token_idx is not None:
-        return _decode_attention(q, k_pool, v_pool, meta, scale)  # decode-only step: no scatter needed
+        return _decode_attention(q, k_pool, v_pool, meta, scale, window, softcap)  # decode-only: no scatter
     out = torch.empty_like(q)
     for seg in meta.prefill:
-        out[seg.token_start:seg.token_end] = prefill_attention(q, k_pool, v_pool, seg, scale)
+        out[seg.token_start:seg.token_end] = prefill_attention(q, k_pool, v_pool, seg, scale, window, softcap)
     if meta.decode_token_idx is not None:
         out.index_copy_(0, meta.decode_token_idx, _decode_attention(q.index_select(0, meta.decode_token_idx),
-                                                                    k_pool, v_pool, meta, scale))
+                                                                    k_pool, v_pool, meta, scale, window, softcap))
     return out
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+               scale: float, softcap: float | None) -> torch.Tensor:
+    """[B, H, n, D] queries over [B, KVH, L, D] keys/values. SDPA unless the scores are soft-capped
+    (Gemma 2: cap * tanh(scores / cap) before the mask), which SDPA cannot express."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * (scale / softcap)) * softcap
+    if causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
 def prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg: PrefillSegment,
-                      scale: float) -> torch.Tensor:
+                      scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """The segment's queries over its gathered context (compute-bound, so SDPA's blocked kernel) → [n, H, D].
 
     Inputs are 4-D ([1, heads, n, D]): on CPU only 4-D inputs reach the fused flash kernel, 3-D ones fall
@@ -129,17 +204,17 @@ def prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     qs = q[seg.token_start:seg.token_end].transpose(0, 1).unsqueeze(0)
     ks = k_pool.index_select(0, seg.kv_indices).transpose(0, 1).to(q.dtype).unsqueeze(0)
     vs = v_pool.index_select(0, seg.kv_indices).transpose(0, 1).to(q.dtype).unsqueeze(0)
-    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, is_causal=seg.mask is None,
-                                       scale=scale, enable_gqa=True)
+    mask = seg.masks[window]
+    o = _attention(qs, ks, vs, mask, mask is None, scale, softcap)
     return o[0].transpose(0, 1)
 
 
 def _decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata,
-                      scale: float) -> torch.Tensor:
+                      scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
     """q: [B, H, D], one query per decoding sequence → [B, H, D]."""
     batch, length = meta.decode_kv_indices.shape
     flat = meta.decode_kv_indices.reshape(-1)
     kd = k_pool.index_select(0, flat).view(batch, length, *k_pool.shape[1:]).transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
     vd = v_pool.index_select(0, flat).view(batch, length, *v_pool.shape[1:]).transpose(1, 2).to(q.dtype)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+    o = _attention(q.unsqueeze(2), kd, vd, meta.decode_masks[window], False, scale, softcap)
     return o.squeeze(2)

@@ -1,5 +1,7 @@
-"""Llama-family decoder (Llama 2/3, SmolLM, Mistral with sliding window, Qwen2 with q/k/v bias).
-Families that differ in more than config values subclass `LlamaModel` and override its hooks (qwen3.py).
+"""Llama-family decoder (Llama 2/3, SmolLM, Mistral with sliding window, Qwen2 with q/k/v bias, Phi-3 whose
+fused checkpoint tensors the loader splits). Families that differ in more than config values subclass
+`LlamaModel` and override its hooks: per-head q/k norms (qwen3.py), Gemma's extra norms, scaled embeddings
+and soft-capping (gemma.py), routed experts (moe.py).
 
 Weights are plain tensors with q/k/v and gate/up fused at load time, so each layer runs four matmuls.
 The model is stateless apart from its weights: the KV pool and the batch layout come in per call.
@@ -19,15 +21,29 @@ from lightllm.models.quant import Linear
 
 
 @dataclass
+class ExpertWeights:
+    """Mixture-of-experts MLP: a router over `len(experts)` SwiGLU experts, `top_k` of them per token."""
+
+    router: Linear  # hidden -> num_experts
+    gate_up: list[Linear]  # per expert: hidden -> 2 * moe_intermediate
+    down: list[Linear]
+    top_k: int
+    renormalize: bool
+
+
+@dataclass
 class LayerWeights:
     input_norm: torch.Tensor
     qkv: Linear  # hidden -> (H + 2 * KVH) * D, with Qwen2's bias
     o: Linear
-    post_norm: torch.Tensor
-    gate_up: Linear  # hidden -> 2 * intermediate
-    down: Linear
-    q_norm: torch.Tensor | None = None  # [head_dim] per-head RMSNorm weights (Qwen3), else None
+    post_norm: torch.Tensor  # the norm before the MLP
+    gate_up: Linear | None  # hidden -> 2 * intermediate; None in MoE layers
+    down: Linear | None
+    q_norm: torch.Tensor | None = None  # [head_dim] per-head RMSNorm weights (Qwen3, Gemma 3), else None
     k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # Gemma: norms on the attention and MLP outputs
+    mlp_out_norm: torch.Tensor | None = None
+    experts: ExpertWeights | None = None
 
 
 @dataclass
@@ -39,19 +55,36 @@ class ModelWeights:
 
 
 class LlamaModel:
+    # The fused CPU kernels implement exactly this class's layer (SwiGLU MLP, two norms per layer); families
+    # that change the layer's structure set this False and run the PyTorch path.
+    supports_fused_kernels = True
+
     def __init__(self, config: ModelConfig, weights: ModelWeights, device: torch.device, dtype: torch.dtype):
         self.config = config
         self.weights = weights
         self.device = device
         self.dtype = dtype
-        self.scale = config.head_dim ** -0.5
+        self.scale = config.attention_scale or config.head_dim ** -0.5
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                       config.rope_scaling, device, dtype)
+        local_rotary = self.rotary
+        if config.local_rope_theta is not None:  # Gemma 3: sliding layers rotate with their own base, unscaled
+            local_rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.local_rope_theta,
+                                           None, device, dtype)
+        self.layer_windows = [config.window_for_layer(i) for i in range(config.num_layers)]
+        self.layer_rotary = [local_rotary if config.is_sliding_layer(i) else self.rotary
+                             for i in range(config.num_layers)]
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         # Fused C kernels for the elementwise work and the paged decode attention (fp32 CPU models);
         # otherwise, or when they cannot be built, the PyTorch path below.
-        self.kernels = cpu_kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
+        fused = self.supports_fused_kernels and device.type == "cpu" and dtype == torch.float32
+        self.kernels = cpu_kernels.load() if fused else None
+
+    @property
+    def attention_windows(self) -> set[int | None]:
+        """The distinct attention windows of the layers (None: global); the runner builds a mask for each."""
+        return set(self.layer_windows)
 
     @property
     def uses_paged_decode_kernel(self) -> bool:
@@ -62,6 +95,21 @@ class LlamaModel:
         """Hook on the q and k heads, [T, H + KVH, D] (a view into the qkv output), before rotary; changes
         them in place. Llama has no such step; Qwen3 normalises each head here."""
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.weights.embed.index_select(0, input_ids)
+
+    def _attention_output(self, out: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        """Hook on the o-projection's output before the residual add (Gemma normalises it)."""
+        return out
+
+    def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        gate, up = lw.gate_up(x).chunk(2, dim=-1)
+        return lw.down(F.silu(gate) * up)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        last = rms_norm(hidden, self.weights.final_norm, self.config.rms_norm_eps)
+        return self.weights.lm_head(last).float()
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
@@ -70,9 +118,9 @@ class LlamaModel:
         if self.kernels is not None:
             return self._forward_fused(input_ids, positions, meta, k_cache, v_cache, logit_rows)
         cfg = self.config
-        hidden = self.weights.embed.index_select(0, input_ids)
+        hidden = self._embed(input_ids)
         n_tokens = input_ids.shape[0]
-        cos, sin = self.rotary.lookup(positions)
+        rotations = {id(r): r.lookup(positions) for r in self.layer_rotary}  # cos/sin, once per distinct table
         for layer_idx, lw in enumerate(self.weights.layers):
             residual = hidden
             x = rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
@@ -81,19 +129,18 @@ class LlamaModel:
             qk = qk.view(n_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
             self._norm_qk_(qk, lw)
             # q and k heads rotate together: half the rotary ops per layer
-            qk = self.rotary.apply(qk, cos, sin)
+            qk = RotaryEmbedding.apply(qk, *rotations[id(self.layer_rotary[layer_idx])])
             q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
             v = v.view(n_tokens, cfg.num_kv_heads, cfg.head_dim)
             k_cache[layer_idx].index_copy_(0, meta.slot_indices, k.to(k_cache[layer_idx].dtype))
             v_cache[layer_idx].index_copy_(0, meta.slot_indices, v.to(v_cache[layer_idx].dtype))
-            attn = paged_attention(q, k_cache[layer_idx], v_cache[layer_idx], meta, self.scale)
-            hidden = residual + lw.o(attn.reshape(n_tokens, self.q_size))
+            attn = paged_attention(q, k_cache[layer_idx], v_cache[layer_idx], meta, self.scale,
+                                   self.layer_windows[layer_idx], cfg.attn_logit_softcap)
+            hidden = residual + self._attention_output(lw.o(attn.reshape(n_tokens, self.q_size)), lw)
             residual = hidden
             x = rms_norm(hidden, lw.post_norm, cfg.rms_norm_eps)
-            gate, up = lw.gate_up(x).chunk(2, dim=-1)
-            hidden = residual + lw.down(F.silu(gate) * up)
-        last = rms_norm(hidden.index_select(0, logit_rows), self.weights.final_norm, cfg.rms_norm_eps)
-        return self.weights.lm_head(last).float()
+            hidden = residual + self._mlp(x, lw)
+        return self._logits(hidden.index_select(0, logit_rows))
 
     def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                        k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
@@ -119,16 +166,17 @@ class LlamaModel:
         for layer_idx, lw in enumerate(layers):
             qkv = lw.qkv.raw(x)
             self._norm_qk_(qkv[:, :self.q_size + self.kv_size].view(n_tokens, -1, cfg.head_dim), lw)
-            k.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads, positions, self.rotary.cos, self.rotary.sin,
+            rotary = self.layer_rotary[layer_idx]
+            k.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads, positions, rotary.cos, rotary.sin,
                          meta.slot_indices, k_cache[layer_idx], v_cache[layer_idx], q)
             attn = buffer("attn", self.q_size, lw.o.input_dtype).view(n_tokens, cfg.num_heads, cfg.head_dim)
             for seg in meta.prefill:
                 attn[seg.token_start:seg.token_end] = prefill_attention(q, k_cache[layer_idx], v_cache[layer_idx],
-                                                                         seg, self.scale)
+                                                                         seg, self.scale, self.layer_windows[layer_idx])
             if meta.decode_req_slots is not None:
                 k.decode_attention(q, k_cache[layer_idx], v_cache[layer_idx], meta.table, meta.decode_req_slots,
                                    meta.decode_lens, meta.decode_token_idx if meta.prefill else None,
-                                   cfg.sliding_window, self.scale, attn)
+                                   self.layer_windows[layer_idx], self.scale, attn)
             x = buffer("norm", cfg.hidden_size, lw.gate_up.input_dtype)
             k.add_rms_norm(hidden, lw.o.raw(attn.view(n_tokens, self.q_size)), lw.post_norm, cfg.rms_norm_eps, x)
             act = buffer("act", cfg.intermediate_size, lw.down.input_dtype)
@@ -140,5 +188,4 @@ class LlamaModel:
                 k.add_rms_norm(hidden, down, nxt.input_norm, cfg.rms_norm_eps, x)
             else:
                 hidden.add_(down)
-        last = rms_norm(hidden.index_select(0, logit_rows), self.weights.final_norm, cfg.rms_norm_eps)
-        return self.weights.lm_head(last).float()
+        return self._logits(hidden.index_select(0, logit_rows))

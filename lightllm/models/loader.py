@@ -6,6 +6,7 @@ fuses q/k/v and gate/up once, so the model code never sees where the weights cam
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -15,10 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lightllm.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, config_from_hf
-from lightllm.models.llama import LayerWeights, ModelWeights
+from lightllm.models.config import (GEMMA_FAMILIES, SUPPORTED_ARCHITECTURES, ModelConfig, config_from_hf,
+                                    gemma_layer_types)
+from lightllm.models.gguf_quants import dequantize as gguf_dequantize, group_quantized
+from lightllm.models.llama import ExpertWeights, LayerWeights, ModelWeights
 from lightllm.models.paths import find_gguf_file
-from lightllm.models.quant import QUANT_TYPES, GroupQuantized, cat_rows, gguf_q4_blocks, make_linear
+from lightllm.models.quant import QUANT_TYPES, GroupQuantized, cat_rows, make_linear
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +40,27 @@ _HF_LAYER_NAMES = {
     "mlp.down_proj.weight": "down",
     "input_layernorm.weight": "input_norm",
     "post_attention_layernorm.weight": "post_norm",
+    # Phi-3 checkpoints hold q/k/v and gate/up fused already
+    "self_attn.qkv_proj.weight": "qkv",
+    "mlp.gate_up_proj.weight": "gate_up",
+    # mixture of experts: the router (Qwen3-MoE, Mixtral)
+    "mlp.gate.weight": "router",
+    "block_sparse_moe.gate.weight": "router",
 }
+# Gemma 2/3: post_attention_layernorm normalises the attention output; the pre-MLP norm has its own name
+_HF_GEMMA_LAYER_NAMES = {
+    **_HF_LAYER_NAMES,
+    "post_attention_layernorm.weight": "attn_out_norm",
+    "pre_feedforward_layernorm.weight": "post_norm",
+    "post_feedforward_layernorm.weight": "mlp_out_norm",
+}
+# per-expert tensors: Qwen3-MoE `mlp.experts.E.gate_proj`, Mixtral `block_sparse_moe.experts.E.w1` (w3 up, w2 down)
+_HF_EXPERT_NAMES = {"gate_proj.weight": "gate", "up_proj.weight": "up", "down_proj.weight": "down",
+                    "w1.weight": "gate", "w3.weight": "up", "w2.weight": "down"}
 _HF_GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
+# Gemma 3's multimodal checkpoints nest the text decoder
+_HF_TEXT_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                     "language_model.lm_head.": "lm_head."}
 
 _GGUF_LAYER_NAMES = {
     "attn_q.weight": "q", "attn_k.weight": "k", "attn_v.weight": "v",
@@ -46,6 +68,10 @@ _GGUF_LAYER_NAMES = {
     "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
     "attn_output.weight": "o", "ffn_gate.weight": "gate", "ffn_up.weight": "up", "ffn_down.weight": "down",
     "attn_norm.weight": "input_norm", "ffn_norm.weight": "post_norm",
+    "post_attention_norm.weight": "attn_out_norm", "post_ffw_norm.weight": "mlp_out_norm",  # Gemma
+    "attn_qkv.weight": "qkv",  # Phi-3 (whose ffn_up is the fused gate/up)
+    "ffn_gate_inp.weight": "router",  # MoE: router and the experts stacked [experts, out, in]
+    "ffn_gate_exps.weight": "experts_gate", "ffn_up_exps.weight": "experts_up", "ffn_down_exps.weight": "experts_down",
 }
 _GGUF_GLOBAL_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "final_norm", "output.weight": "lm_head"}
 
@@ -53,9 +79,7 @@ _GGUF_GLOBAL_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "final
 def load_model_config(model_path: str | Path) -> ModelConfig:
     gguf_path = find_gguf_file(model_path)
     if gguf_path is not None:
-        from gguf import GGUFReader
-
-        return config_from_gguf(GGUFReader(str(gguf_path)))
+        return config_from_gguf(open_gguf(gguf_path))
     path = Path(model_path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is neither a .gguf file nor a directory with config.json")
@@ -84,7 +108,7 @@ def load_model_weights(model_path: str | Path, config: ModelConfig, device: torc
     if gguf_path is not None:
         tensors = _gguf_tensors(gguf_path, config, keep_q4=quant_type == "gguf")
     else:
-        tensors = _safetensors_tensors(Path(model_path))
+        tensors = _safetensors_tensors(Path(model_path), config.architecture)
     return assemble(config, tensors, device, dtype, quant_type)
 
 
@@ -102,29 +126,51 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _safetensors_tensors(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+def _safetensors_tensors(path: Path, family: str) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     from safetensors import safe_open
 
     for file in _safetensors_files(path):
         # Left open on purpose: the loaders run after this generator is exhausted; GC closes it.
         handle = safe_open(str(file), framework="pt")
         for name in handle.keys():
-            canonical = _canonical_hf_name(name)
+            canonical = _canonical_hf_name(name, family)
             if canonical is not None:
                 yield canonical, (lambda h=handle, n=name: h.get_tensor(n))
 
 
-def _canonical_hf_name(name: str) -> str | None:
+def _canonical_hf_name(name: str, family: str = "llama") -> str | None:
+    for prefix, replacement in _HF_TEXT_PREFIXES.items():
+        if name.startswith(prefix):
+            name = replacement + name[len(prefix):]
     if name in _HF_GLOBAL_NAMES:
         return _HF_GLOBAL_NAMES[name]
     if name.startswith("model.layers."):
         _, _, idx, rest = name.split(".", 3)
-        if rest in _HF_LAYER_NAMES:
-            return f"layers.{idx}.{_HF_LAYER_NAMES[rest]}"
-    return None  # rotary inv_freq buffers and the like
+        layer_names = _HF_GEMMA_LAYER_NAMES if family in GEMMA_FAMILIES else _HF_LAYER_NAMES
+        if rest in layer_names:
+            return f"layers.{idx}.{layer_names[rest]}"
+        if rest.startswith(("mlp.experts.", "block_sparse_moe.experts.")):
+            expert, part = rest.split(".experts.", 1)[1].split(".", 1)
+            if part in _HF_EXPERT_NAMES:
+                return f"layers.{idx}.experts.{expert}.{_HF_EXPERT_NAMES[part]}"
+    return None  # rotary inv_freq buffers, vision towers and the like
 
 
 # ---------------------------------------------------------------------------------------------- GGUF
+
+
+def open_gguf(path: Path) -> Any:
+    """One parsed reader per file version (parsing a 0.5B model's metadata takes seconds): the config and
+    the weights read the same one. Tensor data stays a read-only memmap of the file."""
+    stat = Path(path).stat()
+    return _open_gguf(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf(path: str, size: int, mtime_ns: int) -> Any:
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
 
 
 def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
@@ -132,38 +178,70 @@ def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
+_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen3moe")
+
+
 def config_from_gguf(reader: Any) -> ModelConfig:
     arch = _gguf_value(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if arch not in _GGUF_ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_GGUF_ARCHITECTURES)}")
     p = f"{arch}."
+    num_experts = int(_gguf_value(reader, p + "expert_count", 0) or 0)
+    family = "mixtral" if arch == "llama" and num_experts else arch  # llama.cpp writes Mixtral as llama
     num_heads = int(_gguf_value(reader, p + "attention.head_count"))
     hidden = int(_gguf_value(reader, p + "embedding_length"))
+    num_layers = int(_gguf_value(reader, p + "block_count"))
+    head_dim = int(_gguf_value(reader, p + "attention.key_length", hidden // num_heads))
     vocab = _gguf_value(reader, p + "vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     scaling_type = _gguf_value(reader, p + "rope.scaling.type")
     rope_scaling = None
     if scaling_type and scaling_type != "none":
         rope_scaling = {"rope_type": scaling_type, "factor": _gguf_value(reader, p + "rope.scaling.factor", 1.0)}
+        original = _gguf_value(reader, p + "rope.scaling.original_context_length")
+        if original:
+            rope_scaling["original_max_position_embeddings"] = int(original)
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_factors_long.weight" in tensors:  # Phi-3 longrope: the factors travel as tensors
+        original = int(_gguf_value(reader, p + "rope.scaling.original_context_length"))
+        rope_scaling = {"rope_type": "longrope", "original_max_position_embeddings": original,
+                        "long_factor": [float(x) for x in tensors["rope_factors_long.weight"].data],
+                        "short_factor": [float(x) for x in tensors["rope_factors_short.weight"].data],
+                        "attention_factor": _gguf_value(reader, p + "rope.scaling.attn_factor")}
     eos = [int(_gguf_value(reader, "tokenizer.ggml.eos_token_id"))] if "tokenizer.ggml.eos_token_id" in reader.fields else []
-    names = [t.name for t in reader.tensors]
     window = _gguf_value(reader, p + "attention.sliding_window")
+    gemma = arch in GEMMA_FAMILIES
+    layer_types = gemma_layer_types(num_layers, 2 if arch == "gemma2" else 6) if gemma and window else None
     return ModelConfig(
-        architecture=arch,
+        architecture=family,
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(_gguf_value(reader, p + "feed_forward_length")),
-        num_layers=int(_gguf_value(reader, p + "block_count")),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=int(_gguf_value(reader, p + "attention.head_count_kv", num_heads)),
-        head_dim=int(_gguf_value(reader, p + "attention.key_length", hidden // num_heads)),
+        head_dim=head_dim,
         rms_norm_eps=float(_gguf_value(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(_gguf_value(reader, p + "rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
         max_position_embeddings=int(_gguf_value(reader, p + "context_length", 4096)),
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names,
-        qk_norm=arch == "qwen3",
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
         sliding_window=int(window) if window else None,
+        layer_types=layer_types,
+        # llama.cpp's Gemma 3 rotates its sliding layers with base 10000 whatever the global base is
+        local_rope_theta=10000.0 if arch == "gemma3" else None,
+        hidden_act="gelu_tanh" if gemma else "silu",
+        attention_scale=head_dim ** -0.5,
+        attn_logit_softcap=_gguf_value(reader, p + "attn_logit_softcapping") if gemma else None,
+        final_logit_softcap=_gguf_value(reader, p + "final_logit_softcapping") if gemma else None,
+        embedding_scale=hidden ** 0.5 if gemma else None,
+        norm_weight_offset=0.0,  # llama.cpp's converter stores Gemma's norms with the +1 already added
+        num_experts=num_experts,
+        num_experts_per_tok=int(_gguf_value(reader, p + "expert_used_count", 0) or 0),
+        moe_intermediate_size=int(_gguf_value(reader, p + "expert_feed_forward_length", 0)
+                                  or _gguf_value(reader, p + "feed_forward_length")),
+        norm_topk_prob=bool(_gguf_value(reader, p + "expert_weights_norm", True)),
         bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=eos,
         name=str(_gguf_value(reader, "general.name", "model")),
@@ -178,12 +256,11 @@ def _unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _gguf_tensors(path: Path, config: ModelConfig, keep_q4: bool = False) -> Iterator[tuple[str, Callable[[], Any]]]:
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    reader = GGUFReader(str(path))
-    # Only llama-arch files were permuted by llama.cpp's converter; qwen2/qwen3 use NeoX rope as HF does.
-    permuted = config.architecture in ("llama", "mistral")
+    """Each tensor decoded exactly (bit-identical to gguf's reader); with `keep_q4`, Q4_0/Q4_1/Q4_K matrices
+    other than the embedding stay int4 groups of 32 (`GroupQuantized`) for the packed int4 kernel."""
+    reader = open_gguf(path)
+    # Only llama-arch files (Mixtral too) were permuted by llama.cpp's converter; the others use NeoX rope as HF does.
+    permuted = config.architecture in ("llama", "mistral", "mixtral")
     for tensor in reader.tensors:
         canonical = _canonical_gguf_name(tensor.name)
         if canonical is None:
@@ -195,15 +272,14 @@ def _gguf_tensors(path: Path, config: ModelConfig, keep_q4: bool = False) -> Ite
                 heads = config.num_heads
             elif permuted and name.endswith((".k", ".k_bias")):
                 heads = config.num_kv_heads
-            if keep_q4 and t.tensor_type.name in ("Q4_0", "Q4_1") and name not in ("embed",):
-                blocks = gguf_q4_blocks(t.data, t.tensor_type.name, (t.data.shape[0], int(t.shape[0])))
-                if heads is not None:
-                    blocks = blocks.permute_rows(lambda x: torch.from_numpy(_unpermute_qk(x.numpy(), heads)))
-                return blocks
-            array = dequantize(t.data, t.tensor_type)
-            if heads is not None:
-                array = _unpermute_qk(array, heads)
-            return torch.from_numpy(np.array(array, dtype=np.float32))  # copy: GGUF data is a read-only memmap
+            type_name = t.tensor_type.name
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+            if keep_q4 and name != "embed":
+                blocks = group_quantized(t.data, type_name, shape)
+                if blocks is not None:
+                    return blocks if heads is None else blocks.permute_rows(lambda x: _unpermute_qk(x, heads))
+            weight = gguf_dequantize(t.data, type_name, shape, name=t.name)
+            return weight if heads is None else _unpermute_qk(weight, heads).contiguous()
 
         yield canonical, load
 
@@ -219,6 +295,16 @@ def _canonical_gguf_name(name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- assemble
+
+
+def split_experts(stacked: Any, num_experts: int) -> list[Any]:
+    """One tensor holding every expert's weights ([experts, out, in], or [experts * out, in] when kept
+    quantized) → per-expert [out, in] weights."""
+    if isinstance(stacked, GroupQuantized):
+        rows = stacked.shape[0] // num_experts
+        return [GroupQuantized(stacked.q[e * rows:(e + 1) * rows], stacked.scale[e * rows:(e + 1) * rows],
+                               stacked.zero[e * rows:(e + 1) * rows], stacked.group) for e in range(num_experts)]
+    return list(stacked.reshape(num_experts, -1, stacked.shape[-1]).unbind(0))
 
 
 def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]]],
@@ -240,10 +326,39 @@ def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]
     def small(name: str) -> torch.Tensor:
         return take(name).to(device=device, dtype=dtype)
 
+    def norm(name: str) -> torch.Tensor:
+        # Gemma's HF norms compute x * (1 + w): fold the 1 in once, in float32, as transformers adds it
+        weight = take(name).float() + config.norm_weight_offset
+        return weight.to(device=device, dtype=dtype)
+
+    def optional_norm(name: str) -> torch.Tensor | None:
+        return norm(name) if name in loaded else None
+
     def take(name: str) -> Any:
         if name not in loaded:
             raise ValueError(f"weight {name!r} missing from the checkpoint")
         return loaded.pop(name)
+
+    def fused(p: str, fused_name: str, parts: tuple[str, ...]) -> Any:
+        """A checkpoint's fused tensor (Phi-3) or its parts concatenated along the output rows."""
+        if p + fused_name in loaded:
+            return take(p + fused_name)
+        if fused_name == "gate_up" and p + "gate" not in loaded and p + "up" in loaded:
+            return take(p + "up")  # Phi-3 GGUF: ffn_up holds gate and up stacked
+        return cat_rows([take(p + part) for part in parts])
+
+    def experts(p: str) -> ExpertWeights:
+        n = config.num_experts
+        if p + "experts_gate" in loaded:  # GGUF: each tensor stacks the experts, [experts, out, in]
+            gates, ups, downs = (split_experts(take(p + f"experts_{part}"), n) for part in ("gate", "up", "down"))
+        else:
+            gates, ups, downs = ([take(f"{p}experts.{e}.{part}") for e in range(n)] for part in ("gate", "up", "down"))
+        # the router stays dense under every --quant_type: rounding it would change which experts run
+        router = make_linear(take(p + "router"), None, "none", device, dtype)
+        return ExpertWeights(router=router,
+                             gate_up=[linear(cat_rows([g, u])) for g, u in zip(gates, ups)],
+                             down=[linear(d) for d in downs],
+                             top_k=config.num_experts_per_tok, renormalize=config.norm_topk_prob)
 
     layers = []
     for i in range(config.num_layers):
@@ -251,17 +366,21 @@ def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]
         bias = None
         if config.attention_bias:
             bias = torch.cat([take(p + "q_bias"), take(p + "k_bias"), take(p + "v_bias")])
+        moe = experts(p) if config.num_experts else None
         layers.append(LayerWeights(
-            input_norm=small(p + "input_norm"),
-            qkv=linear(cat_rows([take(p + "q"), take(p + "k"), take(p + "v")]), bias),
+            input_norm=norm(p + "input_norm"),
+            qkv=linear(fused(p, "qkv", ("q", "k", "v")), bias),
             o=linear(take(p + "o")),
-            post_norm=small(p + "post_norm"),
-            gate_up=linear(cat_rows([take(p + "gate"), take(p + "up")])),
-            down=linear(take(p + "down")),
-            q_norm=small(p + "q_norm") if config.qk_norm else None,
-            k_norm=small(p + "k_norm") if config.qk_norm else None,
+            post_norm=norm(p + "post_norm"),
+            gate_up=None if moe else linear(fused(p, "gate_up", ("gate", "up"))),
+            down=None if moe else linear(take(p + "down")),
+            q_norm=norm(p + "q_norm") if config.qk_norm else None,
+            k_norm=norm(p + "k_norm") if config.qk_norm else None,
+            attn_out_norm=optional_norm(p + "attn_out_norm"),
+            mlp_out_norm=optional_norm(p + "mlp_out_norm"),
+            experts=moe,
         ))
     embed = small("embed")
     lm_head = loaded.pop("lm_head", None)
-    return ModelWeights(embed=embed, layers=layers, final_norm=small("final_norm"),
+    return ModelWeights(embed=embed, layers=layers, final_norm=norm("final_norm"),
                         lm_head=linear(embed if lm_head is None else lm_head))

@@ -2,8 +2,8 @@
 
 On AVX2 CPUs `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` fed bf16 activations read 4-8x fewer
 weight bytes than fp32 `F.linear`, which is what bounds decode speed (see shared/reference/cpu_performance.md).
-GGUF Q4_0/Q4_1 blocks map exactly onto int4pack's `(q - 8) * scale + zero` with group 32, so such files are
-repacked without re-quantizing (`--quant_type gguf`).
+GGUF Q4_0/Q4_1/Q4_K blocks map onto int4pack's `(q - 8) * scale + zero` with group 32, so such tensors are
+repacked without re-quantizing (`--quant_type gguf`; see gguf_quants.group_quantized).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,24 +49,6 @@ def cat_rows(parts: list) -> torch.Tensor | GroupQuantized:
                               torch.cat([p.zero for p in parts]), parts[0].group)
     dense = [p.dequantize() if isinstance(p, GroupQuantized) else p for p in parts]
     return torch.cat(dense).contiguous()
-
-
-def gguf_q4_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int]) -> GroupQuantized:
-    """Decode Q4_0 (d, 16 bytes) or Q4_1 (d, m, 16 bytes) blocks of 32 weights without dequantizing."""
-    n, k = shape
-    block_bytes = 18 if qtype_name == "Q4_0" else 20
-    blocks = np.frombuffer(np.ascontiguousarray(raw).tobytes(), dtype=np.uint8).reshape(-1, block_bytes)
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(n, k // 32)
-    if qtype_name == "Q4_0":
-        m = None
-        qs = blocks[:, 2:]
-    else:
-        m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32).reshape(n, k // 32)
-        qs = blocks[:, 4:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int32).reshape(n, k)  # low nibbles first
-    scale = torch.from_numpy(d)
-    zero = torch.zeros_like(scale) if m is None else torch.from_numpy(m) + 8 * scale
-    return GroupQuantized(torch.from_numpy(q), scale, zero, 32)
 
 
 def quantize_int4(weight: torch.Tensor, group: int) -> GroupQuantized:
@@ -217,5 +198,5 @@ def make_linear(weight: torch.Tensor | GroupQuantized, bias: torch.Tensor | None
         if Int4Linear.supports(*weight.shape, group):
             quantized = quantize_int4(weight, group)
             return with_dense_batch_path(Int4Linear(quantized, bias), lambda: Int4Linear.dequantized(quantized))
-    layer = Int8Linear(weight, bias)  # int8wo, and gguf tensors that are not Q4_0/Q4_1
+    layer = Int8Linear(weight, bias)  # int8wo, and gguf tensors that are not Q4_0/Q4_1/Q4_K
     return with_dense_batch_path(layer, layer.dequantized)

@@ -9,9 +9,13 @@ from lightllm.models.layers import rms_norm
 from lightllm.models.llama import LayerWeights, LlamaModel
 
 
+def norm_heads_(qk: torch.Tensor, lw: LayerWeights, num_heads: int, eps: float) -> None:
+    """RMSNorm each q head with `lw.q_norm` and each k head with `lw.k_norm`, in place ([T, H + KVH, D])."""
+    for part, weight in ((qk[:, :num_heads], lw.q_norm), (qk[:, num_heads:], lw.k_norm)):
+        # computed in the weights' dtype: the fused path's quantized matmuls hand over bf16 rows
+        part.copy_(rms_norm(part.to(weight.dtype), weight, eps))
+
+
 class Qwen3Model(LlamaModel):
     def _norm_qk_(self, qk: torch.Tensor, lw: LayerWeights) -> None:
-        heads, eps = self.config.num_heads, self.config.rms_norm_eps
-        for part, weight in ((qk[:, :heads], lw.q_norm), (qk[:, heads:], lw.k_norm)):
-            # computed in the weights' dtype: the fused path's quantized matmuls hand over bf16 rows
-            part.copy_(rms_norm(part.to(weight.dtype), weight, eps))
+        norm_heads_(qk, lw, self.config.num_heads, self.config.rms_norm_eps)

@@ -1,13 +1,23 @@
-"""Architecture family -> model class. All supported families share the Llama decoder; Qwen3 adds a hook."""
+"""Architecture family -> model class. Every family is the Llama decoder or a subclass overriding its hooks."""
 
 from __future__ import annotations
 
-from lightllm.models.config import SUPPORTED_ARCHITECTURES
+from lightllm.models.gemma import GemmaModel
 from lightllm.models.llama import LlamaModel
+from lightllm.models.moe import MixtralModel, Qwen3MoeModel
 from lightllm.models.qwen3 import Qwen3Model
 
-MODEL_CLASSES: dict[str, type[LlamaModel]] = {arch: LlamaModel for arch in SUPPORTED_ARCHITECTURES}
-MODEL_CLASSES["qwen3"] = Qwen3Model
+MODEL_CLASSES: dict[str, type[LlamaModel]] = {
+    "llama": LlamaModel,
+    "mistral": LlamaModel,
+    "qwen2": LlamaModel,
+    "phi3": LlamaModel,  # the loader splits its fused qkv / gate_up tensors; longrope lives in the rotary
+    "qwen3": Qwen3Model,
+    "gemma2": GemmaModel,
+    "gemma3": GemmaModel,
+    "mixtral": MixtralModel,
+    "qwen3moe": Qwen3MoeModel,
+}
 
 
 def model_class_for(architecture: str) -> type[LlamaModel]:

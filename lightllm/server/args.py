@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant_type", default="auto",
                    choices=["auto", "none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf"],
                    help="weight-only quantized linears on CPU: int8 per channel, int4 per group, or 'gguf' "
-                        "(Q4_0/Q4_1 blocks repacked exactly, other types as int8); 'auto' = 'gguf' for GGUF "
+                        "(Q4_0/Q4_1/Q4_K blocks repacked exactly, other types read exactly then int8); "
+                        "'auto' = 'gguf' for GGUF "
                         "files on CPU, 'none' (dense weights) otherwise")
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="KV cache storage; 'auto' is fp16 on CPU with the fused kernels (half the memory "

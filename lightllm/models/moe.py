@@ -1,0 +1,42 @@
+"""Mixture of experts (Mixtral, Qwen3-MoE): each layer's MLP is a router over SwiGLU experts. A token's
+router logits go through a float32 softmax, its top-k experts run, and their outputs are summed with the
+softmax weights (renormalised over the chosen k when the model says so: Mixtral always, Qwen3-MoE per its
+`norm_topk_prob`). Attention is the base family's: Llama's for Mixtral, Qwen3's (q/k norms) for Qwen3-MoE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightllm.models.llama import ExpertWeights, LayerWeights, LlamaModel
+from lightllm.models.qwen3 import Qwen3Model
+
+
+def routed_experts(x: torch.Tensor, moe: ExpertWeights) -> torch.Tensor:
+    """x: [T, hidden] → [T, hidden]. Each expert runs once on the rows routed to it (grouped, not per token)."""
+    weights = torch.softmax(moe.router(x).float(), dim=-1)
+    top_weights, top_experts = weights.topk(moe.top_k, dim=-1)
+    if moe.renormalize:
+        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+    top_weights = top_weights.to(x.dtype)
+    out = torch.zeros_like(x)
+    for expert in top_experts.unique().tolist():
+        rows, rank = (top_experts == expert).nonzero(as_tuple=True)
+        gate, up = moe.gate_up[expert](x.index_select(0, rows)).chunk(2, dim=-1)
+        y = moe.down[expert](F.silu(gate) * up)
+        out.index_add_(0, rows, y * top_weights[rows, rank].unsqueeze(1))
+    return out
+
+
+class MixtralModel(LlamaModel):
+    supports_fused_kernels = False  # the C kernels' layer has one dense MLP
+
+    def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        return routed_experts(x, lw.experts)
+
+
+class Qwen3MoeModel(Qwen3Model):
+    supports_fused_kernels = False
+
+    def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        return routed_experts(x, lw.experts)

@@ -17,8 +17,12 @@ from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineConfig, En
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import Scheduler
 from lightllm.engine.sequence import Sequence
+from lightllm.engine.distributed import StepBroadcaster, init_group, local_ranks, start_workers, threads_per_rank
+from lightllm.models.config import ModelConfig
+from lightllm.models.llama import LlamaModel
 from lightllm.models.loader import load_model_config, load_model_weights, resolve_quant_type
 from lightllm.models.registry import model_class_for
+from lightllm.models.sharding import TPComm, TPShard, shard_config
 
 logger = logging.getLogger("lightllm.engine")
 
@@ -74,16 +78,43 @@ def kv_budget_tokens(cfg: EngineConfig, bytes_per_token: int, device: torch.devi
     return max(tokens, 256)
 
 
+def model_config_for(cfg: EngineConfig) -> ModelConfig:
+    """The whole model's configuration, with the start arguments that override it applied."""
+    model_cfg = load_model_config(cfg.model_path)
+    if cfg.eos_id:
+        model_cfg.eos_token_ids = list(cfg.eos_id)
+    return model_cfg
+
+
+def build_model(cfg: EngineConfig, rank: int, device: torch.device) -> tuple[LlamaModel, torch.dtype]:
+    """This rank's model (all of it without tensor parallelism) and the KV cache dtype it runs with."""
+    dtype = pick_dtype(cfg.data_type, device)
+    full = model_config_for(cfg)
+    shard = TPShard(rank, cfg.tp) if cfg.tp > 1 else None
+    rank_config = shard_config(full, cfg.tp)  # refuses head counts that do not divide, naming them
+    quant_type = resolve_quant_type(cfg.quant_type, cfg.model_path, device)
+    weights = load_model_weights(cfg.model_path, full, device, dtype, quant_type, shard)
+    comm = TPComm(shard, full.vocab_size) if shard is not None else None
+    model = model_class_for(full.architecture)(rank_config, weights, device, dtype, comm)
+    return model, pick_kv_dtype(cfg.kv_cache_dtype, dtype, model.kernels is not None)
+
+
 class Engine:
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, log_level: str = "INFO"):
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)  # unseeded sampling is reproducible for a given request order
         self.dtype = pick_dtype(cfg.data_type, self.device)
-        model_cfg = load_model_config(cfg.model_path)
-        if cfg.eos_id:
-            model_cfg.eos_token_ids = list(cfg.eos_id)
+        model_cfg = model_config_for(cfg)
         self.model_config = model_cfg
+        self.workers = []
+        broadcaster = None
+        if cfg.tp > 1:
+            shard_config(model_cfg, cfg.tp)  # fail before starting any worker when the model cannot split
+            # node 0's other ranks load their shards while this one loads its own
+            self.workers = start_workers(cfg, local_ranks(cfg, 0)[1:], log_level)
+            init_group(cfg, 0, self.device)
+            broadcaster = StepBroadcaster()
         self.grammars = None
         if cfg.grammar_backend != "none":
             from lightllm.engine.grammar import GrammarFactory
@@ -92,12 +123,15 @@ class Engine:
             self.grammars = GrammarFactory(cfg.model_path, model_cfg.vocab_size)
         self.max_model_len = min(model_cfg.max_position_embeddings, cfg.max_req_total_len)
         self.quant_type = resolve_quant_type(cfg.quant_type, cfg.model_path, self.device)
-        weights = load_model_weights(cfg.model_path, model_cfg, self.device, self.dtype, self.quant_type)
-        self.model = model_class_for(model_cfg.architecture)(model_cfg, weights, self.device, self.dtype)
-        self.kv_dtype = pick_kv_dtype(cfg.kv_cache_dtype, self.dtype, self.model.kernels is not None)
+        self.model, self.kv_dtype = build_model(cfg, 0, self.device)
+        rank_cfg = self.model.config  # this rank's heads
         elem = torch.tensor([], dtype=self.kv_dtype).element_size()
-        self.kv_tokens = kv_budget_tokens(cfg, model_cfg.kv_bytes_per_token(elem), self.device)
-        self.pool = TokenKVPool(self.kv_tokens, model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
+        self.kv_tokens = kv_budget_tokens(cfg, rank_cfg.kv_bytes_per_token(elem), self.device)
+        if broadcaster is not None:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([self.kv_tokens], src=0)  # every rank sizes its KV shard alike
+        self.pool = TokenKVPool(self.kv_tokens, rank_cfg.num_layers, rank_cfg.num_kv_heads, rank_cfg.head_dim,
                                 self.kv_dtype, self.device)
         self.table = ReqToTokenTable(cfg.running_max_req_size, self.max_model_len, self.device)
         self.prefix_cache = None if cfg.disable_dynamic_prompt_cache else PrefixCache(self.pool)
@@ -111,8 +145,19 @@ class Engine:
             max_model_len=self.max_model_len, eos_token_ids=model_cfg.eos_token_ids,
             new_token_estimate=cfg.router_max_new_token_len, prefix_cache=self.prefix_cache)
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, self.device)
-        self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler)
+        self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler, broadcaster)
         self.faults = FaultInjector.from_env()
+
+    def shutdown(self) -> None:
+        """Stop the worker ranks (they exit after the stop message) and leave the group."""
+        if self.runner.broadcaster is not None:
+            import torch.distributed as dist
+
+            self.runner.broadcaster.stop()
+            for proc in self.workers:
+                proc.wait(timeout=30)
+            dist.destroy_process_group()
+            self.runner.broadcaster = None
 
     def ready_message(self) -> EngineReady:
         return EngineReady(model_name=self.model_config.name, architecture=self.model_config.architecture,
@@ -180,7 +225,10 @@ class Engine:
 def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = "INFO") -> None:
     """Entry point of the engine process."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, int(os.environ.get("LIGHTLLM_ENGINE_THREADS", os.cpu_count() or 1))))
+    threads = threads_per_rank(cfg)
+    torch.set_num_threads(threads)
+    if cfg.tp > 1:  # the fused kernels' OpenMP pool too (read when they load), so ranks do not oversubscribe
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(in_addr)
@@ -188,7 +236,7 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
     outbox.connect(out_addr)
     try:
         start = time.perf_counter()
-        engine = Engine(cfg)
+        engine = Engine(cfg, log_level)
         if engine.grammars is not None:
             # Announce readiness only once the grammar thread is done, so its CPU work does not slow the
             # first requests on a 2-core box.
@@ -223,6 +271,7 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
             elif isinstance(msg, AbortRequest):
                 engine.scheduler.abort(msg.rid)
             elif msg is None:  # shutdown
+                engine.shutdown()
                 return
             timeout = 0
         if engine.scheduler.has_work():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lightllm.engine.distributed import StepBroadcaster, StepInputs
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import SampledToken, ScheduledChunk
@@ -12,8 +13,11 @@ from lightllm.models.llama import LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: TokenKVPool, table: ReqToTokenTable, sampler: Sampler):
+    def __init__(self, model: LlamaModel, pool: TokenKVPool, table: ReqToTokenTable, sampler: Sampler,
+                 broadcaster: StepBroadcaster | None = None):
+        """`broadcaster`: under tensor parallelism, sends each step's inputs to the other ranks."""
         self.model = model
+        self.broadcaster = broadcaster
         self.pool = pool
         self.table = table
         self.sampler = sampler
@@ -41,7 +45,10 @@ class ModelRunner:
                 decode_slots.append(seq.slot)
                 decode_lens.append(end)
             else:
-                prefill.append(PrefillSegment(row, row + n, self.table.table[seq.slot, :end],
+                context = self.table.table[seq.slot, :end]
+                if self.broadcaster is not None:
+                    context = context.clone()  # pickling a view would send the whole table to the other ranks
+                prefill.append(PrefillSegment(row, row + n, context,
                                               {w: causal_mask(n, end, w, self.device) for w in self.windows}))
             row += n
             if chunk.samples:
@@ -49,9 +56,14 @@ class ModelRunner:
         meta = AttentionMetadata(slot_indices=torch.cat(slot_indices), prefill=prefill)
         if decode_rows and self.model.uses_paged_decode_kernel:
             meta.decode_token_idx = torch.tensor(decode_rows, device=self.device)
-            meta.table = self.table.table
-            meta.decode_req_slots = torch.tensor(decode_slots, device=self.device)
             meta.decode_lens = torch.tensor(decode_lens, device=self.device)
+            if self.broadcaster is None:
+                meta.table = self.table.table
+                meta.decode_req_slots = torch.tensor(decode_slots, device=self.device)
+            else:  # the other ranks have no req_to_token table: send the decoding rows themselves
+                slots = torch.tensor(decode_slots, device=self.device)
+                meta.table = self.table.table[slots, :max(decode_lens)].contiguous()
+                meta.decode_req_slots = torch.arange(len(decode_slots), device=self.device)
         elif decode_rows:
             max_len = max(decode_lens)
             lens = torch.tensor(decode_lens, device=self.device).unsqueeze(1)
@@ -71,6 +83,8 @@ class ModelRunner:
     def execute(self, plan: list[ScheduledChunk]) -> dict[str, SampledToken]:
         input_ids, positions, meta, logit_rows = self.build_metadata(plan)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        if self.broadcaster is not None:
+            self.broadcaster.send(StepInputs(input_ids, positions, meta, rows))
         logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows)
         sampling_seqs = [c.seq for c in plan if c.samples]
         if not sampling_seqs:

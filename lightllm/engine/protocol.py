@@ -30,6 +30,11 @@ class EngineConfig:
     seed: int = 0
     quant_type: str = "none"
     kv_cache_dtype: str = "auto"
+    # tensor parallelism (LightLLM's flags): ranks over `nnodes` machines meeting at nccl_host:nccl_port
+    tp: int = 1
+    nnodes: int = 1
+    nccl_host: str = "127.0.0.1"
+    nccl_port: int = 28765
 
 
 @dataclass(frozen=True)

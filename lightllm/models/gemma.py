@@ -25,15 +25,16 @@ class GemmaModel(LlamaModel):
             norm_heads_(qk, lw, self.config.num_heads, self.config.rms_norm_eps)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        embed = self.weights.embed
-        return embed.index_select(0, input_ids) * torch.tensor(self.config.embedding_scale, dtype=embed.dtype)
+        return super()._embed(input_ids) * torch.tensor(self.config.embedding_scale, dtype=self.weights.embed.dtype)
 
     def _attention_output(self, out: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         return rms_norm(out, lw.attn_out_norm, self.config.rms_norm_eps)
 
     def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         gate, up = lw.gate_up(x).chunk(2, dim=-1)
-        out = lw.down(F.gelu(gate, approximate="tanh") * up)
+        return lw.down(F.gelu(gate, approximate="tanh") * up)
+
+    def _mlp_output(self, out: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         return rms_norm(out, lw.mlp_out_norm, self.config.rms_norm_eps)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.config import ModelConfig
 from lightllm.models.layers import AttentionMetadata, RotaryEmbedding, paged_attention, prefill_attention, rms_norm
 from lightllm.models.quant import Linear
+from lightllm.models.sharding import TPComm
 
 
 @dataclass
@@ -59,8 +60,12 @@ class LlamaModel:
     # that change the layer's structure set this False and run the PyTorch path.
     supports_fused_kernels = True
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, device: torch.device, dtype: torch.dtype,
+                 comm: TPComm | None = None):
+        """`config` is this rank's view under tensor parallelism (its heads, see sharding.shard_config) and
+        `comm` the group's collectives; both the whole model's otherwise."""
         self.config = config
+        self.comm = comm
         self.weights = weights
         self.device = device
         self.dtype = dtype
@@ -96,19 +101,31 @@ class LlamaModel:
         them in place. Llama has no such step; Qwen3 normalises each head here."""
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.comm is not None:
+            return self.comm.embed(self.weights.embed, input_ids)
         return self.weights.embed.index_select(0, input_ids)
 
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel layer's output: summed over the tensor-parallel ranks (as is without TP)."""
+        return partial if self.comm is None else self.comm.all_reduce_(partial)
+
     def _attention_output(self, out: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
-        """Hook on the o-projection's output before the residual add (Gemma normalises it)."""
+        """Hook on the o-projection's (reduced) output before the residual add (Gemma normalises it)."""
         return out
 
     def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        """The MLP up to its (row-parallel) down projection; the caller reduces its output."""
         gate, up = lw.gate_up(x).chunk(2, dim=-1)
         return lw.down(F.silu(gate) * up)
 
+    def _mlp_output(self, out: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        """Hook on the MLP's reduced output before the residual add (Gemma normalises it)."""
+        return out
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         last = rms_norm(hidden, self.weights.final_norm, self.config.rms_norm_eps)
-        return self.weights.lm_head(last).float()
+        logits = self.weights.lm_head(last).float()
+        return logits if self.comm is None else self.comm.gather_logits(logits)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -136,10 +153,11 @@ class LlamaModel:
             v_cache[layer_idx].index_copy_(0, meta.slot_indices, v.to(v_cache[layer_idx].dtype))
             attn = paged_attention(q, k_cache[layer_idx], v_cache[layer_idx], meta, self.scale,
                                    self.layer_windows[layer_idx], cfg.attn_logit_softcap)
-            hidden = residual + self._attention_output(lw.o(attn.reshape(n_tokens, self.q_size)), lw)
+            out = self._reduce(lw.o(attn.reshape(n_tokens, self.q_size)))
+            hidden = residual + self._attention_output(out, lw)
             residual = hidden
             x = rms_norm(hidden, lw.post_norm, cfg.rms_norm_eps)
-            hidden = residual + self._mlp(x, lw)
+            hidden = residual + self._mlp_output(self._reduce(self._mlp(x, lw)), lw)
         return self._logits(hidden.index_select(0, logit_rows))
 
     def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -151,7 +169,7 @@ class LlamaModel:
         cfg, k = self.config, self.kernels
         layers = self.weights.layers
         n_tokens = input_ids.shape[0]
-        hidden = self.weights.embed.index_select(0, input_ids)  # the fp32 residual stream, updated in place
+        hidden = self._embed(input_ids)  # the fp32 residual stream, updated in place
         buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
         def buffer(name: str, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -178,10 +196,11 @@ class LlamaModel:
                                    meta.decode_lens, meta.decode_token_idx if meta.prefill else None,
                                    self.layer_windows[layer_idx], self.scale, attn)
             x = buffer("norm", cfg.hidden_size, lw.gate_up.input_dtype)
-            k.add_rms_norm(hidden, lw.o.raw(attn.view(n_tokens, self.q_size)), lw.post_norm, cfg.rms_norm_eps, x)
+            o_out = self._reduce(lw.o.raw(attn.view(n_tokens, self.q_size)))
+            k.add_rms_norm(hidden, o_out, lw.post_norm, cfg.rms_norm_eps, x)
             act = buffer("act", cfg.intermediate_size, lw.down.input_dtype)
             k.silu_mul(lw.gate_up.raw(x), act)
-            down = lw.down.raw(act)
+            down = self._reduce(lw.down.raw(act))
             if layer_idx + 1 < len(layers):
                 nxt = layers[layer_idx + 1]
                 x = buffer("norm", cfg.hidden_size, nxt.qkv.input_dtype)

@@ -21,6 +21,7 @@ from lightllm.models.config import (GEMMA_FAMILIES, SUPPORTED_ARCHITECTURES, Mod
 from lightllm.models.gguf_quants import dequantize as gguf_dequantize, group_quantized
 from lightllm.models.llama import ExpertWeights, LayerWeights, ModelWeights
 from lightllm.models.paths import find_gguf_file
+from lightllm.models.sharding import Sharder, TPShard
 from lightllm.models.quant import QUANT_TYPES, GroupQuantized, cat_rows, make_linear
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,9 @@ def resolve_quant_type(quant_type: str, model_path: str | Path, device: torch.de
 
 
 def load_model_weights(model_path: str | Path, config: ModelConfig, device: torch.device,
-                       dtype: torch.dtype, quant_type: str = "none") -> ModelWeights:
-    """`quant_type` is a resolved one (see resolve_quant_type), not 'auto'."""
+                       dtype: torch.dtype, quant_type: str = "none", shard: TPShard | None = None) -> ModelWeights:
+    """`quant_type` is a resolved one (see resolve_quant_type), not 'auto'; `shard`: this rank's part of a
+    tensor-parallel group (`config` stays the whole model's)."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"--quant_type {quant_type!r} is not supported; choose from {QUANT_TYPES}")
     gguf_path = find_gguf_file(model_path)
@@ -109,7 +111,7 @@ def load_model_weights(model_path: str | Path, config: ModelConfig, device: torc
         tensors = _gguf_tensors(gguf_path, config, keep_q4=quant_type == "gguf")
     else:
         tensors = _safetensors_tensors(Path(model_path), config.architecture)
-    return assemble(config, tensors, device, dtype, quant_type)
+    return assemble(config, tensors, device, dtype, quant_type, shard)
 
 
 # ---------------------------------------------------------------------------------------------- HF files
@@ -308,8 +310,12 @@ def split_experts(stacked: Any, num_experts: int) -> list[Any]:
 
 
 def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]]],
-             device: torch.device, dtype: torch.dtype, quant_type: str = "none") -> ModelWeights:
-    """Materialise tensors (with a progress bar), fuse them into per-layer weights, build the linears."""
+             device: torch.device, dtype: torch.dtype, quant_type: str = "none",
+             shard: TPShard | None = None) -> ModelWeights:
+    """Materialise tensors (with a progress bar), cut this rank's shard, fuse them into per-layer weights,
+    build the linears."""
+    cut = Sharder(config, shard)
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     loaders = dict(tensors)
     loaded: dict[str, Any] = {}
     for name in tqdm(sorted(loaders), desc="loading weights", unit="tensor", leave=False):
@@ -322,9 +328,6 @@ def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]
         if bias is not None:
             bias = bias.to(device=device, dtype=dtype)
         return make_linear(weight, bias, quant_type, device, dtype)
-
-    def small(name: str) -> torch.Tensor:
-        return take(name).to(device=device, dtype=dtype)
 
     def norm(name: str) -> torch.Tensor:
         # Gemma's HF norms compute x * (1 + w): fold the 1 in once, in float32, as transformers adds it
@@ -339,13 +342,14 @@ def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]
             raise ValueError(f"weight {name!r} missing from the checkpoint")
         return loaded.pop(name)
 
-    def fused(p: str, fused_name: str, parts: tuple[str, ...]) -> Any:
-        """A checkpoint's fused tensor (Phi-3) or its parts concatenated along the output rows."""
+    def fused(p: str, fused_name: str, parts: tuple[str, ...], sizes: list[int]) -> Any:
+        """This rank's rows of each part (q/k/v, gate/up), concatenated; the checkpoint may hold them as one
+        fused tensor (Phi-3)."""
         if p + fused_name in loaded:
-            return take(p + fused_name)
+            return cat_rows(cut.split_rows(take(p + fused_name), sizes))
         if fused_name == "gate_up" and p + "gate" not in loaded and p + "up" in loaded:
-            return take(p + "up")  # Phi-3 GGUF: ffn_up holds gate and up stacked
-        return cat_rows([take(p + part) for part in parts])
+            return cat_rows(cut.split_rows(take(p + "up"), sizes))  # Phi-3 GGUF: ffn_up stacks gate and up
+        return cat_rows([cut.rows(take(p + part)) for part in parts])
 
     def experts(p: str) -> ExpertWeights:
         n = config.num_experts
@@ -356,8 +360,8 @@ def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]
         # the router stays dense under every --quant_type: rounding it would change which experts run
         router = make_linear(take(p + "router"), None, "none", device, dtype)
         return ExpertWeights(router=router,
-                             gate_up=[linear(cat_rows([g, u])) for g, u in zip(gates, ups)],
-                             down=[linear(d) for d in downs],
+                             gate_up=[linear(cat_rows([cut.rows(g), cut.rows(u)])) for g, u in zip(gates, ups)],
+                             down=[linear(cut.cols(d)) for d in downs],
                              top_k=config.num_experts_per_tok, renormalize=config.norm_topk_prob)
 
     layers = []
@@ -365,22 +369,23 @@ def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]
         p = f"layers.{i}."
         bias = None
         if config.attention_bias:
-            bias = torch.cat([take(p + "q_bias"), take(p + "k_bias"), take(p + "v_bias")])
+            bias = torch.cat([cut.rows(take(p + "q_bias")), cut.rows(take(p + "k_bias")),
+                              cut.rows(take(p + "v_bias"))])
         moe = experts(p) if config.num_experts else None
         layers.append(LayerWeights(
             input_norm=norm(p + "input_norm"),
-            qkv=linear(fused(p, "qkv", ("q", "k", "v")), bias),
-            o=linear(take(p + "o")),
+            qkv=linear(fused(p, "qkv", ("q", "k", "v"), [q_rows, kv_rows, kv_rows]), bias),
+            o=linear(cut.cols(take(p + "o"))),
             post_norm=norm(p + "post_norm"),
-            gate_up=None if moe else linear(fused(p, "gate_up", ("gate", "up"))),
-            down=None if moe else linear(take(p + "down")),
+            gate_up=None if moe else linear(fused(p, "gate_up", ("gate", "up"), [config.intermediate_size] * 2)),
+            down=None if moe else linear(cut.cols(take(p + "down"))),
             q_norm=norm(p + "q_norm") if config.qk_norm else None,
             k_norm=norm(p + "k_norm") if config.qk_norm else None,
             attn_out_norm=optional_norm(p + "attn_out_norm"),
             mlp_out_norm=optional_norm(p + "mlp_out_norm"),
             experts=moe,
         ))
-    embed = small("embed")
+    embed = cut.vocab(take("embed")).to(device=device, dtype=dtype)  # vocab-parallel: this rank's rows
     lm_head = loaded.pop("lm_head", None)
     return ModelWeights(embed=embed, layers=layers, final_norm=norm("final_norm"),
-                        lm_head=linear(embed if lm_head is None else lm_head))
+                        lm_head=linear(embed if lm_head is None else cut.vocab(lm_head)))

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     except ModelUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
     logger.info("loading %s", model_path)
+    if args.node_rank > 0:
+        sys.exit(run_node_ranks(args, model_path))
 
     import uvicorn
 
@@ -37,6 +39,25 @@ def main(argv: list[str] | None = None) -> None:
     if not server.started and lifecycle.exit_code == 0:
         sys.exit(1)  # start-up failed (the log says why)
     sys.exit(lifecycle.exit_code)
+
+
+def run_node_ranks(args, model_path: str) -> int:
+    """A node other than 0: no HTTP, only this node's tensor-parallel ranks, until they exit."""
+    from lightllm.engine.distributed import local_ranks, start_workers
+    from lightllm.server.http_app import engine_config_from_args
+
+    cfg = engine_config_from_args(args, model_path)
+    ranks = local_ranks(cfg, args.node_rank)
+    logger.info("node %d: running ranks %d..%d of %d (node 0 at %s:%d serves HTTP)", args.node_rank, ranks.start,
+                ranks.stop - 1, cfg.tp, cfg.nccl_host, cfg.nccl_port)
+    procs = start_workers(cfg, ranks, args.log_level)
+    try:
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        codes = [proc.wait() for proc in procs]
+    return max(codes, default=0)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer_mode", default="fast", choices=["fast", "slow", "auto"],
                    help="HF tokenizer implementation: fast (Rust), slow (Python; not for GGUF files), auto")
     p.add_argument("--trust_remote_code", action="store_true")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node_rank", type=int, default=0)
-    p.add_argument("--nccl_host", default="127.0.0.1")
-    p.add_argument("--nccl_port", type=int, default=28765)
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor parallel size: ranks each holding 1/tp of the heads, MLP and vocabulary "
+                        "(torch.distributed: gloo on CPU, NCCL on CUDA); this machine's cores are divided among them")
+    p.add_argument("--nnodes", type=int, default=1, help="machines the --tp ranks are spread over (tp/nnodes each)")
+    p.add_argument("--node_rank", type=int, default=0,
+                   help="this machine's index; node 0 serves HTTP, the others only run their ranks")
+    p.add_argument("--nccl_host", default="127.0.0.1", help="node 0's address, where the ranks meet")
+    p.add_argument("--nccl_port", type=int, default=28765, help="port on --nccl_host where the ranks meet")
     p.add_argument("--max_total_token_num", type=int, default=None,
                    help="KV cache size in tokens; default: a share of free memory (--mem_fraction)")
     p.add_argument("--mem_fraction", type=float, default=None,
@@ -77,11 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    if args.tp != 1 or args.nnodes != 1:
-        raise SystemExit("error: --tp/--nnodes other than 1 is not yet supported by this build")
-    defaults = build_parser().parse_args([])
-    for flag in ("node_rank", "nccl_host", "nccl_port"):
-        if getattr(args, flag) != getattr(defaults, flag):
-            raise SystemExit(f"error: --{flag} only applies with --tp/--nnodes above 1, which this build does not "
-                             f"support yet")
+    if args.tp < 1 or args.nnodes < 1:
+        raise SystemExit("error: --tp and --nnodes must be at least 1")
+    if args.tp % args.nnodes:
+        raise SystemExit(f"error: --tp {args.tp} must be a multiple of --nnodes {args.nnodes} (tp/nnodes ranks per node)")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise SystemExit(f"error: --node_rank {args.node_rank} must be in 0..{args.nnodes - 1}")
     return args

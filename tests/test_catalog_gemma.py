@@ -59,3 +59,37 @@ def test_gemma3_270m_is_assembled_afresh_into_an_empty_models_dir(tmp_path, monk
         f.seek(1000)
         f.write(b"\0" * 16)
     assert resolve_or_skip("gemma3-270m") == path and sha256_of(path) == GEMMA_SHA256
+
+
+@pytest.mark.slow
+def test_served_gemma3_270m_agrees_with_transformers(tmp_path):
+    """Serve the real Gemma-3-270M file exactly (dense weights, fp32 KV): greedy tokens through /generate equal
+    transformers' own GGUF loading of the same file (benchmarks/gguf_agreement.py measures the quantized
+    default path and llama-server the same way)."""
+    import requests
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import ServerProcess
+
+    path = resolve_or_skip("gemma3-270m")
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    prompts = [tokenizer(text)["input_ids"] for text in ("The capital of France is", "def quicksort(items):")]
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=torch.float32).eval()
+    expected = [reference.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0,
+                                                                                                           len(p):].tolist()
+                for p in prompts]
+    del reference
+    server = ServerProcess(["--model_dir", "gemma3-270m", "--quant_type", "none", "--kv_cache_dtype", "fp32",
+                            "--max_total_token_num", "2048"], tmp_path / "server.log")
+    try:
+        assert requests.get(server.base_url + "/get_server_info", timeout=10).json()["architecture"] == "gemma3"
+        for prompt, want in zip(prompts, expected):
+            body = {"inputs": prompt, "parameters": {"do_sample": False, "max_new_tokens": 16, "ignore_eos": True,
+                                                     "return_details": True}}
+            response = requests.post(server.base_url + "/generate", json=body, timeout=300)
+            assert response.status_code == 200, response.text
+            assert [t["id"] for t in response.json()["tokens"][0]] == want
+    finally:
+        server.stop()

@@ -85,3 +85,16 @@ def test_probes(smol_server):
         assert requests.get(smol_server.base_url + path, timeout=5).json() == {"message": "Ok"}, path
     info = requests.get(smol_server.base_url + "/get_server_info", timeout=5).json()
     assert info["max_total_token_num"] == 30000 and info["tool_call_parser"] == "qwen25"
+
+
+def test_flush_cache_empties_the_prefix_cache(client, smol_server):
+    system = "You answer in one word. " + " ".join(f"Fact {i}: the sky is blue." for i in range(40))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Colour?"}]
+    client.chat.completions.create(model="m", messages=messages, max_tokens=2, temperature=0)
+    flushed = requests.post(smol_server.base_url + "/flush_cache", headers=HEADERS, timeout=30)
+    assert flushed.status_code == 200 and flushed.json()["freed_tokens"] > 0
+    again = client.chat.completions.create(model="m", messages=messages, max_tokens=2, temperature=0)
+    details = again.usage.prompt_tokens_details
+    assert details is None or details.cached_tokens == 0  # nothing left to reuse
+    warm = client.chat.completions.create(model="m", messages=messages, max_tokens=2, temperature=0)
+    assert warm.usage.prompt_tokens_details.cached_tokens > 0  # and the cache fills again

@@ -157,3 +157,16 @@ def test_cache_aware_keeps_each_prefix_on_one_replica(router, replicas, logs):
     # the metrics agree with what each response reported as cached
     assert sum(d["lightllm_prefix_cache_hit_tokens_total"] for d in aware.replica_delta) == \
         sum(r.cached_tokens for r in aware.results)
+
+
+def test_responses_api_and_flush_cache_through_router(router, replicas, served_name):
+    import openai
+
+    client = openai.OpenAI(base_url=router.base_url + "/v1", api_key="unused")
+    # the router forwards "stream": null; the Responses route takes it as false
+    reply = client.responses.create(model=served_name, input="Say hello.", max_output_tokens=8, temperature=0)
+    assert reply.status in ("completed", "incomplete") and reply.output_text
+    flushed = requests.post(router.base_url + "/flush_cache", timeout=60)
+    assert flushed.status_code == 200, flushed.text  # every worker answered
+    for replica in replicas:
+        assert requests.post(replica.base_url + "/flush_cache", timeout=30).json()["freed_tokens"] == 0  # emptied

@@ -12,7 +12,7 @@ from lightllm.engine.faults import FaultInjector
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.model_runner import ModelRunner
 from lightllm.engine.prefix_cache import PrefixCache
-from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineConfig, EngineError, EngineFailed,
+from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineConfig, FlushCache, EngineError, EngineFailed,
                                       EngineReady, EngineStats, ErrorKind, StepOutputs, TokenOutput, length_problem)
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import Scheduler
@@ -270,6 +270,10 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
                     outputs.append(error)
             elif isinstance(msg, AbortRequest):
                 engine.scheduler.abort(msg.rid)
+            elif isinstance(msg, FlushCache):
+                freed = engine.prefix_cache.clear() if engine.prefix_cache is not None else 0
+                logger.info("prefix cache flushed: %d KV tokens freed", freed)
+                outbox.send_pyobj(CacheFlushed(msg.token, freed))
             elif msg is None:  # shutdown
                 engine.shutdown()
                 return

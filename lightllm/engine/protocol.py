@@ -107,6 +107,19 @@ class AbortRequest:
     rid: str
 
 
+@dataclass
+class FlushCache:
+    """Drop every prefix-cache entry no running request uses (SGLang's /flush_cache)."""
+
+    token: int  # pairs the reply with the call
+
+
+@dataclass
+class CacheFlushed:
+    token: int
+    freed_tokens: int  # KV tokens returned to the pool
+
+
 ErrorKind = Literal["client", "server", "unavailable"]
 
 

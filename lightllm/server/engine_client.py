@@ -21,8 +21,8 @@ import zmq
 import zmq.asyncio
 
 from lightllm.engine.entry import engine_main
-from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineError, EngineFailed, EngineReady, EngineStats,
-                                      SamplingParams, StepOutputs, TokenOutput)
+from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineError, EngineFailed, EngineReady,
+                                      EngineStats, FlushCache, SamplingParams, StepOutputs, TokenOutput)
 
 logger = logging.getLogger("lightllm.api")
 
@@ -52,6 +52,8 @@ class EngineClient:
         self.dead_reason: str | None = None
         self.restarts = 0
         self._stopping = False
+        self._flushes: dict[int, asyncio.Future] = {}  # flush_cache calls awaiting the engine's reply
+        self._flush_count = 0
 
     def _bind(self) -> None:
         self.to_engine = self.ctx.socket(zmq.PUSH)
@@ -90,6 +92,11 @@ class EngineClient:
     async def _receive_loop(self) -> None:
         while True:
             msg = await self.from_engine.recv_pyobj()
+            if isinstance(msg, CacheFlushed):
+                waiter = self._flushes.pop(msg.token, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(msg.freed_tokens)
+                continue
             if not isinstance(msg, StepOutputs):
                 continue
             self.stats = msg.stats
@@ -152,6 +159,21 @@ class EngineClient:
             self.queues.pop(rid, None)
             if not finished:
                 self.abort(rid)
+
+    async def flush_cache(self, timeout: float = 30.0) -> int:
+        """Empty the engine's prefix cache (entries in use by running requests stay); returns the KV tokens
+        freed. Raises EngineDied when there is no engine to ask."""
+        if not self.alive:
+            raise EngineDied(self.dead_reason or "engine is not running")
+        self._flush_count += 1
+        token = self._flush_count
+        waiter = asyncio.get_running_loop().create_future()
+        self._flushes[token] = waiter
+        try:
+            await self.to_engine.send_pyobj(FlushCache(token))
+            return await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._flushes.pop(token, None)
 
     def abort(self, rid: str) -> None:
         try:

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from lightllm.engine.protocol import EngineConfig
-from lightllm.server.engine_client import EngineClient
+from lightllm.server.engine_client import EngineClient, EngineDied
 from lightllm.server.errors import APIError, error_response, install_error_handlers
 from lightllm.server.limits import MAX_BODY_BYTES
 from lightllm.server.openapi import COMMON_ERRORS, HEALTH_RESPONSES, install_openapi
@@ -246,6 +246,18 @@ def _add_worker_info_routes(app: FastAPI, model_path: str) -> None:
         state: ServerState = request.app.state.server
         return {"model_path": model_path, "tokenizer_path": model_path, "is_generation": True,
                 "architectures": [state.engine.info.architecture]}
+
+    @app.post("/flush_cache")
+    async def flush_cache(request: Request):
+        """Empty the prefix cache (SGLang's route; the router's /flush_cache calls every worker's). KV held by
+        running requests stays theirs."""
+        state: ServerState = request.app.state.server
+        try:
+            freed = await state.engine.flush_cache()
+        except (EngineDied, asyncio.TimeoutError) as exc:
+            raise APIError(503, f"engine unavailable: {exc or 'no reply'}", code="engine_unavailable",
+                           headers={"Retry-After": "5"}) from exc
+        return {"message": "Cache flushed.", "freed_tokens": freed}
 
     @app.get("/get_load")
     async def get_load(request: Request):

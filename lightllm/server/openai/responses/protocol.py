@@ -80,7 +80,7 @@ class ResponsesRequest(_Lenient):
     max_tool_calls: int | None = Field(None, ge=1)  # the calls past it are dropped (1: one call, in the grammar)
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
-    stream: bool = False
+    stream: bool | None = False  # null (as routers forward it) means false
     store: bool = True
     previous_response_id: str | None = None
     background: bool | None = None

@@ -18,10 +18,7 @@ import argparse
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,16 +29,14 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: the tests' process helpers live in the repository
+    sys.path.insert(0, str(REPO))
+
+from tests.conftest import LoopbackProcess, ServerProcess, free_port  # noqa: E402
 POLICIES = ("cache_aware", "round_robin")
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
          "government company number group problem fact river mountain ocean city garden music science history "
          "language computer story question answer system program market energy water light animal plant").split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def router_installed() -> bool:
@@ -50,7 +45,7 @@ def router_installed() -> bool:
     return importlib.util.find_spec("sglang_router") is not None
 
 
-class Router:
+class Router(LoopbackProcess):
     """`python -m sglang_router.launch_router` on loopback in front of `worker_urls`, until `stop()`."""
 
     def __init__(self, worker_urls: list[str], policy: str, log_path: Path, api_key: str | None = None,
@@ -58,38 +53,22 @@ class Router:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.worker_urls = worker_urls
         # the router also serves Prometheus metrics on its own port (29000 by default): pick a free one
         cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
                "--policy", policy, "--host", "127.0.0.1", "--port", str(self.port),
                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()), "--log-level", "warn"]
         if api_key:
             cmd += ["--api-key", api_key]
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                self.log.close()
-                raise RuntimeError(f"router exited early:\n{log_path.read_text()[-4000:]}")
-            try:
-                workers = requests.get(self.base_url + "/workers", headers=self.headers, timeout=1).json()["workers"]
-                if len(workers) == len(worker_urls) and all(w["is_healthy"] for w in workers):
-                    return
-            except (requests.RequestException, ValueError, KeyError):
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"router did not register {worker_urls} in {timeout}s:\n{log_path.read_text()[-4000:]}")
+        super().__init__(cmd, log_path, timeout, what="router")
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
+    def _ready(self) -> bool:
+        """Every worker registered and healthy."""
+        try:
+            workers = requests.get(self.base_url + "/workers", headers=self.headers, timeout=1).json()["workers"]
+        except (requests.RequestException, ValueError, KeyError):
+            return False
+        return len(workers) == len(self.worker_urls) and all(w["is_healthy"] for w in workers)
 
 
 def scrape(base_url: str) -> dict[str, float]:
@@ -222,8 +201,6 @@ def main() -> None:
     args = p.parse_args()
     if not router_installed():
         sys.exit("sglang-router is not installed: pip install sglang-router")
-    sys.path.insert(0, str(REPO))
-    from tests.conftest import ServerProcess
 
     threads = args.threads_per_replica or max(1, (os.cpu_count() or 1) // args.replicas)
     log_dir = Path(tempfile.mkdtemp(prefix="router-prefix-"))

@@ -23,30 +23,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """`python -m lightllm.server.api_server` on loopback, stopped (with its engine) at the end."""
+class LoopbackProcess:
+    """A process in its own session, logged to a file, waited for until `_ready()`, stopped with its children."""
 
-    def __init__(self, args: list[str], log_path: Path, timeout: float = 240.0, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, cmd: list[str], log_path: Path, timeout: float, env: dict[str, str] | None = None,
+                 what: str = "server"):
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "lightllm.server.api_server", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(self.base_url + "/health", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+                self.log.close()
+                raise RuntimeError(f"{what} exited early:\n{log_path.read_text()[-4000:]}")
+            if self._ready():
+                return
+            time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"server did not start in {timeout}s:\n{log_path.read_text()[-4000:]}")
+        raise RuntimeError(f"{what} was not ready in {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -57,6 +55,22 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.log.close()
+
+
+class ServerProcess(LoopbackProcess):
+    """`python -m lightllm.server.api_server` on loopback, stopped (with its engine) at the end."""
+
+    def __init__(self, args: list[str], log_path: Path, timeout: float = 240.0, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "lightllm.server.api_server", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        super().__init__(cmd, log_path, timeout, env)
+
+    def _ready(self) -> bool:
+        try:
+            return requests.get(self.base_url + "/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
 
     def token_load(self) -> dict:
         return requests.get(self.base_url + "/token_load", timeout=5).json()

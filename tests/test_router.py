@@ -36,8 +36,12 @@ def replicas(logs):
     try:
         for i in range(2):
             # dense weights: greedy text is the same whichever replica answers, whatever its batch
+            # --max_req_total_len bounds a sampled answer that rambles on (the documented tool programs sample
+            # at temperature 0.7 without max_tokens; at one core per replica 4,096 tokens take minutes; the chat
+            # programs ask for up to 1,000)
             servers.append(ServerProcess(["--model_dir", "smollm2", "--max_total_token_num", "20000",
-                                          "--quant_type", "none"], logs / f"replica{i}.log", env=env))
+                                          "--quant_type", "none", "--max_req_total_len", "2048"],
+                                         logs / f"replica{i}.log", env=env))
         yield servers
     finally:
         for server in servers:

@@ -98,3 +98,22 @@ def test_flush_cache_empties_the_prefix_cache(client, smol_server):
     assert details is None or details.cached_tokens == 0  # nothing left to reuse
     warm = client.chat.completions.create(model="m", messages=messages, max_tokens=2, temperature=0)
     assert warm.usage.prompt_tokens_details.cached_tokens > 0  # and the cache fills again
+
+
+def test_speculative_drafts_on_copying_answers_without_changing_them(client, smol_server):
+    """Prompt lookup is on by default for a single stream: an answer that repeats the prompt drafts from it,
+    and streamed text (drafted the same way) equals the plain answer."""
+    def counters() -> tuple[float, float]:
+        text = requests.get(smol_server.base_url + "/metrics", timeout=10).text
+        values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("lightllm_spec_"))
+        return float(values["lightllm_spec_draft_tokens_total"]), float(values["lightllm_spec_accepted_tokens_total"])
+
+    code = "def area(width, height):\n    return width * height\n\n\ndef perimeter(width, height):\n    " \
+           "return 2 * (width + height)\n"
+    messages = [{"role": "user", "content": f"Repeat this code exactly:\n{code}"}]
+    before = counters()
+    plain = client.chat.completions.create(model="m", messages=messages, max_tokens=60, temperature=0)
+    after = counters()
+    assert after[0] > before[0] and after[1] > before[1]  # drafted from the prompt, some accepted
+    stream = client.chat.completions.create(model="m", messages=messages, max_tokens=60, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == plain.choices[0].message.content

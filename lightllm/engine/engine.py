@@ -17,6 +17,7 @@ from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, En
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import Scheduler
 from lightllm.engine.sequence import Sequence
+from lightllm.engine.speculative import SpeculativeConfig
 from lightllm.engine.distributed import StepBroadcaster, init_group, local_ranks, start_workers, threads_per_rank
 from lightllm.models.config import ModelConfig
 from lightllm.models.llama import LlamaModel
@@ -143,7 +144,8 @@ class Engine:
             chunked_prefill_size=min(cfg.chunked_prefill_size, batch_max_tokens),
             chunked_prefill=not cfg.disable_chunked_prefill, running_max_req_size=cfg.running_max_req_size,
             max_model_len=self.max_model_len, eos_token_ids=model_cfg.eos_token_ids,
-            new_token_estimate=cfg.router_max_new_token_len, prefix_cache=self.prefix_cache)
+            new_token_estimate=cfg.router_max_new_token_len, prefix_cache=self.prefix_cache,
+            speculative=SpeculativeConfig(cfg.spec_ngram_tokens, cfg.spec_max_decodes))
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, self.device)
         self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler, broadcaster)
         self.faults = FaultInjector.from_env()
@@ -168,7 +170,9 @@ class Engine:
     def stats(self) -> EngineStats:
         cached = self.prefix_cache.evictable() if self.prefix_cache else 0
         return EngineStats(kv_total=self.pool.size, kv_used=self.pool.num_used, kv_cached=cached,
-                           running=len(self.scheduler.running), waiting=len(self.scheduler.waiting))
+                           running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                           draft_tokens=self.scheduler.draft_stats["proposed"],
+                           draft_accepted=self.scheduler.draft_stats["accepted"])
 
     # ------------------------------------------------------------------------------------ requests
 

@@ -8,6 +8,7 @@ from lightllm.engine.distributed import StepBroadcaster, StepInputs
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import SampledToken, ScheduledChunk
+from lightllm.engine.speculative import accept_draft
 from lightllm.models.layers import AttentionMetadata, PrefillSegment, causal_mask
 from lightllm.models.llama import LlamaModel
 
@@ -37,13 +38,15 @@ class ModelRunner:
         for chunk in plan:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             end = start + n
-            ids.extend(seq.all_ids[start:end])
+            ids.extend(seq.all_ids[start:end - len(chunk.draft)] + chunk.draft)
             positions.extend(range(start, end))
             slot_indices.append(self.table.table[seq.slot, start:end])
-            if n == 1:
-                decode_rows.append(row)
-                decode_slots.append(seq.slot)
-                decode_lens.append(end)
+            if n == 1 or chunk.draft:
+                # a drafted chunk is n decode queries of one sequence, each seeing the context up to itself:
+                # the same attention arithmetic as decoding those tokens one step at a time
+                decode_rows.extend(range(row, row + n))
+                decode_slots.extend([seq.slot] * n)
+                decode_lens.extend(range(start + 1, end + 1))
             else:
                 context = self.table.table[seq.slot, :end]
                 if self.broadcaster is not None:
@@ -51,8 +54,8 @@ class ModelRunner:
                 prefill.append(PrefillSegment(row, row + n, context,
                                               {w: causal_mask(n, end, w, self.device) for w in self.windows}))
             row += n
-            if chunk.samples:
-                logit_rows.append(row - 1)
+            if chunk.samples:  # a drafted chunk needs the model's choice after every one of its tokens
+                logit_rows.extend(range(row - 1 - len(chunk.draft), row))
         meta = AttentionMetadata(slot_indices=torch.cat(slot_indices), prefill=prefill)
         if decode_rows and self.model.uses_paged_decode_kernel:
             meta.decode_token_idx = torch.tensor(decode_rows, device=self.device)
@@ -86,10 +89,27 @@ class ModelRunner:
         if self.broadcaster is not None:
             self.broadcaster.send(StepInputs(input_ids, positions, meta, rows))
         logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows)
-        sampling_seqs = [c.seq for c in plan if c.samples]
-        if not sampling_seqs:
+        sampling = [c for c in plan if c.samples]
+        if not sampling:
             return {}
-        sampled = self.sampler(logits, sampling_seqs)
+        # each sampling chunk's logits: its last row, or one row per token when it carries a draft
+        rows_of, at = [], 0
+        for chunk in sampling:
+            rows_of.append(at + len(chunk.draft))
+            at += 1 + len(chunk.draft)
+        plain = [i for i, chunk in enumerate(sampling) if not chunk.draft]
+        plain_logits = logits if len(plain) == len(sampling) else logits[[rows_of[i] for i in plain]]
+        results: dict[str, SampledToken] = {}
+        if plain:
+            picked = self.sampler(plain_logits, [sampling[i].seq for i in plain])
+            results.update((sampling[i].seq.rid, token) for i, token in zip(plain, picked))
+        for i, chunk in enumerate(sampling):
+            if chunk.draft:  # greedy verification (only such requests draft): one argmax per position
+                predicted = logits[rows_of[i] - len(chunk.draft):rows_of[i] + 1].argmax(dim=-1).tolist()
+                accepted, bonus = accept_draft(chunk.draft, predicted)
+                results[chunk.seq.rid] = SampledToken(bonus, accepted=accepted)
+        sampling_seqs = [c.seq for c in sampling]
+        sampled = [results[seq.rid] for seq in sampling_seqs]
         for seq, token in zip(sampling_seqs, sampled):
             if seq.grammar is not None:
                 seq.grammar.accept_token(token.token_id)

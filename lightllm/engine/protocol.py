@@ -30,6 +30,8 @@ class EngineConfig:
     seed: int = 0
     quant_type: str = "none"
     kv_cache_dtype: str = "auto"
+    spec_ngram_tokens: int = 0  # prompt-lookup speculative draft length (0: off)
+    spec_max_decodes: int = 4  # draft only while at most this many requests decode
     # tensor parallelism (LightLLM's flags): ranks over `nnodes` machines meeting at nccl_host:nccl_port
     tp: int = 1
     nnodes: int = 1
@@ -154,6 +156,8 @@ class EngineStats:
     kv_cached: int  # tokens held only by the prefix cache
     running: int
     waiting: int
+    draft_tokens: int = 0  # speculative tokens proposed since start
+    draft_accepted: int = 0  # of those, verified and kept
 
 
 @dataclass

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.prefix_cache import PrefixCache, common_prefix_len
 from lightllm.engine.protocol import EngineError, TokenOutput
 from lightllm.engine.sequence import Sequence, SeqStatus
+from lightllm.engine.speculative import SpeculativeConfig, can_draft
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,12 @@ MAX_PASSED_OVER = 8
 class ScheduledChunk:
     seq: Sequence
     start: int  # first position computed this step
-    num_tokens: int
+    num_tokens: int  # the draft included
+    draft: list[int] = field(default_factory=list)  # speculative tokens after the sequence's known ones
 
     @property
     def samples(self) -> bool:
-        return self.start + self.num_tokens == self.seq.total_len
+        return self.start + self.num_tokens - len(self.draft) == self.seq.total_len
 
 
 @dataclass
@@ -45,13 +47,14 @@ class SampledToken:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    accepted: list[int] = field(default_factory=list)  # draft tokens verified before `token_id`
 
 
 class Scheduler:
     def __init__(self, pool: TokenKVPool, table: ReqToTokenTable, *, batch_max_tokens: int,
                  chunked_prefill_size: int, chunked_prefill: bool, running_max_req_size: int,
                  max_model_len: int, eos_token_ids: list[int], new_token_estimate: int = 512,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, speculative: SpeculativeConfig = SpeculativeConfig()):
         self.pool = pool
         self.table = table
         self.batch_max_tokens = batch_max_tokens
@@ -64,6 +67,8 @@ class Scheduler:
         # LightLLM's router estimate; if reality exceeds it, preemption keeps the pool consistent.
         self.new_token_estimate = new_token_estimate
         self.prefix_cache = prefix_cache
+        self.speculative = speculative
+        self.draft_stats = {"proposed": 0, "accepted": 0}  # speculative tokens, for /metrics and benchmarks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -117,10 +122,13 @@ class Scheduler:
     def _plan(self, admit: bool = True) -> list[ScheduledChunk]:
         budget = self.batch_max_tokens
         plan: list[ScheduledChunk] = []
-        for seq in self.running:  # decodes first: they keep streams flowing
-            if seq.num_pending == 1 and budget > 0:
-                plan.append(ScheduledChunk(seq, seq.num_computed, 1))
-                budget -= 1
+        decoding = [seq for seq in self.running if seq.num_pending == 1]
+        drafting = self.speculative.enabled and len(decoding) <= self.speculative.max_decodes
+        for seq in decoding:  # decodes first: they keep streams flowing
+            if budget > 0:
+                draft = self._draft(seq, budget - 1) if drafting else []
+                plan.append(ScheduledChunk(seq, seq.num_computed, 1 + len(draft), draft))
+                budget -= 1 + len(draft)
         for seq in self.running:  # then prompts already being prefilled
             if seq.num_pending > 1 and budget > 0:
                 n = self._chunk_len(seq, budget, plan_empty=not plan)
@@ -171,6 +179,15 @@ class Scheduler:
             if id(seq) not in chosen:
                 seq.passed_over += 1
         self.waiting = deque(seq for seq in queue if id(seq) not in chosen)
+
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        """Prompt-lookup draft for a decoding sequence, within the step budget and its length limits (every
+        accepted token is an output token, and one more comes with them)."""
+        if not can_draft(seq):
+            return []
+        limit = min(self.speculative.num_tokens, budget, seq.remaining_new_tokens - 1,
+                    self.max_model_len - seq.total_len - 1)
+        return seq.lookup.propose(seq.all_ids, limit) if limit > 0 else []
 
     def _prefix_in_flight(self, seq: Sequence, cached: int) -> bool:
         """Whether a running request is still computing a prompt prefix this one shares beyond what is cached
@@ -280,16 +297,39 @@ class Scheduler:
                                           self.table.table[seq.slot, :seq.num_computed])
             if not chunk.samples:
                 continue
-            token = sampled[seq.rid]
-            seq.output_ids.append(token.token_id)
-            reason, stop_token = self._finish_reason(seq, token.token_id)
-            out = TokenOutput(seq.rid, token.token_id, token.logprob, token.top_logprobs,
+            outputs.extend(self._emit(chunk, sampled[seq.rid]))
+        return outputs
+
+    def _emit(self, chunk: ScheduledChunk, token: SampledToken) -> list[TokenOutput]:
+        """Append the step's new tokens (verified draft tokens, then the sampled one) until one finishes the
+        request. KV computed for draft tokens that were rejected (or come after the end) is released."""
+        seq = chunk.seq
+        if chunk.draft:
+            self.draft_stats["proposed"] += len(chunk.draft)
+            self.draft_stats["accepted"] += len(token.accepted)
+            valid = chunk.start + 1 + len(token.accepted)  # the pending token and the accepted drafts
+            self._trim_kv(seq, valid, chunk.start + chunk.num_tokens)
+        outputs = []
+        for i, token_id in enumerate([*token.accepted, token.token_id]):
+            last = i == len(token.accepted)
+            seq.output_ids.append(token_id)
+            reason, stop_token = self._finish_reason(seq, token_id)
+            out = TokenOutput(seq.rid, token_id, token.logprob if last else None, token.top_logprobs if last else None,
                               prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.num_cached, stop_token=stop_token)
+            outputs.append(out)
             if reason is not None:
+                if not last:  # the drafts after this one were computed for nothing
+                    self._trim_kv(seq, chunk.start + 2 + i, seq.num_computed)
                 out.finished, out.finish_reason = True, reason
                 self._finish(seq, reason)
-            outputs.append(out)
+                break
         return outputs
+
+    def _trim_kv(self, seq: Sequence, keep: int, held: int) -> None:
+        """Free the KV of positions [keep, held) (speculative tokens not kept); the sequence computed `keep`."""
+        if held > keep:
+            self.pool.free(self.table.table[seq.slot, keep:held].clone())
+        seq.num_computed = keep
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> tuple[str | None, bool]:
         """The one place a request's end is decided from its tokens (stop strings, which need text, are the

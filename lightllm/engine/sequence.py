@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lightllm.engine.protocol import SamplingParams
+from lightllm.engine.speculative import PromptLookup
 
 _admission_counter = itertools.count()
 
@@ -36,6 +37,7 @@ class Sequence:
     finish_reason: str | None = None
     prefix_waits: int = 0  # scheduling steps deferred while a running request computed a shared prefix
     passed_over: int = 0  # steps in which a request that arrived later was admitted before this one
+    lookup: PromptLookup = field(default_factory=PromptLookup)  # n-gram memo for speculative drafting
 
     @property
     def all_ids(self) -> list[int]:

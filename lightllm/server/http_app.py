@@ -33,7 +33,8 @@ def engine_config_from_args(args: Any, model_path: str) -> EngineConfig:
         running_max_req_size=args.running_max_req_size, max_req_total_len=args.max_req_total_len,
         eos_id=args.eos_id, disable_dynamic_prompt_cache=args.disable_dynamic_prompt_cache,
         router_max_new_token_len=args.router_max_new_token_len, grammar_backend=args.output_constraint_mode,
-        seed=args.seed, quant_type=args.quant_type, kv_cache_dtype=args.kv_cache_dtype, tp=args.tp,
+        seed=args.seed, quant_type=args.quant_type, kv_cache_dtype=args.kv_cache_dtype,
+        spec_ngram_tokens=args.spec_ngram_tokens, spec_max_decodes=args.spec_max_decodes, tp=args.tp,
         nnodes=args.nnodes, nccl_host=args.nccl_host, nccl_port=args.nccl_port)
 
 

@@ -25,6 +25,9 @@ def render_metrics(state: Any) -> tuple[bytes, str]:
         "lightllm_prefix_cache_hit_tokens_total": state.counters["prefix_cache_hit_tokens"],
         "lightllm_prefix_cache_hit_rate": (state.counters["prefix_cache_hit_tokens"] / state.counters["prompt_tokens"]
                                            if state.counters["prompt_tokens"] else 0.0),
+        # prompt-lookup speculative decoding (--spec_ngram_tokens): draft tokens proposed and accepted
+        "lightllm_spec_draft_tokens_total": stats.draft_tokens if stats else 0,
+        "lightllm_spec_accepted_tokens_total": stats.draft_accepted if stats else 0,
     }
     for name, value in gauges.items():
         Gauge(name, name.replace("_", " "), registry=registry).set(value)

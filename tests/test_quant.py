@@ -96,3 +96,28 @@ def test_fp16_kv_cache_quality(model_path_kind):
         assert runs["fp16"][0][rid] == runs["fp32"][0][rid]
         for ours, ref in zip(runs["fp16"][1][rid], ref_rows):
             assert (ours - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("quant_type", ["int8wo", "int4wo-32"])
+def test_quantized_tied_lm_head_refines_its_top_logits_in_fp32(quant_type, tmp_path):
+    """A quantized lm_head's bf16 logits can flip near-ties; with tied embeddings the exact weights are at
+    hand, so each row's top candidates are recomputed in fp32 from them (the rest keep the kernel's values)."""
+    from lightllm.engine.engine import Engine
+    from lightllm.engine.protocol import EngineConfig
+    from lightllm.models.layers import rms_norm
+    from lightllm.models.llama import REFINED_LOGITS
+    from tests.conftest import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True, vocab_size=512)
+    model = Engine(EngineConfig(model_path=str(model_dir), max_total_token_num=256, grammar_backend="none",
+                                quant_type=quant_type)).model
+    hidden = torch.randn(3, model.config.hidden_size)
+    logits = model._logits(hidden)
+    last = rms_norm(hidden, model.weights.final_norm, model.config.rms_norm_eps)
+    exact = last @ model.weights.embed.float().T
+    quantized = model.weights.lm_head(last).float()
+    top = quantized.topk(REFINED_LOGITS, dim=-1).indices  # the candidates the kernel's logits ranked first
+    torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), rtol=1e-6, atol=1e-6)
+    rest = torch.ones_like(logits, dtype=torch.bool).scatter_(1, top, False)
+    assert torch.equal(logits[rest], quantized[rest])
+    assert not torch.equal(quantized.gather(1, top), exact.gather(1, top))  # the kernel's values did differ

@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.config import ModelConfig
 from lightllm.models.layers import AttentionMetadata, RotaryEmbedding, paged_attention, prefill_attention, rms_norm
-from lightllm.models.quant import Linear
+from lightllm.models.quant import DenseLinear, Linear
 from lightllm.models.sharding import TPComm
+
+
+REFINED_LOGITS = 16  # candidates per row whose logits a quantized lm_head's exact weights recompute in fp32
 
 
 @dataclass
@@ -85,6 +88,9 @@ class LlamaModel:
         # otherwise, or when they cannot be built, the PyTorch path below.
         fused = self.supports_fused_kernels and device.type == "cpu" and dtype == torch.float32
         self.kernels = cpu_kernels.load() if fused else None
+        # tied embeddings keep the lm_head's exact weights (the embedding table) next to a quantized copy
+        quantized_head = not isinstance(weights.lm_head, DenseLinear)
+        self._exact_head = weights.embed if config.tie_word_embeddings and quantized_head else None
 
     @property
     def attention_windows(self) -> set[int | None]:
@@ -125,7 +131,18 @@ class LlamaModel:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         last = rms_norm(hidden, self.weights.final_norm, self.config.rms_norm_eps)
         logits = self.weights.lm_head(last).float()
+        if self._exact_head is not None:
+            self._refine_top_logits_(logits, last)
         return logits if self.comm is None else self.comm.gather_logits(logits)
+
+    def _refine_top_logits_(self, logits: torch.Tensor, last: torch.Tensor) -> None:
+        """A quantized lm_head hands back bf16 logits (8 significant bits: ±0.06 at a logit of 16), enough to
+        flip near-ties. Where the exact weights are at hand (tied embeddings), recompute each row's top
+        candidates in fp32 from them, so the choice among close candidates is the exact model's."""
+        top = logits.topk(min(REFINED_LOGITS, logits.shape[-1]), dim=-1).indices  # [T, k]
+        rows = self._exact_head.index_select(0, top.reshape(-1)).view(*top.shape, -1).float()  # [T, k, D]
+        exact = torch.einsum("tkd,td->tk", rows, last.float())
+        logits.scatter_(1, top, exact)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -121,3 +121,15 @@ def test_quantized_tied_lm_head_refines_its_top_logits_in_fp32(quant_type, tmp_p
     rest = torch.ones_like(logits, dtype=torch.bool).scatter_(1, top, False)
     assert torch.equal(logits[rest], quantized[rest])
     assert not torch.equal(quantized.gather(1, top), exact.gather(1, top))  # the kernel's values did differ
+
+
+def test_refinement_handles_a_step_that_samples_no_row(tmp_path):
+    """A step made only of prefill chunks asks for logits of no row; the refinement must pass it through."""
+    from lightllm.engine.engine import Engine
+    from lightllm.engine.protocol import EngineConfig
+    from tests.conftest import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    model = Engine(EngineConfig(model_path=str(model_dir), max_total_token_num=256, grammar_backend="none",
+                                quant_type="int8wo")).model
+    assert model._logits(torch.randn(0, model.config.hidden_size)).shape == (0, model.config.vocab_size)

@@ -131,7 +131,7 @@ class LlamaModel:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         last = rms_norm(hidden, self.weights.final_norm, self.config.rms_norm_eps)
         logits = self.weights.lm_head(last).float()
-        if self._exact_head is not None:
+        if self._exact_head is not None and logits.shape[0]:  # (a step of prefill chunks samples no row)
             self._refine_top_logits_(logits, last)
         return logits if self.comm is None else self.comm.gather_logits(logits)
 

@@ -27,6 +27,7 @@ test-all: install
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: install
+	$(VPY) -m pip install -q -e .[bench]
 	$(VPY) benchmarks/serving.py $(ARGS)
 
 clean:

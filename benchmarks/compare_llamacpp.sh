@@ -60,3 +60,10 @@ for c in levels:
     print(f"{c:>5} {a['output_throughput']:>11.1f} {b['output_throughput']:>12.1f} {a['output_throughput'] / max(b['output_throughput'], 1e-9):>6.2f} "
           f"{a['ttft_ms']['p50']:>14.0f} {b['ttft_ms']['p50']:>15.0f} {a['itl_ms']['p50']:>13.1f} {b['itl_ms']['p50']:>14.1f}")
 PYEOF
+
+# the chart RESULTS.md links (matplotlib: `pip install -e .[bench]`)
+if $PY -c "import matplotlib" 2>/dev/null; then
+  $PY benchmarks/plot_comparison.py "$OUT" "$STAMP" "benchmarks/comparison-$(basename "$GGUF" .gguf).png" $LEVELS
+else
+  echo "matplotlib not installed (pip install -e .[bench]): no chart"
+fi

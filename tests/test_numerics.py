@@ -16,6 +16,8 @@ CASES = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64})),
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True)),
+    # the config's activation reaches the shared MLP (and keeps the SiLU-only fused kernels out)
+    "llama_gelu_tanh_act": ("llama", dict(hidden_act="gelu_pytorch_tanh")),
     # head_dim 32 != hidden / heads (16), as in the real Qwen3 sizes
     "qwen3_qk_norm_tied_head_dim": ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
     "mistral_sliding_window": ("mistral", dict(sliding_window=6, tie_word_embeddings=False)),

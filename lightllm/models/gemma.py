@@ -2,7 +2,7 @@
 - embeddings scaled by sqrt(hidden_size) (in the weights' dtype, as transformers does),
 - RMSNorm weights used as (1 + w) (folded into the weights at load, see ModelConfig.norm_weight_offset),
 - "sandwich" norms: the attention and MLP outputs are normalised before their residual adds,
-- a GELU-tanh gated MLP, attention scaled by query_pre_attn_scalar ** -0.5,
+- a GELU-tanh gated MLP (ModelConfig.hidden_act), attention scaled by query_pre_attn_scalar ** -0.5,
 - sliding-window layers interleaved with global ones (Gemma 3: the sliding ones with their own rope base),
 - Gemma 2: scores and final logits soft-capped (cap * tanh(x / cap)); Gemma 3: per-head q/k norms instead.
 The window, rope tables and score cap are per-layer facts the base class already takes from the config."""
@@ -10,7 +10,6 @@ The window, rope tables and score cap are per-layer facts the base class already
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lightllm.models.layers import rms_norm
 from lightllm.models.llama import LayerWeights, LlamaModel
@@ -29,10 +28,6 @@ class GemmaModel(LlamaModel):
 
     def _attention_output(self, out: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         return rms_norm(out, lw.attn_out_norm, self.config.rms_norm_eps)
-
-    def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
-        gate, up = lw.gate_up(x).chunk(2, dim=-1)
-        return lw.down(F.gelu(gate, approximate="tanh") * up)
 
     def _mlp_output(self, out: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         return rms_norm(out, lw.mlp_out_norm, self.config.rms_norm_eps)

@@ -9,6 +9,7 @@ The model is stateless apart from its weights: the KV pool and the batch layout 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from lightllm.models.quant import DenseLinear, Linear
 from lightllm.models.sharding import TPComm
 
 
+# ModelConfig.hidden_act -> the gated MLP's activation
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 REFINED_LOGITS = 16  # candidates per row whose logits a quantized lm_head's exact weights recompute in fp32
 
 
@@ -59,8 +62,8 @@ class ModelWeights:
 
 
 class LlamaModel:
-    # The fused CPU kernels implement exactly this class's layer (SwiGLU MLP, two norms per layer); families
-    # that change the layer's structure set this False and run the PyTorch path.
+    # The fused CPU kernels implement exactly this class's layer (SiLU-gated MLP, two norms per layer);
+    # families that change the layer's structure set this False and run the PyTorch path.
     supports_fused_kernels = True
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, device: torch.device, dtype: torch.dtype,
@@ -86,7 +89,9 @@ class LlamaModel:
         self.kv_size = config.num_kv_heads * config.head_dim
         # Fused C kernels for the elementwise work and the paged decode attention (fp32 CPU models);
         # otherwise, or when they cannot be built, the PyTorch path below.
-        fused = self.supports_fused_kernels and device.type == "cpu" and dtype == torch.float32
+        self.act = ACTIVATIONS[config.hidden_act]
+        fused = (self.supports_fused_kernels and config.hidden_act == "silu" and device.type == "cpu"
+                 and dtype == torch.float32)
         self.kernels = cpu_kernels.load() if fused else None
         # tied embeddings keep the lm_head's exact weights (the embedding table) next to a quantized copy
         quantized_head = not isinstance(weights.lm_head, DenseLinear)
@@ -122,7 +127,7 @@ class LlamaModel:
     def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         """The MLP up to its (row-parallel) down projection; the caller reduces its output."""
         gate, up = lw.gate_up(x).chunk(2, dim=-1)
-        return lw.down(F.silu(gate) * up)
+        return lw.down(self.act(gate) * up)
 
     def _mlp_output(self, out: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         """Hook on the MLP's reduced output before the residual add (Gemma normalises it)."""

@@ -5,14 +5,15 @@ softmax weights (renormalised over the chosen k when the model says so: Mixtral 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 
 from lightllm.models.llama import ExpertWeights, LayerWeights, LlamaModel
 from lightllm.models.qwen3 import Qwen3Model
 
 
-def routed_experts(x: torch.Tensor, moe: ExpertWeights) -> torch.Tensor:
+def routed_experts(x: torch.Tensor, moe: ExpertWeights, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """x: [T, hidden] → [T, hidden]. Each expert runs once on the rows routed to it (grouped, not per token)."""
     weights = torch.softmax(moe.router(x).float(), dim=-1)
     top_weights, top_experts = weights.topk(moe.top_k, dim=-1)
@@ -23,20 +24,23 @@ def routed_experts(x: torch.Tensor, moe: ExpertWeights) -> torch.Tensor:
     for expert in top_experts.unique().tolist():
         rows, rank = (top_experts == expert).nonzero(as_tuple=True)
         gate, up = moe.gate_up[expert](x.index_select(0, rows)).chunk(2, dim=-1)
-        y = moe.down[expert](F.silu(gate) * up)
+        y = moe.down[expert](act(gate) * up)
         out.index_add_(0, rows, y * top_weights[rows, rank].unsqueeze(1))
     return out
 
 
-class MixtralModel(LlamaModel):
-    supports_fused_kernels = False  # the C kernels' layer has one dense MLP
+class RoutedExperts:
+    """Mixin: the layer's MLP is its routed experts (the fused C kernels' layer has one dense MLP)."""
 
-    def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
-        return routed_experts(x, lw.experts)
-
-
-class Qwen3MoeModel(Qwen3Model):
     supports_fused_kernels = False
 
     def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
-        return routed_experts(x, lw.experts)
+        return routed_experts(x, lw.experts, self.act)
+
+
+class MixtralModel(RoutedExperts, LlamaModel):
+    pass
+
+
+class Qwen3MoeModel(RoutedExperts, Qwen3Model):
+    pass

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightllm.models.gguf_quants import gguf_q4_blocks
+from lightllm.models.gguf_quants import group_quantized
 from lightllm.models.quant import DenseLinear, Int4Linear, Int8Linear, RowCountDispatch, quantize_int4, with_dense_batch_path
 from tests.conftest import embedded_model_path, run_engine_recording_logits
 
@@ -21,7 +21,7 @@ def test_gguf_q4_1_blocks_repack_exactly():
 
     reader = GGUFReader(embedded_model_path())
     tensor = next(t for t in reader.tensors if t.tensor_type.name == "Q4_1")
-    blocks = gguf_q4_blocks(tensor.data, "Q4_1", (tensor.data.shape[0], int(tensor.shape[0])))
+    blocks = group_quantized(tensor.data, "Q4_1", (tensor.data.shape[0], int(tensor.shape[0])))
     reference = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
     torch.testing.assert_close(blocks.dequantize(), reference, atol=1e-6, rtol=0)
 

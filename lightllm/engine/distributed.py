@@ -98,7 +98,7 @@ def run_worker(cfg: EngineConfig, rank: int) -> None:
     """A worker rank: load the shard, size the KV cache as rank 0 says, then run every step rank 0 sends."""
     import torch.distributed as dist
 
-    from lightllm.engine.engine import build_model, pick_device
+    from lightllm.engine.engine import build_model, model_config_for, pick_device
     from lightllm.engine.kv_cache import TokenKVPool
 
     torch.set_num_threads(threads_per_rank(cfg))
@@ -107,7 +107,7 @@ def run_worker(cfg: EngineConfig, rank: int) -> None:
         torch.cuda.set_device(rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
     init_group(cfg, rank, device)
-    model, kv_dtype = build_model(cfg, rank, device)
+    model, kv_dtype = build_model(cfg, model_config_for(cfg), rank, device)
     sizes = [None]
     dist.broadcast_object_list(sizes, src=0)  # the KV token budget rank 0 chose
     pool = TokenKVPool(sizes[0], model.config.num_layers, model.config.num_kv_heads, model.config.head_dim,

@@ -12,13 +12,14 @@ from lightllm.engine.faults import FaultInjector
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.model_runner import ModelRunner
 from lightllm.engine.prefix_cache import PrefixCache
-from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineConfig, FlushCache, EngineError, EngineFailed,
-                                      EngineReady, EngineStats, ErrorKind, StepOutputs, TokenOutput, length_problem)
+from lightllm.engine.distributed import StepBroadcaster, init_group, local_ranks, start_workers, threads_per_rank
+from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineConfig, EngineError, EngineFailed,
+                                      EngineReady, EngineStats, ErrorKind, FlushCache, StepOutputs, TokenOutput,
+                                      length_problem)
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import Scheduler
 from lightllm.engine.sequence import Sequence
 from lightllm.engine.speculative import SpeculativeConfig
-from lightllm.engine.distributed import StepBroadcaster, init_group, local_ranks, start_workers, threads_per_rank
 from lightllm.models.config import ModelConfig
 from lightllm.models.llama import LlamaModel
 from lightllm.models.loader import load_model_config, load_model_weights, resolve_quant_type
@@ -87,10 +88,11 @@ def model_config_for(cfg: EngineConfig) -> ModelConfig:
     return model_cfg
 
 
-def build_model(cfg: EngineConfig, rank: int, device: torch.device) -> tuple[LlamaModel, torch.dtype]:
-    """This rank's model (all of it without tensor parallelism) and the KV cache dtype it runs with."""
+def build_model(cfg: EngineConfig, full: ModelConfig, rank: int,
+                device: torch.device) -> tuple[LlamaModel, torch.dtype]:
+    """This rank's model (all of it without tensor parallelism; `full` is the whole model's configuration)
+    and the KV cache dtype it runs with."""
     dtype = pick_dtype(cfg.data_type, device)
-    full = model_config_for(cfg)
     shard = TPShard(rank, cfg.tp) if cfg.tp > 1 else None
     rank_config = shard_config(full, cfg.tp)  # refuses head counts that do not divide, naming them
     quant_type = resolve_quant_type(cfg.quant_type, cfg.model_path, device)
@@ -124,7 +126,7 @@ class Engine:
             self.grammars = GrammarFactory(cfg.model_path, model_cfg.vocab_size)
         self.max_model_len = min(model_cfg.max_position_embeddings, cfg.max_req_total_len)
         self.quant_type = resolve_quant_type(cfg.quant_type, cfg.model_path, self.device)
-        self.model, self.kv_dtype = build_model(cfg, 0, self.device)
+        self.model, self.kv_dtype = build_model(cfg, model_cfg, 0, self.device)
         rank_cfg = self.model.config  # this rank's heads
         elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         self.kv_tokens = kv_budget_tokens(cfg, rank_cfg.kv_bytes_per_token(elem), self.device)

@@ -364,4 +364,3 @@ class Scheduler:
         self.pool.free(indices)
         self.table.free_slot(seq.slot)
         seq.slot = None
-

@@ -280,11 +280,3 @@ def group_quantized(raw: np.ndarray, type_name: str, shape: Sequence[int]) -> Gr
         zero = torch.zeros_like(d) if type_name == "Q4_0" else _f16(b[:, 2:4]) + 8 * d
     return GroupQuantized(q.to(torch.int32).reshape(n, k), scale.reshape(n, k // 32).contiguous(),
                           zero.reshape(n, k // 32).contiguous(), 32)
-
-
-def gguf_q4_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int]) -> GroupQuantized:
-    """Q4_0 / Q4_1 / Q4_K blocks as int4 groups of 32 (see `group_quantized`); raises for other types."""
-    blocks = group_quantized(raw, qtype_name, shape)
-    if blocks is None:
-        raise ValueError(f"{qtype_name} blocks of shape {tuple(shape)} are not int4 groups of 32")
-    return blocks

@@ -79,8 +79,8 @@ class RotaryEmbedding:
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
                  device: torch.device, dtype: torch.dtype):
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
-        inv_freq = 1.0 / (theta ** exponents)
+        wavelength_base = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        inv_freq = 1.0 / wavelength_base
         scaling = scaling or {}
         rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
         attention_factor = 1.0
@@ -94,8 +94,8 @@ class RotaryEmbedding:
         elif rope_type in ("longrope", "su"):
             attention_factor = _longrope_attention_factor(scaling, max_positions)
             original = int(scaling["original_max_position_embeddings"])
-            short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float64) * theta ** exponents)
-            long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float64) * theta ** exponents)
+            short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float64) * wavelength_base)
+            long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float64) * wavelength_base)
             inv_freq = torch.where((positions < original).unsqueeze(1), short, long)  # [P, D/2] per position
         elif rope_type != "default":
             raise ValueError(f"rope scaling type {rope_type!r} is not supported "

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lightllm.models.config import (GEMMA_FAMILIES, SUPPORTED_ARCHITECTURES, ModelConfig, config_from_hf,
-                                    gemma_layer_types)
+from lightllm.models.config import GEMMA_FAMILIES, ModelConfig, config_from_hf, gemma_layer_types
 from lightllm.models.gguf_quants import dequantize as gguf_dequantize, group_quantized
 from lightllm.models.llama import ExpertWeights, LayerWeights, ModelWeights
 from lightllm.models.paths import find_gguf_file

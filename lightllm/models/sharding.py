@@ -100,7 +100,7 @@ class Sharder:
         return parts
 
     def vocab(self, weight: torch.Tensor | Any) -> Any:
-        return self.rows(weight, self.config.vocab_size) if self.active else weight
+        return self.rows(weight, self.config.vocab_size)
 
 
 class TPComm:

@@ -135,8 +135,8 @@ class Scheduler:
                 if n:
                     plan.append(ScheduledChunk(seq, seq.num_computed, n))
                     budget -= n
-        if not admit:
-            return plan
+        if not admit or budget <= 0 or not self.waiting or not self._has_room():
+            return plan  # nobody can be admitted: spare the ranking its prefix-tree walks
         admitted: list[Sequence] = []
         for seq, cached in self._admission_order():
             if budget <= 0:
@@ -220,9 +220,13 @@ class Scheduler:
     def _future_need(self, seq: Sequence) -> int:
         return seq.num_pending + min(seq.remaining_new_tokens, self.new_token_estimate)
 
+    def _has_room(self) -> bool:
+        """A running slot and a req_to_token row are free."""
+        return len(self.running) < self.running_max_req_size and self.table.num_free_slots > 0
+
     def _can_admit(self, seq: Sequence, uncached: int) -> bool:
         """`uncached`: prompt tokens the prefix cache cannot serve."""
-        if len(self.running) >= self.running_max_req_size or self.table.num_free_slots == 0:
+        if not self._has_room():
             return False
         if not self.running:
             return True  # alone it always runs; one that cannot fit the pool at all fails in schedule()

@@ -159,7 +159,8 @@ class LlamaModel:
         cfg = self.config
         hidden = self._embed(input_ids)
         n_tokens = input_ids.shape[0]
-        rotations = {id(r): r.lookup(positions) for r in self.layer_rotary}  # cos/sin, once per distinct table
+        # cos/sin looked up once per distinct table (one, or Gemma 3's global and local), not once per layer
+        rotations = {id(r): r.lookup(positions) for r in {self.rotary, *self.layer_rotary}}
         for layer_idx, lw in enumerate(self.weights.layers):
             residual = hidden
             x = rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)

@@ -159,6 +159,11 @@ class EngineStats:
     draft_tokens: int = 0  # speculative tokens proposed since start
     draft_accepted: int = 0  # of those, verified and kept
 
+    @property
+    def kv_held_by_requests(self) -> int:
+        """KV tokens in use by requests (what the prefix cache alone keeps is evictable)."""
+        return self.kv_used - self.kv_cached
+
 
 @dataclass
 class StepOutputs:

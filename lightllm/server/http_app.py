@@ -20,7 +20,7 @@ from lightllm.server.limits import MAX_BODY_BYTES
 from lightllm.server.openapi import COMMON_ERRORS, HEALTH_RESPONSES, install_openapi
 from lightllm.server.lifecycle import Lifecycle
 from lightllm.server.parser_selection import select_parsers
-from lightllm.server.state import ServerState
+from lightllm.server.state import ServerState, engine_unavailable
 
 logger = logging.getLogger("lightllm.api")
 
@@ -209,10 +209,10 @@ def _add_info_routes(app: FastAPI) -> None:
         state: ServerState = request.app.state.server
         stats = state.engine.stats
         total = state.engine.info.max_total_token_num
-        used = stats.kv_used if stats else 0
-        cached = stats.kv_cached if stats else 0
-        return {"kv_total": total, "kv_used": used, "kv_cached": cached,
-                "kv_used_by_requests": used - cached, "current_load": (used - cached) / total,
+        held = stats.kv_held_by_requests if stats else 0
+        return {"kv_total": total, "kv_used": stats.kv_used if stats else 0,
+                "kv_cached": stats.kv_cached if stats else 0,
+                "kv_used_by_requests": held, "current_load": held / total,
                 "running": stats.running if stats else 0, "waiting": stats.waiting if stats else 0,
                 "inflight": state.inflight}
 
@@ -256,8 +256,7 @@ def _add_worker_info_routes(app: FastAPI, model_path: str) -> None:
         try:
             freed = await state.engine.flush_cache()
         except (EngineDied, asyncio.TimeoutError) as exc:
-            raise APIError(503, f"engine unavailable: {exc or 'no reply'}", code="engine_unavailable",
-                           headers={"Retry-After": "5"}) from exc
+            raise engine_unavailable(f"engine unavailable: {exc or 'no reply'}") from exc
         return {"message": "Cache flushed.", "freed_tokens": freed}
 
     @app.get("/get_load")
@@ -267,4 +266,4 @@ def _add_worker_info_routes(app: FastAPI, model_path: str) -> None:
         stats = state.engine.stats
         running, waiting = (stats.running, stats.waiting) if stats else (0, 0)
         return [{"dp_rank": 0, "num_reqs": running + waiting, "num_waiting_reqs": waiting,
-                 "num_tokens": stats.kv_used - stats.kv_cached if stats else 0}]
+                 "num_tokens": stats.kv_held_by_requests if stats else 0}]

@@ -20,6 +20,11 @@ from lightllm.server.reasoning.registry import reasoning_detector
 T = TypeVar("T")
 
 
+def engine_unavailable(message: str) -> APIError:
+    """503 with Retry-After: the engine process is down (restarting) or did not answer."""
+    return APIError(503, message, code="engine_unavailable", headers={"Retry-After": "5"})
+
+
 @dataclass
 class ServerState:
     args: Any
@@ -41,8 +46,7 @@ class ServerState:
     def check_capacity(self) -> None:
         """503 with Retry-After when the request cannot start now (engine down, draining, overloaded)."""
         if not self.engine.alive:
-            raise APIError(503, f"the engine is not running ({self.engine.dead_reason}); retry shortly",
-                           code="engine_unavailable", headers={"Retry-After": "5"})
+            raise engine_unavailable(f"the engine is not running ({self.engine.dead_reason}); retry shortly")
         if self.lifecycle.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         if self.inflight >= self.args.max_concurrent_requests:
@@ -93,7 +97,7 @@ class ServerState:
                 cached = max(cached, chunk.cached_tokens)
                 yield chunk
         except EngineDied as exc:
-            raise APIError(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"}) from exc
+            raise engine_unavailable(str(exc)) from exc
         finally:
             self.inflight -= 1
             self.counters["prefix_cache_hit_tokens"] += cached

@@ -12,6 +12,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from lightllm.models.gguf_quants import BLOCK_SIZES, SUPPORTED_TYPES, dequantize, group_quantized
+from lightllm.models.quant import GGUF_NATIVE_TYPES, GgufBlocks, GroupQuantized
 from lightllm.models.loader import _gguf_tensors, _unpermute_qk
 
 # Byte offsets of each block's fp16 fields (scales, mins), which random bytes could make inf/NaN.
@@ -168,21 +169,24 @@ def file_references(path) -> dict[str, tuple[str, torch.Tensor]]:
     return refs
 
 
-@pytest.mark.parametrize("keep_q4", [False, True])
-def test_gguf_file_loads_like_gguf(gguf_file, keep_q4):
+@pytest.mark.parametrize("keep_blocks", [False, True])
+def test_gguf_file_loads_like_gguf(gguf_file, keep_blocks):
     refs = file_references(gguf_file)
-    loaded = {name: load() for name, load in _gguf_tensors(gguf_file, CONFIG, keep_q4=keep_q4)}
+    loaded = {name: load() for name, load in _gguf_tensors(gguf_file, CONFIG, keep_blocks=keep_blocks)}
     assert loaded.keys() == refs.keys() and len(refs) == len(FILE_TENSORS)
     assert {t for t, _ in refs.values()} >= {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K",
                                              "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
     for name, (type_name, expected) in refs.items():
         weight = loaded[name]
-        if keep_q4 and type_name in ("Q4_0", "Q4_1", "Q4_K") and name != "embed":
-            assert not isinstance(weight, torch.Tensor), name
+        if keep_blocks and name != "embed" and isinstance(weight, GroupQuantized):  # the int4 kernel's groups
+            assert type_name in ("Q4_0", "Q4_1", "Q4_K"), name
             if type_name == "Q4_0":
                 assert torch.equal(weight.dequantize(), expected), name
             else:
                 assert_groups_close(weight, expected)
+        elif keep_blocks and name != "embed" and type_name in GGUF_NATIVE_TYPES and expected.dim() == 2:
+            assert isinstance(weight, GgufBlocks) and weight.type_name == type_name, name
+            assert_bit_identical(weight.dequantize(), expected)
         else:
             assert isinstance(weight, torch.Tensor) and weight.is_contiguous(), name
             assert_bit_identical(weight, expected)

@@ -1,4 +1,4 @@
-"""Builds and loads the fused CPU kernels (`cpu_kernels.c`) and wraps them for torch tensors.
+"""Builds and loads the fused CPU kernels (`cpu_kernels.c`, `gguf_matmul.c`) and wraps them for torch tensors.
 
 The C file is compiled on first use with the system C compiler for this host's instruction set
 (`-march=native`) and cached under ~/.cache/lightllm/kernels, keyed by the source, the flags and the CPU's
@@ -24,7 +24,8 @@ from lightllm.host import cache_dir, cpu_flags
 
 logger = logging.getLogger("lightllm.kernels")
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "gguf_matmul.c")]
+_HEADERS = [Path(__file__).with_name("cpu_common.h")]
 # -fno-trapping-math / -fno-math-errno let floorf and the exp polynomial vectorise; no -ffast-math, so
 # float semantics (ordering, NaN) are otherwise kept.
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fno-strict-aliasing", "-fopenmp",
@@ -38,6 +39,7 @@ _SIGNATURES = {
     "lk_rope_store": [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr],
     "lk_decode_attention": [_ptr, _ptr, _ptr, _int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64,
                             _flt, _ptr, _int],
+    "lk_gguf_matmul": [_int, _ptr, _i64, _i64, _ptr, _int, _i64, _ptr, _i64],
 }
 
 
@@ -50,16 +52,17 @@ def _cpu_fingerprint() -> str:
     return " ".join([os.uname().machine, *sorted(cpu_flags())])
 
 
-def _build(compiler: str) -> Path:
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode() + _cpu_fingerprint().encode()).hexdigest()[:16]
+def _build(compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    flags = [*_FLAGS, *extra_flags]
+    source = b"".join(p.read_bytes() for p in [*_SOURCES, *_HEADERS])
+    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode() + _cpu_fingerprint().encode()).hexdigest()[:16]
     target = cache_dir("kernels") / f"lightllm_cpu_kernels_{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *_FLAGS, "-o", str(out), str(_SOURCE)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *flags, "-o", str(out), *map(str, _SOURCES)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise KernelError(f"{compiler} failed: {proc.stderr.strip()[:2000]}")
         os.replace(out, target)  # atomic: concurrent builders (several servers starting) agree
@@ -67,9 +70,10 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@lru_cache(maxsize=1)
-def load() -> "CpuKernels | None":
-    """The kernels for this process, or None when they are disabled or cannot be built."""
+@lru_cache(maxsize=2)
+def load(portable: bool = False) -> "CpuKernels | None":
+    """The kernels for this process, or None when they are disabled or cannot be built. `portable` builds
+    the plain-C paths instead of the SIMD ones (the tests compare the two)."""
     if os.environ.get("LIGHTLLM_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
         return None
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -77,7 +81,7 @@ def load() -> "CpuKernels | None":
         logger.warning("no C compiler found: fused CPU kernels disabled, using the PyTorch path")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, ("-DLK_PORTABLE",) if portable else ())))
     except (KernelError, OSError) as exc:
         logger.warning("fused CPU kernels unavailable (%s): using the PyTorch path", exc)
         return None
@@ -159,3 +163,13 @@ class CpuKernels:
             req_slots.data_ptr(), lens.data_ptr(), None if rows is None else rows.data_ptr(), window or 0,
             req_slots.shape[0], heads, k_pool.shape[1], head_dim, scale, out.data_ptr(), _code(out))
         self._ok(rc, "decode_attention")
+
+    def gguf_matmul(self, type_code: int, blocks: torch.Tensor, k: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out = x @ W.T for W given as GGUF blocks (uint8 [N, row bytes], ggml type number `type_code`);
+        x [M, k] float32/bf16/f16; out float32 [M, N] or a column slice of a wider row-major matrix."""
+        _check(blocks, x)
+        if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (x.shape[0], blocks.shape[0]):
+            raise KernelError("gguf_matmul writes float32 rows of the weight's output width")
+        rc = self._lib.lk_gguf_matmul(type_code, blocks.data_ptr(), blocks.shape[0], k, x.data_ptr(), _code(x),
+                                      x.shape[0], out.data_ptr(), out.stride(0))
+        self._ok(rc, "gguf_matmul")

@@ -5,6 +5,7 @@ same float32 operations, in the same order, as the `gguf` package's numpy refere
 llama.cpp's ggml-quants.c `dequantize_row_*`), so results are bit-identical to `gguf.quants.dequantize`:
 the only float work is an fp16 -> fp32 widening (exact) followed by one or two rounded products/differences.
 
+`gguf_blocks` keeps a matrix of a type the GGUF kernel runs (quant.GGUF_NATIVE_TYPES) as its raw blocks.
 `group_quantized` keeps the formats whose weights are already int4 with a per-32-column scale and offset
 (Q4_0, Q4_1, Q4_K) as a `GroupQuantized`, which the packed int4 CPU kernel runs without re-quantizing.
 
@@ -28,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from lightllm.models.quant import GroupQuantized
+from lightllm.models.quant import GGUF_NATIVE_TYPES, GgufBlocks, GroupQuantized, Int4Linear
 
 QK_K = 256
 
@@ -250,6 +251,35 @@ def _gguf_fallback(raw: np.ndarray, type_name: str, shape: Sequence[int] | None,
                          f"(readable types: {', '.join(SUPPORTED_TYPES)})") from e
     tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # copy: GGUF data is a read-only memmap
     return tensor if shape is None else tensor.reshape(tuple(int(s) for s in shape))
+
+
+# ------------------------------------------------------------------------------------------- raw blocks
+
+
+def gguf_blocks(raw: np.ndarray, type_name: str, shape: Sequence[int]) -> GgufBlocks | None:
+    """The [N, K] weight (or stacked experts [E, N, K], as [E * N, K]) as its blocks, bytes as stored; None
+    for types the GGUF kernel does not run and for K not a whole number of blocks."""
+    if type_name not in GGUF_NATIVE_TYPES or len(shape) not in (2, 3):
+        return None
+    k = int(shape[-1])
+    _, weights, block_bytes = GGUF_NATIVE_TYPES[type_name]
+    if k % weights:
+        return None
+    rows = int(np.prod(shape[:-1]))
+    data = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, k // weights * block_bytes)
+    return GgufBlocks(torch.from_numpy(data.copy()), type_name, k)  # copy: GGUF data is a read-only memmap
+
+
+def kept_quantized(raw: np.ndarray, type_name: str, shape: Sequence[int]) -> GroupQuantized | GgufBlocks | None:
+    """How `--quant_type gguf` keeps a matrix without re-quantizing it (None: decode it): Q4_0/Q4_1/Q4_K as
+    int4 groups for PyTorch's packed int4 kernel where its shape allows (it measured 1.4x faster than the
+    GGUF kernel on those types on this project's box: benchmarks/RESULTS.md), every other type the GGUF
+    kernel runs as its blocks."""
+    if len(shape) == 2 and Int4Linear.supports(int(shape[0]), int(shape[1]), 32):
+        groups = group_quantized(raw, type_name, shape)
+        if groups is not None:
+            return groups
+    return gguf_blocks(raw, type_name, shape)
 
 
 # ------------------------------------------------------------------------------------------- int4 groups

@@ -17,11 +17,11 @@ import torch
 from tqdm import tqdm
 
 from lightllm.models.config import GEMMA_FAMILIES, ModelConfig, config_from_hf, gemma_layer_types
-from lightllm.models.gguf_quants import dequantize as gguf_dequantize, group_quantized
+from lightllm.models.gguf_quants import dequantize as gguf_dequantize, gguf_blocks, kept_quantized
 from lightllm.models.llama import ExpertWeights, LayerWeights, ModelWeights
 from lightllm.models.paths import find_gguf_file
 from lightllm.models.sharding import Sharder, TPShard
-from lightllm.models.quant import QUANT_TYPES, GroupQuantized, cat_rows, make_linear
+from lightllm.models.quant import QUANT_TYPES, GgufBlocks, GroupQuantized, cat_rows, make_linear
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def load_model_weights(model_path: str | Path, config: ModelConfig, device: torc
         raise ValueError(f"--quant_type {quant_type!r} is not supported; choose from {QUANT_TYPES}")
     gguf_path = find_gguf_file(model_path)
     if gguf_path is not None:
-        tensors = _gguf_tensors(gguf_path, config, keep_q4=quant_type == "gguf")
+        tensors = _gguf_tensors(gguf_path, config, keep_blocks=quant_type == "gguf")
     else:
         tensors = _safetensors_tensors(Path(model_path), config.architecture)
     return assemble(config, tensors, device, dtype, quant_type, shard)
@@ -256,10 +256,12 @@ def _unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _gguf_tensors(path: Path, config: ModelConfig, keep_q4: bool = False) -> Iterator[tuple[str, Callable[[], Any]]]:
-    """Each tensor decoded exactly (bit-identical to gguf's reader); with `keep_q4`, Q4_0/Q4_1/Q4_K matrices
-    other than the embedding stay int4 groups of 32 (`GroupQuantized`) for the packed int4 kernel."""
+def _gguf_tensors(path: Path, config: ModelConfig, keep_blocks: bool = False) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """Each tensor decoded exactly (bit-identical to gguf's reader); with `keep_blocks`, quantized matrices
+    stay as stored (see gguf_quants.kept_quantized), the embedding table excepted (it is gathered, not
+    multiplied; a tied lm_head gets its blocks as "lm_head")."""
     reader = open_gguf(path)
+    names = {tensor.name for tensor in reader.tensors}
     # Only llama-arch files (Mixtral too) were permuted by llama.cpp's converter; the others use NeoX rope as HF does.
     permuted = config.architecture in ("llama", "mistral", "mixtral")
     for tensor in reader.tensors:
@@ -275,14 +277,22 @@ def _gguf_tensors(path: Path, config: ModelConfig, keep_q4: bool = False) -> Ite
                 heads = config.num_kv_heads
             type_name = t.tensor_type.name
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
-            if keep_q4 and name != "embed":
-                blocks = group_quantized(t.data, type_name, shape)
+            if keep_blocks and name != "embed":
+                blocks = kept_quantized(t.data, type_name, shape)
                 if blocks is not None:
                     return blocks if heads is None else blocks.permute_rows(lambda x: _unpermute_qk(x, heads))
             weight = gguf_dequantize(t.data, type_name, shape, name=t.name)
             return weight if heads is None else _unpermute_qk(weight, heads).contiguous()
 
         yield canonical, load
+        if canonical == "embed" and keep_blocks and "output.weight" not in names:
+            # tied embeddings: the lm_head multiplies by the same table, so it can run from its blocks
+            def tied_head(t: Any = tensor) -> Any:
+                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+                blocks = gguf_blocks(t.data, t.tensor_type.name, shape)
+                return blocks if blocks is not None else gguf_dequantize(t.data, t.tensor_type.name, shape, name=t.name)
+
+            yield "lm_head", tied_head
 
 
 def _canonical_gguf_name(name: str) -> str | None:
@@ -301,6 +311,9 @@ def _canonical_gguf_name(name: str) -> str | None:
 def split_experts(stacked: Any, num_experts: int) -> list[Any]:
     """One tensor holding every expert's weights ([experts, out, in], or [experts * out, in] when kept
     quantized) → per-expert [out, in] weights."""
+    if isinstance(stacked, GgufBlocks):
+        rows = stacked.shape[0] // num_experts
+        return [stacked.rows(e * rows, (e + 1) * rows) for e in range(num_experts)]
     if isinstance(stacked, GroupQuantized):
         rows = stacked.shape[0] // num_experts
         return [GroupQuantized(stacked.q[e * rows:(e + 1) * rows], stacked.scale[e * rows:(e + 1) * rows],
@@ -320,7 +333,7 @@ def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]
     for name in tqdm(sorted(loaders), desc="loading weights", unit="tensor", leave=False):
         value = loaders[name]()
         # Linear weights stay float32 on the host until make_linear decides their final form.
-        loaded[name] = value if isinstance(value, GroupQuantized) else value.to(
+        loaded[name] = value if isinstance(value, (GroupQuantized, GgufBlocks)) else value.to(
             device=device if quant_type == "none" else "cpu", dtype=dtype if quant_type == "none" else torch.float32)
 
     def linear(weight: Any, bias: torch.Tensor | None = None):

@@ -1,9 +1,10 @@
-"""Linear layers: dense, and weight-only int8 / int4 using PyTorch's packed CPU kernels.
+"""Linear layers: dense, weight-only int8 / int4 using PyTorch's packed CPU kernels, and GGUF blocks as stored.
 
 On AVX2 CPUs `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` fed bf16 activations read 4-8x fewer
 weight bytes than fp32 `F.linear`, which is what bounds decode speed (see shared/reference/cpu_performance.md).
-GGUF Q4_0/Q4_1/Q4_K blocks map onto int4pack's `(q - 8) * scale + zero` with group 32, so such tensors are
-repacked without re-quantizing (`--quant_type gguf`; see gguf_quants.group_quantized).
+Under `--quant_type gguf` a GGUF file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K matrices run from their own
+blocks (`GgufLinear`, kernels/gguf_matmul.c): exact weights at the file's 4.5-8.5 bits per weight; other
+types are read exactly and re-quantized to int8.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lightllm.host import cpu_flags
+from lightllm.kernels import cpu as cpu_kernels
 
 QUANT_TYPES = ("none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf")
 
@@ -42,12 +44,77 @@ class GroupQuantized:
         return GroupQuantized(fn(self.q), fn(self.scale), fn(self.zero), self.group)
 
 
-def cat_rows(parts: list) -> torch.Tensor | GroupQuantized:
+@dataclass
+class GgufBlocks:
+    """Rows of a weight matrix as GGUF quantized blocks, bytes exactly as stored in the file."""
+
+    raw: torch.Tensor  # uint8 [N, K / block_weights * block_bytes]
+    type_name: str  # one of GGUF_NATIVE_TYPES
+    k: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.raw.shape[0], self.k))
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """(weights, bytes) per block."""
+        return GGUF_NATIVE_TYPES[self.type_name][1:]
+
+    def dequantize(self) -> torch.Tensor:
+        from lightllm.models.gguf_quants import dequantize  # (gguf_quants builds on this module)
+        return dequantize(self.raw.numpy(), self.type_name, tuple(self.shape))
+
+    def rows(self, start: int, end: int) -> "GgufBlocks":
+        return GgufBlocks(self.raw[start:end], self.type_name, self.k)
+
+    def permute_rows(self, fn) -> "GgufBlocks":
+        return GgufBlocks(fn(self.raw).contiguous(), self.type_name, self.k)
+
+    def cols(self, start: int, end: int) -> "GgufBlocks | None":
+        """Columns start..end, or None when the cut falls inside a block."""
+        weights, nbytes = self.block
+        if start % weights or end % weights:
+            return None
+        return GgufBlocks(self.raw[:, start // weights * nbytes:end // weights * nbytes].contiguous(),
+                          self.type_name, end - start)
+
+
+# GGUF types GgufLinear runs from their blocks: ggml type number, weights and bytes per block.
+GGUF_NATIVE_TYPES: dict[str, tuple[int, int, int]] = {
+    "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34),
+    "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210),
+}
+
+
+@dataclass
+class GgufRowGroups:
+    """A fused weight (q/k/v, gate/up) whose parts were stored with different GGUF types."""
+
+    parts: list[GgufBlocks]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((sum(p.shape[0] for p in self.parts), self.parts[0].k))
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
+
+
+def cat_rows(parts: list) -> "torch.Tensor | GroupQuantized | GgufBlocks | GgufRowGroups":
     """Concatenate weights along the output dimension (fusing q/k/v or gate/up)."""
+    if all(isinstance(p, GgufBlocks) for p in parts):
+        merged: list[GgufBlocks] = []
+        for p in parts:  # neighbours of one type become one run of rows
+            if merged and merged[-1].type_name == p.type_name:
+                merged[-1] = GgufBlocks(torch.cat([merged[-1].raw, p.raw]), p.type_name, p.k)
+            else:
+                merged.append(p)
+        return merged[0] if len(merged) == 1 else GgufRowGroups(merged)
     if all(isinstance(p, GroupQuantized) for p in parts) and len({p.group for p in parts}) == 1:
         return GroupQuantized(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
                               torch.cat([p.zero for p in parts]), parts[0].group)
-    dense = [p.dequantize() if isinstance(p, GroupQuantized) else p for p in parts]
+    dense = [p if isinstance(p, torch.Tensor) else p.dequantize() for p in parts]
     return torch.cat(dense).contiguous()
 
 
@@ -136,17 +203,50 @@ class Int4Linear:
         return y if self.bias is None else y + self.bias
 
 
+class GgufLinear:
+    """x @ W.T with W in GGUF blocks as stored (one or several row runs of different types), computed by the
+    fused CPU kernel from int8-quantized activations, as llama.cpp does; takes and returns float32."""
+
+    def __init__(self, weight: "GgufBlocks | GgufRowGroups", bias: torch.Tensor | None, kernels):
+        self.parts = weight.parts if isinstance(weight, GgufRowGroups) else [weight]
+        self.out_features = sum(p.shape[0] for p in self.parts)
+        self.in_features = self.parts[0].k
+        self.bias = bias
+        self.kernels = kernels
+        self.input_dtype = torch.float32
+
+    def dequantized(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.raw(x).to(x.dtype)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).contiguous()
+        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        if x.shape[0]:
+            start = 0
+            for part in self.parts:
+                end = start + part.shape[0]
+                self.kernels.gguf_matmul(GGUF_NATIVE_TYPES[part.type_name][0], part.raw, part.k, x, out[:, start:end])
+                start = end
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*lead, self.out_features)
+
+
 class RowCountDispatch:
     """A quantized layer plus a dense bf16 copy of the same (dequantized) weights, chosen per call by the
     number of input rows. The packed int4/int8 kernels are GEMVs whose cost grows linearly with the rows;
     on CPUs with native bf16 dot products (AVX512-BF16, AMX) oneDNN's bf16 GEMM overtakes them from a
     batch of ~16 rows, while the quantized kernel stays ~2x faster for single-token decode."""
 
-    def __init__(self, quantized: "Int4Linear | Int8Linear", dense: DenseLinear, min_rows: int):
+    def __init__(self, quantized: "Int4Linear | Int8Linear | GgufLinear", dense: DenseLinear, min_rows: int):
         self.quantized = quantized
         self.dense = dense
         self.min_rows = min_rows
-        self.input_dtype = torch.bfloat16
+        self.input_dtype = quantized.input_dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.raw(x).to(x.dtype)
@@ -169,7 +269,7 @@ def cpu_has_fast_bf16() -> bool:
 DENSE_MIN_ROWS = 16
 
 
-def with_dense_batch_path(quantized: "Int4Linear | Int8Linear", dequantize: Callable[[], torch.Tensor]):
+def with_dense_batch_path(quantized: "Int4Linear | Int8Linear | GgufLinear", dequantize: Callable[[], torch.Tensor]):
     """Wrap `quantized` in a RowCountDispatch on CPUs with native bf16 dot products.
 
     LIGHTLLM_DENSE_MIN_ROWS overrides the row threshold (an integer; 0 disables the dense copy)."""
@@ -183,10 +283,16 @@ def with_dense_batch_path(quantized: "Int4Linear | Int8Linear", dequantize: Call
     return RowCountDispatch(quantized, DenseLinear(dequantize().to(torch.bfloat16)), min_rows)
 
 
-def make_linear(weight: torch.Tensor | GroupQuantized, bias: torch.Tensor | None, quant_type: str,
-                device: torch.device, dtype: torch.dtype):
+def make_linear(weight: "torch.Tensor | GroupQuantized | GgufBlocks | GgufRowGroups", bias: torch.Tensor | None,
+                quant_type: str, device: torch.device, dtype: torch.dtype):
     """Build the linear layer for `weight` under `--quant_type` (quantized paths are CPU-only for now)."""
     quantized_ok = device.type == "cpu"
+    if isinstance(weight, (GgufBlocks, GgufRowGroups)):
+        kernels = cpu_kernels.load() if quant_type == "gguf" and quantized_ok else None
+        if kernels is not None:
+            layer = GgufLinear(weight, bias, kernels)
+            return with_dense_batch_path(layer, layer.dequantized)
+        weight = weight.dequantize()
     if isinstance(weight, GroupQuantized):
         if quant_type == "gguf" and quantized_ok and Int4Linear.supports(*weight.shape, weight.group):
             return with_dense_batch_path(Int4Linear(weight, bias), lambda: Int4Linear.dequantized(weight))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lightllm.models.config import ModelConfig
-from lightllm.models.quant import GroupQuantized
+from lightllm.models.quant import GgufBlocks, GroupQuantized
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,17 @@ def shard_config(config: ModelConfig, world: int) -> ModelConfig:
 
 
 def slice_rows(weight: Any, start: int, end: int) -> Any:
+    if isinstance(weight, GgufBlocks):
+        return weight.rows(start, end)
     if isinstance(weight, GroupQuantized):
         return GroupQuantized(weight.q[start:end], weight.scale[start:end], weight.zero[start:end], weight.group)
     return weight[start:end]
 
 
 def slice_cols(weight: Any, start: int, end: int) -> Any:
+    if isinstance(weight, GgufBlocks):
+        cut = weight.cols(start, end)  # None: the cut falls inside a block
+        return cut if cut is not None else weight.dequantize()[:, start:end].contiguous()
     if isinstance(weight, GroupQuantized):
         if start % weight.group or end % weight.group:  # the cut falls inside a quantization group
             return weight.dequantize()[:, start:end].contiguous()

@@ -70,10 +70,20 @@ def _build(compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
     return target
 
 
-@lru_cache(maxsize=2)
-def load(portable: bool = False) -> "CpuKernels | None":
-    """The kernels for this process, or None when they are disabled or cannot be built. `portable` builds
-    the plain-C paths instead of the SIMD ones (the tests compare the two)."""
+# Builds of the same sources: "native" is what the engine runs; the others let tests check the code paths
+# this CPU would not take (plain C, AVX2 with and without AVX-VNNI on an AVX-512 machine).
+BUILDS: dict[str, tuple[str, ...]] = {
+    "native": (),
+    "portable": ("-DLK_PORTABLE",),
+    "avx2-vnni": ("-mno-avx512f",),
+    "avx2": ("-mno-avx512f", "-mno-avxvnni"),
+}
+
+
+@lru_cache(maxsize=len(BUILDS))
+def load(build: str = "native") -> "CpuKernels | None":
+    """The kernels for this process, or None when they are disabled or cannot be built (for `build`, see
+    BUILDS; a build this compiler or CPU cannot make is None as well)."""
     if os.environ.get("LIGHTLLM_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
         return None
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -81,7 +91,7 @@ def load(portable: bool = False) -> "CpuKernels | None":
         logger.warning("no C compiler found: fused CPU kernels disabled, using the PyTorch path")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler, ("-DLK_PORTABLE",) if portable else ())))
+        lib = ctypes.CDLL(str(_build(compiler, BUILDS[build])))
     except (KernelError, OSError) as exc:
         logger.warning("fused CPU kernels unavailable (%s): using the PyTorch path", exc)
         return None

@@ -115,9 +115,27 @@ def test_gguf_quant_type_keeps_blocks_and_other_quant_types_decode_them(monkeypa
     assert torch.equal(dense.weight, reference(raw, "Q6_K"))
 
 
-def test_q4_types_stay_on_the_int4_kernel_where_it_fits():
-    raw = random_blocks("Q4_K", 32, 256, seed=4, full_range=False)
-    assert isinstance(kept_quantized(raw, "Q4_K", (32, 256)), GroupQuantized)
-    odd_rows = random_blocks("Q4_K", 8, 256, seed=4, full_range=False)  # the int4 kernel needs rows % 16 == 0
-    assert kept_quantized(odd_rows, "Q4_K", (8, 256)).type_name == "Q4_K"
+def test_q4_0_and_q4_1_stay_on_the_int4_kernel_where_it_fits():
+    raw = random_blocks("Q4_1", 32, 256, seed=4, full_range=False)
+    assert isinstance(kept_quantized(raw, "Q4_1", (32, 256)), GroupQuantized)
+    odd_rows = random_blocks("Q4_1", 8, 256, seed=4, full_range=False)  # the int4 kernel needs rows % 16 == 0
+    assert kept_quantized(odd_rows, "Q4_1", (8, 256)).type_name == "Q4_1"
+    assert kept_quantized(random_blocks("Q4_K", 32, 256), "Q4_K", (32, 256)).type_name == "Q4_K"  # exact scales
     assert kept_quantized(random_blocks("Q3_K", 16, 256), "Q3_K", (16, 256)) is None  # decoded, then int8
+
+
+def test_a_gguf_lm_head_gives_its_exact_rows_for_the_logit_refinement(monkeypatch):
+    """The top candidates of a GGUF lm_head's logits are recomputed in fp32 from its own blocks."""
+    from types import SimpleNamespace
+
+    from lightllm.models.llama import LlamaModel
+
+    monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "4")  # wrapped in the dense-batch dispatch, as on bf16 CPUs
+    parts = [("Q8_0", 48), ("Q6_K", 16)]
+    raws = [random_blocks(t, n, 256, seed=i, full_range=False) for i, (t, n) in enumerate(parts)]
+    head = make_linear(cat_rows([gguf_blocks(raw, t, (n, 256)) for raw, (t, n) in zip(raws, parts)]), None, "gguf",
+                       torch.device("cpu"), torch.float32)
+    rows_of = LlamaModel._exact_head_source(SimpleNamespace(lm_head=head), SimpleNamespace(tie_word_embeddings=False))
+    indices = torch.tensor([63, 0, 47, 48, 5])
+    expected = torch.cat([reference(r, t) for r, (t, _) in zip(raws, parts)]).index_select(0, indices)
+    assert torch.equal(rows_of(indices), expected)

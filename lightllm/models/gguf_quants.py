@@ -271,11 +271,12 @@ def gguf_blocks(raw: np.ndarray, type_name: str, shape: Sequence[int]) -> GgufBl
 
 
 def kept_quantized(raw: np.ndarray, type_name: str, shape: Sequence[int]) -> GroupQuantized | GgufBlocks | None:
-    """How `--quant_type gguf` keeps a matrix without re-quantizing it (None: decode it): Q4_0/Q4_1/Q4_K as
-    int4 groups for PyTorch's packed int4 kernel where its shape allows (it measured 1.4x faster than the
-    GGUF kernel on those types on this project's box: benchmarks/RESULTS.md), every other type the GGUF
-    kernel runs as its blocks."""
-    if len(shape) == 2 and Int4Linear.supports(int(shape[0]), int(shape[1]), 32):
+    """How `--quant_type gguf` keeps a matrix without re-quantizing it (None: decode it). Q4_0 and Q4_1 go to
+    PyTorch's packed int4 kernel where its shape rule allows (their groups map onto its (q - 8) * scale +
+    zero; it measured 1.45x faster than the GGUF kernel on SmolLM2's Q4_1 layers, benchmarks/RESULTS.md);
+    every other type the GGUF kernel runs, Q4_K included (exact weights: the int4 kernel would round its
+    scales to bf16, which cost greedy agreement on Qwen2.5-Coder), stays as its blocks."""
+    if type_name in ("Q4_0", "Q4_1") and len(shape) == 2 and Int4Linear.supports(int(shape[0]), int(shape[1]), 32):
         groups = group_quantized(raw, type_name, shape)
         if groups is not None:
             return groups

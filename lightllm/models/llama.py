@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.config import ModelConfig
 from lightllm.models.layers import AttentionMetadata, RotaryEmbedding, paged_attention, prefill_attention, rms_norm
-from lightllm.models.quant import DenseLinear, Linear
+from lightllm.models.quant import DenseLinear, GgufLinear, Linear, RowCountDispatch
 from lightllm.models.sharding import TPComm
 
 
@@ -93,9 +94,20 @@ class LlamaModel:
         fused = (self.supports_fused_kernels and config.hidden_act == "silu" and device.type == "cpu"
                  and dtype == torch.float32)
         self.kernels = cpu_kernels.load() if fused else None
-        # tied embeddings keep the lm_head's exact weights (the embedding table) next to a quantized copy
-        quantized_head = not isinstance(weights.lm_head, DenseLinear)
-        self._exact_head = weights.embed if config.tie_word_embeddings and quantized_head else None
+        self._exact_head_rows = self._exact_head_source(weights, config)
+
+    @staticmethod
+    def _exact_head_source(weights: ModelWeights, config: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Where a quantized lm_head's exact weights can be read, row by row: its own GGUF blocks, or with tied
+        embeddings the embedding table. None for a dense head (its logits are exact already)."""
+        head = weights.lm_head.quantized if isinstance(weights.lm_head, RowCountDispatch) else weights.lm_head
+        if isinstance(head, DenseLinear):
+            return None
+        if isinstance(head, GgufLinear):
+            return head.exact_rows
+        if config.tie_word_embeddings:
+            return lambda indices: weights.embed.index_select(0, indices)
+        return None
 
     @property
     def attention_windows(self) -> set[int | None]:
@@ -136,16 +148,17 @@ class LlamaModel:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         last = rms_norm(hidden, self.weights.final_norm, self.config.rms_norm_eps)
         logits = self.weights.lm_head(last).float()
-        if self._exact_head is not None and logits.shape[0]:  # (a step of prefill chunks samples no row)
+        if self._exact_head_rows is not None and logits.shape[0]:  # (a step of prefill chunks samples no row)
             self._refine_top_logits_(logits, last)
         return logits if self.comm is None else self.comm.gather_logits(logits)
 
     def _refine_top_logits_(self, logits: torch.Tensor, last: torch.Tensor) -> None:
-        """A quantized lm_head hands back bf16 logits (8 significant bits: ±0.06 at a logit of 16), enough to
-        flip near-ties. Where the exact weights are at hand (tied embeddings), recompute each row's top
-        candidates in fp32 from them, so the choice among close candidates is the exact model's."""
+        """A quantized lm_head's logits carry its kernel's rounding (bf16 outputs; the GGUF kernel's int8
+        activations), enough to flip near-ties. Where the exact weights are at hand (the head's own GGUF
+        blocks, or tied embeddings), recompute each row's top candidates in fp32 from them, so the choice
+        among close candidates is the exact model's."""
         top = logits.topk(min(REFINED_LOGITS, logits.shape[-1]), dim=-1).indices  # [T, k]
-        rows = self._exact_head.index_select(0, top.reshape(-1)).view(*top.shape, -1).float()  # [T, k, D]
+        rows = self._exact_head_rows(top.reshape(-1)).view(*top.shape, -1).float()  # [T, k, D]
         exact = torch.einsum("tkd,td->tk", rows, last.float())
         logits.scatter_(1, top, exact)
 

@@ -68,6 +68,9 @@ class GgufBlocks:
     def rows(self, start: int, end: int) -> "GgufBlocks":
         return GgufBlocks(self.raw[start:end], self.type_name, self.k)
 
+    def rows_at(self, indices: torch.Tensor) -> "GgufBlocks":
+        return GgufBlocks(self.raw.index_select(0, indices), self.type_name, self.k)
+
     def permute_rows(self, fn) -> "GgufBlocks":
         return GgufBlocks(fn(self.raw).contiguous(), self.type_name, self.k)
 
@@ -217,6 +220,18 @@ class GgufLinear:
 
     def dequantized(self) -> torch.Tensor:
         return torch.cat([p.dequantize() for p in self.parts])
+
+    def exact_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Float32 weight rows `indices` (output features), decoded from the blocks."""
+        out = torch.empty(indices.shape[0], self.in_features)
+        start = 0
+        for part in self.parts:
+            end = start + part.shape[0]
+            mine = (indices >= start) & (indices < end)
+            if mine.any():
+                out[mine] = part.rows_at(indices[mine] - start).dequantize()
+            start = end
+        return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.raw(x).to(x.dtype)

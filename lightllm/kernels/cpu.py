@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from functools import lru_cache
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -173,6 +174,25 @@ class CpuKernels:
             req_slots.data_ptr(), lens.data_ptr(), None if rows is None else rows.data_ptr(), window or 0,
             req_slots.shape[0], heads, k_pool.shape[1], head_dim, scale, out.data_ptr(), _code(out))
         self._ok(rc, "decode_attention")
+
+    def gguf_matmul_bound(self, type_code: int, blocks: torch.Tensor,
+                          k: int) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":
+        """gguf_matmul for one fixed weight, checked once here: the per-call wrapper costs ~7 us otherwise,
+        several percent of a small model's decode step. The returned function takes x (contiguous [M, k],
+        float32/bf16/f16), out (contiguous float32 [M, W]) and the first of the `blocks.shape[0]` columns
+        of out it writes (the caller guarantees they fit)."""
+        _check(blocks)
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2:
+            raise KernelError("gguf_matmul takes uint8 [rows, row bytes] blocks")
+        fn, ptr, n = self._lib.lk_gguf_matmul, blocks.data_ptr(), blocks.shape[0]
+
+        def run(x: torch.Tensor, out: torch.Tensor, column: int) -> None:
+            rc = fn(type_code, ptr, n, k, x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], out.data_ptr() + 4 * column,
+                    out.shape[1])
+            if rc != 0:
+                raise KernelError(f"gguf_matmul rejected its arguments (code {rc})")
+
+        return run
 
     def gguf_matmul(self, type_code: int, blocks: torch.Tensor, k: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """out = x @ W.T for W given as GGUF blocks (uint8 [N, row bytes], ggml type number `type_code`);

@@ -407,8 +407,8 @@ static inline __attribute__((always_inline)) void dot_rows(const DecodedRow *w, 
  * activation rows; no decode buffer. Activations enter unsigned (xu = xq + 128) and weights signed
  * (s = u - offset, e.g. Q5_0: u - 16), so a group's dot product is vpdpbusd(xu, s) - 128 * sum(s), and the
  * correction, which depends on the weights only, is computed once per pair rather than once per row.
- * Types whose offset is a per-group min (Q4_1, Q5_1, Q4_K, Q5_K) keep u unsigned and add
- * sum(wc lanes * xs8) per row. */
+ * Types whose offset is a per-group min (Q4_1, Q5_1, Q4_K, Q5_K) keep u unsigned, take the signed
+ * activations as they are (vpdpbusd(u, xq), no correction) and add sum(wc lanes * xs8) per row. */
 
 typedef struct {
     __m512i s;     /* 64 weights, signed (or unsigned u for min types) */
@@ -458,7 +458,7 @@ static inline __attribute__((always_inline)) Pair pair_32(const int type, const 
         }
         if (!has_min) p.s = _mm512_sub_epi8(p.s, _mm512_set1_epi8(type == T_Q4_0 ? 8 : 16));
     }
-    p.corr = correction(p.s);
+    p.corr = has_min ? _mm512_setzero_si512() : correction(p.s);
     return p;
 }
 
@@ -474,13 +474,23 @@ static inline __m512 pair_lanes16(__m512 per_16, int j) {
     return _mm512_permutexvar_ps(idx, per_16);
 }
 
-/* Scales (d * sc) and offsets (-dmin * m) of the 8 groups of a Q4_K / Q5_K super-block. */
+/* Scales (d * sc) and offsets (-dmin * m) of the 8 groups of a Q4_K / Q5_K super-block: the 12 bytes of
+ * 6-bit fields rearranged word-wise into 8 scale bytes and 8 min bytes (the layout k4_scale_min reads). */
 static inline void k4_group_scales(const uint8_t *b, __m256 *ws, __m256 *wc) {
-    const float d = half_at(b), dmin = half_at(b + 2);
-    int32_t sc[8], mn[8];
-    for (int j = 0; j < 8; j++) k4_scale_min(j, b + 4, &sc[j], &mn[j]);
-    *ws = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)sc)));
-    *wc = _mm256_mul_ps(_mm256_set1_ps(-dmin), _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)mn)));
+    const uint32_t low6 = 0x3f3f3f3fu, low4 = 0x0f0f0f0fu, top2 = 0x03030303u;
+    uint32_t w[3], sc[2], mn[2];
+    memcpy(w, b + 4, 12);
+    sc[0] = w[0] & low6;
+    sc[1] = (w[2] & low4) | (((w[0] >> 6) & top2) << 4);
+    mn[0] = w[1] & low6;
+    mn[1] = ((w[2] >> 4) & low4) | (((w[1] >> 6) & top2) << 4);
+    uint64_t sc8, mn8;
+    memcpy(&sc8, sc, 8);
+    memcpy(&mn8, mn, 8);
+    const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc8)));
+    const __m256 mnf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn8)));
+    *ws = _mm256_mul_ps(_mm256_set1_ps(half_at(b)), scf);
+    *wc = _mm256_mul_ps(_mm256_set1_ps(-half_at(b + 2)), mnf);
 }
 
 /* Pair j (0..3) of a Q4_K / Q5_K super-block: sub-blocks 2j and 2j + 1. */
@@ -500,7 +510,7 @@ static inline __attribute__((always_inline)) Pair pair_k4(const int type, const 
         const __m512i bits = _mm512_and_si512(_mm512_srlv_epi16(hh, shift), _mm512_set1_epi8(1));
         p.s = _mm512_or_si512(p.s, _mm512_slli_epi16(bits, 4));
     }
-    p.corr = correction(p.s);
+    p.corr = _mm512_setzero_si512();  /* a min type: no correction (see accumulate) */
     return p;
 }
 
@@ -540,8 +550,10 @@ static inline __attribute__((always_inline)) void accumulate(const Pair *p, cons
     const int64_t lanes = a->k / 4;
     for (int r = 0; r < R; r++) {
         const int64_t m = m0 + r;
-        const __m512i x = _mm512_loadu_si512(a->xu + m * a->k + 32 * g);
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(p->corr, x, p->s));
+        /* min types: unsigned weights times signed activations need no correction */
+        const __m512 dot = _mm512_cvtepi32_ps(
+            with_min ? _mm512_dpbusd_epi32(_mm512_setzero_si512(), p->s, _mm512_loadu_si512(a->xq + m * a->k + 32 * g))
+                     : _mm512_dpbusd_epi32(p->corr, _mm512_loadu_si512(a->xu + m * a->k + 32 * g), p->s));
         acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(p->ws, _mm512_loadu_ps(a->xd8 + m * lanes + 8 * g)), acc[r]);
         if (with_min) off[r] = _mm512_fmadd_ps(p->wc, _mm512_loadu_ps(a->xs8 + m * lanes + 8 * g), off[r]);
     }

@@ -215,8 +215,13 @@ class GgufLinear:
         self.out_features = sum(p.shape[0] for p in self.parts)
         self.in_features = self.parts[0].k
         self.bias = bias
-        self.kernels = kernels
         self.input_dtype = torch.float32
+        # (first output column, kernel bound to that part's blocks)
+        self._runs: list[tuple[int, Callable]] = []
+        start = 0
+        for part in self.parts:
+            self._runs.append((start, kernels.gguf_matmul_bound(GGUF_NATIVE_TYPES[part.type_name][0], part.raw, part.k)))
+            start += part.shape[0]
 
     def dequantized(self) -> torch.Tensor:
         return torch.cat([p.dequantize() for p in self.parts])
@@ -238,14 +243,13 @@ class GgufLinear:
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features).contiguous()
+        x = x.reshape(-1, self.in_features)
+        if not x.is_contiguous() or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            x = x.float().contiguous()
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
         if x.shape[0]:
-            start = 0
-            for part in self.parts:
-                end = start + part.shape[0]
-                self.kernels.gguf_matmul(GGUF_NATIVE_TYPES[part.type_name][0], part.raw, part.k, x, out[:, start:end])
-                start = end
+            for start, run in self._runs:
+                run(x, out, start)  # each part writes its own columns of every row
         if self.bias is not None:
             out += self.bias
         return out.reshape(*lead, self.out_features)

@@ -84,10 +84,11 @@ _GGUF_GEMMA_NAMES = {**_GGUF_LAYER_NAMES, "post_attention_layernorm.weight": "po
 _GGUF_EXPERT_PARTS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 
 
-def _write_gguf_from_hf(model_dir, out_path, arch="llama"):
+def _write_gguf_from_hf(model_dir, out_path, arch="llama", quantized=None):
     """Write an F32 GGUF the way llama.cpp's converter does: q/k rows permuted for the llama arch only,
     Gemma's norms stored as (1 + w), experts stacked into one [experts, out, in] tensor per projection,
-    Mixtral written as the llama arch with an expert count."""
+    Mixtral written as the llama arch with an expert count. `quantized` (a GGMLQuantizationType) stores
+    the matrices whose rows are whole blocks of it in that type instead."""
     import json
     import re
 
@@ -107,6 +108,14 @@ def _write_gguf_from_hf(model_dir, out_path, arch="llama"):
         return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     writer = gguf.GGUFWriter(str(out_path), gguf_arch)
+
+    def add(name: str, array: np.ndarray) -> None:
+        block = gguf.GGML_QUANT_SIZES[quantized][0] if quantized is not None else 0
+        if quantized is not None and array.ndim >= 2 and array.shape[-1] % block == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, quantized), raw_dtype=quantized)
+        else:
+            writer.add_tensor(name, array)
+
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
@@ -157,10 +166,9 @@ def _write_gguf_from_hf(model_dir, out_path, arch="llama"):
                 array = permute(array, n_head)
             elif permuted and rest == "self_attn.k_proj.weight":
                 array = permute(array, n_kv)
-        writer.add_tensor(gname, np.ascontiguousarray(array))
+        add(gname, np.ascontiguousarray(array))
     for (idx, part), per_expert in sorted(stacked.items()):
-        writer.add_tensor(f"blk.{idx}.ffn_{part}_exps.weight",
-                          np.ascontiguousarray(np.stack([per_expert[e] for e in sorted(per_expert)])))
+        add(f"blk.{idx}.ffn_{part}_exps.weight", np.ascontiguousarray(np.stack([per_expert[e] for e in sorted(per_expert)])))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -192,6 +200,52 @@ def test_gguf_and_safetensors_give_same_logits(arch, overrides, tmp_path):
     assert out_st == out_gguf
     for rid in logits_st:
         torch.testing.assert_close(torch.stack(logits_gguf[rid]), torch.stack(logits_st[rid]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("llama", dict(tie_word_embeddings=False)),
+    ("gemma3", _GGUF_GEMMA3),  # tied: the lm_head runs from the embedding's blocks
+    ("qwen3moe", dict(tie_word_embeddings=False)),  # stacked experts split into per-expert blocks
+])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0"])
+def test_gguf_kernel_path_tracks_the_exact_weights(arch, overrides, qtype, tmp_path):
+    """A GGUF of quantized matrices under --quant_type gguf (the layers run from their blocks) against the same
+    file decoded to dense float32 (--quant_type none): only the int8 activations differ."""
+    import gguf
+
+    from lightllm.engine.engine import Engine
+    from lightllm.engine.protocol import EngineConfig
+    from lightllm.models.quant import GgufLinear, RowCountDispatch
+
+    model_dir = build_tiny_model(tmp_path / arch, arch, **overrides)
+    gguf_path = tmp_path / "tiny-q.gguf"
+    _write_gguf_from_hf(model_dir, gguf_path, arch, quantized=gguf.GGMLQuantizationType[qtype])
+    engine = Engine(EngineConfig(model_path=str(gguf_path), max_total_token_num=256, grammar_backend="none",
+                                 quant_type="gguf"))
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
+    cfg = engine.model.config
+    layers = [(engine.model.weights.lm_head, cfg.hidden_size)]
+    for lw in engine.model.weights.layers:
+        layers += [(lw.qkv, cfg.hidden_size), (lw.o, cfg.num_heads * cfg.head_dim)]
+        if lw.experts:
+            layers += [(down, cfg.moe_intermediate_size) for down in lw.experts.down]
+        else:
+            layers.append((lw.down, cfg.intermediate_size))
+    for layer, in_features in layers:  # matrices whose rows are whole blocks run from them
+        kernel = layer.quantized if isinstance(layer, RowCountDispatch) else layer
+        assert isinstance(kernel, GgufLinear) == (in_features % block == 0), (type(kernel), in_features)
+    del engine
+    _, exact_tokens, exact = run_engine_recording_logits(gguf_path, PROMPTS, quant_type="none")
+    _, native_tokens, native = run_engine_recording_logits(gguf_path, PROMPTS, quant_type="gguf")
+    compared = 0
+    for rid in exact:
+        # a random tiny model has near-ties: compare the steps up to where the greedy tokens first differ
+        same = next((i for i, (a, b) in enumerate(zip(exact_tokens[rid], native_tokens[rid])) if a != b),
+                    len(exact_tokens[rid]))
+        for ours, ref in list(zip(native[rid], exact[rid]))[:same + 1]:
+            assert (ours - ref).abs().max() <= 0.05 * ref.abs().max(), ((ours - ref).abs().max(), ref.abs().max())
+            compared += 1
+    assert compared >= 2 * len(exact)
 
 
 def test_preemption_recomputes_and_matches_solo_runs(tmp_path):

@@ -5,12 +5,13 @@
  *
  * How (the approach llama.cpp's CPU backend takes):
  *   - every weight block is an affine map of small unsigned integers: w = ws * u + wc with u in 0..63
- *     (Q8_0: signed q, wc = 0), ws and wc constant over 16 or 32 weights;
+ *     (Q8_0 in the non-VNNI builds: signed q, wc = 0), ws and wc constant over 16 or 32 weights;
  *   - activations are quantized per 32 values to int8 (x ~= xd * xq, round to nearest even), so a group's
  *     sum(w * x) = xd * (ws * sum(u * xq)) + wc * (xd * sum(xq)), an integer dot product (AVX-VNNI / AVX512-VNNI
  *     vpdpbusd, else AVX2 vpmaddubsw + vpmaddwd) plus a per-16 correction;
- *   - one weight row is decoded once into u8 values and per-16 scales (L1-resident) and reused for every
- *     activation row, four rows at a time, so batched decode reads the weights once.
+ *   - each weight row is unpacked once and applied to up to four activation rows, so batched decode reads
+ *     the weights once: on AVX512-VNNI in registers, two groups at a time (the fused path below), elsewhere
+ *     through an L1-resident decoded row (DecodedRow).
  * The weights are exact (the decode is bit-identical to gguf's dequantization); the only approximation is
  * the int8 activations, as in llama.cpp. A portable C path computes the same values on any CPU
  * (-DLK_PORTABLE forces it, for tests).
@@ -297,16 +298,7 @@ static inline float hsum_ps(__m256 v) {
 static inline float dot_f32(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
     float tail = 0.0f;
-#if LK_AVX512
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    if (i < n) {
-        const __mmask16 mask = (__mmask16)((1u << (n - i)) - 1u);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), _mm512_maskz_loadu_ps(mask, b + i), acc);
-        i = n;
-    }
-    tail = _mm512_reduce_add_ps(acc);
-#elif LK_SIMD
+#if LK_SIMD
     __m256 acc = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
     tail = hsum_ps(acc);
@@ -315,57 +307,13 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
     return tail;
 }
 
-/* sum over groups of ws * sum(u * xq) * xd, plus the offsets, for R activation rows (R constant after
- * inlining). */
+/* The decoded-row path (AVX2 and portable builds): sum over groups of ws * sum(u * xq) * xd, plus the
+ * offsets, for R activation rows (R constant after inlining). */
 static inline __attribute__((always_inline)) void dot_rows(const DecodedRow *w, int64_t groups, int is_signed,
                                                           int has_offsets, const Activations *a, int64_t m0,
                                                           int R, float *out) {
     const int64_t lanes = a->k / 4;  /* xd8 entries per row */
-#if LK_AVX512
-    (void)is_signed;  /* VNNI: every type is unsigned */
-    /* two accumulators per row, alternating group pairs: one chain of dependent FMAs would bound a
-     * single row's speed by the FMA latency rather than by memory */
-    __m512 acc[4], acc2[4];
-    for (int r = 0; r < R; r++) acc[r] = acc2[r] = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 4 <= groups; g += 4) {
-        const __m512i u = _mm512_loadu_si512(w->u + 32 * g), u2 = _mm512_loadu_si512(w->u + 32 * g + 64);
-        const __m512 ws = _mm512_loadu_ps(w->ws8 + 8 * g), ws2 = _mm512_loadu_ps(w->ws8 + 8 * g + 16);
-        for (int r = 0; r < R; r++) {
-            const int64_t m = m0 + r;
-            const int8_t *xq = a->xq + m * a->k + 32 * g;
-            const float *xd = a->xd8 + m * lanes + 8 * g;
-            const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(xq)));
-            const __m512 p2 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u2,
-                                                                     _mm512_loadu_si512(xq + 64)));
-            acc[r] = _mm512_fmadd_ps(p, _mm512_mul_ps(ws, _mm512_loadu_ps(xd)), acc[r]);
-            acc2[r] = _mm512_fmadd_ps(p2, _mm512_mul_ps(ws2, _mm512_loadu_ps(xd + 16)), acc2[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) acc[r] = _mm512_add_ps(acc[r], acc2[r]);
-    for (; g + 2 <= groups; g += 2) {
-        const __m512i u = _mm512_loadu_si512(w->u + 32 * g);
-        const __m512 ws = _mm512_loadu_ps(w->ws8 + 8 * g);
-        for (int r = 0; r < R; r++) {
-            const int64_t m = m0 + r;
-            const __m512i x = _mm512_loadu_si512(a->xq + m * a->k + 32 * g);
-            const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x));
-            acc[r] = _mm512_fmadd_ps(p, _mm512_mul_ps(ws, _mm512_loadu_ps(a->xd8 + m * lanes + 8 * g)), acc[r]);
-        }
-    }
-    if (g < groups) {  /* an odd last group: the upper half of the vectors stays zero */
-        const __m512i u = _mm512_maskz_loadu_epi8(0xFFFFFFFFULL, w->u + 32 * g);
-        const __m512 ws = _mm512_maskz_loadu_ps(0xFF, w->ws8 + 8 * g);
-        for (int r = 0; r < R; r++) {
-            const int64_t m = m0 + r;
-            const __m512i x = _mm512_maskz_loadu_epi8(0xFFFFFFFFULL, a->xq + m * a->k + 32 * g);
-            const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x));
-            acc[r] = _mm512_fmadd_ps(p, _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(0xFF, a->xd8 + m * lanes + 8 * g)),
-                                     acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
-#elif LK_SIMD
+#if LK_SIMD
     __m256 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
@@ -629,31 +577,27 @@ static void fused_row(int type, const uint8_t *wr, int64_t groups, const Activat
 }
 #endif
 
-/* y[m * ldy + n] = x[m] . W[n] for the n rows of W (row-major runs of blocks); x: [m_rows, k] of x_dtype;
- * y: float32, written (not added to). Returns 0, -1 for an unknown type or k not a multiple of the block
- * size, -2 when out of memory. */
-int lk_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k, const void *x, int x_dtype,
-                   int64_t m_rows, float *y, int64_t ldy) {
-    const int bs = block_size(type), bb = block_bytes(type);
-    if (bb == 0 || k % bs != 0 || k % 32 != 0) return -1;
-    const int64_t groups = k / 32, row_bytes = (k / bs) * bb;
-    /* padded by one group (zeros) at the end: the fused path's paired loads may run past a lone last group */
-    int8_t *xq = calloc((size_t)(m_rows * k + 64), 1);
-    uint8_t *xu = calloc((size_t)(m_rows * k + 64), 1);
-    float *xd8 = calloc((size_t)(m_rows * groups * 8 + 16), sizeof(float));
-    float *xs16 = malloc(sizeof(float) * (size_t)(m_rows * groups * 2));
-    float *xs8 = calloc((size_t)(m_rows * groups * 8 + 16), sizeof(float));
-    float *converted = x_dtype == LK_F32 ? NULL : malloc(sizeof(float) * (size_t)(m_rows * k));
-    int rc = 0;
-    if (!xq || !xu || !xd8 || !xs16 || !xs8 || (x_dtype != LK_F32 && !converted)) { rc = -2; goto done; }
-    const float *xf = x_dtype == LK_F32 ? (const float *)x : converted;
-#pragma omp parallel for schedule(static) if (m_rows * k >= 32768)
-    for (int64_t m = 0; m < m_rows; m++) {
-        if (converted) load_f32((const char *)x + (size_t)(m * k) * dtype_size(x_dtype), x_dtype, converted + m * k, k);
-        quantize_activations(xf + m * k, k, xq + m * k, xu + m * k, xd8 + m * groups * 8, xs16 + m * groups * 2,
-                             xs8 + m * groups * 8);
+#if LK_AVX512
+static void fused_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k, const Activations *acts,
+                         int64_t m_rows, float *y, int64_t ldy) {
+    const int64_t groups = k / 32, row_bytes = (k / block_size(type)) * block_bytes(type);
+#pragma omp parallel for schedule(static) if (n_rows * k * (m_rows < 4 ? m_rows : 4) >= 65536)
+    for (int64_t n = 0; n < n_rows; n++) {
+        float res[4];
+        for (int64_t m = 0; m < m_rows; m += 4) {
+            const int rows = m_rows - m < 4 ? (int)(m_rows - m) : 4;
+            fused_row(type, w + n * row_bytes, groups, acts, m, rows, res);
+            for (int r = 0; r < rows; r++) y[(m + r) * ldy + n] = res[r];
+        }
     }
-    const Activations acts = {xq, xu, xd8, xs16, xs8, k};
+}
+#else
+/* Each weight row decoded into a per-thread DecodedRow, then applied to the activation rows four at a time.
+ * Returns 0, or -2 when a thread's buffer could not be allocated. */
+static int decoded_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k, const Activations *acts,
+                          int64_t m_rows, float *y, int64_t ldy) {
+    const int bs = block_size(type), bb = block_bytes(type);
+    const int64_t groups = k / 32, row_bytes = (k / bs) * bb;
 #if LK_VNNI
     const int is_signed = 0, has_offsets = 1;
 #else
@@ -674,26 +618,16 @@ int lk_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k, const 
             if (!usable) continue;
             const uint8_t *wr = w + n * row_bytes;
             float res[4];
-#if LK_AVX512
-            {
-                for (int64_t m = 0; m < m_rows; m += 4) {
-                    const int rows = m_rows - m < 4 ? (int)(m_rows - m) : 4;
-                    fused_row(type, wr, groups, &acts, m, rows, res);
-                    for (int r = 0; r < rows; r++) y[(m + r) * ldy + n] = res[r];
-                }
-                continue;
-            }
-#endif
             for (int64_t blk = 0; blk < k / bs; blk++) decode_block(type, wr + blk * bb, &dec, blk * (bs / 32));
             int64_t m = 0;
             for (; m + 4 <= m_rows; m += 4) {
-                dot_rows(&dec, groups, is_signed, has_offsets, &acts, m, 4, res);
+                dot_rows(&dec, groups, is_signed, has_offsets, acts, m, 4, res);
                 for (int r = 0; r < 4; r++) y[(m + r) * ldy + n] = res[r];
             }
             switch (m_rows - m) {
-                case 3: dot_rows(&dec, groups, is_signed, has_offsets, &acts, m, 3, res); break;
-                case 2: dot_rows(&dec, groups, is_signed, has_offsets, &acts, m, 2, res); break;
-                case 1: dot_rows(&dec, groups, is_signed, has_offsets, &acts, m, 1, res); break;
+                case 3: dot_rows(&dec, groups, is_signed, has_offsets, acts, m, 3, res); break;
+                case 2: dot_rows(&dec, groups, is_signed, has_offsets, acts, m, 2, res); break;
+                case 1: dot_rows(&dec, groups, is_signed, has_offsets, acts, m, 1, res); break;
                 default: break;
             }
             for (int r = 0; r < m_rows - m; r++) y[(m + r) * ldy + n] = res[r];
@@ -702,7 +636,40 @@ int lk_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k, const 
         free(dec.ws8);
         free(dec.wc16);
     }
-    if (failed) rc = -2;
+    return failed ? -2 : 0;
+}
+#endif
+
+/* y[m * ldy + n] = x[m] . W[n] for the n rows of W (row-major runs of blocks); x: [m_rows, k] of x_dtype;
+ * y: float32, written (not added to). Returns 0, -1 for an unknown type or k not a multiple of the block
+ * size, -2 when out of memory. */
+int lk_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k, const void *x, int x_dtype,
+                   int64_t m_rows, float *y, int64_t ldy) {
+    const int bs = block_size(type), bb = block_bytes(type);
+    if (bb == 0 || k % bs != 0 || k % 32 != 0) return -1;
+    const int64_t groups = k / 32;
+    /* padded by one group (zeros) at the end: the fused path's paired loads may run past a lone last group */
+    int8_t *xq = calloc((size_t)(m_rows * k + 64), 1);
+    uint8_t *xu = calloc((size_t)(m_rows * k + 64), 1);
+    float *xd8 = calloc((size_t)(m_rows * groups * 8 + 16), sizeof(float));
+    float *xs16 = malloc(sizeof(float) * (size_t)(m_rows * groups * 2));
+    float *xs8 = calloc((size_t)(m_rows * groups * 8 + 16), sizeof(float));
+    float *converted = x_dtype == LK_F32 ? NULL : malloc(sizeof(float) * (size_t)(m_rows * k));
+    int rc = 0;
+    if (!xq || !xu || !xd8 || !xs16 || !xs8 || (x_dtype != LK_F32 && !converted)) { rc = -2; goto done; }
+    const float *xf = x_dtype == LK_F32 ? (const float *)x : converted;
+#pragma omp parallel for schedule(static) if (m_rows * k >= 32768)
+    for (int64_t m = 0; m < m_rows; m++) {
+        if (converted) load_f32((const char *)x + (size_t)(m * k) * dtype_size(x_dtype), x_dtype, converted + m * k, k);
+        quantize_activations(xf + m * k, k, xq + m * k, xu + m * k, xd8 + m * groups * 8, xs16 + m * groups * 2,
+                             xs8 + m * groups * 8);
+    }
+    const Activations acts = {xq, xu, xd8, xs16, xs8, k};
+#if LK_AVX512
+    fused_matmul(type, w, n_rows, k, &acts, m_rows, y, ldy);
+#else
+    rc = decoded_matmul(type, w, n_rows, k, &acts, m_rows, y, ldy);
+#endif
 done:
     free(xq);
     free(xu);

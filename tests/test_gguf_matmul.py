@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightllm.kernels import cpu as cpu_kernels
-from lightllm.models.gguf_quants import gguf_blocks, kept_quantized
+from lightllm.models.gguf_quants import BLOCK_SIZES, gguf_blocks, kept_quantized
 from lightllm.models.quant import GGUF_NATIVE_TYPES, GgufLinear, GgufRowGroups, GroupQuantized, cat_rows, make_linear
 from tests.test_gguf_quants import random_blocks, reference
 
@@ -37,7 +37,7 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 def run_kernel(build: str, type_name: str, raw: np.ndarray, k: int, x: torch.Tensor) -> torch.Tensor:
     blocks = gguf_blocks(raw, type_name, (raw.shape[0], k))
     out = torch.empty(x.shape[0], raw.shape[0])
-    kernels(build).gguf_matmul(GGUF_NATIVE_TYPES[type_name][0], blocks.raw, k, x, out)
+    kernels(build).gguf_matmul(blocks.type_code, blocks.raw, k, x, out)
     return out
 
 
@@ -45,7 +45,7 @@ def run_kernel(build: str, type_name: str, raw: np.ndarray, k: int, x: torch.Ten
 @pytest.mark.parametrize("type_name", GGUF_NATIVE_TYPES)
 @pytest.mark.parametrize("rows", [1, 3, 4, 6])
 def test_kernel_computes_gguf_weights_exactly(build, type_name, rows):
-    block_weights = GGUF_NATIVE_TYPES[type_name][1]
+    block_weights = BLOCK_SIZES[type_name][0]
     # an odd number of 32-groups for the small blocks (the fused path pairs them), two super-blocks else
     k = 96 if block_weights == 32 else 512
     raw = random_blocks(type_name, 40, k, seed=rows, full_range=False)
@@ -65,7 +65,7 @@ def test_kernel_computes_gguf_weights_exactly(build, type_name, rows):
 @pytest.mark.parametrize("build", [b for b in KERNEL_BUILDS if b != "portable"])
 @pytest.mark.parametrize("type_name", GGUF_NATIVE_TYPES)
 def test_simd_and_portable_builds_agree(type_name, build):
-    k = 768 if GGUF_NATIVE_TYPES[type_name][1] == 256 else 800
+    k = 768 if BLOCK_SIZES[type_name][0] == 256 else 800
     raw = random_blocks(type_name, 64, k, seed=7, full_range=False)
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(7))
     simd, portable = run_kernel(build, type_name, raw, k, x), run_kernel("portable", type_name, raw, k, x)
@@ -77,7 +77,7 @@ def test_kernel_reads_bf16_inputs_and_writes_into_a_column_slice():
     x = torch.randn(2, 64).bfloat16()
     wide = torch.full((2, 40), 7.0)
     blocks = gguf_blocks(raw, "Q8_0", (24, 64))
-    kernels("native").gguf_matmul(GGUF_NATIVE_TYPES["Q8_0"][0], blocks.raw, 64, x, wide[:, 10:34])
+    kernels("native").gguf_matmul(blocks.type_code, blocks.raw, 64, x, wide[:, 10:34])
     expected = run_kernel("native", "Q8_0", raw, 64, x.float())
     torch.testing.assert_close(wide[:, 10:34], expected, rtol=0, atol=0)
     assert torch.equal(wide[:, :10], torch.full((2, 10), 7.0)) and torch.equal(wide[:, 34:], torch.full((2, 6), 7.0))
@@ -87,7 +87,7 @@ def test_kernel_rejects_a_row_that_is_not_whole_blocks():
     raw = random_blocks("Q8_0", 4, 64, seed=1)
     blocks = gguf_blocks(raw, "Q8_0", (4, 64))
     with pytest.raises(cpu_kernels.KernelError):
-        kernels("native").gguf_matmul(GGUF_NATIVE_TYPES["Q8_0"][0], blocks.raw, 48, torch.randn(1, 48),
+        kernels("native").gguf_matmul(blocks.type_code, blocks.raw, 48, torch.randn(1, 48),
                                       torch.empty(1, 4))
 
 

@@ -179,8 +179,8 @@ class CpuKernels:
                           k: int) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":
         """gguf_matmul for one fixed weight, checked once here: the per-call wrapper costs ~7 us otherwise,
         several percent of a small model's decode step. The returned function takes x (contiguous [M, k],
-        float32/bf16/f16), out (contiguous float32 [M, W]) and the first of the `blocks.shape[0]` columns
-        of out it writes (the caller guarantees they fit)."""
+        float32/bf16/f16), out (float32 rows with unit column stride) and the first of the
+        `blocks.shape[0]` columns of out it writes (the caller guarantees they fit)."""
         _check(blocks)
         if blocks.dtype != torch.uint8 or blocks.dim() != 2:
             raise KernelError("gguf_matmul takes uint8 [rows, row bytes] blocks")
@@ -188,7 +188,7 @@ class CpuKernels:
 
         def run(x: torch.Tensor, out: torch.Tensor, column: int) -> None:
             rc = fn(type_code, ptr, n, k, x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], out.data_ptr() + 4 * column,
-                    out.shape[1])
+                    out.stride(0))
             if rc != 0:
                 raise KernelError(f"gguf_matmul rejected its arguments (code {rc})")
 
@@ -197,9 +197,7 @@ class CpuKernels:
     def gguf_matmul(self, type_code: int, blocks: torch.Tensor, k: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """out = x @ W.T for W given as GGUF blocks (uint8 [N, row bytes], ggml type number `type_code`);
         x [M, k] float32/bf16/f16; out float32 [M, N] or a column slice of a wider row-major matrix."""
-        _check(blocks, x)
+        _check(x)
         if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (x.shape[0], blocks.shape[0]):
             raise KernelError("gguf_matmul writes float32 rows of the weight's output width")
-        rc = self._lib.lk_gguf_matmul(type_code, blocks.data_ptr(), blocks.shape[0], k, x.data_ptr(), _code(x),
-                                      x.shape[0], out.data_ptr(), out.stride(0))
-        self._ok(rc, "gguf_matmul")
+        self.gguf_matmul_bound(type_code, blocks, k)(x, out, 0)

@@ -256,15 +256,20 @@ def _gguf_fallback(raw: np.ndarray, type_name: str, shape: Sequence[int] | None,
 # ------------------------------------------------------------------------------------------- raw blocks
 
 
+def runs_from_blocks(type_name: str, shape: Sequence[int]) -> bool:
+    """Whether the GGUF kernel can run this matrix (or stacked experts) from its blocks: a type it knows
+    and rows that are whole blocks."""
+    return (type_name in GGUF_NATIVE_TYPES and len(shape) in (2, 3)
+            and int(shape[-1]) % BLOCK_SIZES[type_name][0] == 0)
+
+
 def gguf_blocks(raw: np.ndarray, type_name: str, shape: Sequence[int]) -> GgufBlocks | None:
     """The [N, K] weight (or stacked experts [E, N, K], as [E * N, K]) as its blocks, bytes as stored; None
-    for types the GGUF kernel does not run and for K not a whole number of blocks."""
-    if type_name not in GGUF_NATIVE_TYPES or len(shape) not in (2, 3):
+    where runs_from_blocks says no."""
+    if not runs_from_blocks(type_name, shape):
         return None
     k = int(shape[-1])
-    _, weights, block_bytes = GGUF_NATIVE_TYPES[type_name]
-    if k % weights:
-        return None
+    weights, block_bytes = BLOCK_SIZES[type_name]
     rows = int(np.prod(shape[:-1]))
     data = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, k // weights * block_bytes)
     return GgufBlocks(torch.from_numpy(data.copy()), type_name, k)  # copy: GGUF data is a read-only memmap

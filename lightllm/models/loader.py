@@ -17,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 from lightllm.models.config import GEMMA_FAMILIES, ModelConfig, config_from_hf, gemma_layer_types
-from lightllm.models.gguf_quants import dequantize as gguf_dequantize, gguf_blocks, kept_quantized
+from lightllm.models.gguf_quants import dequantize as gguf_dequantize, gguf_blocks, kept_quantized, runs_from_blocks
 from lightllm.models.llama import ExpertWeights, LayerWeights, ModelWeights
 from lightllm.models.paths import find_gguf_file
-from lightllm.models.sharding import Sharder, TPShard
+from lightllm.models.sharding import Sharder, TPShard, slice_rows
 from lightllm.models.quant import QUANT_TYPES, GgufBlocks, GroupQuantized, cat_rows, make_linear
 
 logger = logging.getLogger(__name__)
@@ -275,8 +275,7 @@ def _gguf_tensors(path: Path, config: ModelConfig, keep_blocks: bool = False) ->
                 heads = config.num_heads
             elif permuted and name.endswith((".k", ".k_bias")):
                 heads = config.num_kv_heads
-            type_name = t.tensor_type.name
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+            type_name, shape = t.tensor_type.name, _gguf_shape(t)
             if keep_blocks and name != "embed":
                 blocks = kept_quantized(t.data, type_name, shape)
                 if blocks is not None:
@@ -285,14 +284,15 @@ def _gguf_tensors(path: Path, config: ModelConfig, keep_blocks: bool = False) ->
             return weight if heads is None else _unpermute_qk(weight, heads).contiguous()
 
         yield canonical, load
-        if canonical == "embed" and keep_blocks and "output.weight" not in names:
-            # tied embeddings: the lm_head multiplies by the same table, so it can run from its blocks
-            def tied_head(t: Any = tensor) -> Any:
-                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-                blocks = gguf_blocks(t.data, t.tensor_type.name, shape)
-                return blocks if blocks is not None else gguf_dequantize(t.data, t.tensor_type.name, shape, name=t.name)
+        if (canonical == "embed" and keep_blocks and "output.weight" not in names
+                and runs_from_blocks(tensor.tensor_type.name, _gguf_shape(tensor))):
+            # tied embeddings: the lm_head multiplies by the same table, so it runs from its blocks (else
+            # assemble builds it from the decoded embedding)
+            yield "lm_head", lambda t=tensor: gguf_blocks(t.data, t.tensor_type.name, _gguf_shape(t))
 
-            yield "lm_head", tied_head
+
+def _gguf_shape(tensor: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
 
 
 def _canonical_gguf_name(name: str) -> str | None:
@@ -311,13 +311,9 @@ def _canonical_gguf_name(name: str) -> str | None:
 def split_experts(stacked: Any, num_experts: int) -> list[Any]:
     """One tensor holding every expert's weights ([experts, out, in], or [experts * out, in] when kept
     quantized) → per-expert [out, in] weights."""
-    if isinstance(stacked, GgufBlocks):
+    if isinstance(stacked, (GgufBlocks, GroupQuantized)):
         rows = stacked.shape[0] // num_experts
-        return [stacked.rows(e * rows, (e + 1) * rows) for e in range(num_experts)]
-    if isinstance(stacked, GroupQuantized):
-        rows = stacked.shape[0] // num_experts
-        return [GroupQuantized(stacked.q[e * rows:(e + 1) * rows], stacked.scale[e * rows:(e + 1) * rows],
-                               stacked.zero[e * rows:(e + 1) * rows], stacked.group) for e in range(num_experts)]
+        return [slice_rows(stacked, e * rows, (e + 1) * rows) for e in range(num_experts)]
     return list(stacked.reshape(num_experts, -1, stacked.shape[-1]).unbind(0))
 
 

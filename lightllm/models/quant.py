@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lightllm.host import cpu_flags
 from lightllm.kernels import cpu as cpu_kernels
@@ -57,9 +58,14 @@ class GgufBlocks:
         return torch.Size((self.raw.shape[0], self.k))
 
     @property
+    def type_code(self) -> int:
+        """The ggml type number (what the kernel is told)."""
+        return int(GGMLQuantizationType[self.type_name])
+
+    @property
     def block(self) -> tuple[int, int]:
         """(weights, bytes) per block."""
-        return GGUF_NATIVE_TYPES[self.type_name][1:]
+        return GGML_QUANT_SIZES[GGMLQuantizationType[self.type_name]]
 
     def dequantize(self) -> torch.Tensor:
         from lightllm.models.gguf_quants import dequantize  # (gguf_quants builds on this module)
@@ -83,11 +89,8 @@ class GgufBlocks:
                           self.type_name, end - start)
 
 
-# GGUF types GgufLinear runs from their blocks: ggml type number, weights and bytes per block.
-GGUF_NATIVE_TYPES: dict[str, tuple[int, int, int]] = {
-    "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34),
-    "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210),
-}
+# GGUF types GgufLinear runs from their blocks (kernels/gguf_matmul.c).
+GGUF_NATIVE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 @dataclass
@@ -211,20 +214,20 @@ class GgufLinear:
     fused CPU kernel from int8-quantized activations, as llama.cpp does; takes and returns float32."""
 
     def __init__(self, weight: "GgufBlocks | GgufRowGroups", bias: torch.Tensor | None, kernels):
-        self.parts = weight.parts if isinstance(weight, GgufRowGroups) else [weight]
-        self.out_features = sum(p.shape[0] for p in self.parts)
-        self.in_features = self.parts[0].k
+        self.weight = weight if isinstance(weight, GgufRowGroups) else GgufRowGroups([weight])
+        self.parts = self.weight.parts
+        self.out_features, self.in_features = self.weight.shape
         self.bias = bias
         self.input_dtype = torch.float32
         # (first output column, kernel bound to that part's blocks)
         self._runs: list[tuple[int, Callable]] = []
         start = 0
         for part in self.parts:
-            self._runs.append((start, kernels.gguf_matmul_bound(GGUF_NATIVE_TYPES[part.type_name][0], part.raw, part.k)))
+            self._runs.append((start, kernels.gguf_matmul_bound(part.type_code, part.raw, part.k)))
             start += part.shape[0]
 
     def dequantized(self) -> torch.Tensor:
-        return torch.cat([p.dequantize() for p in self.parts])
+        return self.weight.dequantize()
 
     def exact_rows(self, indices: torch.Tensor) -> torch.Tensor:
         """Float32 weight rows `indices` (output features), decoded from the blocks."""
@@ -323,5 +326,5 @@ def make_linear(weight: "torch.Tensor | GroupQuantized | GgufBlocks | GgufRowGro
         if Int4Linear.supports(*weight.shape, group):
             quantized = quantize_int4(weight, group)
             return with_dense_batch_path(Int4Linear(quantized, bias), lambda: Int4Linear.dequantized(quantized))
-    layer = Int8Linear(weight, bias)  # int8wo, and gguf tensors that are not Q4_0/Q4_1/Q4_K
+    layer = Int8Linear(weight, bias)  # int8wo, and gguf tensors no kernel above runs as stored
     return with_dense_batch_path(layer, layer.dequantized)

@@ -28,16 +28,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lightllm.models.quant import GGUF_NATIVE_TYPES, GgufBlocks, GroupQuantized, Int4Linear
 
-QK_K = 256
-
-# type name -> (weights per block, bytes per block)
+# type name -> (weights per block, bytes per block), the gguf package's table for the types read here
 BLOCK_SIZES: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q2_K": (QK_K, 84), "Q3_K": (QK_K, 110), "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210),
+    name: GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+    for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 }
 
 # Bit fields are unpacked eight bytes at a time: a uint8 tensor viewed as int64 lanes, shifted and masked with a

@@ -27,8 +27,9 @@ from step_bench import build_engine, random_prompt  # noqa: E402
 from lightllm.engine.protocol import AddRequest, SamplingParams  # noqa: E402
 from lightllm.kernels.cpu import CpuKernels  # noqa: E402
 from lightllm.models import quant  # noqa: E402
+from lightllm.models.tiled import TiledLinear  # noqa: E402
 
-LINEAR_CLASSES = (quant.DenseLinear, quant.Int8Linear, quant.Int4Linear, quant.GgufLinear)
+LINEAR_CLASSES = (quant.DenseLinear, quant.Int8Linear, quant.Int4Linear, quant.GgufLinear, TiledLinear)
 KERNEL_METHODS = ("add_rms_norm", "silu_mul", "rope_store", "decode_attention")
 
 
@@ -49,7 +50,7 @@ def linear_roles(model) -> dict[int, str]:
             return
         if isinstance(layer, quant.RowCountDispatch):
             tag(layer.quantized, role)
-            tag(layer.dense, role)
+            tag(layer.batched, role)
             return
         roles[id(layer)] = role
 

@@ -107,6 +107,7 @@ def test_fused_parts_of_different_types_run_as_one_layer():
 
 def test_gguf_quant_type_keeps_blocks_and_other_quant_types_decode_them(monkeypatch):
     monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "0")
+    monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "0")
     raw = random_blocks("Q6_K", 32, 256, seed=2, full_range=False)
     blocks = gguf_blocks(raw, "Q6_K", (32, 256))
     cpu = torch.device("cpu")
@@ -130,7 +131,8 @@ def test_a_gguf_lm_head_gives_its_exact_rows_for_the_logit_refinement(monkeypatc
 
     from lightllm.models.llama import LlamaModel
 
-    monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "4")  # wrapped in the dense-batch dispatch, as on bf16 CPUs
+    monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "4")  # wrapped in the batched-path dispatch
+    monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "4")
     parts = [("Q8_0", 48), ("Q6_K", 16)]
     raws = [random_blocks(t, n, 256, seed=i, full_range=False) for i, (t, n) in enumerate(parts)]
     head = make_linear(cat_rows([gguf_blocks(raw, t, (n, 256)) for raw, (t, n) in zip(raws, parts)]), None, "gguf",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightllm.models.gguf_quants import group_quantized
-from lightllm.models.quant import DenseLinear, Int4Linear, Int8Linear, RowCountDispatch, quantize_int4, with_dense_batch_path
+from lightllm.models.quant import DenseLinear, Int4Linear, Int8Linear, RowCountDispatch, quantize_int4, with_batch_path
 from tests.conftest import embedded_model_path, run_engine_recording_logits
 
 
@@ -40,27 +40,39 @@ def test_quantized_linears_track_dense(shape):
     assert rel_err(Int4Linear(q4, bias)(x), dense) < 0.15  # and int4 itself stays close to the original
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_dense_batch_copy_computes_the_quantized_weights(kind, monkeypatch):
-    """Large batches may run a dense bf16 copy of a quantized layer: it must compute the same function."""
+@pytest.mark.parametrize("batched", ["dense", "tiled"])
+@pytest.mark.parametrize("kind", ["int4", "int4-g64", "int8"])
+def test_batched_path_computes_the_quantized_weights(kind, batched, monkeypatch):
+    """From a few rows a quantized layer runs its batched path (the tiled int8 kernel, or a dense bf16 copy):
+    it must compute the same function, below the threshold the GEMV kernel runs."""
+    from lightllm.kernels import cpu as cpu_kernels
+    from lightllm.models.tiled import TiledLinear
+
+    if batched == "tiled" and not (cpu_kernels.load() and cpu_kernels.load().tiled_fast):
+        pytest.skip("the tiled kernel's vector path needs AVX512-VNNI")
     torch.manual_seed(1)
     weight, bias = torch.randn(960, 576) * 0.05, torch.randn(960) * 0.1
-    if kind == "int4":
-        q4 = quantize_int4(weight, 32)
-        layer, dequantize = Int4Linear(q4, bias), lambda: Int4Linear.dequantized(q4)
+    stored = None
+    if kind.startswith("int4"):
+        stored = quantize_int4(weight, 64 if kind == "int4-g64" else 32)
+        layer, dequantize = Int4Linear(stored, bias), lambda: Int4Linear.dequantized(stored)
     else:
         layer = Int8Linear(weight, bias)
         dequantize = layer.dequantized
+    monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "8" if batched == "tiled" else "0")
     monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "8")
-    dispatch = with_dense_batch_path(layer, dequantize)
+    dispatch = with_batch_path(layer, stored, dequantize)
     assert isinstance(dispatch, RowCountDispatch) and dispatch.min_rows == 8
+    assert isinstance(dispatch.batched, TiledLinear if batched == "tiled" else DenseLinear)
     calls = []
-    monkeypatch.setattr(dispatch.dense, "raw", lambda x, f=dispatch.dense.raw: calls.append(len(x)) or f(x))
+    monkeypatch.setattr(dispatch.batched, "raw", lambda x, f=dispatch.batched.raw: calls.append(len(x)) or f(x))
     small, large = torch.randn(3, 576), torch.randn(12, 576)
-    assert rel_err(dispatch(small), layer(small)) < 1e-6 and calls == []  # below the threshold: quantized kernel
-    assert rel_err(dispatch(large), layer(large)) < 0.01 and calls == [12]  # dense copy, same weights
+    assert rel_err(dispatch(small), layer(small)) < 1e-6 and calls == []  # below the threshold: GEMV kernel
+    exact = DenseLinear(dequantize(), bias)(large)
+    assert rel_err(dispatch(large), exact) < 0.01 and calls == [12]  # batched path, same weights
+    monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "0")
     monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "0")
-    assert with_dense_batch_path(layer, dequantize) is layer
+    assert with_batch_path(layer, stored, dequantize) is layer
 
 
 def _first_logits_and_greedy(quant_type: str, prompts: list[list[int]], steps: int):

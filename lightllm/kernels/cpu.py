@@ -1,4 +1,4 @@
-"""Builds and loads the fused CPU kernels (`cpu_kernels.c`, `gguf_matmul.c`) and wraps them for torch tensors.
+"""Builds and loads the fused CPU kernels (`cpu_kernels.c`, `gguf_matmul.c`, `tiled_matmul.c`) and wraps them for torch tensors.
 
 The C file is compiled on first use with the system C compiler for this host's instruction set
 (`-march=native`) and cached under ~/.cache/lightllm/kernels, keyed by the source, the flags and the CPU's
@@ -25,7 +25,7 @@ from lightllm.host import cache_dir, cpu_flags
 
 logger = logging.getLogger("lightllm.kernels")
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "gguf_matmul.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "gguf_matmul.c", "tiled_matmul.c")]
 _HEADERS = [Path(__file__).with_name("cpu_common.h")]
 # -fno-trapping-math / -fno-math-errno let floorf and the exp polynomial vectorise; no -ffast-math, so
 # float semantics (ordering, NaN) are otherwise kept.
@@ -41,6 +41,9 @@ _SIGNATURES = {
     "lk_decode_attention": [_ptr, _ptr, _ptr, _int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64,
                             _flt, _ptr, _int],
     "lk_gguf_matmul": [_int, _ptr, _i64, _i64, _ptr, _int, _i64, _ptr, _i64],
+    "lk_gguf_decode": [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr],
+    "lk_tiled_matmul": [_ptr, _ptr, _i64, _i64, _int, _int, _ptr, _int, _i64, _ptr, _i64],
+    "lk_tiled_fast": [],
 }
 
 
@@ -201,3 +204,36 @@ class CpuKernels:
         if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (x.shape[0], blocks.shape[0]):
             raise KernelError("gguf_matmul writes float32 rows of the weight's output width")
         self.gguf_matmul_bound(type_code, blocks, k)(x, out, 0)
+
+    @property
+    def tiled_fast(self) -> bool:
+        """Whether tiled_matmul runs its vector path in this build (AVX512-VNNI), not the plain C one."""
+        return bool(self._lib.lk_tiled_fast())
+
+    def gguf_decode(self, type_code: int, blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """GGUF blocks (uint8 [N, row bytes]) as w = ws * u + wc exactly: u uint8 [N, k] (Q8_0 as q + 128),
+        ws and wc float32 [N, k / 16]."""
+        _check(blocks)
+        n = blocks.shape[0]
+        u = torch.empty(n, k, dtype=torch.uint8)
+        ws, wc = torch.empty(n, k // 16), torch.empty(n, k // 16)
+        self._ok(self._lib.lk_gguf_decode(type_code, blocks.data_ptr(), n, k, u.data_ptr(), ws.data_ptr(),
+                                          wc.data_ptr()), "gguf_decode")
+        return u, ws, wc
+
+    def tiled_matmul_bound(self, q: torch.Tensor, scales: torch.Tensor, n: int, k: int, group: int,
+                           nibbles: bool) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":
+        """tiled_matmul for one fixed weight in the layout of tiled_matmul.c (built by
+        lightllm.models.tiled.TiledWeights); the returned function is called as gguf_matmul_bound's."""
+        _check(q, scales)
+        if q.dtype != torch.uint8 or scales.dtype != torch.float32:
+            raise KernelError("tiled_matmul takes uint8 tiles and float32 scales")
+        fn, q_ptr, s_ptr = self._lib.lk_tiled_matmul, q.data_ptr(), scales.data_ptr()
+
+        def run(x: torch.Tensor, out: torch.Tensor, column: int) -> None:
+            rc = fn(q_ptr, s_ptr, n, k, group, int(nibbles), x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0],
+                    out.data_ptr() + 4 * column, out.stride(0))
+            if rc != 0:
+                raise KernelError(f"tiled_matmul rejected its arguments (code {rc})")
+
+        return run

@@ -3,6 +3,7 @@
 #define LIGHTLLM_CPU_COMMON_H
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -84,6 +85,23 @@ static inline void store_f32(const float *src, void *dst, int dtype, int64_t n) 
         for (int64_t i = 0; i < n; i++) d[i] = f32_to_f16(src[i]);
 #endif
     }
+}
+
+/* Quantize 32 activations to int8 as llama.cpp's Q8_0 does: d = max|v| / 127, q = round(v / d) to nearest
+ * even. Returns d; the sums of q over values 0-15 and 16-31 go to sum_lo / sum_hi. */
+static inline float quantize_group32(const float *v, int8_t *q, int *sum_lo, int *sum_hi) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(v[j]));
+    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int lo = 0, hi = 0;
+    for (int j = 0; j < 32; j++) {
+        const int qj = (int)nearbyintf(v[j] * id);
+        q[j] = (int8_t)qj;
+        if (j < 16) lo += qj; else hi += qj;
+    }
+    *sum_lo = lo;
+    *sum_hi = hi;
+    return amax / 127.0f;
 }
 
 static inline size_t dtype_size(int dtype) { return dtype == LK_F32 ? 4 : 2; }

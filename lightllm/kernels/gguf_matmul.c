@@ -256,17 +256,9 @@ static inline void decode_block(int type, const uint8_t *b, DecodedRow *r, int64
 static void quantize_activations(const float *x, int64_t k, int8_t *xq, uint8_t *xu, float *xd8, float *xs16,
                                  float *xs8) {
     for (int64_t g = 0; g < k / 32; g++) {
-        const float *v = x + 32 * g;
-        float amax = 0.0f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(v[j]));
-        const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum_lo = 0, sum_hi = 0;
-        for (int j = 0; j < 32; j++) {
-            const int q = (int)nearbyintf(v[j] * id);
-            xq[32 * g + j] = (int8_t)q;
-            xu[32 * g + j] = (uint8_t)(q + 128);
-            if (j < 16) sum_lo += q; else sum_hi += q;
-        }
+        int sum_lo, sum_hi;
+        const float d = quantize_group32(x + 32 * g, xq + 32 * g, &sum_lo, &sum_hi);
+        for (int j = 0; j < 32; j++) xu[32 * g + j] = (uint8_t)(xq[32 * g + j] + 128);
         for (int i = 0; i < 8; i++) xd8[8 * g + i] = d;
         xs16[2 * g] = d * (float)sum_lo;
         xs16[2 * g + 1] = d * (float)sum_hi;
@@ -678,4 +670,32 @@ done:
     free(xs8);
     free(converted);
     return rc;
+}
+
+/* Decode n_rows rows of GGUF blocks into the affine form w = ws * u + wc the tiled kernel runs
+ * (tiled_matmul.c): u[n * k + i] unsigned (Q8_0 as q + 128), ws16 / wc16[n * k / 16 + j] per 16 weights.
+ * Exact: ws * u + wc is gguf's dequantization. Returns 0, -1 for an unknown type or k, -2 out of memory. */
+int lk_gguf_decode(int type, const uint8_t *w, int64_t n_rows, int64_t k, uint8_t *u, float *ws16, float *wc16) {
+    const int bs = block_size(type), bb = block_bytes(type);
+    if (bb == 0 || k % bs != 0) return -1;
+    const int64_t groups = k / 32, row_bytes = (k / bs) * bb;
+    float *ws8 = malloc(sizeof(float) * (size_t)(groups * 8));
+    if (!ws8) return -2;
+    for (int64_t n = 0; n < n_rows; n++) {
+        DecodedRow r = {u + n * k, ws8, wc16 + n * (k / 16)};
+        for (int64_t blk = 0; blk < k / bs; blk++) decode_block(type, w + n * row_bytes + blk * bb, &r, blk * (bs / 32));
+        float *ws = ws16 + n * (k / 16);
+        for (int64_t g = 0; g < groups; g++) {
+            ws[2 * g] = ws8[8 * g];
+            ws[2 * g + 1] = ws8[8 * g + 4];
+        }
+#if !LK_VNNI
+        if (type == T_Q8_0) {  /* this build decodes Q8_0 signed: shift to unsigned with an offset */
+            for (int64_t i = 0; i < k; i++) r.u[i] ^= 0x80;
+            for (int64_t j = 0; j < k / 16; j++) r.wc16[j] = -128.0f * ws[j];
+        }
+#endif
+    }
+    free(ws8);
+    return 0;
 }

@@ -245,30 +245,40 @@ class GgufLinear:
         return self.raw(x).to(x.dtype)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
-        if not x.is_contiguous() or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            x = x.float().contiguous()
-        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
-        if x.shape[0]:
-            for start, run in self._runs:
-                run(x, out, start)  # each part writes its own columns of every row
+        out = run_column_parts(self._runs, x, self.in_features, self.out_features)
         if self.bias is not None:
             out += self.bias
-        return out.reshape(*lead, self.out_features)
+        return out
+
+
+def run_column_parts(runs: "list[tuple[int, Callable]]", x: torch.Tensor, in_features: int,
+                     out_features: int) -> torch.Tensor:
+    """float32 x @ W.T for a weight stored as parts of rows, each computed by its bound kernel call
+    (first output column, run(x, out, column)) straight into its own columns of the output."""
+    lead = x.shape[:-1]
+    x = x.reshape(-1, in_features)
+    if not x.is_contiguous() or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        x = x.float().contiguous()
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if x.shape[0]:
+        for start, run in runs:
+            run(x, out, start)
+    return out.reshape(*lead, out_features)
 
 
 class RowCountDispatch:
-    """A quantized layer plus a dense bf16 copy of the same (dequantized) weights, chosen per call by the
-    number of input rows. The packed int4/int8 kernels are GEMVs whose cost grows linearly with the rows;
-    on CPUs with native bf16 dot products (AVX512-BF16, AMX) oneDNN's bf16 GEMM overtakes them from a
-    batch of ~16 rows, while the quantized kernel stays ~2x faster for single-token decode."""
+    """A quantized single-row layer plus a batched path for the same weights, chosen per call by the number
+    of input rows. The GEMV kernels (GGUF blocks, int4/int8 packs) cost grows linearly with the rows; the
+    batched path reads the weights once for the whole batch: the tiled int8 kernel (models/tiled.py) where it
+    runs vectorised, else on CPUs with native bf16 dot products (AVX512-BF16, AMX) a dense bf16 copy for
+    oneDNN's GEMM."""
 
-    def __init__(self, quantized: "Int4Linear | Int8Linear | GgufLinear", dense: DenseLinear, min_rows: int):
+    def __init__(self, quantized: "Int4Linear | Int8Linear | GgufLinear", batched, min_rows: int):
         self.quantized = quantized
-        self.dense = dense
+        self.batched = batched  # DenseLinear (bf16) or tiled.TiledLinear, without bias
         self.min_rows = min_rows
         self.input_dtype = quantized.input_dtype
+        self._batched_dtype = torch.bfloat16 if isinstance(batched, DenseLinear) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.raw(x).to(x.dtype)
@@ -276,7 +286,7 @@ class RowCountDispatch:
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < self.min_rows:
             return self.quantized.raw(x)
-        y = self.dense.raw(x.to(torch.bfloat16))
+        y = self.batched.raw(x if self._batched_dtype is None else x.to(self._batched_dtype))
         return y if self.quantized.bias is None else y + self.quantized.bias  # fp32 bias, as the quantized path
 
 
@@ -289,20 +299,33 @@ def cpu_has_fast_bf16() -> bool:
 # rather than a start-up measurement keeps results reproducible across restarts, since the two paths round
 # differently.
 DENSE_MIN_ROWS = 16
+# Row count from which the tiled int8 kernel runs (AVX512-VNNI builds): measured with
+# benchmarks/step_profile.py on Qwen2.5-Coder-0.5B Q4_K_M and SmolLM2 (benchmarks/RESULTS.md, fourth session).
+TILED_MIN_ROWS = 2
 
 
-def with_dense_batch_path(quantized: "Int4Linear | Int8Linear | GgufLinear", dequantize: Callable[[], torch.Tensor]):
-    """Wrap `quantized` in a RowCountDispatch on CPUs with native bf16 dot products.
+def _row_threshold(variable: str, default: int) -> int:
+    override = os.environ.get(variable)
+    return default if override is None else int(override)
 
-    LIGHTLLM_DENSE_MIN_ROWS overrides the row threshold (an integer; 0 disables the dense copy)."""
-    override = os.environ.get("LIGHTLLM_DENSE_MIN_ROWS")
-    if override is not None:
-        min_rows = int(override)
-    else:
-        min_rows = DENSE_MIN_ROWS if cpu_has_fast_bf16() else 0
-    if min_rows <= 0:
+
+def with_batch_path(quantized: "Int4Linear | Int8Linear | GgufLinear",
+                    weight: "GgufBlocks | GgufRowGroups | GroupQuantized | None",
+                    dequantize: Callable[[], torch.Tensor]):
+    """Wrap `quantized` in a RowCountDispatch with the fastest batched path this CPU has for `weight` (its
+    stored form; None for Int8Linear's own int8 weights), or return it as is where none is faster.
+
+    LIGHTLLM_TILED_MIN_ROWS / LIGHTLLM_DENSE_MIN_ROWS override the row thresholds (an integer; 0 disables
+    that path)."""
+    from lightllm.models.tiled import TiledLinear  # (tiled builds on this module's weight types)
+    kernels = cpu_kernels.load()
+    tiled_rows = _row_threshold("LIGHTLLM_TILED_MIN_ROWS", TILED_MIN_ROWS)
+    if tiled_rows > 0 and kernels is not None and kernels.tiled_fast and TiledLinear.supports(quantized, weight):
+        return RowCountDispatch(quantized, TiledLinear.from_layer(quantized, weight, kernels), tiled_rows)
+    dense_rows = _row_threshold("LIGHTLLM_DENSE_MIN_ROWS", DENSE_MIN_ROWS if cpu_has_fast_bf16() else 0)
+    if dense_rows <= 0:
         return quantized
-    return RowCountDispatch(quantized, DenseLinear(dequantize().to(torch.bfloat16)), min_rows)
+    return RowCountDispatch(quantized, DenseLinear(dequantize().to(torch.bfloat16)), dense_rows)
 
 
 def make_linear(weight: "torch.Tensor | GroupQuantized | GgufBlocks | GgufRowGroups", bias: torch.Tensor | None,
@@ -313,11 +336,11 @@ def make_linear(weight: "torch.Tensor | GroupQuantized | GgufBlocks | GgufRowGro
         kernels = cpu_kernels.load() if quant_type == "gguf" and quantized_ok else None
         if kernels is not None:
             layer = GgufLinear(weight, bias, kernels)
-            return with_dense_batch_path(layer, layer.dequantized)
+            return with_batch_path(layer, weight, layer.dequantized)
         weight = weight.dequantize()
     if isinstance(weight, GroupQuantized):
         if quant_type == "gguf" and quantized_ok and Int4Linear.supports(*weight.shape, weight.group):
-            return with_dense_batch_path(Int4Linear(weight, bias), lambda: Int4Linear.dequantized(weight))
+            return with_batch_path(Int4Linear(weight, bias), weight, lambda: Int4Linear.dequantized(weight))
         weight = weight.dequantize()
     if quant_type == "none" or not quantized_ok:
         return DenseLinear(weight.to(device=device, dtype=dtype), bias)
@@ -325,6 +348,6 @@ def make_linear(weight: "torch.Tensor | GroupQuantized | GgufBlocks | GgufRowGro
         group = int(quant_type.split("-")[1])
         if Int4Linear.supports(*weight.shape, group):
             quantized = quantize_int4(weight, group)
-            return with_dense_batch_path(Int4Linear(quantized, bias), lambda: Int4Linear.dequantized(quantized))
+            return with_batch_path(Int4Linear(quantized, bias), quantized, lambda: Int4Linear.dequantized(quantized))
     layer = Int8Linear(weight, bias)  # int8wo, and gguf tensors no kernel above runs as stored
-    return with_dense_batch_path(layer, layer.dequantized)
+    return with_batch_path(layer, None, layer.dequantized)

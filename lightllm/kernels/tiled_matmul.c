@@ -1,0 +1,213 @@
+/* Batched matrix multiplication for quantized weights held as small unsigned integers in 16-row tiles:
+ * y[m, n] = sum_k x[m, k] * W[n, k] with W[n, k] = ws * u[n, k] + wc, (ws, wc) constant over a group of 16
+ * or 32 weights of a row. GGUF blocks (Q4_0 ... Q6_K) and int4 groups decode exactly into this form once at
+ * load time (lk_gguf_decode), so the weights are exact; activations are int8 per 32 values as in the GGUF
+ * kernel.
+ *
+ * Why a second kernel: gguf_matmul.c unpacks each weight row for every call and applies it to at most four
+ * activation rows with a float scale step per 32 weights and row; from ~4 rows it is compute-bound. Here a
+ * 512-bit register holds 4 consecutive weights of 16 rows, an activation quad is broadcast to it
+ * (vpdpbusd's embedded broadcast), so one instruction does 64 multiply-adds for one activation row with no
+ * unpacking (4-bit weights: one and/shift per 128), and the float work is one convert and two FMAs per
+ * 16 x 32 weights and activation row. Each tile is read from memory once per call and from cache for each
+ * further batch of 8 activation rows.
+ *
+ * Layout (built by lightllm.models.tiled.TiledWeights; tile t covers rows 16t .. 16t + 15, rows past n are
+ * zero):
+ *   q, plain:   byte [t][j][r][b]  = u[16t + r][4j + b]                            (16 k bytes per tile)
+ *   q, nibbles: byte [t][p][r][b]  = u[16t + r][8p + b] | u[16t + r][8p + 4 + b] << 4   (8 k bytes)
+ *   scales:     float [t][g][0][r] = ws, [t][g][1][r] = wc of group g (group weights) of row 16t + r.
+ * The AVX512-VNNI build runs the vector path; others run the same arithmetic in plain C (lk_tiled_fast()
+ * tells the caller which, so it only prefers this kernel where it is fast).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+
+#include "cpu_common.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(LK_PORTABLE)
+#define LK_TILED_AVX512 1
+#endif
+
+/* Quantized activations of one call: xq [m][k], xd [m][k / 32] scale per 32, xs [m][k / group] = the group's
+ * scale * sum(xq). */
+typedef struct {
+    const int8_t *xq;
+    const float *xd;
+    const float *xs;
+    int64_t k;
+} TiledActs;
+
+#if LK_TILED_AVX512
+static inline __m512i broadcast_quad(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);  /* folds into vpdpbusd's {1to16} memory operand */
+}
+
+/* Output columns n0 .. n0 + valid - 1 of activation rows m0 .. m0 + R - 1, from tile (qt, st). */
+static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, const float *st, const int group,
+                                                            const int nibbles, const TiledActs *a, int64_t m0,
+                                                            const int R, float *y, int64_t ldy, int64_t n0,
+                                                            int valid, const uint8_t *next_q, const float *next_s) {
+    const int64_t k = a->k, groups = k / group;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[8];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t k0 = g * group;
+        if (next_q) {  /* fetch the next tile's group while this one computes: the passes over a tile
+                        * after its first hit the cache and would leave the memory bus idle */
+            const int64_t bytes = nibbles ? 8 * group : 16 * group;
+            for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)(next_q + g * bytes + l), _MM_HINT_T0);
+            _mm_prefetch((const char *)(next_s + 32 * g), _MM_HINT_T0);
+            _mm_prefetch((const char *)(next_s + 32 * g + 16), _MM_HINT_T0);
+        }
+        __m512i dot[8];
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
+        if (nibbles) {
+            #pragma GCC unroll 8
+            for (int p = 0; p < group / 8; p++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(qt + 64 * (k0 / 8 + p)));
+                const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                #pragma GCC unroll 8
+                for (int r = 0; r < R; r++) {
+                    const int8_t *x = a->xq + (m0 + r) * k + k0 + 8 * p;
+                    dot[r] = _mm512_dpbusd_epi32(dot[r], lo, broadcast_quad(x));
+                    dot[r] = _mm512_dpbusd_epi32(dot[r], hi, broadcast_quad(x + 4));
+                }
+            }
+        } else {
+            #pragma GCC unroll 8
+            for (int j = 0; j < group / 4; j++) {
+                const __m512i w = _mm512_loadu_si512((const void *)(qt + 64 * (k0 / 4 + j)));
+                #pragma GCC unroll 8
+                for (int r = 0; r < R; r++)
+                    dot[r] = _mm512_dpbusd_epi32(dot[r], w, broadcast_quad(a->xq + (m0 + r) * k + k0 + 4 * j));
+            }
+        }
+        const __m512 ws = _mm512_loadu_ps(st + 32 * g), wc = _mm512_loadu_ps(st + 32 * g + 16);
+        #pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const __m512 xd = _mm512_set1_ps(a->xd[(m0 + r) * (k / 32) + k0 / 32]);
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), xd), ws, acc[r]);
+            acc[r] = _mm512_fmadd_ps(wc, _mm512_set1_ps(a->xs[(m0 + r) * groups + g]), acc[r]);
+        }
+    }
+    const __mmask16 mask = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1u);
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (m0 + r) * ldy + n0, mask, acc[r]);
+}
+
+static void tile(const uint8_t *qt, const float *st, int group, int nibbles, const TiledActs *a, int64_t m0, int R,
+                 float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q, const float *next_s) {
+#define LK_TILE_CASE(G, NIB, RR)                                                           \
+    if (group == G && nibbles == NIB && R == RR) {                                         \
+        tile_rows(qt, st, G, NIB, a, m0, RR, y, ldy, n0, valid, next_q, next_s);           \
+        return;                                                                            \
+    }
+#define LK_TILE_ROWS(G, NIB) \
+    LK_TILE_CASE(G, NIB, 8) LK_TILE_CASE(G, NIB, 7) LK_TILE_CASE(G, NIB, 6) LK_TILE_CASE(G, NIB, 5) \
+    LK_TILE_CASE(G, NIB, 4) LK_TILE_CASE(G, NIB, 3) LK_TILE_CASE(G, NIB, 2) LK_TILE_CASE(G, NIB, 1)
+    LK_TILE_ROWS(32, 1)
+    LK_TILE_ROWS(32, 0)
+    LK_TILE_ROWS(16, 0)
+#undef LK_TILE_ROWS
+#undef LK_TILE_CASE
+}
+#else
+static void tile(const uint8_t *qt, const float *st, int group, int nibbles, const TiledActs *a, int64_t m0, int R,
+                 float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q, const float *next_s) {
+    (void)next_q;
+    (void)next_s;
+    const int64_t k = a->k, groups = k / group;
+    for (int r = 0; r < R; r++) {
+        const int8_t *x = a->xq + (m0 + r) * k;
+        for (int c = 0; c < valid; c++) {
+            float acc = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                int32_t dot = 0;
+                for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                    const int64_t j = i / 4, b = i % 4;
+                    const uint8_t u = nibbles ? (uint8_t)((qt[64 * (j / 2) + 4 * c + b] >> (4 * (j % 2))) & 0x0F)
+                                              : qt[64 * j + 4 * c + b];
+                    dot += (int32_t)u * (int32_t)x[i];
+                }
+                const float ws = st[32 * g + c], wc = st[32 * g + 16 + c];
+                acc = fmaf((float)dot * a->xd[(m0 + r) * (k / 32) + g * group / 32], ws, acc);
+                acc = fmaf(wc, a->xs[(m0 + r) * groups + g], acc);
+            }
+            y[(m0 + r) * ldy + n0 + c] = acc;
+        }
+    }
+}
+#endif
+
+enum { ROW_BLOCK = 64 };
+
+int lk_tiled_fast(void) {
+#if LK_TILED_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y[m * ldy + n] = x[m] . W[n] for the n_rows rows of W in the layout above; x: [m_rows, k] of x_dtype;
+ * y: float32, written. Returns 0, -1 for a bad group / k, -2 out of memory. */
+int lk_tiled_matmul(const uint8_t *q, const float *scales, int64_t n_rows, int64_t k, int group, int nibbles,
+                    const void *x, int x_dtype, int64_t m_rows, float *y, int64_t ldy) {
+    if ((group != 16 && group != 32) || (nibbles && group != 32) || k % 32 != 0) return -1;
+    const int64_t groups = k / group, tiles = (n_rows + 15) / 16;
+    const int64_t tile_bytes = nibbles ? 8 * k : 16 * k, tile_floats = 32 * groups;
+    int8_t *xq = malloc((size_t)(m_rows * k));
+    float *xd = malloc(sizeof(float) * (size_t)(m_rows * (k / 32)));
+    float *xs = malloc(sizeof(float) * (size_t)(m_rows * groups));
+    float *converted = x_dtype == LK_F32 ? NULL : malloc(sizeof(float) * (size_t)(m_rows * k));
+    int rc = 0;
+    if (!xq || !xd || !xs || (x_dtype != LK_F32 && !converted)) { rc = -2; goto done; }
+    const float *xf = x_dtype == LK_F32 ? (const float *)x : converted;
+#pragma omp parallel for schedule(static) if (m_rows * k >= 32768)
+    for (int64_t m = 0; m < m_rows; m++) {
+        if (converted) load_f32((const char *)x + (size_t)(m * k) * dtype_size(x_dtype), x_dtype, converted + m * k, k);
+        for (int64_t g = 0; g < k / 32; g++) {
+            int lo, hi;
+            const float d = quantize_group32(xf + m * k + 32 * g, xq + m * k + 32 * g, &lo, &hi);
+            xd[m * (k / 32) + g] = d;
+            if (group == 16) {
+                xs[m * groups + 2 * g] = d * (float)lo;
+                xs[m * groups + 2 * g + 1] = d * (float)hi;
+            } else {
+                xs[m * groups + g] = d * (float)(lo + hi);
+            }
+        }
+    }
+    const TiledActs acts = {xq, xd, xs, k};
+    /* Long inputs (prefill) go in blocks of rows so a block's activations stay in cache while every tile
+     * passes over them; within a block each tile stays cached across its batches of 8 rows. */
+#pragma omp parallel if (tiles * k * m_rows >= 65536)
+    for (int64_t mb = 0; mb < m_rows; mb += ROW_BLOCK) {
+        const int64_t m_end = mb + ROW_BLOCK < m_rows ? mb + ROW_BLOCK : m_rows;
+#pragma omp for schedule(static) nowait
+        for (int64_t t = 0; t < tiles; t++) {
+            const int valid = n_rows - 16 * t < 16 ? (int)(n_rows - 16 * t) : 16;
+            for (int64_t m0 = mb; m0 < m_end; m0 += 8) {
+                const int R = m_end - m0 < 8 ? (int)(m_end - m0) : 8;
+                const int last = t + 1 == tiles;
+                tile(q + t * tile_bytes, scales + t * tile_floats, group, nibbles, &acts, m0, R, y, ldy, 16 * t,
+                     valid, last ? NULL : q + (t + 1) * tile_bytes, last ? NULL : scales + (t + 1) * tile_floats);
+            }
+        }
+    }
+done:
+    free(xq);
+    free(xd);
+    free(xs);
+    free(converted);
+    return rc;
+}

@@ -1,0 +1,127 @@
+"""Quantized weights in the 16-row tiles of kernels/tiled_matmul.c: the batched (several activation rows) path
+of GGUF and int4 layers.
+
+A weight is held as w = ws * u + wc with u small unsigned integers and (ws, wc) per group of 16 or 32 weights
+of a row, which every GGUF block type and the int4 groups are exactly; the tiles interleave 16 rows so one
+512-bit register holds 4 consecutive weights of each (see the kernel's header for the byte layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lightllm.models.quant import GgufBlocks, GgufLinear, GroupQuantized, Int4Linear, Int8Linear, run_column_parts
+
+TILE_ROWS = 16
+# Block types whose u fits in 4 bits: stored two per byte.
+_NIBBLE_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+# Q6_K's scales change every 16 weights; every other type's every 32.
+_GROUP_16_TYPES = ("Q6_K",)
+
+
+@dataclass
+class TiledWeights:
+    q: torch.Tensor  # uint8 [tiles, tile bytes]
+    scales: torch.Tensor  # float32 [tiles, k / group, 2, 16]: ws then wc of the tile's rows
+    n: int
+    k: int
+    group: int  # 16 or 32
+    nibbles: bool
+
+    @classmethod
+    def from_affine(cls, u: torch.Tensor, ws: torch.Tensor, wc: torch.Tensor, group: int,
+                    nibbles: bool) -> "TiledWeights":
+        """From u (uint8 [N, K], < 16 when `nibbles`) and ws, wc (float32 [N, K / group])."""
+        n, k = u.shape
+        tiles = -(-n // TILE_ROWS)
+        pad = tiles * TILE_ROWS - n
+        u = torch.nn.functional.pad(u, (0, 0, 0, pad))
+        quads = u.reshape(tiles, TILE_ROWS, k // 4, 4).permute(0, 2, 1, 3)  # [t][j][r][b]
+        if nibbles:
+            pairs = quads.reshape(tiles, k // 8, 2, TILE_ROWS, 4)
+            q = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
+        else:
+            q = quads
+        scales = torch.stack([ws, wc], dim=-1).float()  # [N, groups, 2]
+        scales = torch.nn.functional.pad(scales, (0, 0, 0, 0, 0, pad))
+        scales = scales.reshape(tiles, TILE_ROWS, k // group, 2).permute(0, 2, 3, 1)
+        return cls(q.reshape(tiles, -1).contiguous(), scales.contiguous(), n, k, group, nibbles)
+
+    @classmethod
+    def from_gguf(cls, blocks: GgufBlocks, kernels) -> "TiledWeights":
+        u, ws16, wc16 = kernels.gguf_decode(blocks.type_code, blocks.raw, blocks.k)
+        if blocks.type_name in _GROUP_16_TYPES:
+            return cls.from_affine(u, ws16, wc16, 16, False)
+        # the two 16-weight halves of a 32-weight group share their scales in these types
+        return cls.from_affine(u, ws16[:, 0::2], wc16[:, 0::2], 32, blocks.type_name in _NIBBLE_TYPES)
+
+    @classmethod
+    def from_group_quantized(cls, weight: GroupQuantized) -> "TiledWeights":
+        """int4 groups (w = scale * (q - 8) + zero): groups wider than 32 repeat their scales per 32, since
+        the activations' int8 scale changes every 32 values."""
+        repeat = weight.group // 32
+        ws = weight.scale.repeat_interleave(repeat, dim=1)
+        wc = (weight.zero - 8 * weight.scale).repeat_interleave(repeat, dim=1)
+        return cls.from_affine(weight.q.to(torch.uint8), ws, wc, 32, True)
+
+    @classmethod
+    def from_int8(cls, weight: torch.Tensor, scales: torch.Tensor) -> "TiledWeights":
+        """Symmetric int8 rows (w = scale * q): u = q + 128 with the offset -128 * scale."""
+        n, k = weight.shape
+        ws = scales.float()[:, None].expand(n, k // 32)
+        return cls.from_affine((weight.to(torch.int16) + 128).to(torch.uint8), ws, -128 * ws, 32, False)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K] (for tests: the exact weights the kernel multiplies by)."""
+        tiles = self.q.shape[0]
+        if self.nibbles:
+            packed = self.q.reshape(tiles, self.k // 8, TILE_ROWS, 4)
+            quads = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(tiles, self.k // 4, TILE_ROWS, 4)
+        else:
+            quads = self.q.reshape(tiles, self.k // 4, TILE_ROWS, 4)
+        u = quads.permute(0, 2, 1, 3).reshape(tiles * TILE_ROWS, self.k)[:self.n].float()
+        ws, wc = (self.scales[:, :, i].permute(0, 2, 1).reshape(tiles * TILE_ROWS, -1)[:self.n] for i in (0, 1))
+        return (u.reshape(self.n, -1, self.group) * ws.unsqueeze(-1) + wc.unsqueeze(-1)).reshape(self.n, self.k)
+
+
+class TiledLinear:
+    """x @ W.T on the tiled kernel, one run of columns per stored part (like GgufLinear); float32 out, no
+    bias. The batched path of a RowCountDispatch, which keeps a GEMV kernel for single rows and adds the bias."""
+
+    def __init__(self, parts: list[TiledWeights], kernels):
+        self.parts = parts
+        self.out_features, self.in_features = sum(p.n for p in parts), parts[0].k
+        self.input_dtype = torch.float32  # bf16 / f16 are taken as well
+        self._runs: list[tuple[int, Callable]] = []
+        start = 0
+        for p in parts:
+            self._runs.append((start, kernels.tiled_matmul_bound(p.q, p.scales, p.n, p.k, p.group, p.nibbles)))
+            start += p.n
+
+    @staticmethod
+    def supports(layer: "GgufLinear | Int4Linear | Int8Linear", weight) -> bool:
+        """Whether `layer`'s weights (stored as `weight`) map onto the tiles."""
+        if isinstance(layer, GgufLinear):
+            return layer.in_features % 32 == 0
+        if isinstance(layer, Int4Linear):
+            return isinstance(weight, GroupQuantized) and weight.group % 32 == 0 and weight.shape[1] % 32 == 0
+        return isinstance(layer, Int8Linear) and layer.weight.shape[1] % 32 == 0
+
+    @classmethod
+    def from_layer(cls, layer: "GgufLinear | Int4Linear | Int8Linear", weight, kernels) -> "TiledLinear":
+        if isinstance(layer, GgufLinear):
+            parts = [TiledWeights.from_gguf(b, kernels) for b in layer.parts]
+        elif isinstance(layer, Int4Linear):
+            parts = [TiledWeights.from_group_quantized(weight)]
+        else:
+            parts = [TiledWeights.from_int8(layer.weight, layer.scales)]
+        return cls(parts, kernels)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.raw(x).to(x.dtype)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        return run_column_parts(self._runs, x, self.in_features, self.out_features)

@@ -1,0 +1,99 @@
+"""The tiled int8 kernel (kernels/tiled_matmul.c), the batched path of GGUF and int4/int8 layers.
+
+As for the GGUF kernel, the weights must be exact (gguf's dequantization, the int4 groups, the int8 rows) and
+the only approximation the int8 activations: results are compared with float64 math on the exact weights and
+the same int8 activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightllm.models.gguf_quants import BLOCK_SIZES, gguf_blocks
+from lightllm.models.quant import (GGUF_NATIVE_TYPES, GgufLinear, Int4Linear, Int8Linear, RowCountDispatch, cat_rows,
+                                   make_linear, quantize_int4)
+from lightllm.models.tiled import TiledLinear, TiledWeights
+from tests.test_gguf_matmul import KERNEL_BUILDS, int8_activations, kernels
+from tests.test_gguf_quants import random_blocks, reference
+
+
+def check_exact(got: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> None:
+    weights = weights.double()
+    exact = int8_activations(x) @ weights.T
+    bound = (int8_activations(x).abs() @ weights.abs().T).max()
+    assert (got.double() - exact).abs().max() <= 2e-6 * bound, "the tiles hold different weights"
+
+
+@pytest.mark.parametrize("build", KERNEL_BUILDS)
+@pytest.mark.parametrize("type_name", GGUF_NATIVE_TYPES)
+def test_tiles_hold_gguf_weights_exactly(build, type_name):
+    k = 96 if BLOCK_SIZES[type_name][0] == 32 else 512
+    raw = random_blocks(type_name, 40, k, seed=3, full_range=False)  # 40 rows: a partly filled last tile
+    tiled = TiledWeights.from_gguf(gguf_blocks(raw, type_name, (40, k)), kernels(build))
+    weights = reference(raw, type_name)
+    assert torch.equal(tiled.dequantize(), weights)
+    layer = TiledLinear([tiled], kernels(build))
+    torch.manual_seed(0)
+    for rows in (1, 5, 8, 13, 70):  # batches of 8 with remainders; 70 spans two row blocks
+        x = torch.randn(rows, k)
+        x[0, :32] = 0.0  # an all-zero activation group (scale 0)
+        check_exact(layer.raw(x), x, weights)
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+def test_int4_groups_and_int8_rows_map_onto_tiles(build):
+    torch.manual_seed(4)
+    weight = torch.randn(48, 256) * 0.05
+    for group in (32, 128):  # groups wider than 32 repeat their scales per 32 activations
+        q4 = quantize_int4(weight, group)
+        tiled = TiledWeights.from_group_quantized(q4)
+        assert tiled.nibbles and torch.allclose(tiled.dequantize(), q4.dequantize(), rtol=0, atol=1e-6)
+        x = torch.randn(9, 256)
+        check_exact(TiledLinear([tiled], kernels(build)).raw(x), x, q4.dequantize())
+    int8 = Int8Linear(weight)
+    tiled = TiledWeights.from_int8(int8.weight, int8.scales)
+    assert torch.equal(tiled.dequantize(), int8.dequantized())
+    x = torch.randn(6, 256)
+    check_exact(TiledLinear([tiled], kernels(build)).raw(x), x, int8.dequantized())
+
+
+def test_mixed_type_parts_and_half_precision_input():
+    parts = [("Q5_0", 24), ("Q8_0", 8), ("Q6_K", 16)]
+    raws = [random_blocks(t, n, 256, seed=i, full_range=False) for i, (t, n) in enumerate(parts)]
+    fused = cat_rows([gguf_blocks(raw, t, (n, 256)) for raw, (t, n) in zip(raws, parts)])
+    layer = TiledLinear.from_layer(GgufLinear(fused, None, kernels("native")), fused, kernels("native"))
+    weights = torch.cat([reference(raw, t) for raw, (t, _) in zip(raws, parts)])
+    x = torch.randn(11, 256)
+    check_exact(layer.raw(x), x, weights)
+    for half in (torch.bfloat16, torch.float16):  # taken as their exact float32 values
+        xh = x.to(half)
+        assert torch.equal(layer.raw(xh), layer.raw(xh.float()))
+
+
+def test_kernel_rejects_a_group_it_cannot_run():
+    from lightllm.kernels.cpu import KernelError
+
+    tiled = TiledWeights.from_gguf(gguf_blocks(random_blocks("Q8_0", 16, 64, seed=1), "Q8_0", (16, 64)),
+                                   kernels("native"))
+    run = kernels("native").tiled_matmul_bound(tiled.q, tiled.scales, 16, 64, 64, False)
+    with pytest.raises(KernelError):
+        run(torch.randn(2, 64), torch.empty(2, 16), 0)
+
+
+def test_gguf_layers_take_the_tiled_path_for_batches(monkeypatch):
+    """On AVX512-VNNI builds a GGUF layer runs the GEMV kernel for one row and the tiles from the threshold;
+    both compute the file's weights."""
+    if not kernels("native").tiled_fast:
+        pytest.skip("the tiled kernel's vector path needs AVX512-VNNI")
+    monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "2")
+    raw = random_blocks("Q4_K", 64, 512, seed=5, full_range=False)
+    bias = torch.randn(64)
+    layer = make_linear(gguf_blocks(raw, "Q4_K", (64, 512)), bias, "gguf", torch.device("cpu"), torch.float32)
+    assert isinstance(layer, RowCountDispatch) and isinstance(layer.batched, TiledLinear)
+    assert isinstance(layer.quantized, GgufLinear)
+    weights = reference(raw, "Q4_K")
+    for rows in (1, 2, 16):
+        x = torch.randn(rows, 512)
+        check_exact(layer.raw(x) - bias, x, weights)
+    q4 = quantize_int4(torch.randn(64, 512), 32)
+    assert isinstance(make_linear(q4, None, "gguf", torch.device("cpu"), torch.float32).quantized, Int4Linear)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side serving benchmark: lightllm vs llama.cpp's llama-server on the same GGUF, same prompts.
 #   bash benchmarks/compare_llamacpp.sh [GGUF] ; env: LEVELS="1 4 16 32" OUTPUT_LEN=128 INPUT_LEN=180
-#   QUANT=gguf (our --quant_type), OUT=benchmarks/results (JSON per run)
+#   QUANT=gguf (our --quant_type), OUT=benchmarks/results (JSON per run), NUM_PROMPTS (default: the
+#   concurrency, at least 4: one wave; 2x the concurrency is two waves), CHART=0 skips the chart
 # llama-server is built once by build_llamacpp.sh (cached outside the repo, ~20 min on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ wait_ready() {  # url
 }
 
 bench() {  # label url concurrency
-  local n=$(( $3 > 4 ? $3 : 4 ))
+  local n=${NUM_PROMPTS:-$(( $3 > 4 ? $3 : 4 ))}
   $PY benchmarks/serving.py --base-url "$2" --label "$1" --concurrency "$3" --num-prompts "$n" \
     --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --ignore-eos --json-out "$OUT/$STAMP-$1-c$3.json" | tail -n 3
 }
@@ -62,7 +63,9 @@ for c in levels:
 PYEOF
 
 # the chart RESULTS.md links (matplotlib: `pip install -e .[bench]`)
-if $PY -c "import matplotlib" 2>/dev/null; then
+if [ "${CHART:-1}" = 0 ]; then
+  :
+elif $PY -c "import matplotlib" 2>/dev/null; then
   $PY benchmarks/plot_comparison.py "$OUT" "$STAMP" "benchmarks/comparison-$(basename "$GGUF" .gguf).png" $LEVELS
 else
   echo "matplotlib not installed (pip install -e .[bench]): no chart"

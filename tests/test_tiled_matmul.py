@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightllm.models.gguf_quants import BLOCK_SIZES, gguf_blocks
-from lightllm.models.quant import (GGUF_NATIVE_TYPES, GgufLinear, Int4Linear, Int8Linear, RowCountDispatch, cat_rows,
+from lightllm.models.quant import (GGUF_NATIVE_TYPES, GgufLinear, Int4Linear, Int8Linear, RowCountDispatch, TILED_MIN_ROWS, cat_rows,
                                    make_linear, quantize_int4)
 from lightllm.models.tiled import TiledLinear, TiledWeights
 from tests.test_gguf_matmul import KERNEL_BUILDS, int8_activations, kernels
@@ -97,3 +97,10 @@ def test_gguf_layers_take_the_tiled_path_for_batches(monkeypatch):
         check_exact(layer.raw(x) - bias, x, weights)
     q4 = quantize_int4(torch.randn(64, 512), 32)
     assert isinstance(make_linear(q4, None, "gguf", torch.device("cpu"), torch.float32).quantized, Int4Linear)
+    # the row threshold follows how the tiles store the weights (4-bit tiles read fewer bytes)
+    monkeypatch.delenv("LIGHTLLM_TILED_MIN_ROWS")
+    nibbles = make_linear(q4, None, "gguf", torch.device("cpu"), torch.float32)
+    q6 = gguf_blocks(random_blocks("Q6_K", 64, 512, seed=6, full_range=False), "Q6_K", (64, 512))
+    byte_tiles = make_linear(q6, None, "gguf", torch.device("cpu"), torch.float32)
+    assert nibbles.batched.parts[0].nibbles and not byte_tiles.batched.parts[0].nibbles
+    assert (nibbles.min_rows, byte_tiles.min_rows) == (TILED_MIN_ROWS["nibbles"], TILED_MIN_ROWS["bytes"])

@@ -110,6 +110,13 @@ class TiledLinear:
             return isinstance(weight, GroupQuantized) and weight.group % 32 == 0 and weight.shape[1] % 32 == 0
         return isinstance(layer, Int8Linear) and layer.weight.shape[1] % 32 == 0
 
+    @staticmethod
+    def storage(layer: "GgufLinear | Int4Linear | Int8Linear") -> str:
+        """"nibbles" when every part's tiles hold 4-bit weights, else "bytes" (decides the row threshold)."""
+        if isinstance(layer, GgufLinear):
+            return "nibbles" if all(p.type_name in _NIBBLE_TYPES for p in layer.parts) else "bytes"
+        return "nibbles" if isinstance(layer, Int4Linear) else "bytes"
+
     @classmethod
     def from_layer(cls, layer: "GgufLinear | Int4Linear | Int8Linear", weight, kernels) -> "TiledLinear":
         if isinstance(layer, GgufLinear):

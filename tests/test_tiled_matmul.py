@@ -47,7 +47,7 @@ def test_int4_groups_and_int8_rows_map_onto_tiles(build):
     for group in (32, 128):  # groups wider than 32 repeat their scales per 32 activations
         q4 = quantize_int4(weight, group)
         tiled = TiledWeights.from_group_quantized(q4)
-        assert tiled.nibbles and torch.allclose(tiled.dequantize(), q4.dequantize(), rtol=0, atol=1e-6)
+        assert tiled.bits == 4 and torch.allclose(tiled.dequantize(), q4.dequantize(), rtol=0, atol=1e-6)
         x = torch.randn(9, 256)
         check_exact(TiledLinear([tiled], kernels(build)).raw(x), x, q4.dequantize())
     int8 = Int8Linear(weight)
@@ -75,7 +75,7 @@ def test_kernel_rejects_a_group_it_cannot_run():
 
     tiled = TiledWeights.from_gguf(gguf_blocks(random_blocks("Q8_0", 16, 64, seed=1), "Q8_0", (16, 64)),
                                    kernels("native"))
-    run = kernels("native").tiled_matmul_bound(tiled.q, tiled.scales, 16, 64, 64, False)
+    run = kernels("native").tiled_matmul_bound(tiled.q, tiled.scales, 16, 64, 64, 8)
     with pytest.raises(KernelError):
         run(torch.randn(2, 64), torch.empty(2, 16), 0)
 
@@ -102,5 +102,5 @@ def test_gguf_layers_take_the_tiled_path_for_batches(monkeypatch):
     nibbles = make_linear(q4, None, "gguf", torch.device("cpu"), torch.float32)
     q6 = gguf_blocks(random_blocks("Q6_K", 64, 512, seed=6, full_range=False), "Q6_K", (64, 512))
     byte_tiles = make_linear(q6, None, "gguf", torch.device("cpu"), torch.float32)
-    assert nibbles.batched.parts[0].nibbles and not byte_tiles.batched.parts[0].nibbles
-    assert (nibbles.min_rows, byte_tiles.min_rows) == (TILED_MIN_ROWS["nibbles"], TILED_MIN_ROWS["bytes"])
+    assert (nibbles.batched.parts[0].bits, byte_tiles.batched.parts[0].bits) == (4, 8)
+    assert (nibbles.min_rows, byte_tiles.min_rows) == (TILED_MIN_ROWS[4], TILED_MIN_ROWS[8])

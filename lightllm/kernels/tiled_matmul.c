@@ -15,7 +15,9 @@
  * Layout (built by lightllm.models.tiled.TiledWeights; tile t covers rows 16t .. 16t + 15, rows past n are
  * zero):
  *   q, plain:   byte [t][j][r][b]  = u[16t + r][4j + b]                            (16 k bytes per tile)
- *   q, nibbles: byte [t][p][r][b]  = u[16t + r][8p + b] | u[16t + r][8p + 4 + b] << 4   (8 k bytes)
+ *   q, 4 bits:  byte [t][p][r][b]  = u[16t + r][8p + b] | u[16t + r][8p + 4 + b] << 4   (8 k bytes)
+ *   q, 5 bits:  per pair p an 80-byte record: the 4-bit bytes above (of u & 15), then two 64-bit masks whose
+ *               bit 4r + b is bit 4 of u[16t + r][8p + b], resp. u[16t + r][8p + 4 + b]      (10 k bytes)
  *   scales:     float [t][g][0][r] = ws, [t][g][1][r] = wc of group g (group weights) of row 16t + r.
  * The AVX512-VNNI build runs the vector path; others run the same arithmetic in plain C (lk_tiled_fast()
  * tells the caller which, so it only prefers this kernel where it is fast).
@@ -50,11 +52,11 @@ static inline __m512i broadcast_quad(const int8_t *p) {
 
 /* Output columns n0 .. n0 + valid - 1 of activation rows m0 .. m0 + R - 1, from tile (qt, st). */
 static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, const float *st, const int group,
-                                                            const int nibbles, const TiledActs *a, int64_t m0,
+                                                            const int bits, const TiledActs *a, int64_t m0,
                                                             const int R, float *y, int64_t ldy, int64_t n0,
                                                             int valid, const uint8_t *next_q, const float *next_s) {
     const int64_t k = a->k, groups = k / group;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
     __m512 acc[8];
     #pragma GCC unroll 8
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
@@ -62,7 +64,7 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, c
         const int64_t k0 = g * group;
         if (next_q) {  /* fetch the next tile's group while this one computes: the passes over a tile
                         * after its first hit the cache and would leave the memory bus idle */
-            const int64_t bytes = nibbles ? 8 * group : 16 * group;
+            const int64_t bytes = group * bits * 2;
             for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)(next_q + g * bytes + l), _MM_HINT_T0);
             _mm_prefetch((const char *)(next_s + 32 * g), _MM_HINT_T0);
             _mm_prefetch((const char *)(next_s + 32 * g + 16), _MM_HINT_T0);
@@ -70,11 +72,19 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, c
         __m512i dot[8];
         #pragma GCC unroll 8
         for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
-        if (nibbles) {
+        if (bits != 8) {
             #pragma GCC unroll 8
             for (int p = 0; p < group / 8; p++) {
-                const __m512i v = _mm512_loadu_si512((const void *)(qt + 64 * (k0 / 8 + p)));
-                const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                const uint8_t *rec = qt + (bits == 5 ? 80 : 64) * (k0 / 8 + p);
+                const __m512i v = _mm512_loadu_si512((const void *)rec);
+                __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                if (bits == 5) {
+                    uint64_t top_lo, top_hi;
+                    memcpy(&top_lo, rec + 64, 8);
+                    memcpy(&top_hi, rec + 72, 8);
+                    lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(_cvtu64_mask64(top_lo), b4));
+                    hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(_cvtu64_mask64(top_hi), b4));
+                }
                 #pragma GCC unroll 8
                 for (int r = 0; r < R; r++) {
                     const int8_t *x = a->xq + (m0 + r) * k + k0 + 8 * p;
@@ -104,24 +114,25 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, c
     for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (m0 + r) * ldy + n0, mask, acc[r]);
 }
 
-static void tile(const uint8_t *qt, const float *st, int group, int nibbles, const TiledActs *a, int64_t m0, int R,
+static void tile(const uint8_t *qt, const float *st, int group, int bits, const TiledActs *a, int64_t m0, int R,
                  float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q, const float *next_s) {
-#define LK_TILE_CASE(G, NIB, RR)                                                           \
-    if (group == G && nibbles == NIB && R == RR) {                                         \
-        tile_rows(qt, st, G, NIB, a, m0, RR, y, ldy, n0, valid, next_q, next_s);           \
+#define LK_TILE_CASE(G, BITS, RR)                                                           \
+    if (group == G && bits == BITS && R == RR) {                                            \
+        tile_rows(qt, st, G, BITS, a, m0, RR, y, ldy, n0, valid, next_q, next_s);           \
         return;                                                                            \
     }
-#define LK_TILE_ROWS(G, NIB) \
-    LK_TILE_CASE(G, NIB, 8) LK_TILE_CASE(G, NIB, 7) LK_TILE_CASE(G, NIB, 6) LK_TILE_CASE(G, NIB, 5) \
-    LK_TILE_CASE(G, NIB, 4) LK_TILE_CASE(G, NIB, 3) LK_TILE_CASE(G, NIB, 2) LK_TILE_CASE(G, NIB, 1)
-    LK_TILE_ROWS(32, 1)
-    LK_TILE_ROWS(32, 0)
-    LK_TILE_ROWS(16, 0)
+#define LK_TILE_ROWS(G, BITS) \
+    LK_TILE_CASE(G, BITS, 8) LK_TILE_CASE(G, BITS, 7) LK_TILE_CASE(G, BITS, 6) LK_TILE_CASE(G, BITS, 5) \
+    LK_TILE_CASE(G, BITS, 4) LK_TILE_CASE(G, BITS, 3) LK_TILE_CASE(G, BITS, 2) LK_TILE_CASE(G, BITS, 1)
+    LK_TILE_ROWS(32, 4)
+    LK_TILE_ROWS(32, 5)
+    LK_TILE_ROWS(32, 8)
+    LK_TILE_ROWS(16, 8)
 #undef LK_TILE_ROWS
 #undef LK_TILE_CASE
 }
 #else
-static void tile(const uint8_t *qt, const float *st, int group, int nibbles, const TiledActs *a, int64_t m0, int R,
+static void tile(const uint8_t *qt, const float *st, int group, int bits, const TiledActs *a, int64_t m0, int R,
                  float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q, const float *next_s) {
     (void)next_q;
     (void)next_s;
@@ -134,8 +145,14 @@ static void tile(const uint8_t *qt, const float *st, int group, int nibbles, con
                 int32_t dot = 0;
                 for (int64_t i = g * group; i < (g + 1) * group; i++) {
                     const int64_t j = i / 4, b = i % 4;
-                    const uint8_t u = nibbles ? (uint8_t)((qt[64 * (j / 2) + 4 * c + b] >> (4 * (j % 2))) & 0x0F)
-                                              : qt[64 * j + 4 * c + b];
+                    uint8_t u;
+                    if (bits == 8) {
+                        u = qt[64 * j + 4 * c + b];
+                    } else {
+                        const uint8_t *rec = qt + (bits == 5 ? 80 : 64) * (j / 2);
+                        u = (uint8_t)((rec[4 * c + b] >> (4 * (j % 2))) & 0x0F);
+                        if (bits == 5) u |= (uint8_t)(((rec[64 + 8 * (j % 2) + (4 * c + b) / 8] >> ((4 * c + b) % 8)) & 1) << 4);
+                    }
                     dot += (int32_t)u * (int32_t)x[i];
                 }
                 const float ws = st[32 * g + c], wc = st[32 * g + 16 + c];
@@ -160,11 +177,13 @@ int lk_tiled_fast(void) {
 
 /* y[m * ldy + n] = x[m] . W[n] for the n_rows rows of W in the layout above; x: [m_rows, k] of x_dtype;
  * y: float32, written. Returns 0, -1 for a bad group / k, -2 out of memory. */
-int lk_tiled_matmul(const uint8_t *q, const float *scales, int64_t n_rows, int64_t k, int group, int nibbles,
+int lk_tiled_matmul(const uint8_t *q, const float *scales, int64_t n_rows, int64_t k, int group, int bits,
                     const void *x, int x_dtype, int64_t m_rows, float *y, int64_t ldy) {
-    if ((group != 16 && group != 32) || (nibbles && group != 32) || k % 32 != 0) return -1;
+    if ((group != 16 && group != 32) || (bits != 4 && bits != 5 && bits != 8) || (bits != 8 && group != 32) ||
+        k % 32 != 0)
+        return -1;
     const int64_t groups = k / group, tiles = (n_rows + 15) / 16;
-    const int64_t tile_bytes = nibbles ? 8 * k : 16 * k, tile_floats = 32 * groups;
+    const int64_t tile_bytes = 2 * bits * k, tile_floats = 32 * groups;
     int8_t *xq = malloc((size_t)(m_rows * k));
     float *xd = malloc(sizeof(float) * (size_t)(m_rows * (k / 32)));
     float *xs = malloc(sizeof(float) * (size_t)(m_rows * groups));
@@ -199,7 +218,7 @@ int lk_tiled_matmul(const uint8_t *q, const float *scales, int64_t n_rows, int64
             for (int64_t m0 = mb; m0 < m_end; m0 += 8) {
                 const int R = m_end - m0 < 8 ? (int)(m_end - m0) : 8;
                 const int last = t + 1 == tiles;
-                tile(q + t * tile_bytes, scales + t * tile_floats, group, nibbles, &acts, m0, R, y, ldy, 16 * t,
+                tile(q + t * tile_bytes, scales + t * tile_floats, group, bits, &acts, m0, R, y, ldy, 16 * t,
                      valid, last ? NULL : q + (t + 1) * tile_bytes, last ? NULL : scales + (t + 1) * tile_floats);
             }
         }

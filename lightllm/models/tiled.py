@@ -16,8 +16,8 @@ import torch
 from lightllm.models.quant import GgufBlocks, GgufLinear, GroupQuantized, Int4Linear, Int8Linear, run_column_parts
 
 TILE_ROWS = 16
-# Block types whose u fits in 4 bits: stored two per byte.
-_NIBBLE_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+# Bits per stored weight by block type: u < 16 goes two per byte, u < 32 adds a plane of fifth bits.
+_TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8, "Q6_K": 8}
 # Q6_K's scales change every 16 weights; every other type's every 32.
 _GROUP_16_TYPES = ("Q6_K",)
 
@@ -29,34 +29,38 @@ class TiledWeights:
     n: int
     k: int
     group: int  # 16 or 32
-    nibbles: bool
+    bits: int  # 4, 5 or 8 (group 32 below 8)
 
     @classmethod
     def from_affine(cls, u: torch.Tensor, ws: torch.Tensor, wc: torch.Tensor, group: int,
-                    nibbles: bool) -> "TiledWeights":
-        """From u (uint8 [N, K], < 16 when `nibbles`) and ws, wc (float32 [N, K / group])."""
+                    bits: int) -> "TiledWeights":
+        """From u (uint8 [N, K], < 2**bits) and ws, wc (float32 [N, K / group])."""
         n, k = u.shape
         tiles = -(-n // TILE_ROWS)
         pad = tiles * TILE_ROWS - n
         u = torch.nn.functional.pad(u, (0, 0, 0, pad))
         quads = u.reshape(tiles, TILE_ROWS, k // 4, 4).permute(0, 2, 1, 3)  # [t][j][r][b]
-        if nibbles:
-            pairs = quads.reshape(tiles, k // 8, 2, TILE_ROWS, 4)
-            q = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
-        else:
+        if bits == 8:
             q = quads
+        else:
+            pairs = quads.reshape(tiles, k // 8, 2, TILE_ROWS * 4)
+            q = (pairs[:, :, 0] & 0x0F) | ((pairs[:, :, 1] & 0x0F) << 4)
+            if bits == 5:  # bit i of each 64-bit mask = bit 4 of entry i (little-endian bytes)
+                fifth = ((pairs >> 4) & 1).reshape(tiles, k // 8, 2, 8, 8).to(torch.int32)
+                masks = (fifth << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+                q = torch.cat([q, masks.reshape(tiles, k // 8, 16)], dim=-1)
         scales = torch.stack([ws, wc], dim=-1).float()  # [N, groups, 2]
         scales = torch.nn.functional.pad(scales, (0, 0, 0, 0, 0, pad))
         scales = scales.reshape(tiles, TILE_ROWS, k // group, 2).permute(0, 2, 3, 1)
-        return cls(q.reshape(tiles, -1).contiguous(), scales.contiguous(), n, k, group, nibbles)
+        return cls(q.reshape(tiles, -1).contiguous(), scales.contiguous(), n, k, group, bits)
 
     @classmethod
     def from_gguf(cls, blocks: GgufBlocks, kernels) -> "TiledWeights":
         u, ws16, wc16 = kernels.gguf_decode(blocks.type_code, blocks.raw, blocks.k)
         if blocks.type_name in _GROUP_16_TYPES:
-            return cls.from_affine(u, ws16, wc16, 16, False)
+            return cls.from_affine(u, ws16, wc16, 16, 8)
         # the two 16-weight halves of a 32-weight group share their scales in these types
-        return cls.from_affine(u, ws16[:, 0::2], wc16[:, 0::2], 32, blocks.type_name in _NIBBLE_TYPES)
+        return cls.from_affine(u, ws16[:, 0::2], wc16[:, 0::2], 32, _TYPE_BITS[blocks.type_name])
 
     @classmethod
     def from_group_quantized(cls, weight: GroupQuantized) -> "TiledWeights":
@@ -65,23 +69,29 @@ class TiledWeights:
         repeat = weight.group // 32
         ws = weight.scale.repeat_interleave(repeat, dim=1)
         wc = (weight.zero - 8 * weight.scale).repeat_interleave(repeat, dim=1)
-        return cls.from_affine(weight.q.to(torch.uint8), ws, wc, 32, True)
+        return cls.from_affine(weight.q.to(torch.uint8), ws, wc, 32, 4)
 
     @classmethod
     def from_int8(cls, weight: torch.Tensor, scales: torch.Tensor) -> "TiledWeights":
         """Symmetric int8 rows (w = scale * q): u = q + 128 with the offset -128 * scale."""
         n, k = weight.shape
         ws = scales.float()[:, None].expand(n, k // 32)
-        return cls.from_affine((weight.to(torch.int16) + 128).to(torch.uint8), ws, -128 * ws, 32, False)
+        return cls.from_affine((weight.to(torch.int16) + 128).to(torch.uint8), ws, -128 * ws, 32, 8)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] (for tests: the exact weights the kernel multiplies by)."""
         tiles = self.q.shape[0]
-        if self.nibbles:
-            packed = self.q.reshape(tiles, self.k // 8, TILE_ROWS, 4)
-            quads = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(tiles, self.k // 4, TILE_ROWS, 4)
-        else:
+        if self.bits == 8:
             quads = self.q.reshape(tiles, self.k // 4, TILE_ROWS, 4)
+        else:
+            records = self.q.reshape(tiles, self.k // 8, -1)
+            packed = records[:, :, :64]
+            pairs = torch.stack([packed & 0x0F, packed >> 4], dim=2)  # [t][p][2][64]
+            if self.bits == 5:
+                masks = records[:, :, 64:].reshape(tiles, self.k // 8, 2, 8, 1)
+                fifth = (masks >> torch.arange(8, dtype=torch.uint8)) & 1
+                pairs = pairs | (fifth.reshape(tiles, self.k // 8, 2, 64) << 4)
+            quads = pairs.reshape(tiles, self.k // 4, TILE_ROWS, 4)
         u = quads.permute(0, 2, 1, 3).reshape(tiles * TILE_ROWS, self.k)[:self.n].float()
         ws, wc = (self.scales[:, :, i].permute(0, 2, 1).reshape(tiles * TILE_ROWS, -1)[:self.n] for i in (0, 1))
         return (u.reshape(self.n, -1, self.group) * ws.unsqueeze(-1) + wc.unsqueeze(-1)).reshape(self.n, self.k)
@@ -98,7 +108,7 @@ class TiledLinear:
         self._runs: list[tuple[int, Callable]] = []
         start = 0
         for p in parts:
-            self._runs.append((start, kernels.tiled_matmul_bound(p.q, p.scales, p.n, p.k, p.group, p.nibbles)))
+            self._runs.append((start, kernels.tiled_matmul_bound(p.q, p.scales, p.n, p.k, p.group, p.bits)))
             start += p.n
 
     @staticmethod
@@ -111,11 +121,11 @@ class TiledLinear:
         return isinstance(layer, Int8Linear) and layer.weight.shape[1] % 32 == 0
 
     @staticmethod
-    def storage(layer: "GgufLinear | Int4Linear | Int8Linear") -> str:
-        """"nibbles" when every part's tiles hold 4-bit weights, else "bytes" (decides the row threshold)."""
+    def bits(layer: "GgufLinear | Int4Linear | Int8Linear") -> int:
+        """The widest stored weight of `layer`'s tiles: 4, 5 or 8 bits (decides the row threshold)."""
         if isinstance(layer, GgufLinear):
-            return "nibbles" if all(p.type_name in _NIBBLE_TYPES for p in layer.parts) else "bytes"
-        return "nibbles" if isinstance(layer, Int4Linear) else "bytes"
+            return max(_TYPE_BITS[p.type_name] for p in layer.parts)
+        return 4 if isinstance(layer, Int4Linear) else 8
 
     @classmethod
     def from_layer(cls, layer: "GgufLinear | Int4Linear | Int8Linear", weight, kernels) -> "TiledLinear":

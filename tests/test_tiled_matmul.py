@@ -32,6 +32,9 @@ def test_tiles_hold_gguf_weights_exactly(build, type_name):
     tiled = TiledWeights.from_gguf(gguf_blocks(raw, type_name, (40, k)), kernels(build))
     weights = reference(raw, type_name)
     assert torch.equal(tiled.dequantize(), weights)
+    # types whose offset is a fixed multiple of the scale store only the scale
+    symmetric = type_name in ("Q4_0", "Q5_0", "Q8_0", "Q6_K")
+    assert (tiled.zero > 0, tiled.scales.shape[2]) == (symmetric, 1 if symmetric else 2)
     layer = TiledLinear([tiled], kernels(build))
     torch.manual_seed(0)
     for rows in (1, 5, 8, 13, 70):  # batches of 8 with remainders; 70 spans two row blocks
@@ -57,6 +60,14 @@ def test_int4_groups_and_int8_rows_map_onto_tiles(build):
     check_exact(TiledLinear([tiled], kernels(build)).raw(x), x, int8.dequantized())
 
 
+def test_a_zero_point_must_match_the_offsets():
+    u = torch.randint(0, 16, (16, 64), dtype=torch.uint8)
+    ws = torch.rand(16, 2)
+    assert TiledWeights.from_affine(u, ws, -8 * ws, 32, 4, zero=8).zero == 8
+    with pytest.raises(ValueError):
+        TiledWeights.from_affine(u, ws, -8 * ws + 1e-3, 32, 4, zero=8)
+
+
 def test_mixed_type_parts_and_half_precision_input():
     parts = [("Q5_0", 24), ("Q8_0", 8), ("Q6_K", 16)]
     raws = [random_blocks(t, n, 256, seed=i, full_range=False) for i, (t, n) in enumerate(parts)]
@@ -75,7 +86,7 @@ def test_kernel_rejects_a_group_it_cannot_run():
 
     tiled = TiledWeights.from_gguf(gguf_blocks(random_blocks("Q8_0", 16, 64, seed=1), "Q8_0", (16, 64)),
                                    kernels("native"))
-    run = kernels("native").tiled_matmul_bound(tiled.q, tiled.scales, 16, 64, 64, 8)
+    run = kernels("native").tiled_matmul_bound(tiled.q, tiled.scales, 16, 64, 64, 8, tiled.zero)
     with pytest.raises(KernelError):
         run(torch.randn(2, 64), torch.empty(2, 16), 0)
 

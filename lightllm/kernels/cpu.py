@@ -42,7 +42,7 @@ _SIGNATURES = {
                             _flt, _ptr, _int],
     "lk_gguf_matmul": [_int, _ptr, _i64, _i64, _ptr, _int, _i64, _ptr, _i64],
     "lk_gguf_decode": [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr],
-    "lk_tiled_matmul": [_ptr, _ptr, _i64, _i64, _int, _int, _ptr, _int, _i64, _ptr, _i64],
+    "lk_tiled_matmul": [_ptr, _ptr, _i64, _i64, _int, _int, _int, _ptr, _int, _i64, _ptr, _i64],
     "lk_tiled_fast": [],
 }
 
@@ -222,7 +222,7 @@ class CpuKernels:
         return u, ws, wc
 
     def tiled_matmul_bound(self, q: torch.Tensor, scales: torch.Tensor, n: int, k: int, group: int,
-                           bits: int) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":
+                           bits: int, zero: int) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":
         """tiled_matmul for one fixed weight in the layout of tiled_matmul.c (built by
         lightllm.models.tiled.TiledWeights); the returned function is called as gguf_matmul_bound's."""
         _check(q, scales)
@@ -231,7 +231,7 @@ class CpuKernels:
         fn, q_ptr, s_ptr = self._lib.lk_tiled_matmul, q.data_ptr(), scales.data_ptr()
 
         def run(x: torch.Tensor, out: torch.Tensor, column: int) -> None:
-            rc = fn(q_ptr, s_ptr, n, k, group, bits, x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0],
+            rc = fn(q_ptr, s_ptr, n, k, group, bits, zero, x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0],
                     out.data_ptr() + 4 * column, out.stride(0))
             if rc != 0:
                 raise KernelError(f"tiled_matmul rejected its arguments (code {rc})")

@@ -18,7 +18,9 @@
  *   q, 4 bits:  byte [t][p][r][b]  = u[16t + r][8p + b] | u[16t + r][8p + 4 + b] << 4   (8 k bytes)
  *   q, 5 bits:  per pair p an 80-byte record: the 4-bit bytes above (of u & 15), then two 64-bit masks whose
  *               bit 4r + b is bit 4 of u[16t + r][8p + b], resp. u[16t + r][8p + 4 + b]      (10 k bytes)
- *   scales:     float [t][g][0][r] = ws, [t][g][1][r] = wc of group g (group weights) of row 16t + r.
+ *   scales:     float [t][g][0][r] = ws, [t][g][1][r] = wc of group g (group weights) of row 16t + r;
+ *               with a zero point z (zero > 0: w = ws * (u - z), Q4_0/Q5_0/Q8_0/Q6_K and int8 rows) only ws is
+ *               stored, and the offset enters the integer dot product as its start value -z * sum(xq).
  * The AVX512-VNNI build runs the vector path; others run the same arithmetic in plain C (lk_tiled_fast()
  * tells the caller which, so it only prefers this kernel where it is fast).
  */
@@ -40,6 +42,7 @@ typedef struct {
     const int8_t *xq;
     const float *xd;
     const float *xs;
+    const int32_t *xz; /* [m][k / group] = -zero * sum(xq) of the group, with a zero point */
     int64_t k;
 } TiledActs;
 
@@ -52,10 +55,11 @@ static inline __m512i broadcast_quad(const int8_t *p) {
 
 /* Output columns n0 .. n0 + valid - 1 of activation rows m0 .. m0 + R - 1, from tile (qt, st). */
 static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, const float *st, const int group,
-                                                            const int bits, const TiledActs *a, int64_t m0,
+                                                            const int bits, const int sym, const TiledActs *a,
+                                                            int64_t m0,
                                                             const int R, float *y, int64_t ldy, int64_t n0,
                                                             int valid, const uint8_t *next_q, const float *next_s) {
-    const int64_t k = a->k, groups = k / group;
+    const int64_t k = a->k, groups = k / group, ss = sym ? 16 : 32; /* scale floats per group */
     const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
     __m512 acc[8];
     #pragma GCC unroll 8
@@ -66,12 +70,13 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, c
                         * after its first hit the cache and would leave the memory bus idle */
             const int64_t bytes = group * bits * 2;
             for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)(next_q + g * bytes + l), _MM_HINT_T0);
-            _mm_prefetch((const char *)(next_s + 32 * g), _MM_HINT_T0);
-            _mm_prefetch((const char *)(next_s + 32 * g + 16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(next_s + ss * g), _MM_HINT_T0);
+            if (!sym) _mm_prefetch((const char *)(next_s + ss * g + 16), _MM_HINT_T0);
         }
         __m512i dot[8];
         #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
+        for (int r = 0; r < R; r++)
+            dot[r] = sym ? _mm512_set1_epi32(a->xz[(m0 + r) * groups + g]) : _mm512_setzero_si512();
         if (bits != 8) {
             #pragma GCC unroll 8
             for (int p = 0; p < group / 8; p++) {
@@ -101,12 +106,17 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, c
                     dot[r] = _mm512_dpbusd_epi32(dot[r], w, broadcast_quad(a->xq + (m0 + r) * k + k0 + 4 * j));
             }
         }
-        const __m512 ws = _mm512_loadu_ps(st + 32 * g), wc = _mm512_loadu_ps(st + 32 * g + 16);
+        const __m512 ws = _mm512_loadu_ps(st + ss * g);
         #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const __m512 xd = _mm512_set1_ps(a->xd[(m0 + r) * (k / 32) + k0 / 32]);
             acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), xd), ws, acc[r]);
-            acc[r] = _mm512_fmadd_ps(wc, _mm512_set1_ps(a->xs[(m0 + r) * groups + g]), acc[r]);
+        }
+        if (!sym) {
+            const __m512 wc = _mm512_loadu_ps(st + ss * g + 16);
+            #pragma GCC unroll 8
+            for (int r = 0; r < R; r++)
+                acc[r] = _mm512_fmadd_ps(wc, _mm512_set1_ps(a->xs[(m0 + r) * groups + g]), acc[r]);
         }
     }
     const __mmask16 mask = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1u);
@@ -114,26 +124,31 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, c
     for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (m0 + r) * ldy + n0, mask, acc[r]);
 }
 
-static void tile(const uint8_t *qt, const float *st, int group, int bits, const TiledActs *a, int64_t m0, int R,
-                 float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q, const float *next_s) {
-#define LK_TILE_CASE(G, BITS, RR)                                                           \
-    if (group == G && bits == BITS && R == RR) {                                            \
-        tile_rows(qt, st, G, BITS, a, m0, RR, y, ldy, n0, valid, next_q, next_s);           \
+static void tile(const uint8_t *qt, const float *st, int group, int bits, int sym, const TiledActs *a, int64_t m0,
+                 int R, float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q, const float *next_s) {
+#define LK_TILE_CASE(G, BITS, SYM, RR)                                                      \
+    if (group == G && bits == BITS && sym == SYM && R == RR) {                              \
+        tile_rows(qt, st, G, BITS, SYM, a, m0, RR, y, ldy, n0, valid, next_q, next_s);      \
         return;                                                                            \
     }
-#define LK_TILE_ROWS(G, BITS) \
-    LK_TILE_CASE(G, BITS, 8) LK_TILE_CASE(G, BITS, 7) LK_TILE_CASE(G, BITS, 6) LK_TILE_CASE(G, BITS, 5) \
-    LK_TILE_CASE(G, BITS, 4) LK_TILE_CASE(G, BITS, 3) LK_TILE_CASE(G, BITS, 2) LK_TILE_CASE(G, BITS, 1)
-    LK_TILE_ROWS(32, 4)
-    LK_TILE_ROWS(32, 5)
-    LK_TILE_ROWS(32, 8)
-    LK_TILE_ROWS(16, 8)
+#define LK_TILE_ROWS(G, BITS, SYM)                                                                          \
+    LK_TILE_CASE(G, BITS, SYM, 8) LK_TILE_CASE(G, BITS, SYM, 7) LK_TILE_CASE(G, BITS, SYM, 6)             \
+    LK_TILE_CASE(G, BITS, SYM, 5) LK_TILE_CASE(G, BITS, SYM, 4) LK_TILE_CASE(G, BITS, SYM, 3)             \
+    LK_TILE_CASE(G, BITS, SYM, 2) LK_TILE_CASE(G, BITS, SYM, 1)
+    /* the forms the loaders produce: Q4_1/Q4_K/int4 (4, offsets), Q4_0 (4, zero 8), Q5_1/Q5_K, Q5_0,
+     * Q8_0 and int8 (8, zero 128), Q6_K (group 16, zero 32) */
+    LK_TILE_ROWS(32, 4, 0)
+    LK_TILE_ROWS(32, 4, 1)
+    LK_TILE_ROWS(32, 5, 0)
+    LK_TILE_ROWS(32, 5, 1)
+    LK_TILE_ROWS(32, 8, 1)
+    LK_TILE_ROWS(16, 8, 1)
 #undef LK_TILE_ROWS
 #undef LK_TILE_CASE
 }
 #else
-static void tile(const uint8_t *qt, const float *st, int group, int bits, const TiledActs *a, int64_t m0, int R,
-                 float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q, const float *next_s) {
+static void tile(const uint8_t *qt, const float *st, int group, int bits, int sym, const TiledActs *a, int64_t m0,
+                 int R, float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q, const float *next_s) {
     (void)next_q;
     (void)next_s;
     const int64_t k = a->k, groups = k / group;
@@ -155,9 +170,10 @@ static void tile(const uint8_t *qt, const float *st, int group, int bits, const 
                     }
                     dot += (int32_t)u * (int32_t)x[i];
                 }
-                const float ws = st[32 * g + c], wc = st[32 * g + 16 + c];
-                acc = fmaf((float)dot * a->xd[(m0 + r) * (k / 32) + g * group / 32], ws, acc);
-                acc = fmaf(wc, a->xs[(m0 + r) * groups + g], acc);
+                const int64_t ss = sym ? 16 : 32;
+                if (sym) dot += a->xz[(m0 + r) * groups + g];
+                acc = fmaf((float)dot * a->xd[(m0 + r) * (k / 32) + g * group / 32], st[ss * g + c], acc);
+                if (!sym) acc = fmaf(st[ss * g + 16 + c], a->xs[(m0 + r) * groups + g], acc);
             }
             y[(m0 + r) * ldy + n0 + c] = acc;
         }
@@ -177,19 +193,26 @@ int lk_tiled_fast(void) {
 
 /* y[m * ldy + n] = x[m] . W[n] for the n_rows rows of W in the layout above; x: [m_rows, k] of x_dtype;
  * y: float32, written. Returns 0, -1 for a bad group / k, -2 out of memory. */
-int lk_tiled_matmul(const uint8_t *q, const float *scales, int64_t n_rows, int64_t k, int group, int bits,
+/* The forms the vector path is instantiated for (see tile()); every build accepts the same ones. */
+static int supported(int group, int bits, int zero) {
+    if (group == 32 && (bits == 4 || bits == 5)) return 1;
+    return zero > 0 && bits == 8 && (group == 32 || group == 16);
+}
+
+/* zero: 0 when the scales hold ws and wc per group, else the zero point z of w = ws * (u - z) (only ws held). */
+int lk_tiled_matmul(const uint8_t *q, const float *scales, int64_t n_rows, int64_t k, int group, int bits, int zero,
                     const void *x, int x_dtype, int64_t m_rows, float *y, int64_t ldy) {
-    if ((group != 16 && group != 32) || (bits != 4 && bits != 5 && bits != 8) || (bits != 8 && group != 32) ||
-        k % 32 != 0)
-        return -1;
+    if (!supported(group, bits, zero) || zero < 0 || zero > 128 || k % 32 != 0) return -1;
+    const int sym = zero > 0;
     const int64_t groups = k / group, tiles = (n_rows + 15) / 16;
-    const int64_t tile_bytes = 2 * bits * k, tile_floats = 32 * groups;
+    const int64_t tile_bytes = 2 * bits * k, tile_floats = (sym ? 16 : 32) * groups;
     int8_t *xq = malloc((size_t)(m_rows * k));
     float *xd = malloc(sizeof(float) * (size_t)(m_rows * (k / 32)));
     float *xs = malloc(sizeof(float) * (size_t)(m_rows * groups));
+    int32_t *xz = malloc(sizeof(int32_t) * (size_t)(m_rows * groups));
     float *converted = x_dtype == LK_F32 ? NULL : malloc(sizeof(float) * (size_t)(m_rows * k));
     int rc = 0;
-    if (!xq || !xd || !xs || (x_dtype != LK_F32 && !converted)) { rc = -2; goto done; }
+    if (!xq || !xd || !xs || !xz || (x_dtype != LK_F32 && !converted)) { rc = -2; goto done; }
     const float *xf = x_dtype == LK_F32 ? (const float *)x : converted;
 #pragma omp parallel for schedule(static) if (m_rows * k >= 32768)
     for (int64_t m = 0; m < m_rows; m++) {
@@ -201,12 +224,15 @@ int lk_tiled_matmul(const uint8_t *q, const float *scales, int64_t n_rows, int64
             if (group == 16) {
                 xs[m * groups + 2 * g] = d * (float)lo;
                 xs[m * groups + 2 * g + 1] = d * (float)hi;
+                xz[m * groups + 2 * g] = -zero * lo;
+                xz[m * groups + 2 * g + 1] = -zero * hi;
             } else {
                 xs[m * groups + g] = d * (float)(lo + hi);
+                xz[m * groups + g] = -zero * (lo + hi);
             }
         }
     }
-    const TiledActs acts = {xq, xd, xs, k};
+    const TiledActs acts = {xq, xd, xs, xz, k};
     /* Long inputs (prefill) go in blocks of rows so a block's activations stay in cache while every tile
      * passes over them; within a block each tile stays cached across its batches of 8 rows. */
 #pragma omp parallel if (tiles * k * m_rows >= 65536)
@@ -218,7 +244,7 @@ int lk_tiled_matmul(const uint8_t *q, const float *scales, int64_t n_rows, int64
             for (int64_t m0 = mb; m0 < m_end; m0 += 8) {
                 const int R = m_end - m0 < 8 ? (int)(m_end - m0) : 8;
                 const int last = t + 1 == tiles;
-                tile(q + t * tile_bytes, scales + t * tile_floats, group, bits, &acts, m0, R, y, ldy, 16 * t,
+                tile(q + t * tile_bytes, scales + t * tile_floats, group, bits, sym, &acts, m0, R, y, ldy, 16 * t,
                      valid, last ? NULL : q + (t + 1) * tile_bytes, last ? NULL : scales + (t + 1) * tile_floats);
             }
         }
@@ -227,6 +253,7 @@ done:
     free(xq);
     free(xd);
     free(xs);
+    free(xz);
     free(converted);
     return rc;
 }

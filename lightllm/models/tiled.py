@@ -20,21 +20,26 @@ TILE_ROWS = 16
 _TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8, "Q6_K": 8}
 # Q6_K's scales change every 16 weights; every other type's every 32.
 _GROUP_16_TYPES = ("Q6_K",)
+# Types whose offset is a fixed multiple of the scale, w = ws * (u - zero): only ws is stored and the kernel
+# folds the offset into its integer dot product.
+_TYPE_ZERO = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128, "Q6_K": 32}
 
 
 @dataclass
 class TiledWeights:
     q: torch.Tensor  # uint8 [tiles, tile bytes]
-    scales: torch.Tensor  # float32 [tiles, k / group, 2, 16]: ws then wc of the tile's rows
+    scales: torch.Tensor  # float32 [tiles, k / group, 1 or 2, 16]: ws (then wc) of the tile's rows
     n: int
     k: int
     group: int  # 16 or 32
     bits: int  # 4, 5 or 8 (group 32 below 8)
+    zero: int  # 0: w = ws * u + wc; else w = ws * (u - zero) and no wc is stored
 
     @classmethod
-    def from_affine(cls, u: torch.Tensor, ws: torch.Tensor, wc: torch.Tensor, group: int,
-                    bits: int) -> "TiledWeights":
-        """From u (uint8 [N, K], < 2**bits) and ws, wc (float32 [N, K / group])."""
+    def from_affine(cls, u: torch.Tensor, ws: torch.Tensor, wc: torch.Tensor, group: int, bits: int,
+                    zero: int = 0) -> "TiledWeights":
+        """From u (uint8 [N, K], < 2**bits) and ws, wc (float32 [N, K / group]); with a zero point, wc must be
+        exactly -zero * ws (it is then not stored)."""
         n, k = u.shape
         tiles = -(-n // TILE_ROWS)
         pad = tiles * TILE_ROWS - n
@@ -49,18 +54,21 @@ class TiledWeights:
                 fifth = ((pairs >> 4) & 1).reshape(tiles, k // 8, 2, 8, 8).to(torch.int32)
                 masks = (fifth << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
                 q = torch.cat([q, masks.reshape(tiles, k // 8, 16)], dim=-1)
-        scales = torch.stack([ws, wc], dim=-1).float()  # [N, groups, 2]
+        if zero and not torch.equal(wc, -zero * ws):
+            raise ValueError(f"offsets are not -{zero} x the scales")
+        scales = (ws.unsqueeze(-1) if zero else torch.stack([ws, wc], dim=-1)).float()  # [N, groups, 1 | 2]
         scales = torch.nn.functional.pad(scales, (0, 0, 0, 0, 0, pad))
-        scales = scales.reshape(tiles, TILE_ROWS, k // group, 2).permute(0, 2, 3, 1)
-        return cls(q.reshape(tiles, -1).contiguous(), scales.contiguous(), n, k, group, bits)
+        scales = scales.reshape(tiles, TILE_ROWS, k // group, -1).permute(0, 2, 3, 1)
+        return cls(q.reshape(tiles, -1).contiguous(), scales.contiguous(), n, k, group, bits, zero)
 
     @classmethod
     def from_gguf(cls, blocks: GgufBlocks, kernels) -> "TiledWeights":
         u, ws16, wc16 = kernels.gguf_decode(blocks.type_code, blocks.raw, blocks.k)
+        zero = _TYPE_ZERO.get(blocks.type_name, 0)
         if blocks.type_name in _GROUP_16_TYPES:
-            return cls.from_affine(u, ws16, wc16, 16, 8)
+            return cls.from_affine(u, ws16, wc16, 16, 8, zero)
         # the two 16-weight halves of a 32-weight group share their scales in these types
-        return cls.from_affine(u, ws16[:, 0::2], wc16[:, 0::2], 32, _TYPE_BITS[blocks.type_name])
+        return cls.from_affine(u, ws16[:, 0::2], wc16[:, 0::2], 32, _TYPE_BITS[blocks.type_name], zero)
 
     @classmethod
     def from_group_quantized(cls, weight: GroupQuantized) -> "TiledWeights":
@@ -76,7 +84,7 @@ class TiledWeights:
         """Symmetric int8 rows (w = scale * q): u = q + 128 with the offset -128 * scale."""
         n, k = weight.shape
         ws = scales.float()[:, None].expand(n, k // 32)
-        return cls.from_affine((weight.to(torch.int16) + 128).to(torch.uint8), ws, -128 * ws, 32, 8)
+        return cls.from_affine((weight.to(torch.int16) + 128).to(torch.uint8), ws, -128 * ws, 32, 8, 128)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] (for tests: the exact weights the kernel multiplies by)."""
@@ -93,7 +101,9 @@ class TiledWeights:
                 pairs = pairs | (fifth.reshape(tiles, self.k // 8, 2, 64) << 4)
             quads = pairs.reshape(tiles, self.k // 4, TILE_ROWS, 4)
         u = quads.permute(0, 2, 1, 3).reshape(tiles * TILE_ROWS, self.k)[:self.n].float()
-        ws, wc = (self.scales[:, :, i].permute(0, 2, 1).reshape(tiles * TILE_ROWS, -1)[:self.n] for i in (0, 1))
+        ws = self.scales[:, :, 0].permute(0, 2, 1).reshape(tiles * TILE_ROWS, -1)[:self.n]
+        wc = (-self.zero * ws if self.zero else
+              self.scales[:, :, 1].permute(0, 2, 1).reshape(tiles * TILE_ROWS, -1)[:self.n])
         return (u.reshape(self.n, -1, self.group) * ws.unsqueeze(-1) + wc.unsqueeze(-1)).reshape(self.n, self.k)
 
 
@@ -108,7 +118,7 @@ class TiledLinear:
         self._runs: list[tuple[int, Callable]] = []
         start = 0
         for p in parts:
-            self._runs.append((start, kernels.tiled_matmul_bound(p.q, p.scales, p.n, p.k, p.group, p.bits)))
+            self._runs.append((start, kernels.tiled_matmul_bound(p.q, p.scales, p.n, p.k, p.group, p.bits, p.zero)))
             start += p.n
 
     @staticmethod

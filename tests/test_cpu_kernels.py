@@ -140,3 +140,35 @@ def test_rejects_non_contiguous():
     hidden = torch.randn(4, 8).t()
     with pytest.raises(cpu_kernels.KernelError):
         kernels.add_rms_norm(hidden, None, torch.ones(4), 1e-5, torch.empty(8, 4))
+
+
+@pytest.mark.parametrize("k", [1, 3, 16, 64])
+def test_topk_rows_matches_torch(k):
+    """The one-pass top-k / argmax kernel: the same index set as torch.topk, and k = 1 the same index as
+    torch.argmax, ties (first occurrence) and NaN (counts as the maximum) included."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(7, 1000, generator=g)
+    x[1, 10] = x[1, 900] = 50.0  # a tie at the top: the earlier index
+    x[2] = -float("inf")
+    x[2, 300] = 0.0
+    x[3, 17] = float("nan")
+    x[4, :] = 1.0  # all equal: the first k indices
+    got = kernels.topk_rows(x, k)
+    assert got.shape == (7, k)
+    for r in (0, 5, 6):
+        assert torch.equal(got[r].sort().values, x[r].topk(k).indices.sort().values)
+    assert torch.equal(got[4].sort().values, torch.arange(k))
+    if k == 1:
+        assert torch.equal(got[:, 0], x.argmax(dim=-1))
+    wide = torch.randn(3, 151936, generator=g)[:, :150000]  # rows ld apart, a vocabulary-sized row
+    assert torch.equal(kernels.topk_rows(wide, 1)[:, 0], wide.argmax(dim=-1))
+    with pytest.raises(cpu_kernels.KernelError):
+        kernels.topk_rows(x, 65)
+
+
+def test_argmax_and_topk_helpers_fall_back_to_torch():
+    x = torch.randn(4, 300, dtype=torch.float64)  # not a kernel input: torch's answer
+    assert torch.equal(cpu_kernels.argmax_rows(x), x.argmax(-1))
+    assert torch.equal(cpu_kernels.topk_indices(x, 70).sort().values, x.topk(70).indices.sort().values)
+    y = x.float()
+    assert torch.equal(cpu_kernels.argmax_rows(y), y.argmax(-1))

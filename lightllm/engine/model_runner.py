@@ -9,6 +9,7 @@ from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import SampledToken, ScheduledChunk
 from lightllm.engine.speculative import accept_draft
+from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.layers import AttentionMetadata, PrefillSegment, causal_mask
 from lightllm.models.llama import LlamaModel
 
@@ -105,7 +106,7 @@ class ModelRunner:
             results.update((sampling[i].seq.rid, token) for i, token in zip(plain, picked))
         for i, chunk in enumerate(sampling):
             if chunk.draft:  # greedy verification (only such requests draft): one argmax per position
-                predicted = logits[rows_of[i] - len(chunk.draft):rows_of[i] + 1].argmax(dim=-1).tolist()
+                predicted = cpu_kernels.argmax_rows(logits[rows_of[i] - len(chunk.draft):rows_of[i] + 1]).tolist()
                 accepted, bonus = accept_draft(chunk.draft, predicted)
                 results[chunk.seq.rid] = SampledToken(bonus, accepted=accepted)
         sampling_seqs = [c.seq for c in sampling]

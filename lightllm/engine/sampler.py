@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from lightllm.engine.scheduler import SampledToken
+from lightllm.kernels import cpu as cpu_kernels
 from lightllm.engine.sequence import Sequence
 
 
@@ -32,7 +33,7 @@ class Sampler:
         greedy = [s.params.greedy for s in seqs]
         tokens = torch.empty(len(seqs), dtype=torch.long)
         if any(greedy):
-            tokens[:] = logits.argmax(dim=-1).cpu()
+            tokens[:] = cpu_kernels.argmax_rows(logits).cpu()
         for i, seq in enumerate(seqs):
             if not greedy[i]:
                 tokens[i] = self._sample_row(logits[i], seq)

@@ -40,6 +40,7 @@ _SIGNATURES = {
     "lk_rope_store": [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr],
     "lk_decode_attention": [_ptr, _ptr, _ptr, _int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64,
                             _flt, _ptr, _int],
+    "lk_topk_rows": [_ptr, _i64, _i64, _i64, _int, _ptr],
     "lk_gguf_matmul": [_int, _ptr, _i64, _i64, _ptr, _int, _i64, _ptr, _i64],
     "lk_gguf_decode": [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr],
     "lk_tiled_matmul": [_ptr, _ptr, _i64, _i64, _int, _int, _int, _ptr, _int, _i64, _ptr, _i64],
@@ -178,6 +179,16 @@ class CpuKernels:
             req_slots.shape[0], heads, k_pool.shape[1], head_dim, scale, out.data_ptr(), _code(out))
         self._ok(rc, "decode_attention")
 
+    def topk_rows(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices [rows, k] of each row's k largest values (unordered; equal values: the lower index wins, so
+        k = 1 is argmax). x: float32 [rows, n], unit column stride; k <= 64."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
+            raise KernelError("topk_rows takes float32 [rows, n] rows with unit column stride")
+        out = torch.empty(x.shape[0], k, dtype=torch.long)
+        self._ok(self._lib.lk_topk_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), k, out.data_ptr()),
+                 "topk_rows")
+        return out
+
     def gguf_matmul_bound(self, type_code: int, blocks: torch.Tensor,
                           k: int) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":
         """gguf_matmul for one fixed weight, checked once here: the per-call wrapper costs ~7 us otherwise,
@@ -237,3 +248,21 @@ class CpuKernels:
                 raise KernelError(f"tiled_matmul rejected its arguments (code {rc})")
 
         return run
+
+
+def _row_kernel_input(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] > 0
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for [rows, n] logits (first maximum; NaN counts as the maximum, as torch's): the
+    one-pass kernel where it runs, ~10x faster than torch's argmax over a 150k vocabulary."""
+    kernels = load() if _row_kernel_input(x) else None
+    return x.argmax(dim=-1) if kernels is None else kernels.topk_rows(x, 1)[:, 0]
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [rows, k] of each row's k largest values, in no particular order (the one-pass kernel where it
+    runs and k <= 64, else torch.topk)."""
+    kernels = load() if _row_kernel_input(x) and k <= min(64, x.shape[1]) else None
+    return x.topk(k, dim=-1).indices if kernels is None else kernels.topk_rows(x, k)

@@ -434,3 +434,57 @@ int lk_decode_attention(const float *q, const void *k_pool, const void *v_pool, 
     free(part);
     return failed ? -2 : 0;
 }
+
+/* Whether candidate (va, ia) ranks below (vb, ib): NaN ranks highest (as in torch.argmax), then larger values,
+ * then, among equals, the lower index. */
+static inline int ranks_below(float va, int64_t ia, float vb, int64_t ib) {
+    const int na = va != va, nb = vb != vb;
+    if (na != nb) return nb;
+    if (!na && va != vb) return va < vb;
+    return ia > ib;
+}
+
+/* Per row of `rows` rows (n floats each, ld apart): the indices of its k highest-ranking values (ranks_below;
+ * 1 <= k <= 64), unordered, written to idx[row * k ...]; k = 1 is torch's argmax (first maximum, NaN first).
+ * One pass per row: the candidates' lowest value is a threshold nearly all values fail (a 16-wide compare on
+ * AVX-512), so the cost is reading the row once, where torch's topk and argmax run ~10x slower here.
+ * Returns 0, or -1 for a bad k. */
+int lk_topk_rows(const float *x, int64_t rows, int64_t n, int64_t ld, int k, int64_t *idx) {
+    if (k < 1 || k > 64 || k > n) return -1;
+#pragma omp parallel for schedule(static) if (rows * n >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * ld;
+        float vals[64];
+        int64_t ids[64];
+        int low = 0; /* the slot of the lowest-ranking candidate */
+        for (int c = 0; c < k; c++) {
+            vals[c] = row[c];
+            ids[c] = c;
+            if (ranks_below(vals[c], c, vals[low], ids[low])) low = c;
+        }
+        int64_t i = k;
+#define LK_TOPK_OFFER(J)                                                                  \
+    do {                                                                                  \
+        if (ranks_below(vals[low], ids[low], row[J], (J))) {                              \
+            vals[low] = row[J];                                                           \
+            ids[low] = (J);                                                               \
+            for (int c = 0; c < k; c++)                                                   \
+                if (ranks_below(vals[c], ids[c], vals[low], ids[low])) low = c;           \
+        }                                                                                 \
+    } while (0)
+#if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16) {
+            /* later values tie-lose, so only strictly greater ones (or NaN: unordered) can enter */
+            __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + i), _mm512_set1_ps(vals[low]), _CMP_NLE_UQ);
+            while (hit) {
+                LK_TOPK_OFFER(i + __builtin_ctz(hit));
+                hit &= (__mmask16)(hit - 1);
+            }
+        }
+#endif
+        for (; i < n; i++) LK_TOPK_OFFER(i);
+#undef LK_TOPK_OFFER
+        memcpy(idx + r * k, ids, (size_t)k * sizeof(int64_t));
+    }
+    return 0;
+}

@@ -157,7 +157,7 @@ class LlamaModel:
         activations), enough to flip near-ties. Where the exact weights are at hand (the head's own GGUF
         blocks, or tied embeddings), recompute each row's top candidates in fp32 from them, so the choice
         among close candidates is the exact model's."""
-        top = logits.topk(min(REFINED_LOGITS, logits.shape[-1]), dim=-1).indices  # [T, k]
+        top = cpu_kernels.topk_indices(logits, min(REFINED_LOGITS, logits.shape[-1]))  # [T, k]
         rows = self._exact_head_rows(top.reshape(-1)).view(*top.shape, -1).float()  # [T, k, D]
         exact = torch.einsum("tkd,td->tk", rows, last.float())
         logits.scatter_(1, top, exact)

@@ -299,11 +299,12 @@ def cpu_has_fast_bf16() -> bool:
 # rather than a start-up measurement keeps results reproducible across restarts, since the two paths round
 # differently.
 DENSE_MIN_ROWS = 16
-# Row count from which the tiled int8 kernel runs (AVX512-VNNI builds), by the bits its tiles store per weight:
-# 4-bit tiles read about as many bytes as the GEMV kernels and win from 2 rows; byte tiles read up to twice a
-# 5-bit type's bytes and win from 4. Measured with benchmarks/step_profile.py on SmolLM2 (Q4_1) and
-# Qwen2.5-Coder-0.5B Q4_K_M (mostly Q5_0), benchmarks/RESULTS.md, fourth session.
-TILED_MIN_ROWS = {4: 2, 5: 2, 8: 4}
+# Row count from which the tiled int8 kernel runs (AVX512-VNNI builds). Its tiles hold up to ~1.6x the bytes
+# of the GGUF blocks, yet from the first row it measured faster than the GEMV kernels (their per-weight
+# unpacking costs more than the extra bytes): Qwen2.5-Coder-0.5B Q4_K_M decode 11.6 -> 10.7 ms, SmolLM2
+# 5.7 -> 5.1 ms (benchmarks/step_profile.py, RESULTS.md fourth session). The GEMV kernels stay for other CPUs
+# and under LIGHTLLM_TILED_MIN_ROWS=N (N > 1, or 0 to turn the tiles off).
+TILED_MIN_ROWS = 1
 
 
 def _row_threshold(variable: str, default: int) -> int:
@@ -322,7 +323,7 @@ def with_batch_path(quantized: "Int4Linear | Int8Linear | GgufLinear",
     from lightllm.models.tiled import TiledLinear  # (tiled builds on this module's weight types)
     kernels = cpu_kernels.load()
     if kernels is not None and kernels.tiled_fast and TiledLinear.supports(quantized, weight):
-        tiled_rows = _row_threshold("LIGHTLLM_TILED_MIN_ROWS", TILED_MIN_ROWS[TiledLinear.bits(quantized)])
+        tiled_rows = _row_threshold("LIGHTLLM_TILED_MIN_ROWS", TILED_MIN_ROWS)
         if tiled_rows > 0:
             return RowCountDispatch(quantized, TiledLinear.from_layer(quantized, weight, kernels), tiled_rows)
     dense_rows = _row_threshold("LIGHTLLM_DENSE_MIN_ROWS", DENSE_MIN_ROWS if cpu_has_fast_bf16() else 0)

@@ -130,13 +130,6 @@ class TiledLinear:
             return isinstance(weight, GroupQuantized) and weight.group % 32 == 0 and weight.shape[1] % 32 == 0
         return isinstance(layer, Int8Linear) and layer.weight.shape[1] % 32 == 0
 
-    @staticmethod
-    def bits(layer: "GgufLinear | Int4Linear | Int8Linear") -> int:
-        """The widest stored weight of `layer`'s tiles: 4, 5 or 8 bits (decides the row threshold)."""
-        if isinstance(layer, GgufLinear):
-            return max(_TYPE_BITS[p.type_name] for p in layer.parts)
-        return 4 if isinstance(layer, Int4Linear) else 8
-
     @classmethod
     def from_layer(cls, layer: "GgufLinear | Int4Linear | Int8Linear", weight, kernels) -> "TiledLinear":
         if isinstance(layer, GgufLinear):

@@ -30,7 +30,7 @@ from lightllm.models import quant  # noqa: E402
 from lightllm.models.tiled import TiledLinear  # noqa: E402
 
 LINEAR_CLASSES = (quant.DenseLinear, quant.Int8Linear, quant.Int4Linear, quant.GgufLinear, TiledLinear)
-KERNEL_METHODS = ("add_rms_norm", "silu_mul", "rope_store", "decode_attention")
+KERNEL_METHODS = ("add_rms_norm", "silu_mul", "rope_store", "decode_attention", "prefill_attention", "topk_rows")
 
 
 class Timers:

@@ -172,3 +172,26 @@ def test_argmax_and_topk_helpers_fall_back_to_torch():
     assert torch.equal(cpu_kernels.topk_indices(x, 70).sort().values, x.topk(70).indices.sort().values)
     y = x.float()
     assert torch.equal(cpu_kernels.argmax_rows(y), y.argmax(-1))
+
+
+@pytest.mark.parametrize("heads,kv_heads,ctx,new", [(9, 3, 300, 300), (9, 3, 300, 77), (14, 2, 33, 33),
+                                                     (4, 4, 17, 5), (8, 1, 1, 1), (6, 2, 40, 1)])
+def test_prefill_attention_matches_sdpa(heads, kv_heads, ctx, new):
+    """The fused causal prefill kernel (head size 64, fp16 pool): whole prompts, prompts after a cached prefix
+    (queries are the last `new` of `ctx` positions) and partial blocks, against SDPA on the same values."""
+    if not kernels.has_prefill_attention:
+        pytest.skip("the prefill attention kernel needs AVX-512")
+    g = torch.Generator().manual_seed(ctx + new)
+    pool = ctx + 20
+    k_pool = torch.randn(pool, kv_heads, 64, generator=g).half()
+    v_pool = torch.randn(pool, kv_heads, 64, generator=g).half()
+    slots = torch.randperm(pool, generator=g)[:ctx]
+    q = torch.randn(new, heads + 2, 64, generator=g)[:, :heads] * 2  # rows strided, as the fused forward's q
+    out = torch.empty(new, heads, 64)
+    kernels.prefill_attention(q, k_pool, v_pool, slots, new, 0.125, out)
+    k = k_pool[slots].float().transpose(0, 1).unsqueeze(0)
+    v = v_pool[slots].float().transpose(0, 1).unsqueeze(0)
+    mask = torch.arange(ctx).unsqueeze(0) <= torch.arange(ctx - new, ctx).unsqueeze(1)
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask, scale=0.125,
+                                              enable_gqa=True)[0].transpose(0, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -40,6 +40,8 @@ _SIGNATURES = {
     "lk_rope_store": [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr],
     "lk_decode_attention": [_ptr, _ptr, _ptr, _int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64,
                             _flt, _ptr, _int],
+    "lk_prefill_attention": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _flt, _ptr, _i64],
+    "lk_prefill_attention_available": [],
     "lk_topk_rows": [_ptr, _i64, _i64, _i64, _int, _ptr],
     "lk_gguf_matmul": [_int, _ptr, _i64, _i64, _ptr, _int, _i64, _ptr, _i64],
     "lk_gguf_decode": [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr],
@@ -178,6 +180,24 @@ class CpuKernels:
             req_slots.data_ptr(), lens.data_ptr(), None if rows is None else rows.data_ptr(), window or 0,
             req_slots.shape[0], heads, k_pool.shape[1], head_dim, scale, out.data_ptr(), _code(out))
         self._ok(rc, "decode_attention")
+
+    @property
+    def has_prefill_attention(self) -> bool:
+        """Whether prefill_attention runs in this build (its AVX-512 path; else callers use SDPA)."""
+        return bool(self._lib.lk_prefill_attention_available())
+
+    def prefill_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, kv: torch.Tensor,
+                          n: int, scale: float, out: torch.Tensor) -> None:
+        """Causal attention of one sequence's n new tokens (the last n of its len(kv) context slots): q and out
+        float32 [n, heads, 64] (rows may be strided), pools fp16 [slots, kv_heads, 64]."""
+        if (q.dtype != torch.float32 or out.dtype != torch.float32 or k_pool.dtype != torch.float16
+                or v_pool.dtype != torch.float16 or q.shape[-1] != 64 or q.stride(2) != 1 or q.stride(1) != 64
+                or out.stride(2) != 1 or out.stride(1) != 64 or kv.dtype != torch.long or not kv.is_contiguous()):
+            raise KernelError("prefill_attention takes float32 q/out [n, heads, 64], fp16 pools, int64 slots")
+        _check(k_pool, v_pool)
+        self._ok(self._lib.lk_prefill_attention(q.data_ptr(), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(),
+                                                kv.data_ptr(), kv.shape[0], n, q.shape[1], k_pool.shape[1], scale,
+                                                out.data_ptr(), out.stride(0)), "prefill_attention")
 
     def topk_rows(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Indices [rows, k] of each row's k largest values (unordered; equal values: the lower index wins, so

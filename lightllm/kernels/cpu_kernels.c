@@ -488,3 +488,147 @@ int lk_topk_rows(const float *x, int64_t rows, int64_t n, int64_t ld, int k, int
     }
     return 0;
 }
+
+#ifdef LK_HAVE_AVX512_F16
+/* lk_expf's arithmetic on 16 lanes (2^k applied with vscalefps). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
+}
+
+/* One block of 16 keys (kt: transposed K, vb: V rows, cnt valid) for QB consecutive queries of one head at
+ * positions pos0 .. pos0 + QB - 1 (q rows ldq apart): scores, causal mask, online-softmax update of each
+ * query's state (O[64], running max m, sum l; 66 floats apart). The QB queries' FMA chains interleave, so
+ * the loop is bound by FMA throughput rather than latency; a query that sees none of the keys is unchanged. */
+static inline __attribute__((always_inline)) void prefill_queries(const float *q, int64_t ldq, const int QB,
+                                                                  int64_t pos0, int64_t k0, int64_t cnt,
+                                                                  float kt[64][16], float vb[16][64], float scale,
+                                                                  float *state) {
+    __m512 s[4][2];
+    for (int r = 0; r < QB; r++) s[r][0] = s[r][1] = _mm512_setzero_ps();
+    for (int d = 0; d < 64; d += 2) {
+        const __m512 k0v = _mm512_loadu_ps(kt[d]), k1v = _mm512_loadu_ps(kt[d + 1]);
+        for (int r = 0; r < QB; r++) {
+            s[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * ldq + d]), k0v, s[r][0]);
+            s[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * ldq + d + 1]), k1v, s[r][1]);
+        }
+    }
+    float pb[4][16];
+    __m512 o[4][4];
+    int64_t visible_max = 0;
+    for (int r = 0; r < QB; r++) {
+        const int64_t pos = pos0 + r, left = pos - k0 + 1;
+        const int64_t visible = left < 0 ? 0 : (left < cnt ? left : cnt);
+        visible_max = visible > visible_max ? visible : visible_max;
+        const __mmask16 live = (__mmask16)(visible >= 16 ? 0xFFFF : (1u << visible) - 1u);
+        const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live,
+                                             _mm512_mul_ps(_mm512_add_ps(s[r][0], s[r][1]), _mm512_set1_ps(scale)));
+        float *st = state + r * 66;
+        const float m_old = st[64], m_new = fmaxf(m_old, _mm512_reduce_max_ps(sc));
+        const float keep = m_old == -INFINITY ? 0.0f : lk_expf(m_old - m_new);
+        const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
+        st[64] = m_new;
+        st[65] = st[65] * keep + _mm512_reduce_add_ps(p);
+        _mm512_storeu_ps(pb[r], p);
+        for (int c = 0; c < 4; c++) o[r][c] = _mm512_mul_ps(_mm512_loadu_ps(st + 16 * c), _mm512_set1_ps(keep));
+    }
+    for (int64_t j = 0; j < visible_max; j++) { /* p is 0 where a query does not see key j */
+        __m512 v[4];
+        for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(vb[j] + 16 * c);
+        for (int r = 0; r < QB; r++) {
+            const __m512 pj = _mm512_set1_ps(pb[r][j]);
+            for (int c = 0; c < 4; c++) o[r][c] = _mm512_fmadd_ps(pj, v[c], o[r][c]);
+        }
+    }
+    for (int r = 0; r < QB; r++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(state + r * 66 + 16 * c, o[r][c]);
+}
+
+/* Causal prefill attention of one sequence, head size 64, fp16 pools: its n new tokens are the last n of its
+ * L context positions (the first L - n come from the prefix cache) and attend to positions 0 .. own.
+ * q: float32 [n][heads][64] with token rows ldq floats apart; out the same shape (ldo); kv[0 .. L) the pool
+ * slots of the context. Flash-style: work items are (kv head, block of 16 queries); each block of 16 keys is
+ * converted once (K transposed, so one FMA per dimension gives a query's 16 scores) and serves the G query
+ * heads of its kv head, with an online softmax per query. Returns 0, -1 for a bad shape, -2 out of memory. */
+int lk_prefill_attention(const float *q, int64_t ldq, const uint16_t *k_pool, const uint16_t *v_pool,
+                         const int64_t *kv, int64_t L, int64_t n, int64_t heads, int64_t kv_heads, float scale,
+                         float *out, int64_t ldo) {
+    if (n < 1 || n > L || heads % kv_heads != 0) return -1;
+    const int64_t G = heads / kv_heads, qblocks = (n + 15) / 16, items = kv_heads * qblocks;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int64_t item = 0; item < items; item++) {
+        const int64_t kvh = item % kv_heads, i0 = (item / kv_heads) * 16;
+        const int64_t rows = n - i0 < 16 ? n - i0 : 16, first_pos = L - n + i0, last_pos = first_pos + rows - 1;
+        float *state = (float *)malloc(sizeof(float) * (size_t)(G * 16 * 66)); /* per query: O[64], m, l */
+        if (!state) { failed = 1; continue; }
+        for (int64_t s = 0; s < G * 16; s++) {
+            memset(state + s * 66, 0, 64 * sizeof(float));
+            state[s * 66 + 64] = -INFINITY;
+            state[s * 66 + 65] = 0.0f;
+        }
+        float kt[64][16], vb[16][64];
+        for (int64_t kb = 0; kb * 16 <= last_pos; kb++) {
+            const int64_t k0 = kb * 16, cnt = L - k0 < 16 ? L - k0 : 16;
+            for (int64_t j = 0; j < 16; j++) {
+                if (j < cnt) {
+                    const uint16_t *kr = k_pool + (kv[k0 + j] * kv_heads + kvh) * 64;
+                    const uint16_t *vr = v_pool + (kv[k0 + j] * kv_heads + kvh) * 64;
+                    for (int c = 0; c < 4; c++) {
+                        float tmp[16];
+                        _mm512_storeu_ps(tmp, half16(kr + 16 * c));
+                        for (int d = 0; d < 16; d++) kt[16 * c + d][j] = tmp[d];
+                        _mm512_storeu_ps(vb[j] + 16 * c, half16(vr + 16 * c));
+                    }
+                } else {
+                    for (int d = 0; d < 64; d++) { kt[d][j] = 0.0f; vb[j][d] = 0.0f; }
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t h = kvh * G + g;
+                int64_t i = 0;
+                for (; i + 4 <= rows; i += 4)
+                    prefill_queries(q + (i0 + i) * ldq + h * 64, ldq, 4, first_pos + i, k0, cnt, kt, vb, scale,
+                                    state + (g * 16 + i) * 66);
+                for (; i < rows; i++)
+                    prefill_queries(q + (i0 + i) * ldq + h * 64, ldq, 1, first_pos + i, k0, cnt, kt, vb, scale,
+                                    state + (g * 16 + i) * 66);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t h = kvh * G + g;
+            for (int64_t i = 0; i < rows; i++) {
+                const float *st = state + (g * 16 + i) * 66;
+                const __m512 inv = _mm512_set1_ps(1.0f / st[65]);
+                for (int c = 0; c < 4; c++)
+                    _mm512_storeu_ps(out + (i0 + i) * ldo + h * 64 + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(st + 16 * c), inv));
+            }
+        }
+        free(state);
+    }
+    return failed ? -2 : 0;
+}
+
+int lk_prefill_attention_available(void) { return 1; }
+#else
+int lk_prefill_attention(const float *q, int64_t ldq, const uint16_t *k_pool, const uint16_t *v_pool,
+                         const int64_t *kv, int64_t L, int64_t n, int64_t heads, int64_t kv_heads, float scale,
+                         float *out, int64_t ldo) {
+    (void)q; (void)ldq; (void)k_pool; (void)v_pool; (void)kv; (void)L; (void)n; (void)heads; (void)kv_heads;
+    (void)scale; (void)out; (void)ldo;
+    return -1;
+}
+
+int lk_prefill_attention_available(void) { return 0; }
+#endif

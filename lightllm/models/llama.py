@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.config import ModelConfig
-from lightllm.models.layers import AttentionMetadata, RotaryEmbedding, paged_attention, prefill_attention, rms_norm
+from lightllm.models.layers import AttentionMetadata, RotaryEmbedding, paged_attention, prefill_attention_into, rms_norm
 from lightllm.models.quant import DenseLinear, GgufLinear, Linear, RowCountDispatch
 from lightllm.models.sharding import TPComm
 
@@ -225,8 +225,8 @@ class LlamaModel:
                          meta.slot_indices, k_cache[layer_idx], v_cache[layer_idx], q)
             attn = buffer("attn", self.q_size, lw.o.input_dtype).view(n_tokens, cfg.num_heads, cfg.head_dim)
             for seg in meta.prefill:
-                attn[seg.token_start:seg.token_end] = prefill_attention(q, k_cache[layer_idx], v_cache[layer_idx],
-                                                                         seg, self.scale, self.layer_windows[layer_idx])
+                prefill_attention_into(attn[seg.token_start:seg.token_end], q, k_cache[layer_idx], v_cache[layer_idx],
+                                       seg, self.scale, self.layer_windows[layer_idx])
             if meta.decode_req_slots is not None:
                 k.decode_attention(q, k_cache[layer_idx], v_cache[layer_idx], meta.table, meta.decode_req_slots,
                                    meta.decode_lens, meta.decode_token_idx if meta.prefill else None,

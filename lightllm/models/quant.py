@@ -267,17 +267,18 @@ def run_column_parts(runs: "list[tuple[int, Callable]]", x: torch.Tensor, in_fea
 
 
 class RowCountDispatch:
-    """A quantized single-row layer plus a batched path for the same weights, chosen per call by the number
-    of input rows. The GEMV kernels (GGUF blocks, int4/int8 packs) cost grows linearly with the rows; the
-    batched path reads the weights once for the whole batch: the tiled int8 kernel (models/tiled.py) where it
-    runs vectorised, else on CPUs with native bf16 dot products (AVX512-BF16, AMX) a dense bf16 copy for
-    oneDNN's GEMM."""
+    """A quantized layer plus a second path for the same weights, chosen per call by the number of input rows
+    (from `min_rows` on). The layer's own kernels (GGUF blocks, int4/int8 packs) are GEMVs whose cost grows
+    linearly with the rows; the second path reads the weights once for the whole batch: the tiled int8
+    kernel (models/tiled.py) where it runs vectorised (from the first row: it is faster there too), else on
+    CPUs with native bf16 dot products (AVX512-BF16, AMX) a dense bf16 copy for oneDNN's GEMM."""
 
     def __init__(self, quantized: "Int4Linear | Int8Linear | GgufLinear", batched, min_rows: int):
         self.quantized = quantized
         self.batched = batched  # DenseLinear (bf16) or tiled.TiledLinear, without bias
         self.min_rows = min_rows
-        self.input_dtype = quantized.input_dtype
+        # what the caller should hand in: the path that takes (nearly) every call decides
+        self.input_dtype = batched.input_dtype if min_rows <= 1 else quantized.input_dtype
         self._batched_dtype = torch.bfloat16 if isinstance(batched, DenseLinear) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

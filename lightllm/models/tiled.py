@@ -1,8 +1,8 @@
-"""Quantized weights in the 16-row tiles of kernels/tiled_matmul.c: the batched (several activation rows) path
-of GGUF and int4 layers.
+"""Quantized weights in the 16-row tiles of kernels/tiled_matmul.c: on AVX512-VNNI CPUs the path GGUF, int4
+and int8 layers run (see quant.TILED_MIN_ROWS).
 
-A weight is held as w = ws * u + wc with u small unsigned integers and (ws, wc) per group of 16 or 32 weights
-of a row, which every GGUF block type and the int4 groups are exactly; the tiles interleave 16 rows so one
+A weight is held as w = ws * u + wc (or ws * (u - zero)) with u small unsigned integers and the scales per
+group of 16 or 32 weights of a row, which every GGUF block type, the int4 groups and int8 rows are exactly; the tiles interleave 16 rows so one
 512-bit register holds 4 consecutive weights of each (see the kernel's header for the byte layout).
 """
 
@@ -109,7 +109,8 @@ class TiledWeights:
 
 class TiledLinear:
     """x @ W.T on the tiled kernel, one run of columns per stored part (like GgufLinear); float32 out, no
-    bias. The batched path of a RowCountDispatch, which keeps a GEMV kernel for single rows and adds the bias."""
+    bias: it is the `batched` path of a RowCountDispatch, which adds the bias and keeps the layer's own kernel
+    for row counts below its threshold."""
 
     def __init__(self, parts: list[TiledWeights], kernels):
         self.parts = parts

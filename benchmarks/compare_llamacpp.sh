@@ -2,7 +2,8 @@
 # Side-by-side serving benchmark: lightllm vs llama.cpp's llama-server on the same GGUF, same prompts.
 #   bash benchmarks/compare_llamacpp.sh [GGUF] ; env: LEVELS="1 4 16 32" OUTPUT_LEN=128 INPUT_LEN=180
 #   QUANT=gguf (our --quant_type), OUT=benchmarks/results (JSON per run), NUM_PROMPTS (default: the
-#   concurrency, at least 4: one wave; 2x the concurrency is two waves), CHART=0 skips the chart
+#   concurrency, at least 4: one wave; 2x the concurrency is two waves), CHART=0 skips the chart,
+#   OURS_ARGS (extra lightllm server flags, e.g. "--spec_ngram_tokens 0")
 # llama-server is built once by build_llamacpp.sh (cached outside the repo, ~20 min on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +36,7 @@ bench() {  # label url concurrency
 
 echo "### lightllm (--quant_type $QUANT)"
 $PY -m lightllm.server.api_server --model_dir "$GGUF" --port $PORT_OURS --quant_type "$QUANT" \
-  --max_total_token_num 40000 --log_level WARNING >"$OUT/$STAMP-lightllm.log" 2>&1 &
+  --max_total_token_num 40000 --log_level WARNING ${OURS_ARGS:-} >"$OUT/$STAMP-lightllm.log" 2>&1 &
 pids+=($!)
 wait_ready "http://127.0.0.1:$PORT_OURS"
 for c in $LEVELS; do bench lightllm "http://127.0.0.1:$PORT_OURS" "$c"; done

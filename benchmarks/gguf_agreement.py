@@ -2,7 +2,8 @@
 """Greedy-decoding agreement of serving engines with transformers on one GGUF file.
 
 The reference is transformers loading the same GGUF (dequantized to float32) and decoding greedily
-(`generate(do_sample=False)`, EOS not stopping it). Ten fixed, varied plain-text prompts (base-model style),
+(`generate(do_sample=False)`, EOS not stopping it). Ten fixed, varied plain-text prompts (base-model style;
+`--wide`: thirty),
 tokenized once by the GGUF's own tokenizer (through transformers, with BOS when the file asks for it), go as
 the same token ids to every engine given:
 
@@ -51,6 +52,30 @@ PROMPTS = [
     "{\"name\": \"Alice\", \"age\": 30, \"city\":",
     "The three laws of thermodynamics can be summarized as follows. First,",
     "In 1969, Neil Armstrong became the first person to",
+]
+# --wide adds these (30 prompts in all): one greedy flip at a near-tie costs the rest of its prompt, so 10
+# prompts decide agreement by a few flips; 30 give a steadier comparison.
+MORE_PROMPTS = [
+    "The mitochondria is often called the powerhouse of the cell because",
+    "import numpy as np\n\ndef normalize(v):\n",
+    "Dear Sir or Madam,\n\nI am writing to",
+    "The main causes of the French Revolution were",
+    "SELECT name, COUNT(*) FROM orders",
+    "Water boils at 100 degrees Celsius at sea level, but at higher altitudes",
+    "Step 1: Preheat the oven to 180 degrees.\nStep 2:",
+    "The quick brown fox jumps over the lazy dog. This sentence is famous because",
+    "Der Rhein ist einer der längsten Flüsse Europas. Er entspringt",
+    "A binary search tree is a data structure in which",
+    "Q: Who wrote Romeo and Juliet?\nA:",
+    "<html>\n<head>\n<title>",
+    "The theory of evolution by natural selection states that",
+    "In the year 2050, cities will",
+    "for i in range(10):\n    if i % 2 == 0:\n",
+    "The stock market fell sharply on Monday after",
+    "Mount Everest, the highest mountain on Earth, is located",
+    "To make a cup of tea, first",
+    "The Pythagorean theorem states that in a right triangle",
+    "User: Can you recommend a good book?\nAssistant:",
 ]
 EOG_NAMES = ("<eos>", "<end_of_turn>", "</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
 
@@ -224,10 +249,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, help="torch threads for the reference")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     ap.add_argument("--show-text", action="store_true", help="print each reference continuation")
+    ap.add_argument("--wide", action="store_true", help=f"{len(PROMPTS) + len(MORE_PROMPTS)} prompts instead of "
+                                                        f"{len(PROMPTS)}")
     args = ap.parse_args()
+    prompts = PROMPTS + MORE_PROMPTS if args.wide else PROMPTS
 
     gguf = resolve_gguf(args.gguf)
-    key = hashlib.sha256(json.dumps([file_key(gguf), PROMPTS, args.max_new_tokens]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([file_key(gguf), prompts, args.max_new_tokens]).encode()).hexdigest()[:16]
     cache = Path(args.reference_cache) if args.reference_cache else (
         Path(args.out).with_suffix(".reference.json") if args.out else Path("/tmp") / f"gguf_agreement-{key}.json")
     ref = None
@@ -237,9 +265,9 @@ def main() -> int:
             ref = cached["reference"]
             print(f"reference: cached in {cache}", file=sys.stderr)
     if ref is None:
-        print(f"reference: transformers on {gguf} ({len(PROMPTS)} prompts x {args.max_new_tokens} tokens)",
+        print(f"reference: transformers on {gguf} ({len(prompts)} prompts x {args.max_new_tokens} tokens)",
               file=sys.stderr)
-        ref = reference(gguf, PROMPTS, args.max_new_tokens, args.threads)
+        ref = reference(gguf, prompts, args.max_new_tokens, args.threads)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"key": key, "gguf": str(gguf), "reference": ref}))
     for i, r in enumerate(ref["rows"]):
@@ -254,7 +282,7 @@ def main() -> int:
         for url in urls:
             print(f"{engine} at {url} ...", file=sys.stderr)
             results.append(compare(ref, engine, url, args.max_new_tokens, args.timeout))
-    print(f"GGUF: {gguf}  ({len(PROMPTS)} prompts x {args.max_new_tokens} greedy tokens, same prompt ids everywhere)")
+    print(f"GGUF: {gguf}  ({len(prompts)} prompts x {args.max_new_tokens} greedy tokens, same prompt ids everywhere)")
     print(markdown(ref, results, args.max_new_tokens))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

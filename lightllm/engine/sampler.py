@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from lightllm.engine.scheduler import SampledToken
-from lightllm.kernels import cpu as cpu_kernels
 from lightllm.engine.sequence import Sequence
+from lightllm.kernels import cpu as cpu_kernels
 
 
 def _finite_(row: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ import shutil
 import subprocess
 import tempfile
 from functools import lru_cache
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -131,6 +131,9 @@ class CpuKernels:
             fn.argtypes = argtypes
             fn.restype = ctypes.c_int
         self._lib = lib
+        # what this build's optional vector paths are, asked once (has_prefill_attention is read per layer)
+        self.tiled_fast = bool(lib.lk_tiled_fast())  # tiled_matmul's AVX512-VNNI path, not the plain C one
+        self.has_prefill_attention = bool(lib.lk_prefill_attention_available())  # its AVX-512 path; else SDPA
 
     @staticmethod
     def _ok(rc: int, name: str) -> None:
@@ -181,11 +184,6 @@ class CpuKernels:
             req_slots.shape[0], heads, k_pool.shape[1], head_dim, scale, out.data_ptr(), _code(out))
         self._ok(rc, "decode_attention")
 
-    @property
-    def has_prefill_attention(self) -> bool:
-        """Whether prefill_attention runs in this build (its AVX-512 path; else callers use SDPA)."""
-        return bool(self._lib.lk_prefill_attention_available())
-
     def prefill_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, kv: torch.Tensor,
                           n: int, scale: float, out: torch.Tensor) -> None:
         """Causal attention of one sequence's n new tokens (the last n of its len(kv) context slots): q and out
@@ -235,11 +233,6 @@ class CpuKernels:
         if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (x.shape[0], blocks.shape[0]):
             raise KernelError("gguf_matmul writes float32 rows of the weight's output width")
         self.gguf_matmul_bound(type_code, blocks, k)(x, out, 0)
-
-    @property
-    def tiled_fast(self) -> bool:
-        """Whether tiled_matmul runs its vector path in this build (AVX512-VNNI), not the plain C one."""
-        return bool(self._lib.lk_tiled_fast())
 
     def gguf_decode(self, type_code: int, blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """GGUF blocks (uint8 [N, row bytes]) as w = ws * u + wc exactly: u uint8 [N, k] (Q8_0 as q + 128),

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightllm.kernels import cpu as cpu_kernels
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op instead of five
@@ -214,8 +216,6 @@ def prefill_attention_into(out: torch.Tensor, q: torch.Tensor, k_pool: torch.Ten
                            softcap: float | None = None) -> None:
     """out = prefill_attention(...) ([n, H, D], the segment's rows), by the fused CPU kernel where it applies
     (fp16 pool, head size 64, float32, global causal attention: 2-2.5x SDPA's speed here), else SDPA."""
-    from lightllm.kernels import cpu as cpu_kernels  # (the kernels' wrappers import nothing from here)
-
     kernels = cpu_kernels.load() if q.device.type == "cpu" else None
     if (kernels is not None and kernels.has_prefill_attention and window is None and softcap is None
             and k_pool.dtype == torch.float16 and q.dtype == out.dtype == torch.float32 and q.shape[-1] == 64):

@@ -2,8 +2,9 @@
 and int8 layers run (see quant.TILED_MIN_ROWS).
 
 A weight is held as w = ws * u + wc (or ws * (u - zero)) with u small unsigned integers and the scales per
-group of 16 or 32 weights of a row, which every GGUF block type, the int4 groups and int8 rows are exactly; the tiles interleave 16 rows so one
-512-bit register holds 4 consecutive weights of each (see the kernel's header for the byte layout).
+group of 16 or 32 weights of a row, which every GGUF block type, the int4 groups and int8 rows are exactly;
+the tiles interleave 16 rows so one 512-bit register holds 4 consecutive weights of each (see the kernel's
+header for the byte layout).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 As for the GGUF kernel, the weights must be exact (gguf's dequantization, the int4 groups, the int8 rows) and
 the only approximation the int8 activations: results are compared with float64 math on the exact weights and
-the same int8 activations."""
+the same int8 activations; with two activation levels, with float64 math on the float activations within the
+second level's rounding."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from lightllm.models.gguf_quants import BLOCK_SIZES, gguf_blocks
 from lightllm.models.quant import (GGUF_NATIVE_TYPES, GgufLinear, Int4Linear, Int8Linear, RowCountDispatch, TILED_MIN_ROWS, cat_rows,
                                    make_linear, quantize_int4)
-from lightllm.models.tiled import TiledLinear, TiledWeights
+from lightllm.models.tiled import RESIDUAL_MAX_ROWS, TiledLinear, TiledWeights
 from tests.test_gguf_matmul import KERNEL_BUILDS, int8_activations, kernels
 from tests.test_gguf_quants import random_blocks, reference
 
@@ -22,6 +23,19 @@ def check_exact(got: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> No
     exact = int8_activations(x) @ weights.T
     bound = (int8_activations(x).abs() @ weights.abs().T).max()
     assert (got.double() - exact).abs().max() <= 2e-6 * bound, "the tiles hold different weights"
+
+
+def check_two_levels(got: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> None:
+    """Two int8 levels represent each activation within half the second level's step: the first level's
+    residual is at most half its step, max|group| / 254, and the second level's step 1/127 of that."""
+    weights, xd = weights.double(), x.double()
+    exact = xd @ weights.T
+    group_max = xd.reshape(x.shape[0], -1, 32).abs().amax(-1, keepdim=True)
+    error = (group_max / (2 * 254 * 127)).expand(-1, -1, 32).reshape(x.shape)
+    bound = error @ weights.abs().T + 2e-6 * (xd.abs() @ weights.abs().T).max()
+    assert ((got.double() - exact).abs() <= bound).all(), "the second activation level is off"
+    # one level could not meet that bound: it is the part that makes the results closer to float math
+    assert not ((int8_activations(x) @ weights.T - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("build", KERNEL_BUILDS)
@@ -35,12 +49,28 @@ def test_tiles_hold_gguf_weights_exactly(build, type_name):
     # types whose offset is a fixed multiple of the scale store only the scale
     symmetric = type_name in ("Q4_0", "Q5_0", "Q8_0", "Q6_K")
     assert (tiled.zero > 0, tiled.scales.shape[2]) == (symmetric, 1 if symmetric else 2)
-    layer = TiledLinear([tiled], kernels(build))
+    layer = TiledLinear([tiled], kernels(build), residual_max_rows=0)
+    two_levels = TiledLinear([tiled], kernels(build), residual_max_rows=100)
     torch.manual_seed(0)
     for rows in (1, 5, 8, 13, 70):  # batches of 8 with remainders; 70 spans two row blocks
         x = torch.randn(rows, k)
         x[0, :32] = 0.0  # an all-zero activation group (scale 0)
         check_exact(layer.raw(x), x, weights)
+        check_two_levels(two_levels.raw(x), x, weights)
+
+
+def test_single_rows_take_two_activation_levels_by_default(monkeypatch):
+    raw = random_blocks("Q4_1", 24, 128, seed=7, full_range=False)
+    tiled = TiledWeights.from_gguf(gguf_blocks(raw, "Q4_1", (24, 128)), kernels("native"))
+    weights = reference(raw, "Q4_1")
+    layer = TiledLinear([tiled], kernels("native"))
+    assert layer.residual_max_rows == RESIDUAL_MAX_ROWS == 1
+    torch.manual_seed(1)
+    x = torch.randn(2, 128)
+    check_two_levels(layer.raw(x[:1]), x[:1], weights)
+    check_exact(layer.raw(x), x, weights)
+    monkeypatch.setenv("LIGHTLLM_ACT_RESIDUAL_MAX_ROWS", "0")
+    check_exact(TiledLinear([tiled], kernels("native")).raw(x[:1]), x[:1], weights)
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
@@ -52,12 +82,12 @@ def test_int4_groups_and_int8_rows_map_onto_tiles(build):
         tiled = TiledWeights.from_group_quantized(q4)
         assert tiled.bits == 4 and torch.allclose(tiled.dequantize(), q4.dequantize(), rtol=0, atol=1e-6)
         x = torch.randn(9, 256)
-        check_exact(TiledLinear([tiled], kernels(build)).raw(x), x, q4.dequantize())
+        check_exact(TiledLinear([tiled], kernels(build), residual_max_rows=0).raw(x), x, q4.dequantize())
     int8 = Int8Linear(weight)
     tiled = TiledWeights.from_int8(int8.weight, int8.scales)
     assert torch.equal(tiled.dequantize(), int8.dequantized())
     x = torch.randn(6, 256)
-    check_exact(TiledLinear([tiled], kernels(build)).raw(x), x, int8.dequantized())
+    check_exact(TiledLinear([tiled], kernels(build), residual_max_rows=0).raw(x), x, int8.dequantized())
 
 
 def test_a_zero_point_must_match_the_offsets():
@@ -97,6 +127,7 @@ def test_gguf_layers_take_the_tiled_path_for_batches(monkeypatch):
     if not kernels("native").tiled_fast:
         pytest.skip("the tiled kernel's vector path needs AVX512-VNNI")
     monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "2")
+    monkeypatch.setenv("LIGHTLLM_ACT_RESIDUAL_MAX_ROWS", "0")
     raw = random_blocks("Q4_K", 64, 512, seed=5, full_range=False)
     bias = torch.randn(64)
     layer = make_linear(gguf_blocks(raw, "Q4_K", (64, 512)), bias, "gguf", torch.device("cpu"), torch.float32)

@@ -45,7 +45,7 @@ _SIGNATURES = {
     "lk_topk_rows": [_ptr, _i64, _i64, _i64, _int, _ptr],
     "lk_gguf_matmul": [_int, _ptr, _i64, _i64, _ptr, _int, _i64, _ptr, _i64],
     "lk_gguf_decode": [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr],
-    "lk_tiled_matmul": [_ptr, _ptr, _i64, _i64, _int, _int, _int, _ptr, _int, _i64, _ptr, _i64],
+    "lk_tiled_matmul": [_ptr, _ptr, _i64, _i64, _int, _int, _int, _ptr, _int, _i64, _ptr, _i64, _int],
     "lk_tiled_fast": [],
 }
 
@@ -246,9 +246,10 @@ class CpuKernels:
         return u, ws, wc
 
     def tiled_matmul_bound(self, q: torch.Tensor, scales: torch.Tensor, n: int, k: int, group: int,
-                           bits: int, zero: int) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":
+                           bits: int, zero: int, levels: int = 1) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":
         """tiled_matmul for one fixed weight in the layout of tiled_matmul.c (built by
-        lightllm.models.tiled.TiledWeights); the returned function is called as gguf_matmul_bound's."""
+        lightllm.models.tiled.TiledWeights); the returned function is called as gguf_matmul_bound's. levels:
+        int8 activation levels (2 adds the first rounding's residual, see the kernel)."""
         _check(q, scales)
         if q.dtype != torch.uint8 or scales.dtype != torch.float32:
             raise KernelError("tiled_matmul takes uint8 tiles and float32 scales")
@@ -256,7 +257,7 @@ class CpuKernels:
 
         def run(x: torch.Tensor, out: torch.Tensor, column: int) -> None:
             rc = fn(q_ptr, s_ptr, n, k, group, bits, zero, x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0],
-                    out.data_ptr() + 4 * column, out.stride(0))
+                    out.data_ptr() + 4 * column, out.stride(0), levels)
             if rc != 0:
                 raise KernelError(f"tiled_matmul rejected its arguments (code {rc})")
 

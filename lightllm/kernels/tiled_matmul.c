@@ -199,57 +199,90 @@ static int supported(int group, int bits, int zero) {
     return zero > 0 && bits == 8 && (group == 32 || group == 16);
 }
 
-/* zero: 0 when the scales hold ws and wc per group, else the zero point z of w = ws * (u - z) (only ws held). */
+/* Quantize activation group g (32 values at v) into virtual row `row` of the buffers: xq, its scale xd and
+ * the per-group sums xs / xz the kernel needs. Returns the scale. */
+static inline float quantize_into(const float *v, int64_t row, int64_t g, int64_t k, int group, int zero,
+                                  int8_t *xq, float *xd, float *xs, int32_t *xz) {
+    const int64_t groups = k / group;
+    int lo, hi;
+    const float d = quantize_group32(v, xq + row * k + 32 * g, &lo, &hi);
+    xd[row * (k / 32) + g] = d;
+    if (group == 16) {
+        xs[row * groups + 2 * g] = d * (float)lo;
+        xs[row * groups + 2 * g + 1] = d * (float)hi;
+        xz[row * groups + 2 * g] = -zero * lo;
+        xz[row * groups + 2 * g + 1] = -zero * hi;
+    } else {
+        xs[row * groups + g] = d * (float)(lo + hi);
+        xz[row * groups + g] = -zero * (lo + hi);
+    }
+    return d;
+}
+
+/* zero: 0 when the scales hold ws and wc per group, else the zero point z of w = ws * (u - z) (only ws held).
+ * levels: 1 quantizes each activation row to int8 per 32 values (llama.cpp's Q8 activations); 2 adds a
+ * second int8 row holding that rounding's residual, so x = d1 * q1 + d2 * q2 to ~1/127^2 of each group's
+ * largest value (better than bf16) for twice the integer dot products and the same weight reads: the
+ * rounding of 8-bit activations is what makes a quantized model's greedy output diverge from the float
+ * one at near-ties, and small batches, bound by the weight reads, pay little for it. */
 int lk_tiled_matmul(const uint8_t *q, const float *scales, int64_t n_rows, int64_t k, int group, int bits, int zero,
-                    const void *x, int x_dtype, int64_t m_rows, float *y, int64_t ldy) {
-    if (!supported(group, bits, zero) || zero < 0 || zero > 128 || k % 32 != 0) return -1;
+                    const void *x, int x_dtype, int64_t m_rows, float *y, int64_t ldy, int levels) {
+    if (!supported(group, bits, zero) || zero < 0 || zero > 128 || k % 32 != 0 || levels < 1 || levels > 2)
+        return -1;
     const int sym = zero > 0;
-    const int64_t groups = k / group, tiles = (n_rows + 15) / 16;
+    const int64_t groups = k / group, tiles = (n_rows + 15) / 16, rows = levels * m_rows;
     const int64_t tile_bytes = 2 * bits * k, tile_floats = (sym ? 16 : 32) * groups;
-    int8_t *xq = malloc((size_t)(m_rows * k));
-    float *xd = malloc(sizeof(float) * (size_t)(m_rows * (k / 32)));
-    float *xs = malloc(sizeof(float) * (size_t)(m_rows * groups));
-    int32_t *xz = malloc(sizeof(int32_t) * (size_t)(m_rows * groups));
+    int8_t *xq = malloc((size_t)(rows * k));
+    float *xd = malloc(sizeof(float) * (size_t)(rows * (k / 32)));
+    float *xs = malloc(sizeof(float) * (size_t)(rows * groups));
+    int32_t *xz = malloc(sizeof(int32_t) * (size_t)(rows * groups));
     float *converted = x_dtype == LK_F32 ? NULL : malloc(sizeof(float) * (size_t)(m_rows * k));
+    /* with two levels each level's products go to their own row here and are summed at the end */
+    float *parts = levels == 1 ? NULL : malloc(sizeof(float) * (size_t)(rows * n_rows));
     int rc = 0;
-    if (!xq || !xd || !xs || !xz || (x_dtype != LK_F32 && !converted)) { rc = -2; goto done; }
+    if (!xq || !xd || !xs || !xz || (x_dtype != LK_F32 && !converted) || (levels > 1 && !parts)) {
+        rc = -2;
+        goto done;
+    }
     const float *xf = x_dtype == LK_F32 ? (const float *)x : converted;
 #pragma omp parallel for schedule(static) if (m_rows * k >= 32768)
     for (int64_t m = 0; m < m_rows; m++) {
         if (converted) load_f32((const char *)x + (size_t)(m * k) * dtype_size(x_dtype), x_dtype, converted + m * k, k);
         for (int64_t g = 0; g < k / 32; g++) {
-            int lo, hi;
-            const float d = quantize_group32(xf + m * k + 32 * g, xq + m * k + 32 * g, &lo, &hi);
-            xd[m * (k / 32) + g] = d;
-            if (group == 16) {
-                xs[m * groups + 2 * g] = d * (float)lo;
-                xs[m * groups + 2 * g + 1] = d * (float)hi;
-                xz[m * groups + 2 * g] = -zero * lo;
-                xz[m * groups + 2 * g + 1] = -zero * hi;
-            } else {
-                xs[m * groups + g] = d * (float)(lo + hi);
-                xz[m * groups + g] = -zero * (lo + hi);
+            const float *v = xf + m * k + 32 * g;
+            const float d = quantize_into(v, levels * m, g, k, group, zero, xq, xd, xs, xz);
+            if (levels == 2) {
+                const int8_t *q1 = xq + levels * m * k + 32 * g;
+                float residual[32];
+                for (int j = 0; j < 32; j++) residual[j] = v[j] - d * (float)q1[j];
+                quantize_into(residual, 2 * m + 1, g, k, group, zero, xq, xd, xs, xz);
             }
         }
     }
+    float *out = levels == 1 ? y : parts;
+    const int64_t ldo = levels == 1 ? ldy : n_rows;
     const TiledActs acts = {xq, xd, xs, xz, k};
     /* Long inputs (prefill) go in blocks of rows so a block's activations stay in cache while every tile
      * passes over them; within a block each tile stays cached across its batches of 8 rows. */
-#pragma omp parallel if (tiles * k * m_rows >= 65536)
-    for (int64_t mb = 0; mb < m_rows; mb += ROW_BLOCK) {
-        const int64_t m_end = mb + ROW_BLOCK < m_rows ? mb + ROW_BLOCK : m_rows;
+#pragma omp parallel if (tiles * k * rows >= 65536)
+    for (int64_t mb = 0; mb < rows; mb += ROW_BLOCK) {
+        const int64_t m_end = mb + ROW_BLOCK < rows ? mb + ROW_BLOCK : rows;
 #pragma omp for schedule(static) nowait
         for (int64_t t = 0; t < tiles; t++) {
             const int valid = n_rows - 16 * t < 16 ? (int)(n_rows - 16 * t) : 16;
             for (int64_t m0 = mb; m0 < m_end; m0 += 8) {
                 const int R = m_end - m0 < 8 ? (int)(m_end - m0) : 8;
                 const int last = t + 1 == tiles;
-                tile(q + t * tile_bytes, scales + t * tile_floats, group, bits, sym, &acts, m0, R, y, ldy, 16 * t,
+                tile(q + t * tile_bytes, scales + t * tile_floats, group, bits, sym, &acts, m0, R, out, ldo, 16 * t,
                      valid, last ? NULL : q + (t + 1) * tile_bytes, last ? NULL : scales + (t + 1) * tile_floats);
             }
         }
     }
+    if (levels == 2)
+        for (int64_t m = 0; m < m_rows; m++)
+            for (int64_t c = 0; c < n_rows; c++) y[m * ldy + c] = parts[2 * m * n_rows + c] + parts[(2 * m + 1) * n_rows + c];
 done:
+    free(parts);
     free(xq);
     free(xd);
     free(xs);

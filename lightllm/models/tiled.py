@@ -9,6 +9,7 @@ header for the byte layout).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +18,20 @@ import torch
 from lightllm.models.quant import GgufBlocks, GgufLinear, GroupQuantized, Int4Linear, Int8Linear, run_column_parts
 
 TILE_ROWS = 16
+# Calls of up to this many rows quantize the activations in two int8 levels (the kernel's `levels`: the
+# second holds the first's rounding residual, so activations are as precise as float32 to ~1e-5). One-level
+# int8 rounding is what makes a quantized model's greedy output leave the float one at near-ties; a second
+# level doubles the integer dot products for the same weight reads. Measured (benchmarks/step_bench.py,
+# RESULTS.md fifth session): free for one row, where a decode step waits on the weight reads, +2-10 % at 2
+# rows, +12 % at 4, +30 % at 8, 2x for prefill; so single-row decode steps (one stream) take it by default.
+# LIGHTLLM_ACT_RESIDUAL_MAX_ROWS=N overrides (0: never; a large N: every call, matching fp32 greedy output
+# at a third to half the batched speed).
+RESIDUAL_MAX_ROWS = 1
+
+
+def configured_residual_max_rows() -> int:
+    override = os.environ.get("LIGHTLLM_ACT_RESIDUAL_MAX_ROWS")
+    return RESIDUAL_MAX_ROWS if override is None else int(override)
 # Bits per stored weight by block type: u < 16 goes two per byte, u < 32 adds a plane of fifth bits.
 _TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8, "Q6_K": 8}
 # Q6_K's scales change every 16 weights; every other type's every 32.
@@ -113,14 +128,19 @@ class TiledLinear:
     bias: it is the `batched` path of a RowCountDispatch, which adds the bias and keeps the layer's own kernel
     for row counts below its threshold."""
 
-    def __init__(self, parts: list[TiledWeights], kernels):
+    def __init__(self, parts: list[TiledWeights], kernels, residual_max_rows: int | None = None):
         self.parts = parts
         self.out_features, self.in_features = sum(p.n for p in parts), parts[0].k
         self.input_dtype = torch.float32  # bf16 / f16 are taken as well
+        # calls of up to this many rows take two int8 activation levels (RESIDUAL_MAX_ROWS)
+        self.residual_max_rows = configured_residual_max_rows() if residual_max_rows is None else residual_max_rows
         self._runs: list[tuple[int, Callable]] = []
+        self._residual_runs: list[tuple[int, Callable]] = []
         start = 0
         for p in parts:
             self._runs.append((start, kernels.tiled_matmul_bound(p.q, p.scales, p.n, p.k, p.group, p.bits, p.zero)))
+            self._residual_runs.append(
+                (start, kernels.tiled_matmul_bound(p.q, p.scales, p.n, p.k, p.group, p.bits, p.zero, levels=2)))
             start += p.n
 
     @staticmethod
@@ -146,4 +166,6 @@ class TiledLinear:
         return self.raw(x).to(x.dtype)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
-        return run_column_parts(self._runs, x, self.in_features, self.out_features)
+        rows = x.numel() // self.in_features
+        runs = self._residual_runs if rows <= self.residual_max_rows else self._runs
+        return run_column_parts(runs, x, self.in_features, self.out_features)

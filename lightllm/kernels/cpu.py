@@ -45,7 +45,7 @@ _SIGNATURES = {
     "lk_topk_rows": [_ptr, _i64, _i64, _i64, _int, _ptr],
     "lk_gguf_matmul": [_int, _ptr, _i64, _i64, _ptr, _int, _i64, _ptr, _i64],
     "lk_gguf_decode": [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr],
-    "lk_tiled_matmul": [_ptr, _ptr, _i64, _i64, _int, _int, _int, _ptr, _int, _i64, _ptr, _i64, _int],
+    "lk_tiled_matmul": [_ptr, _ptr, _int, _i64, _i64, _int, _int, _int, _ptr, _int, _i64, _ptr, _i64, _int],
     "lk_tiled_fast": [],
 }
 
@@ -251,12 +251,13 @@ class CpuKernels:
         lightllm.models.tiled.TiledWeights); the returned function is called as gguf_matmul_bound's. levels:
         int8 activation levels (2 adds the first rounding's residual, see the kernel)."""
         _check(q, scales)
-        if q.dtype != torch.uint8 or scales.dtype != torch.float32:
-            raise KernelError("tiled_matmul takes uint8 tiles and float32 scales")
+        if q.dtype != torch.uint8 or scales.dtype not in (torch.float32, torch.float16):
+            raise KernelError("tiled_matmul takes uint8 tiles and float32 or float16 scales")
         fn, q_ptr, s_ptr = self._lib.lk_tiled_matmul, q.data_ptr(), scales.data_ptr()
+        half = int(scales.dtype == torch.float16)
 
         def run(x: torch.Tensor, out: torch.Tensor, column: int) -> None:
-            rc = fn(q_ptr, s_ptr, n, k, group, bits, zero, x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0],
+            rc = fn(q_ptr, s_ptr, half, n, k, group, bits, zero, x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0],
                     out.data_ptr() + 4 * column, out.stride(0), levels)
             if rc != 0:
                 raise KernelError(f"tiled_matmul rejected its arguments (code {rc})")

@@ -21,6 +21,9 @@
  *   scales:     float [t][g][0][r] = ws, [t][g][1][r] = wc of group g (group weights) of row 16t + r;
  *               with a zero point z (zero > 0: w = ws * (u - z), Q4_0/Q5_0/Q8_0/Q6_K and int8 rows) only ws is
  *               stored, and the offset enters the integer dot product as its start value -z * sum(xq).
+ *               float32, or float16 where every scale is a float16 value (the legacy types' scales are:
+ *               one row then reads 5/8 instead of 6/8 bytes per 4-bit weight, and a single row is bound by
+ *               the weight reads).
  * The AVX512-VNNI build runs the vector path; others run the same arithmetic in plain C (lk_tiled_fast()
  * tells the caller which, so it only prefers this kernel where it is fast).
  */
@@ -53,13 +56,20 @@ static inline __m512i broadcast_quad(const int8_t *p) {
     return _mm512_set1_epi32(v);  /* folds into vpdpbusd's {1to16} memory operand */
 }
 
+/* 16 scales from st + i (elements): float16 when `half`, else float32. */
+static inline __attribute__((always_inline)) __m512 load_scales(const void *st, int64_t i, const int half) {
+    if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)st + i)));
+    return _mm512_loadu_ps((const float *)st + i);
+}
+
 /* Output columns n0 .. n0 + valid - 1 of activation rows m0 .. m0 + R - 1, from tile (qt, st). */
-static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, const float *st, const int group,
-                                                            const int bits, const int sym, const TiledActs *a,
-                                                            int64_t m0,
+static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, const void *st, const int half,
+                                                            const int group, const int bits, const int sym,
+                                                            const TiledActs *a, int64_t m0,
                                                             const int R, float *y, int64_t ldy, int64_t n0,
-                                                            int valid, const uint8_t *next_q, const float *next_s) {
-    const int64_t k = a->k, groups = k / group, ss = sym ? 16 : 32; /* scale floats per group */
+                                                            int valid, const uint8_t *next_q, const char *next_s) {
+    const int64_t k = a->k, groups = k / group, ss = sym ? 16 : 32; /* scales per group */
+    const int64_t scale_bytes = half ? 2 : 4;
     const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10);
     __m512 acc[8];
     #pragma GCC unroll 8
@@ -70,8 +80,8 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, c
                         * after its first hit the cache and would leave the memory bus idle */
             const int64_t bytes = group * bits * 2;
             for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)(next_q + g * bytes + l), _MM_HINT_T0);
-            _mm_prefetch((const char *)(next_s + ss * g), _MM_HINT_T0);
-            if (!sym) _mm_prefetch((const char *)(next_s + ss * g + 16), _MM_HINT_T0);
+            _mm_prefetch(next_s + scale_bytes * ss * g, _MM_HINT_T0);
+            if (!sym && !half) _mm_prefetch(next_s + scale_bytes * (ss * g + 16), _MM_HINT_T0);
         }
         __m512i dot[8];
         #pragma GCC unroll 8
@@ -106,14 +116,14 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, c
                     dot[r] = _mm512_dpbusd_epi32(dot[r], w, broadcast_quad(a->xq + (m0 + r) * k + k0 + 4 * j));
             }
         }
-        const __m512 ws = _mm512_loadu_ps(st + ss * g);
+        const __m512 ws = load_scales(st, ss * g, half);
         #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const __m512 xd = _mm512_set1_ps(a->xd[(m0 + r) * (k / 32) + k0 / 32]);
             acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), xd), ws, acc[r]);
         }
         if (!sym) {
-            const __m512 wc = _mm512_loadu_ps(st + ss * g + 16);
+            const __m512 wc = load_scales(st, ss * g + 16, half);
             #pragma GCC unroll 8
             for (int r = 0; r < R; r++)
                 acc[r] = _mm512_fmadd_ps(wc, _mm512_set1_ps(a->xs[(m0 + r) * groups + g]), acc[r]);
@@ -124,31 +134,44 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *qt, c
     for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (m0 + r) * ldy + n0, mask, acc[r]);
 }
 
-static void tile(const uint8_t *qt, const float *st, int group, int bits, int sym, const TiledActs *a, int64_t m0,
-                 int R, float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q, const float *next_s) {
-#define LK_TILE_CASE(G, BITS, SYM, RR)                                                      \
-    if (group == G && bits == BITS && sym == SYM && R == RR) {                              \
-        tile_rows(qt, st, G, BITS, SYM, a, m0, RR, y, ldy, n0, valid, next_q, next_s);      \
-        return;                                                                            \
+static void tile(const uint8_t *qt, const void *st, int half, int group, int bits, int sym, const TiledActs *a,
+                 int64_t m0, int R, float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q,
+                 const char *next_s) {
+#define LK_TILE_CASE(G, BITS, SYM, HALF, RR)                                                       \
+    if (group == G && bits == BITS && sym == SYM && half == HALF && R == RR) {                     \
+        tile_rows(qt, st, HALF, G, BITS, SYM, a, m0, RR, y, ldy, n0, valid, next_q, next_s);       \
+        return;                                                                                   \
     }
-#define LK_TILE_ROWS(G, BITS, SYM)                                                                          \
-    LK_TILE_CASE(G, BITS, SYM, 8) LK_TILE_CASE(G, BITS, SYM, 7) LK_TILE_CASE(G, BITS, SYM, 6)             \
-    LK_TILE_CASE(G, BITS, SYM, 5) LK_TILE_CASE(G, BITS, SYM, 4) LK_TILE_CASE(G, BITS, SYM, 3)             \
-    LK_TILE_CASE(G, BITS, SYM, 2) LK_TILE_CASE(G, BITS, SYM, 1)
+#define LK_TILE_ROWS(G, BITS, SYM, HALF)                                                                     \
+    LK_TILE_CASE(G, BITS, SYM, HALF, 8) LK_TILE_CASE(G, BITS, SYM, HALF, 7)                                \
+    LK_TILE_CASE(G, BITS, SYM, HALF, 6) LK_TILE_CASE(G, BITS, SYM, HALF, 5)                                \
+    LK_TILE_CASE(G, BITS, SYM, HALF, 4) LK_TILE_CASE(G, BITS, SYM, HALF, 3)                                \
+    LK_TILE_CASE(G, BITS, SYM, HALF, 2) LK_TILE_CASE(G, BITS, SYM, HALF, 1)
     /* the forms the loaders produce: Q4_1/Q4_K/int4 (4, offsets), Q4_0 (4, zero 8), Q5_1/Q5_K, Q5_0,
-     * Q8_0 and int8 (8, zero 128), Q6_K (group 16, zero 32) */
-    LK_TILE_ROWS(32, 4, 0)
-    LK_TILE_ROWS(32, 4, 1)
-    LK_TILE_ROWS(32, 5, 0)
-    LK_TILE_ROWS(32, 5, 1)
-    LK_TILE_ROWS(32, 8, 1)
-    LK_TILE_ROWS(16, 8, 1)
+     * Q8_0 and int8 (8, zero 128), Q6_K (group 16, zero 32); float16 scales for the legacy types (Q4_0,
+     * Q4_1, Q5_0, Q5_1, Q8_0), whose scales are float16 in the file */
+    LK_TILE_ROWS(32, 4, 0, 0)
+    LK_TILE_ROWS(32, 4, 1, 0)
+    LK_TILE_ROWS(32, 5, 0, 0)
+    LK_TILE_ROWS(32, 5, 1, 0)
+    LK_TILE_ROWS(32, 8, 1, 0)
+    LK_TILE_ROWS(16, 8, 1, 0)
+    LK_TILE_ROWS(32, 4, 0, 1)
+    LK_TILE_ROWS(32, 4, 1, 1)
+    LK_TILE_ROWS(32, 5, 0, 1)
+    LK_TILE_ROWS(32, 5, 1, 1)
+    LK_TILE_ROWS(32, 8, 1, 1)
 #undef LK_TILE_ROWS
 #undef LK_TILE_CASE
 }
 #else
-static void tile(const uint8_t *qt, const float *st, int group, int bits, int sym, const TiledActs *a, int64_t m0,
-                 int R, float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q, const float *next_s) {
+static inline float scale_at(const void *st, int64_t i, int half) {
+    return half ? f16_to_f32(((const uint16_t *)st)[i]) : ((const float *)st)[i];
+}
+
+static void tile(const uint8_t *qt, const void *st, int half, int group, int bits, int sym, const TiledActs *a,
+                 int64_t m0, int R, float *y, int64_t ldy, int64_t n0, int valid, const uint8_t *next_q,
+                 const char *next_s) {
     (void)next_q;
     (void)next_s;
     const int64_t k = a->k, groups = k / group;
@@ -172,8 +195,8 @@ static void tile(const uint8_t *qt, const float *st, int group, int bits, int sy
                 }
                 const int64_t ss = sym ? 16 : 32;
                 if (sym) dot += a->xz[(m0 + r) * groups + g];
-                acc = fmaf((float)dot * a->xd[(m0 + r) * (k / 32) + g * group / 32], st[ss * g + c], acc);
-                if (!sym) acc = fmaf(st[ss * g + 16 + c], a->xs[(m0 + r) * groups + g], acc);
+                acc = fmaf((float)dot * a->xd[(m0 + r) * (k / 32) + g * group / 32], scale_at(st, ss * g + c, half), acc);
+                if (!sym) acc = fmaf(scale_at(st, ss * g + 16 + c, half), a->xs[(m0 + r) * groups + g], acc);
             }
             y[(m0 + r) * ldy + n0 + c] = acc;
         }
@@ -194,9 +217,9 @@ int lk_tiled_fast(void) {
 /* y[m * ldy + n] = x[m] . W[n] for the n_rows rows of W in the layout above; x: [m_rows, k] of x_dtype;
  * y: float32, written. Returns 0, -1 for a bad group / k, -2 out of memory. */
 /* The forms the vector path is instantiated for (see tile()); every build accepts the same ones. */
-static int supported(int group, int bits, int zero) {
+static int supported(int group, int bits, int zero, int half) {
     if (group == 32 && (bits == 4 || bits == 5)) return 1;
-    return zero > 0 && bits == 8 && (group == 32 || group == 16);
+    return zero > 0 && bits == 8 && (group == 32 || (group == 16 && !half));
 }
 
 /* Quantize activation group g (32 values at v) into virtual row `row` of the buffers: xq, its scale xd and
@@ -225,13 +248,16 @@ static inline float quantize_into(const float *v, int64_t row, int64_t g, int64_
  * largest value (better than bf16) for twice the integer dot products and the same weight reads: the
  * rounding of 8-bit activations is what makes a quantized model's greedy output diverge from the float
  * one at near-ties, and small batches, bound by the weight reads, pay little for it. */
-int lk_tiled_matmul(const uint8_t *q, const float *scales, int64_t n_rows, int64_t k, int group, int bits, int zero,
-                    const void *x, int x_dtype, int64_t m_rows, float *y, int64_t ldy, int levels) {
-    if (!supported(group, bits, zero) || zero < 0 || zero > 128 || k % 32 != 0 || levels < 1 || levels > 2)
+int lk_tiled_matmul(const uint8_t *q, const void *scales, int half_scales, int64_t n_rows, int64_t k, int group,
+                    int bits, int zero, const void *x, int x_dtype, int64_t m_rows, float *y, int64_t ldy,
+                    int levels) {
+    const int half = half_scales != 0;
+    if (!supported(group, bits, zero, half) || zero < 0 || zero > 128 || k % 32 != 0 || levels < 1 || levels > 2)
         return -1;
     const int sym = zero > 0;
     const int64_t groups = k / group, tiles = (n_rows + 15) / 16, rows = levels * m_rows;
-    const int64_t tile_bytes = 2 * bits * k, tile_floats = (sym ? 16 : 32) * groups;
+    const int64_t tile_bytes = 2 * bits * k, tile_scale_bytes = (sym ? 16 : 32) * groups * (half ? 2 : 4);
+    const char *scale_bytes = (const char *)scales;
     int8_t *xq = malloc((size_t)(rows * k));
     float *xd = malloc(sizeof(float) * (size_t)(rows * (k / 32)));
     float *xs = malloc(sizeof(float) * (size_t)(rows * groups));
@@ -273,8 +299,9 @@ int lk_tiled_matmul(const uint8_t *q, const float *scales, int64_t n_rows, int64
             for (int64_t m0 = mb; m0 < m_end; m0 += 8) {
                 const int R = m_end - m0 < 8 ? (int)(m_end - m0) : 8;
                 const int last = t + 1 == tiles;
-                tile(q + t * tile_bytes, scales + t * tile_floats, group, bits, sym, &acts, m0, R, out, ldo, 16 * t,
-                     valid, last ? NULL : q + (t + 1) * tile_bytes, last ? NULL : scales + (t + 1) * tile_floats);
+                tile(q + t * tile_bytes, scale_bytes + t * tile_scale_bytes, half, group, bits, sym, &acts, m0, R,
+                     out, ldo, 16 * t, valid, last ? NULL : q + (t + 1) * tile_bytes,
+                     last ? NULL : scale_bytes + (t + 1) * tile_scale_bytes);
             }
         }
     }

@@ -44,7 +44,7 @@ _TYPE_ZERO = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128, "Q6_K": 32}
 @dataclass
 class TiledWeights:
     q: torch.Tensor  # uint8 [tiles, tile bytes]
-    scales: torch.Tensor  # float32 [tiles, k / group, 1 or 2, 16]: ws (then wc) of the tile's rows
+    scales: torch.Tensor  # [tiles, k / group, 1 or 2, 16]: ws (then wc) of the tile's rows; float16 where exact
     n: int
     k: int
     group: int  # 16 or 32
@@ -73,6 +73,9 @@ class TiledWeights:
         if zero and not torch.equal(wc, -zero * ws):
             raise ValueError(f"offsets are not -{zero} x the scales")
         scales = (ws.unsqueeze(-1) if zero else torch.stack([ws, wc], dim=-1)).float()  # [N, groups, 1 | 2]
+        if torch.equal(scales.half().float(), scales):
+            # the legacy GGUF types' scales are float16 in the file: fewer bytes to read, same values
+            scales = scales.half()
         scales = torch.nn.functional.pad(scales, (0, 0, 0, 0, 0, pad))
         scales = scales.reshape(tiles, TILE_ROWS, k // group, -1).permute(0, 2, 3, 1)
         return cls(q.reshape(tiles, -1).contiguous(), scales.contiguous(), n, k, group, bits, zero)
@@ -117,9 +120,9 @@ class TiledWeights:
                 pairs = pairs | (fifth.reshape(tiles, self.k // 8, 2, 64) << 4)
             quads = pairs.reshape(tiles, self.k // 4, TILE_ROWS, 4)
         u = quads.permute(0, 2, 1, 3).reshape(tiles * TILE_ROWS, self.k)[:self.n].float()
-        ws = self.scales[:, :, 0].permute(0, 2, 1).reshape(tiles * TILE_ROWS, -1)[:self.n]
-        wc = (-self.zero * ws if self.zero else
-              self.scales[:, :, 1].permute(0, 2, 1).reshape(tiles * TILE_ROWS, -1)[:self.n])
+        scales = self.scales.float()
+        ws = scales[:, :, 0].permute(0, 2, 1).reshape(tiles * TILE_ROWS, -1)[:self.n]
+        wc = (-self.zero * ws if self.zero else scales[:, :, 1].permute(0, 2, 1).reshape(tiles * TILE_ROWS, -1)[:self.n])
         return (u.reshape(self.n, -1, self.group) * ws.unsqueeze(-1) + wc.unsqueeze(-1)).reshape(self.n, self.k)
 
 

@@ -34,6 +34,13 @@ _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fno
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _i64, _int, _flt, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+
+
+class TiledWeightDesc(ctypes.Structure):
+    """tiled_matmul.c's TiledWeight: one weight's fixed arguments, built once per bound weight."""
+    _fields_ = [("q", _ptr), ("scales", _ptr), ("n_rows", _i64), ("k", _i64), ("group", ctypes.c_int32),
+                ("bits", ctypes.c_int32), ("zero", ctypes.c_int32), ("half_scales", ctypes.c_int32)]
+
 _SIGNATURES = {
     "lk_add_rms_norm": [_ptr, _ptr, _int, _ptr, _ptr, _int, _i64, _i64, _flt],
     "lk_silu_mul": [_ptr, _int, _ptr, _int, _i64, _i64],
@@ -45,7 +52,7 @@ _SIGNATURES = {
     "lk_topk_rows": [_ptr, _i64, _i64, _i64, _int, _ptr],
     "lk_gguf_matmul": [_int, _ptr, _i64, _i64, _ptr, _int, _i64, _ptr, _i64],
     "lk_gguf_decode": [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr],
-    "lk_tiled_matmul": [_ptr, _ptr, _int, _i64, _i64, _int, _int, _int, _ptr, _int, _i64, _ptr, _i64, _int],
+    "lk_tiled_matmul": [_ptr, _ptr, _int, _i64, _ptr, _i64, _int],
     "lk_tiled_fast": [],
 }
 
@@ -111,7 +118,7 @@ def _code(t: torch.Tensor) -> int:
 
 def _check(*tensors: torch.Tensor) -> None:
     for t in tensors:
-        if not t.is_contiguous() or t.device.type != "cpu":
+        if not t.is_contiguous() or not t.is_cpu:
             raise KernelError("CPU kernels need contiguous CPU tensors")
 
 
@@ -253,15 +260,16 @@ class CpuKernels:
         _check(q, scales)
         if q.dtype != torch.uint8 or scales.dtype not in (torch.float32, torch.float16):
             raise KernelError("tiled_matmul takes uint8 tiles and float32 or float16 scales")
-        fn, q_ptr, s_ptr = self._lib.lk_tiled_matmul, q.data_ptr(), scales.data_ptr()
-        half = int(scales.dtype == torch.float16)
+        desc = TiledWeightDesc(q.data_ptr(), scales.data_ptr(), n, k, group, bits, zero,
+                               int(scales.dtype == torch.float16))
+        fn, desc_ptr = self._lib.lk_tiled_matmul, ctypes.addressof(desc)
 
         def run(x: torch.Tensor, out: torch.Tensor, column: int) -> None:
-            rc = fn(q_ptr, s_ptr, half, n, k, group, bits, zero, x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0],
-                    out.data_ptr() + 4 * column, out.stride(0), levels)
+            rc = fn(desc_ptr, x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], out.data_ptr() + 4 * column,
+                    out.stride(0), levels)
             if rc != 0:
-                raise KernelError(f"tiled_matmul rejected its arguments (code {rc})")
-
+                raise KernelError(f"tiled_matmul rejected its arguments (code {rc}; group {desc.group}, bits "
+                                  f"{desc.bits}, zero {desc.zero}, k {desc.k})")  # (keeps desc alive)
         return run
 
 

@@ -214,8 +214,6 @@ int lk_tiled_fast(void) {
 #endif
 }
 
-/* y[m * ldy + n] = x[m] . W[n] for the n_rows rows of W in the layout above; x: [m_rows, k] of x_dtype;
- * y: float32, written. Returns 0, -1 for a bad group / k, -2 out of memory. */
 /* The forms the vector path is instantiated for (see tile()); every build accepts the same ones. */
 static int supported(int group, int bits, int zero, int half) {
     if (group == 32 && (bits == 4 || bits == 5)) return 1;
@@ -242,16 +240,30 @@ static inline float quantize_into(const float *v, int64_t row, int64_t g, int64_
     return d;
 }
 
-/* zero: 0 when the scales hold ws and wc per group, else the zero point z of w = ws * (u - z) (only ws held).
+/* One weight in the layout above, described once by the caller (lightllm.kernels.cpu.TiledWeightDesc) so a
+ * call passes one pointer for it: a single-row decode step makes ~120 of these calls, and each argument
+ * costs the Python side a conversion. zero: 0 when the scales hold ws and wc per group, else the zero point
+ * z of w = ws * (u - z) (only ws held); half_scales: float16 scales, else float32. */
+typedef struct {
+    const uint8_t *q;
+    const void *scales;
+    int64_t n_rows, k;
+    int32_t group, bits, zero, half_scales;
+} TiledWeight;
+
+/* y[m * ldy + n] = x[m] . W[n] for the n_rows rows of W; x: [m_rows, k] of x_dtype; y: float32, written.
+ * Returns 0, -1 for a form or k the kernel does not take, -2 out of memory.
  * levels: 1 quantizes each activation row to int8 per 32 values (llama.cpp's Q8 activations); 2 adds a
  * second int8 row holding that rounding's residual, so x = d1 * q1 + d2 * q2 to ~1/127^2 of each group's
  * largest value (better than bf16) for twice the integer dot products and the same weight reads: the
  * rounding of 8-bit activations is what makes a quantized model's greedy output diverge from the float
  * one at near-ties, and small batches, bound by the weight reads, pay little for it. */
-int lk_tiled_matmul(const uint8_t *q, const void *scales, int half_scales, int64_t n_rows, int64_t k, int group,
-                    int bits, int zero, const void *x, int x_dtype, int64_t m_rows, float *y, int64_t ldy,
+int lk_tiled_matmul(const TiledWeight *w, const void *x, int x_dtype, int64_t m_rows, float *y, int64_t ldy,
                     int levels) {
-    const int half = half_scales != 0;
+    const uint8_t *q = w->q;
+    const void *scales = w->scales;
+    const int64_t n_rows = w->n_rows, k = w->k;
+    const int group = w->group, bits = w->bits, zero = w->zero, half = w->half_scales != 0;
     if (!supported(group, bits, zero, half) || zero < 0 || zero > 128 || k % 32 != 0 || levels < 1 || levels > 2)
         return -1;
     const int sym = zero > 0;

@@ -169,6 +169,6 @@ class TiledLinear:
         return self.raw(x).to(x.dtype)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
+        rows = x.shape[0] if x.dim() == 2 else x.numel() // self.in_features
         runs = self._residual_runs if rows <= self.residual_max_rows else self._runs
         return run_column_parts(runs, x, self.in_features, self.out_features)

@@ -133,11 +133,11 @@ def test_a_gguf_lm_head_gives_its_exact_rows_for_the_logit_refinement(monkeypatc
 
     monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "4")  # wrapped in the batched-path dispatch
     monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "4")
-    parts = [("Q8_0", 48), ("Q6_K", 16)]
+    parts = [("Q8_0", 48), ("Q6_K", 16), ("Q4_K", 8), ("Q5_0", 8), ("Q4_1", 8), ("Q5_K", 8)]
     raws = [random_blocks(t, n, 256, seed=i, full_range=False) for i, (t, n) in enumerate(parts)]
     head = make_linear(cat_rows([gguf_blocks(raw, t, (n, 256)) for raw, (t, n) in zip(raws, parts)]), None, "gguf",
                        torch.device("cpu"), torch.float32)
     rows_of = LlamaModel._exact_head_source(SimpleNamespace(lm_head=head), SimpleNamespace(tie_word_embeddings=False))
-    indices = torch.tensor([63, 0, 47, 48, 5])
+    indices = torch.tensor([63, 0, 47, 48, 5, 64, 75, 83, 95, 90])
     expected = torch.cat([reference(r, t) for r, (t, _) in zip(raws, parts)]).index_select(0, indices)
     assert torch.equal(rows_of(indices), expected)

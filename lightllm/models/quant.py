@@ -219,6 +219,7 @@ class GgufLinear:
         self.out_features, self.in_features = self.weight.shape
         self.bias = bias
         self.input_dtype = torch.float32
+        self._kernels = kernels
         # (first output column, kernel bound to that part's blocks)
         self._runs: list[tuple[int, Callable]] = []
         start = 0
@@ -237,9 +238,16 @@ class GgufLinear:
             end = start + part.shape[0]
             mine = (indices >= start) & (indices < end)
             if mine.any():
-                out[mine] = part.rows_at(indices[mine] - start).dequantize()
+                out[mine] = self._decode(part.rows_at(indices[mine] - start))
             start = end
         return out
+
+    def _decode(self, blocks: GgufBlocks) -> torch.Tensor:
+        """Float32 rows of `blocks` by the kernels' decoder (the same values as gguf's dequantization, at
+        about a fifth of its cost on a few rows: this runs every step for the lm_head's refinement)."""
+        u, ws, wc = self._kernels.gguf_decode(blocks.type_code, blocks.raw, blocks.k)
+        rows = u.shape[0]
+        return (u.view(rows, -1, 16).float() * ws.unsqueeze(-1) + wc.unsqueeze(-1)).view(rows, blocks.k)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.raw(x).to(x.dtype)

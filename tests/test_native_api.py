@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import embedded_model_path
+from tests.conftest import ServerProcess, embedded_model_path
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
@@ -22,22 +22,52 @@ def generate(base_url: str, inputs, **parameters) -> dict:
     return r.json()
 
 
-def test_greedy_matches_transformers_generate(smol_server):
+@pytest.fixture(scope="module")
+def transformers_greedy() -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, 20 greedy tokens) for PROMPTS from transformers loading the embedded GGUF in fp32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(embedded_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    cases = []
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         with torch.no_grad():
             ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
-        body = generate(smol_server.base_url, ids, max_new_tokens=20, ignore_eos=True, return_details=True)
+        cases.append((ids, ref))
+    return cases
+
+
+def assert_greedy_matches(base_url: str, cases: list[tuple[list[int], list[int]]]) -> None:
+    for ids, ref in cases:
+        body = generate(base_url, ids, max_new_tokens=20, ignore_eos=True, return_details=True)
         ours = [t["id"] for t in body["tokens"][0]]
-        assert ours == ref, (prompt, ours, ref)
+        assert ours == ref, (ids, ours, ref)
         assert body["count_output_tokens"] == 20 and body["finish_reason"] == "length"
+
+
+def test_greedy_matches_transformers_generate(smol_server, transformers_greedy):
+    assert_greedy_matches(smol_server.base_url, transformers_greedy)
+
+
+def test_quantized_path_with_two_activation_levels_matches_transformers(tmp_path, transformers_greedy):
+    """The default GGUF path keeps the file's exact weights (tiled kernel); with its activations in two int8
+    levels on every call (LIGHTLLM_ACT_RESIDUAL_MAX_ROWS, prefill included) it decodes greedily as the fp32
+    model does, where one level (llama.cpp's precision) leaves it at near-ties."""
+    from lightllm.kernels import cpu as cpu_kernels
+
+    kernels = cpu_kernels.load()
+    if kernels is None or not kernels.tiled_fast:
+        pytest.skip("the tiled kernel (and its activation levels) runs on AVX512-VNNI CPUs only")
+    server = ServerProcess(["--model_dir", "smollm2", "--max_total_token_num", "4096"], tmp_path / "server.log",
+                           env={"LIGHTLLM_ACT_RESIDUAL_MAX_ROWS": "100000"})
+    try:
+        assert_greedy_matches(server.base_url, transformers_greedy)
+    finally:
+        server.stop()
 
 
 def test_generate_shape_and_stream(smol_server):

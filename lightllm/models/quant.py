@@ -321,7 +321,8 @@ DENSE_MIN_ROWS = 16
 TILED_MIN_ROWS = 1
 
 
-def _row_threshold(variable: str, default: int) -> int:
+def row_threshold(variable: str, default: int) -> int:
+    """A row-count bound: the integer in environment variable `variable` when set, else `default`."""
     override = os.environ.get(variable)
     return default if override is None else int(override)
 
@@ -337,10 +338,10 @@ def with_batch_path(quantized: "Int4Linear | Int8Linear | GgufLinear",
     from lightllm.models.tiled import TiledLinear  # (tiled builds on this module's weight types)
     kernels = cpu_kernels.load()
     if kernels is not None and kernels.tiled_fast and TiledLinear.supports(quantized, weight):
-        tiled_rows = _row_threshold("LIGHTLLM_TILED_MIN_ROWS", TILED_MIN_ROWS)
+        tiled_rows = row_threshold("LIGHTLLM_TILED_MIN_ROWS", TILED_MIN_ROWS)
         if tiled_rows > 0:
             return RowCountDispatch(quantized, TiledLinear.from_layer(quantized, weight, kernels), tiled_rows)
-    dense_rows = _row_threshold("LIGHTLLM_DENSE_MIN_ROWS", DENSE_MIN_ROWS if cpu_has_fast_bf16() else 0)
+    dense_rows = row_threshold("LIGHTLLM_DENSE_MIN_ROWS", DENSE_MIN_ROWS if cpu_has_fast_bf16() else 0)
     if dense_rows <= 0:
         return quantized
     return RowCountDispatch(quantized, DenseLinear(dequantize().to(torch.bfloat16)), dense_rows)

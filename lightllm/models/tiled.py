@@ -9,13 +9,13 @@ header for the byte layout).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from lightllm.models.quant import GgufBlocks, GgufLinear, GroupQuantized, Int4Linear, Int8Linear, run_column_parts
+from lightllm.models.quant import (GgufBlocks, GgufLinear, GroupQuantized, Int4Linear, Int8Linear, row_threshold,
+                                   run_column_parts)
 
 TILE_ROWS = 16
 # Calls of up to this many rows quantize the activations in two int8 levels (the kernel's `levels`: the
@@ -27,11 +27,6 @@ TILE_ROWS = 16
 # LIGHTLLM_ACT_RESIDUAL_MAX_ROWS=N overrides (0: never; a large N: every call, matching fp32 greedy output
 # at a third to half the batched speed).
 RESIDUAL_MAX_ROWS = 1
-
-
-def configured_residual_max_rows() -> int:
-    override = os.environ.get("LIGHTLLM_ACT_RESIDUAL_MAX_ROWS")
-    return RESIDUAL_MAX_ROWS if override is None else int(override)
 # Bits per stored weight by block type: u < 16 goes two per byte, u < 32 adds a plane of fifth bits.
 _TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8, "Q6_K": 8}
 # Q6_K's scales change every 16 weights; every other type's every 32.
@@ -136,7 +131,8 @@ class TiledLinear:
         self.out_features, self.in_features = sum(p.n for p in parts), parts[0].k
         self.input_dtype = torch.float32  # bf16 / f16 are taken as well
         # calls of up to this many rows take two int8 activation levels (RESIDUAL_MAX_ROWS)
-        self.residual_max_rows = configured_residual_max_rows() if residual_max_rows is None else residual_max_rows
+        self.residual_max_rows = (row_threshold("LIGHTLLM_ACT_RESIDUAL_MAX_ROWS", RESIDUAL_MAX_ROWS)
+                                  if residual_max_rows is None else residual_max_rows)
         self._runs: list[tuple[int, Callable]] = []
         self._residual_runs: list[tuple[int, Callable]] = []
         start = 0

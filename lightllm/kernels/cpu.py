@@ -207,7 +207,7 @@ class CpuKernels:
     def topk_rows(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Indices [rows, k] of each row's k largest values (unordered; equal values: the lower index wins, so
         k = 1 is argmax). x: float32 [rows, n], unit column stride; k <= 64."""
-        if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
+        if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or not x.is_cpu:
             raise KernelError("topk_rows takes float32 [rows, n] rows with unit column stride")
         out = torch.empty(x.shape[0], k, dtype=torch.long)
         self._ok(self._lib.lk_topk_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), k, out.data_ptr()),
@@ -274,7 +274,7 @@ class CpuKernels:
 
 
 def _row_kernel_input(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] > 0
+    return x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] > 0
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

@@ -171,13 +171,15 @@ def test_kimi_call_ids_are_the_models_own():
 
 
 def test_lightllm_parser_names_and_aliases():
-    for name in ("qwen25", "qwen", "hermes", "llama3", "mistral", "qwen3_coder", "deepseekv3", "deepseekv31",
-                 "deepseekv32", "kimi_k2", "glm47", "glm45"):
-        assert name in DETECTORS
+    # Exactly these names, in this order, are what --tool_call_parser offers and what an unknown name's error lists.
+    names = ["deepseekv3", "deepseekv31", "deepseekv32", "glm45", "glm47", "hermes", "kimi_k2", "llama3", "mistral",
+             "qwen", "qwen25", "qwen3_coder"]
+    assert TOOL_PARSER_NAMES == names and set(DETECTORS) == set(names)
     assert DETECTORS["qwen"] is DETECTORS["hermes"] is DETECTORS["qwen25"]
-    with pytest.raises(ValueError, match="qwen3_coder"):
+    assert DETECTORS["glm45"] is DETECTORS["glm47"]
+    with pytest.raises(ValueError) as err:
         detector_class("nonsense")
-    assert TOOL_PARSER_NAMES == sorted(TOOL_PARSER_NAMES)
+    assert str(err.value) == f"unknown tool call parser 'nonsense'; choose from {', '.join(names)}"
 
 
 def test_strict_tools_only_yield_calls_that_satisfy_their_schema():

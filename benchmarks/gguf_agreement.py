@@ -84,7 +84,7 @@ def resolve_gguf(spec: str) -> Path:
     if os.path.exists(spec):
         return Path(spec)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from lightllm.models.catalog import resolve_model
+    from lightllm.models.loading.catalog import resolve_model
 
     return Path(resolve_model(spec))
 

@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     if args.model_dir is None:
-        from lightllm.models.catalog import smollm2_path
+        from lightllm.models.loading.catalog import smollm2_path
 
         args.model_dir = str(smollm2_path())
     torch.set_num_threads(torch.get_num_threads())

@@ -26,8 +26,8 @@ from step_bench import build_engine, random_prompt  # noqa: E402
 
 from lightllm.engine.protocol import AddRequest, SamplingParams  # noqa: E402
 from lightllm.kernels.cpu import CpuKernels  # noqa: E402
-from lightllm.models import quant  # noqa: E402
-from lightllm.models.tiled import TiledLinear  # noqa: E402
+from lightllm.models.quant import linear as quant  # noqa: E402
+from lightllm.models.quant.tiled import TiledLinear  # noqa: E402
 
 LINEAR_CLASSES = (quant.DenseLinear, quant.Int8Linear, quant.Int4Linear, quant.GgufLinear, TiledLinear)
 KERNEL_METHODS = ("add_rms_norm", "silu_mul", "rope_store", "decode_attention", "prefill_attention", "topk_rows")
@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
-    from lightllm.models.catalog import resolve_model, smollm2_path
+    from lightllm.models.loading.catalog import resolve_model, smollm2_path
 
     model_dir = str(smollm2_path()) if args.model_dir is None else resolve_model(args.model_dir)
     need = max(args.batch) * (args.context + args.steps + 16) + args.prefill * 4

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lightllm.host import cache_dir
-from lightllm.models.paths import find_gguf_file
+from lightllm.models.loading.paths import find_gguf_file
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from lightllm.models.catalog import ALIASES, CATALOG_NAMES, DEFAULT_MODEL, ModelUnavailable, resolve_model
+from lightllm.models.loading.catalog import ALIASES, CATALOG_NAMES, DEFAULT_MODEL, ModelUnavailable, resolve_model
 
 
 def main(argv: list[str] | None = None) -> int:

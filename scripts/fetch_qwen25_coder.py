@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from lightllm.models.catalog import ModelUnavailable, qwen25_coder_path
+from lightllm.models.loading.catalog import ModelUnavailable, qwen25_coder_path
 
 if __name__ == "__main__":
     try:

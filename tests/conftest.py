@@ -89,7 +89,7 @@ class ServerProcess(LoopbackProcess):
 
 def embedded_model_path() -> str:
     """SmolLM2-135M-Instruct, the small model the tests run (installed with the package)."""
-    from lightllm.models.catalog import smollm2_path
+    from lightllm.models.loading.catalog import smollm2_path
 
     return str(smollm2_path())
 

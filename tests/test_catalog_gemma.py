@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lightllm.models import catalog
+from lightllm.models.loading import catalog
 
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 

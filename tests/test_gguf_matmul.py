@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from lightllm.kernels import cpu as cpu_kernels
-from lightllm.models.gguf_quants import BLOCK_SIZES, gguf_blocks, kept_quantized
-from lightllm.models.quant import GGUF_NATIVE_TYPES, GgufLinear, GgufRowGroups, GroupQuantized, cat_rows, make_linear
+from lightllm.models.quant.gguf_blocks import gguf_blocks, kept_quantized
+from lightllm.models.quant.gguf_decode import BLOCK_SIZES
+from lightllm.models.quant.factory import make_linear
+from lightllm.models.quant.linear import GgufLinear
+from lightllm.models.quant.weights import GGUF_NATIVE_TYPES, GgufRowGroups, GroupQuantized, cat_rows
 from tests.test_gguf_quants import random_blocks, reference
 
 KERNEL_BUILDS = list(cpu_kernels.BUILDS)
@@ -129,7 +132,7 @@ def test_a_gguf_lm_head_gives_its_exact_rows_for_the_logit_refinement(monkeypatc
     """The top candidates of a GGUF lm_head's logits are recomputed in fp32 from its own blocks."""
     from types import SimpleNamespace
 
-    from lightllm.models.llama import LlamaModel
+    from lightllm.models.decoder import LlamaModel
 
     monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "4")  # wrapped in the batched-path dispatch
     monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "4")

@@ -11,9 +11,10 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from lightllm.models.gguf_quants import BLOCK_SIZES, SUPPORTED_TYPES, dequantize, group_quantized
-from lightllm.models.quant import GGUF_NATIVE_TYPES, GgufBlocks, GroupQuantized
-from lightllm.models.loader import _gguf_tensors, _unpermute_qk
+from lightllm.models.quant.gguf_blocks import group_quantized
+from lightllm.models.quant.gguf_decode import BLOCK_SIZES, SUPPORTED_TYPES, dequantize
+from lightllm.models.quant.weights import GGUF_NATIVE_TYPES, GgufBlocks, GroupQuantized
+from lightllm.models.loading.loader import _gguf_tensors, _unpermute_qk
 
 # Byte offsets of each block's fp16 fields (scales, mins), which random bytes could make inf/NaN.
 F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
@@ -155,7 +156,7 @@ def file_references(path) -> dict[str, tuple[str, torch.Tensor]]:
     """canonical name -> (type, gguf's dequantization with the loader's q/k row un-permutation)."""
     from gguf import GGUFReader
 
-    from lightllm.models.loader import _canonical_gguf_name
+    from lightllm.models.loading.loader import _canonical_gguf_name
 
     refs = {}
     for t in GGUFReader(str(path)).tensors:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lightllm.models.config import config_from_hf
-from lightllm.models.llama import LlamaModel
-from lightllm.models.qwen3 import Qwen3Model
-from lightllm.models.registry import model_class_for
+from lightllm.models.decoder import LlamaModel
+from lightllm.models.families.qwen3 import Qwen3Model
+from lightllm.models.families.registry import model_class_for
 
 QWEN3_0_6B = {  # Qwen/Qwen3-0.6B's config.json, abridged
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False, "head_dim": 128,
@@ -46,7 +46,7 @@ GEMMA3_270M = {  # google/gemma-3-270m's config.json, abridged
 
 
 def test_gemma3_config():
-    from lightllm.models.gemma import GemmaModel
+    from lightllm.models.families.gemma2 import GemmaModel
 
     cfg = config_from_hf(GEMMA3_270M)
     assert cfg.architecture == "gemma3" and model_class_for("gemma3") is GemmaModel
@@ -84,7 +84,8 @@ def test_phi3_longrope_config():
 
 
 def test_moe_configs():
-    from lightllm.models.moe import MixtralModel, Qwen3MoeModel
+    from lightllm.models.families.mixtral import MixtralModel
+    from lightllm.models.families.qwen3moe import Qwen3MoeModel
 
     qwen3_moe = {**QWEN3_0_6B, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
                  "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,

@@ -215,7 +215,7 @@ def test_gguf_kernel_path_tracks_the_exact_weights(arch, overrides, qtype, tmp_p
 
     from lightllm.engine.engine import Engine
     from lightllm.engine.protocol import EngineConfig
-    from lightllm.models.quant import GgufLinear, RowCountDispatch
+    from lightllm.models.quant.linear import GgufLinear, RowCountDispatch
 
     model_dir = build_tiny_model(tmp_path / arch, arch, **overrides)
     gguf_path = tmp_path / "tiny-q.gguf"

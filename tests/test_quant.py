@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lightllm.models.gguf_quants import group_quantized
-from lightllm.models.quant import DenseLinear, Int4Linear, Int8Linear, RowCountDispatch, quantize_int4, with_batch_path
+from lightllm.models.quant.gguf_blocks import group_quantized
+from lightllm.models.quant.factory import with_batch_path
+from lightllm.models.quant.linear import DenseLinear, Int4Linear, Int8Linear, RowCountDispatch
+from lightllm.models.quant.weights import quantize_int4
 from tests.conftest import embedded_model_path, run_engine_recording_logits
 
 
@@ -46,7 +48,7 @@ def test_batched_path_computes_the_quantized_weights(kind, batched, monkeypatch)
     """From a few rows a quantized layer runs its batched path (the tiled int8 kernel, or a dense bf16 copy):
     it must compute the same function, below the threshold the GEMV kernel runs."""
     from lightllm.kernels import cpu as cpu_kernels
-    from lightllm.models.tiled import TiledLinear
+    from lightllm.models.quant.tiled import TiledLinear
 
     if batched == "tiled" and not (cpu_kernels.load() and cpu_kernels.load().tiled_fast):
         pytest.skip("the tiled kernel's vector path needs AVX512-VNNI")
@@ -117,7 +119,7 @@ def test_quantized_tied_lm_head_refines_its_top_logits_in_fp32(quant_type, tmp_p
     from lightllm.engine.engine import Engine
     from lightllm.engine.protocol import EngineConfig
     from lightllm.models.layers import rms_norm
-    from lightllm.models.llama import REFINED_LOGITS
+    from lightllm.models.decoder import REFINED_LOGITS
     from tests.conftest import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True, vocab_size=512)

@@ -61,7 +61,7 @@ TEXT_PROMPTS = ["def fibonacci(n):", "The three primary colours are", "Q: What i
 
 
 def _qwen_coder() -> str:
-    from lightllm.models.catalog import ModelUnavailable, resolve_model
+    from lightllm.models.loading.catalog import ModelUnavailable, resolve_model
 
     try:
         return resolve_model("qwen2.5-coder")

@@ -10,10 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightllm.models.gguf_quants import BLOCK_SIZES, gguf_blocks
-from lightllm.models.quant import (GGUF_NATIVE_TYPES, GgufLinear, Int4Linear, Int8Linear, RowCountDispatch, TILED_MIN_ROWS, cat_rows,
-                                   make_linear, quantize_int4)
-from lightllm.models.tiled import RESIDUAL_MAX_ROWS, TiledLinear, TiledWeights
+from lightllm.models.quant.gguf_blocks import gguf_blocks
+from lightllm.models.quant.gguf_decode import BLOCK_SIZES
+from lightllm.models.quant.factory import make_linear
+from lightllm.models.quant.linear import GgufLinear, Int4Linear, Int8Linear, RowCountDispatch
+from lightllm.models.quant.policy import TILED_MIN_ROWS
+from lightllm.models.quant.weights import GGUF_NATIVE_TYPES, cat_rows, quantize_int4
+from lightllm.models.quant.tiled import RESIDUAL_MAX_ROWS, TiledLinear, TiledWeights
 from tests.test_gguf_matmul import KERNEL_BUILDS, int8_activations, kernels
 from tests.test_gguf_quants import random_blocks, reference
 

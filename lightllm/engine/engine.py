@@ -21,10 +21,10 @@ from lightllm.engine.scheduler import Scheduler
 from lightllm.engine.sequence import Sequence
 from lightllm.engine.speculative import SpeculativeConfig
 from lightllm.models.config import ModelConfig
-from lightllm.models.llama import LlamaModel
-from lightllm.models.loader import load_model_config, load_model_weights, resolve_quant_type
-from lightllm.models.registry import model_class_for
-from lightllm.models.sharding import TPComm, TPShard, shard_config
+from lightllm.models.decoder import LlamaModel
+from lightllm.models.loading.loader import load_model_config, load_model_weights, resolve_quant_type
+from lightllm.models.families.registry import model_class_for
+from lightllm.models.loading.sharding import TPComm, TPShard, shard_config
 
 logger = logging.getLogger("lightllm.engine")
 

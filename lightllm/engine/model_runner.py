@@ -11,7 +11,7 @@ from lightllm.engine.scheduler import SampledToken, ScheduledChunk
 from lightllm.engine.speculative import accept_draft
 from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.layers import AttentionMetadata, PrefillSegment, causal_mask
-from lightllm.models.llama import LlamaModel
+from lightllm.models.decoder import LlamaModel
 
 
 class ModelRunner:

@@ -255,7 +255,7 @@ class CpuKernels:
     def tiled_matmul_bound(self, q: torch.Tensor, scales: torch.Tensor, n: int, k: int, group: int,
                            bits: int, zero: int, levels: int = 1) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":
         """tiled_matmul for one fixed weight in the layout of tiled_matmul.c (built by
-        lightllm.models.tiled.TiledWeights); the returned function is called as gguf_matmul_bound's. levels:
+        lightllm.models.quant.tiled.TiledWeights); the returned function is called as gguf_matmul_bound's. levels:
         int8 activation levels (2 adds the first rounding's residual, see the kernel)."""
         _check(q, scales)
         if q.dtype != torch.uint8 or scales.dtype not in (torch.float32, torch.float16):

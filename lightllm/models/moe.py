@@ -1,7 +1,7 @@
 """Mixture of experts (Mixtral, Qwen3-MoE): each layer's MLP is a router over SwiGLU experts. A token's
 router logits go through a float32 softmax, its top-k experts run, and their outputs are summed with the
 softmax weights (renormalised over the chosen k when the model says so: Mixtral always, Qwen3-MoE per its
-`norm_topk_prob`). Attention is the base family's: Llama's for Mixtral, Qwen3's (q/k norms) for Qwen3-MoE."""
+`norm_topk_prob`). Attention is the base family's (families/mixtral.py, families/qwen3moe.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Callable
 
 import torch
 
-from lightllm.models.llama import ExpertWeights, LayerWeights, LlamaModel
-from lightllm.models.qwen3 import Qwen3Model
+from lightllm.models.decoder import ExpertWeights, LayerWeights
 
 
 def routed_experts(x: torch.Tensor, moe: ExpertWeights, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -36,11 +35,3 @@ class RoutedExperts:
 
     def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         return routed_experts(x, lw.experts, self.act)
-
-
-class MixtralModel(RoutedExperts, LlamaModel):
-    pass
-
-
-class Qwen3MoeModel(RoutedExperts, Qwen3Model):
-    pass

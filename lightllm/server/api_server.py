@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lightllm.models.catalog import ModelUnavailable, resolve_model
+    from lightllm.models.loading.catalog import ModelUnavailable, resolve_model
 
     try:
         model_path = resolve_model(args.model_dir)

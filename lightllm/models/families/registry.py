@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from lightllm.models.gemma import GemmaModel
-from lightllm.models.llama import LlamaModel
-from lightllm.models.moe import MixtralModel, Qwen3MoeModel
-from lightllm.models.qwen3 import Qwen3Model
+from lightllm.models.families.gemma2 import GemmaModel
+from lightllm.models.decoder import LlamaModel
+from lightllm.models.families.mixtral import MixtralModel
+from lightllm.models.families.qwen3moe import Qwen3MoeModel
+from lightllm.models.families.qwen3 import Qwen3Model
 
 MODEL_CLASSES: dict[str, type[LlamaModel]] = {
     "llama": LlamaModel,

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.config import ModelConfig
 from lightllm.models.layers import AttentionMetadata, RotaryEmbedding, paged_attention, prefill_attention_into, rms_norm
-from lightllm.models.quant import DenseLinear, GgufLinear, Linear, RowCountDispatch
-from lightllm.models.sharding import TPComm
+from lightllm.models.quant.linear import DenseLinear, GgufLinear, Linear, RowCountDispatch
+from lightllm.models.loading.sharding import TPComm
 
 
 # ModelConfig.hidden_act -> the gated MLP's activation

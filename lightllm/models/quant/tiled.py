@@ -14,8 +14,9 @@ from typing import Callable
 
 import torch
 
-from lightllm.models.quant import (GgufBlocks, GgufLinear, GroupQuantized, Int4Linear, Int8Linear, row_threshold,
-                                   run_column_parts)
+from lightllm.models.quant.linear import GgufLinear, Int4Linear, Int8Linear, run_column_parts
+from lightllm.models.quant.policy import row_threshold
+from lightllm.models.quant.weights import GgufBlocks, GroupQuantized
 
 TILE_ROWS = 16
 # Calls of up to this many rows quantize the activations in two int8 levels (the kernel's `levels`: the

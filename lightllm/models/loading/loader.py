@@ -17,11 +17,13 @@ import torch
 from tqdm import tqdm
 
 from lightllm.models.config import GEMMA_FAMILIES, ModelConfig, config_from_hf, gemma_layer_types
-from lightllm.models.gguf_quants import dequantize as gguf_dequantize, gguf_blocks, kept_quantized, runs_from_blocks
-from lightllm.models.llama import ExpertWeights, LayerWeights, ModelWeights
-from lightllm.models.paths import find_gguf_file
-from lightllm.models.sharding import Sharder, TPShard, slice_rows
-from lightllm.models.quant import QUANT_TYPES, GgufBlocks, GroupQuantized, cat_rows, make_linear
+from lightllm.models.quant.gguf_blocks import gguf_blocks, kept_quantized, runs_from_blocks
+from lightllm.models.quant.gguf_decode import dequantize as gguf_dequantize
+from lightllm.models.decoder import ExpertWeights, LayerWeights, ModelWeights
+from lightllm.models.loading.paths import find_gguf_file
+from lightllm.models.loading.sharding import Sharder, TPShard, slice_rows
+from lightllm.models.quant.factory import QUANT_TYPES, make_linear
+from lightllm.models.quant.weights import GgufBlocks, GroupQuantized, cat_rows
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +260,7 @@ def _unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _gguf_tensors(path: Path, config: ModelConfig, keep_blocks: bool = False) -> Iterator[tuple[str, Callable[[], Any]]]:
     """Each tensor decoded exactly (bit-identical to gguf's reader); with `keep_blocks`, quantized matrices
-    stay as stored (see gguf_quants.kept_quantized), the embedding table excepted (it is gathered, not
+    stay as stored (see quant/gguf_blocks.kept_quantized), the embedding table excepted (it is gathered, not
     multiplied; a tied lm_head gets its blocks as "lm_head")."""
     reader = open_gguf(path)
     names = {tensor.name for tensor in reader.tensors}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lightllm.models.layers import rms_norm
-from lightllm.models.llama import LayerWeights, LlamaModel
+from lightllm.models.decoder import LayerWeights, LlamaModel
 
 
 def norm_heads_(qk: torch.Tensor, lw: LayerWeights, num_heads: int, eps: float) -> None:

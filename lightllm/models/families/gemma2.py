@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from lightllm.models.layers import rms_norm
-from lightllm.models.llama import LayerWeights, LlamaModel
-from lightllm.models.qwen3 import norm_heads_
+from lightllm.models.decoder import LayerWeights, LlamaModel
+from lightllm.models.families.qwen3 import norm_heads_
 
 
 class GemmaModel(LlamaModel):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lightllm.models.config import ModelConfig
-from lightllm.models.quant import GgufBlocks, GroupQuantized
+from lightllm.models.quant.weights import GgufBlocks, GroupQuantized
 
 
 @dataclass(frozen=True)

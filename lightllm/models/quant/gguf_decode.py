@@ -5,9 +5,7 @@ same float32 operations, in the same order, as the `gguf` package's numpy refere
 llama.cpp's ggml-quants.c `dequantize_row_*`), so results are bit-identical to `gguf.quants.dequantize`:
 the only float work is an fp16 -> fp32 widening (exact) followed by one or two rounded products/differences.
 
-`gguf_blocks` keeps a matrix of a type the GGUF kernel runs (quant.GGUF_NATIVE_TYPES) as its raw blocks.
-`group_quantized` keeps the formats whose weights are already int4 with a per-32-column scale and offset
-(Q4_0, Q4_1, Q4_K) as a `GroupQuantized`, which the packed int4 CPU kernel runs without re-quantizing.
+How matrices are kept in their blocks instead of decoded is quant/gguf_blocks.py's job.
 
 Block layouts (little-endian, `QK_K` = 256 weights per K-quant super-block):
   Q4_0  [d:f16][qs:16]                      w = d * (q - 8); weights 0..15 are the low nibbles, 16..31 the high
@@ -29,8 +27,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-from lightllm.models.quant import GGUF_NATIVE_TYPES, GgufBlocks, GroupQuantized, Int4Linear
 
 # type name -> (weights per block, bytes per block), the gguf package's table for the types read here
 BLOCK_SIZES: dict[str, tuple[int, int]] = {
@@ -249,68 +245,3 @@ def _gguf_fallback(raw: np.ndarray, type_name: str, shape: Sequence[int] | None,
                          f"(readable types: {', '.join(SUPPORTED_TYPES)})") from e
     tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # copy: GGUF data is a read-only memmap
     return tensor if shape is None else tensor.reshape(tuple(int(s) for s in shape))
-
-
-# ------------------------------------------------------------------------------------------- raw blocks
-
-
-def runs_from_blocks(type_name: str, shape: Sequence[int]) -> bool:
-    """Whether the GGUF kernel can run this matrix (or stacked experts) from its blocks: a type it knows
-    and rows that are whole blocks."""
-    return (type_name in GGUF_NATIVE_TYPES and len(shape) in (2, 3)
-            and int(shape[-1]) % BLOCK_SIZES[type_name][0] == 0)
-
-
-def gguf_blocks(raw: np.ndarray, type_name: str, shape: Sequence[int]) -> GgufBlocks | None:
-    """The [N, K] weight (or stacked experts [E, N, K], as [E * N, K]) as its blocks, bytes as stored; None
-    where runs_from_blocks says no."""
-    if not runs_from_blocks(type_name, shape):
-        return None
-    k = int(shape[-1])
-    weights, block_bytes = BLOCK_SIZES[type_name]
-    rows = int(np.prod(shape[:-1]))
-    data = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, k // weights * block_bytes)
-    return GgufBlocks(torch.from_numpy(data.copy()), type_name, k)  # copy: GGUF data is a read-only memmap
-
-
-def kept_quantized(raw: np.ndarray, type_name: str, shape: Sequence[int]) -> GroupQuantized | GgufBlocks | None:
-    """How `--quant_type gguf` keeps a matrix without re-quantizing it (None: decode it). Q4_0 and Q4_1 go to
-    PyTorch's packed int4 kernel where its shape rule allows (their groups map onto its (q - 8) * scale +
-    zero; it measured 1.45x faster than the GGUF kernel on SmolLM2's Q4_1 layers, benchmarks/RESULTS.md);
-    every other type the GGUF kernel runs, Q4_K included (exact weights: the int4 kernel would round its
-    scales to bf16, which cost greedy agreement on Qwen2.5-Coder), stays as its blocks."""
-    if type_name in ("Q4_0", "Q4_1") and len(shape) == 2 and Int4Linear.supports(int(shape[0]), int(shape[1]), 32):
-        groups = group_quantized(raw, type_name, shape)
-        if groups is not None:
-            return groups
-    return gguf_blocks(raw, type_name, shape)
-
-
-# ------------------------------------------------------------------------------------------- int4 groups
-
-
-def group_quantized(raw: np.ndarray, type_name: str, shape: Sequence[int]) -> GroupQuantized | None:
-    """The [N, K] weight as int4 groups of 32, w = scale * (q - 8) + zero, without re-quantizing; None for
-    formats that are not 4-bit with a per-32 affine map (everything but Q4_0, Q4_1 and Q4_K).
-
-    Q4_0's groups reproduce gguf's dequantization exactly; Q4_1 and Q4_K fold their offset into `zero`
-    (m + 8 * d, resp. 8 * d * sc - dmin * m), so their dequantized weights differ by float32 rounding."""
-    if type_name not in ("Q4_0", "Q4_1", "Q4_K") or len(shape) != 2:
-        return None
-    n, k = (int(s) for s in shape)
-    if k % BLOCK_SIZES[type_name][0]:
-        return None
-    b = _as_blocks(raw, type_name)
-    if type_name == "Q4_K":
-        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-        sc, mn = _k_scale_min(b[:, 4:16])
-        scale = d * sc.float()
-        zero = 8 * scale - dmin * mn.float()
-        q = _k4_nibbles(b[:, 16:144])
-    else:
-        d = _f16(b[:, 0:2])
-        q = _nibbles(b[:, 2:18] if type_name == "Q4_0" else b[:, 4:20])
-        scale = d
-        zero = torch.zeros_like(d) if type_name == "Q4_0" else _f16(b[:, 2:4]) + 8 * d
-    return GroupQuantized(q.to(torch.int32).reshape(n, k), scale.reshape(n, k // 32).contiguous(),
-                          zero.reshape(n, k // 32).contiguous(), 32)

@@ -98,7 +98,7 @@ def run_worker(cfg: EngineConfig, rank: int) -> None:
     """A worker rank: load the shard, size the KV cache as rank 0 says, then run every step rank 0 sends."""
     import torch.distributed as dist
 
-    from lightllm.engine.engine import build_model, model_config_for, pick_device
+    from lightllm.engine.model_setup import build_model, model_config_for, pick_device
     from lightllm.engine.kv_cache import TokenKVPool
 
     torch.set_num_threads(threads_per_rank(cfg))

@@ -17,7 +17,7 @@ from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.prefix_cache import PrefixCache, common_prefix_len
 from lightllm.engine.protocol import EngineError, TokenOutput
 from lightllm.engine.sequence import Sequence, SeqStatus
-from lightllm.engine.speculative import SpeculativeConfig, can_draft
+from lightllm.engine.speculative import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Scheduler:
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """Prompt-lookup draft for a decoding sequence, within the step budget and its length limits (every
         accepted token is an output token, and one more comes with them)."""
-        if not can_draft(seq):
+        if not seq.can_draft:
             return []
         limit = min(self.speculative.num_tokens, budget, seq.remaining_new_tokens - 1,
                     self.max_model_len - seq.total_len - 1)

@@ -56,6 +56,15 @@ class Sequence:
     def remaining_new_tokens(self) -> int:
         return max(0, self.params.max_new_tokens - len(self.output_ids))
 
+    @property
+    def can_draft(self) -> bool:
+        """Whether prompt-lookup drafting may run for this sequence (engine/speculative.py): greedy without
+        logits processing, so verifying a draft needs nothing but an argmax per position."""
+        p = self.params
+        return (p.greedy and p.logprobs is None and self.grammar is None and not p.logit_bias
+                and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and len(self.output_ids) >= p.min_new_tokens)
+
     def mark_admitted(self) -> None:
         self.status = SeqStatus.RUNNING
         self.admission_order = next(_admission_counter)

@@ -14,10 +14,6 @@ pending) draft: for them the verification needs nothing but an argmax per positi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lightllm.engine.sequence import Sequence
 
 NGRAM_SIZES = (3, 2)  # longest first: a longer match predicts better
 
@@ -55,13 +51,6 @@ class SpeculativeConfig:
     @property
     def enabled(self) -> bool:
         return self.num_tokens > 0
-
-
-def can_draft(seq: "Sequence") -> bool:
-    p = seq.params
-    return (p.greedy and p.logprobs is None and seq.grammar is None and not p.logit_bias
-            and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-            and len(seq.output_ids) >= p.min_new_tokens)
 
 
 def accept_draft(draft: list[int], predicted: list[int]) -> tuple[list[int], int]:

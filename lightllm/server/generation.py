@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from lightllm.engine.protocol import EngineError, SamplingParams
 from lightllm.server.errors import APIError
+from lightllm.server.holdback import partial_marker_len
+from lightllm.server.ids import new_id
 from lightllm.tokenizer import IncrementalDetokenizer
 
 
@@ -43,53 +44,38 @@ class GenerationChunk:
     stop_string: str | None = None  # the stop string that ended the generation (finish_reason "stop")
 
 
-def new_request_id(prefix: str = "req") -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 class StopStringMatcher:
-    """Finds stop strings in streamed text, holding back any tail that could still become one."""
+    """Finds stop strings in streamed text, holding back any tail that could still become one.
+
+    Only the held-back tail is kept: a stop string cannot begin in text already released (that text had no
+    suffix that starts one), so the work per delta is bounded by the delta and the longest stop string."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
-        self.text = ""
-        self.sent = 0
+        self.held = ""  # text received but not yet released
         self.matched: str | None = None  # the stop string hit: the earliest in the text (the shorter on a tie)
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was hit)."""
-        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
-        self.text += delta
-        hits = [(i, len(s), s) for s, i in ((s, self.text.find(s, start)) for s in self.stops) if i >= 0]
+        self.held += delta
+        hits = [(i, len(s), s) for s, i in ((s, self.held.find(s)) for s in self.stops) if i >= 0]
         if hits:
             at, _, self.matched = min(hits)
-            self.text = self.text[:at]
-            return self._release(len(self.text)), True
-        return self._release(len(self.text) - self._held_back()), False
+            out, self.held = self.held[:at], ""
+            return out, True
+        keep = partial_marker_len(self.held, self.stops)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out, False
 
     def flush(self) -> str:
-        return self._release(len(self.text))
-
-    def _held_back(self) -> int:
-        longest = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:k]):
-                    longest = k
-                    break
-        return longest
-
-    def _release(self, upto: int) -> str:
-        upto = max(upto, self.sent)
-        out = self.text[self.sent:upto]
-        self.sent = upto
+        out, self.held = self.held, ""
         return out
 
 
 async def generate_text(engine: Any, tokenizer: Any, prompt_ids: list[int], params: SamplingParams, *,
                         stop: list[str] | None = None, skip_special_tokens: bool = True,
                         rid: str | None = None) -> AsyncIterator[GenerationChunk]:
-    rid = rid or new_request_id()
+    rid = rid or new_id("req-")
     detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
     matcher = StopStringMatcher(stop or [])
     completion_tokens = 0

@@ -9,20 +9,21 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from lightllm.engine.protocol import SamplingParams
+from lightllm.engine.protocol import GrammarSpec, SamplingParams
+from lightllm.server import structured
 from lightllm.server.errors import APIError, stream_error_event
-from lightllm.server.generation import new_request_id
-from lightllm.server.openai.protocol import LogitBias, NonEmptyText, Seed, TokenId, TokenIds
+from lightllm.server.ids import new_id
+from lightllm.server.limits import MAX_N, MAX_STOP_SEQUENCES
+from lightllm.server.openai.protocol import LogitBias, NonEmptyText, Seed, TokenId, TokenIds, _Lenient
 from lightllm.server.openapi import json_body
 from lightllm.server.state import ServerState, collect_all, until_disconnect
 
 router = APIRouter()
 
 
-class GenerateParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class GenerateParameters(_Lenient):  # unknown keys ignored, ours strictly typed (1.0 is an integer)
 
     do_sample: bool = False
     temperature: float = Field(1.0, ge=0.0)
@@ -37,17 +38,25 @@ class GenerateParameters(BaseModel):
     min_new_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_sequences: list[str] | str | None = None
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_N)
     best_of: int | None = None
     skip_special_tokens: bool = True
     add_special_tokens: bool = True
     logit_bias: LogitBias | None = None
     return_details: bool = False
     stop_token_ids: list[TokenId] = Field(default_factory=list)
+    # output constraints (one per request; lightllm/server/structured.py): LightLLM's names, then SGLang's
+    guided_grammar: str | None = None  # GBNF/EBNF (or Lark)
+    guided_json: str | dict[str, Any] | None = None  # a JSON schema
+    regular_constraint: str | None = None  # a regex
+    allowed_token_ids: list[TokenId] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: str | dict[str, Any] | None = None
+    structural_tag: str | dict[str, Any] | None = None
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class GenerateRequest(_Lenient):
 
     inputs: NonEmptyText | TokenIds
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
@@ -61,8 +70,9 @@ def _prepare(state: ServerState, req: GenerateRequest) -> tuple[list[int], Sampl
     else:
         prompt_ids = list(req.inputs)
     stops = [p.stop_sequences] if isinstance(p.stop_sequences, str) else list(p.stop_sequences or [])
-    if len(stops) > 10:
-        raise APIError(400, "at most 10 stop_sequences are allowed", param="parameters.stop_sequences")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"at most {MAX_STOP_SEQUENCES} stop_sequences are allowed",
+                       param="parameters.stop_sequences")
     prompt_ids, max_new = state.fit_length(prompt_ids, p.max_new_tokens, param="parameters.max_new_tokens",
                                            prompt_param="inputs")
     greedy = not p.do_sample or p.temperature < 1e-5
@@ -72,8 +82,21 @@ def _prepare(state: ServerState, req: GenerateRequest) -> tuple[list[int], Sampl
         presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, seed=p.seed,
         ignore_eos=p.ignore_eos, stop_token_ids=list(p.stop_token_ids),
         logit_bias={int(k): float(v) for k, v in (p.logit_bias or {}).items()},
-        logprobs=0 if p.return_details else None)
+        logprobs=0 if p.return_details else None, grammar=_constraint(state, p))
     return prompt_ids, params, stops
+
+
+def _constraint(state: ServerState, p: GenerateParameters) -> GrammarSpec | None:
+    field = "parameters."
+    return structured.resolve(state, [
+        (field + "guided_grammar", structured.grammar(p.guided_grammar)),
+        (field + "guided_json", structured.json_spec(field + "guided_json", p.guided_json)),
+        (field + "regular_constraint", structured.regex(p.regular_constraint)),
+        (field + "allowed_token_ids", structured.token_ids(p.allowed_token_ids)),
+        (field + "regex", structured.regex(p.regex)),
+        (field + "ebnf", structured.grammar(p.ebnf)),
+        (field + "json_schema", structured.json_spec(field + "json_schema", p.json_schema)),
+        (field + "structural_tag", structured.structural_tag(field + "structural_tag", p.structural_tag))])
 
 
 def _with_seed(params: SamplingParams, i: int) -> SamplingParams:
@@ -134,7 +157,7 @@ async def generate_stream(request: Request) -> StreamingResponse:
 
     async def events():
         gen = state.stream(prompt_ids, params, stop=stops, skip_special_tokens=req.parameters.skip_special_tokens,
-                           rid=new_request_id("gen"))
+                           rid=new_id("gen-"))
         text_so_far = []
         try:
             async for chunk in gen:

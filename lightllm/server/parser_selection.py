@@ -3,12 +3,15 @@
 The chat template is the best witness of a model's output format: it renders past tool calls and
 thinking in the very syntax the model was trained to write. So the rule reads template markers first
 (most specific first, since several formats share `<tool_call>`); a template with no tool syntax gets
-`qwen25`, the syntax the server's own tool prompt teaches such models (see function_call/prompts.py).
+`DEFAULT_TOOL_PARSER` (qwen25), the syntax the server's own tool prompt teaches such models (see
+function_call/prompts.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from lightllm.server.function_call.registry import DEFAULT_TOOL_PARSER
 
 # (marker(s) that must all appear in the template, tool parser); first match wins.
 _TOOL_MARKERS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -22,7 +25,6 @@ _TOOL_MARKERS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("[TOOL_CALLS]",), "mistral"),
     (("<|python_tag|>",), "llama3"),
 )
-DEFAULT_TOOL_PARSER = "qwen25"
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,8 @@ def select_parsers(tool_flag: str | None, reasoning_flag: str | None, chat_templ
     if tool_flag:
         tool, tool_reason = tool_flag, "--tool_call_parser"
     else:
-        tool, tool_reason = DEFAULT_TOOL_PARSER, "chat template has no tool-call syntax; the server's tool prompt " \
-                                                 "teaches the qwen25 syntax"
+        tool, tool_reason = DEFAULT_TOOL_PARSER, ("chat template has no tool-call syntax; the server's tool prompt "
+                                                  f"teaches the {DEFAULT_TOOL_PARSER} syntax")
         for markers, name in _TOOL_MARKERS:
             if all(m in template for m in markers):
                 tool, tool_reason = name, "chat template marker " + " + ".join(markers)

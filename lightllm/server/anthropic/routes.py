@@ -3,8 +3,6 @@ the chat route's prepare_chat. Errors on these routes take Anthropic's shape (li
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -12,6 +10,7 @@ from lightllm.server.anthropic.convert import content_blocks, message, stop_reas
 from lightllm.server.anthropic.protocol import AnthropicErrorResponse, CountTokensRequest, MessagesRequest, TokenCount
 from lightllm.server.anthropic.stream import message_events
 from lightllm.server.function_call import prepare_tool_context
+from lightllm.server.ids import new_id
 from lightllm.server.openai.chat import prepare_chat, render_prompt
 from lightllm.server.openapi import STREAMING_OK, error_responses
 from lightllm.server.state import ServerState, collect, until_disconnect
@@ -20,15 +19,11 @@ router = APIRouter()
 ERRORS = error_responses(400, 401, 404, 413, 500, 503, model=AnthropicErrorResponse)
 
 
-def _message_id() -> str:
-    return "msg_" + uuid.uuid4().hex
-
-
 @router.post("/v1/messages", responses={**ERRORS, **STREAMING_OK})
 async def create_message(req: MessagesRequest, request: Request):
     state: ServerState = request.app.state.server
-    prepared = prepare_chat(state, to_chat_request(req), rid_prefix="msg")
-    msg_id = _message_id()
+    prepared = prepare_chat(state, to_chat_request(req), rid_prefix="msg-")
+    msg_id = new_id("msg_")
     stream, output = prepared.streams[0], prepared.output
     if req.stream:
         return StreamingResponse(message_events(msg_id, state.model_name, len(prepared.prompt_ids), stream,

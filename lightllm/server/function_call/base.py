@@ -17,6 +17,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from lightllm.server.holdback import partial_marker_len
+
 
 @dataclass
 class ParsedCall:
@@ -106,7 +108,7 @@ class ToolCallDetector:
         """Text from `start` to the end, minus a tail that could be the beginning of a marker."""
         if final:
             return Segment(text[start:]), len(text)
-        hold = partial_marker_len(text, start, self.markers)
+        hold = partial_marker_len(text, self.markers, start)
         return Segment(text[start:len(text) - hold]), len(text) - hold
 
 
@@ -116,17 +118,6 @@ def _satisfies(value: Any, schema: dict[str, Any] | None) -> bool:
     if not schema:
         return True
     return jsonschema.validators.validator_for(schema)(schema).is_valid(value)
-
-
-def partial_marker_len(text: str, start: int, markers: tuple[str, ...]) -> int:
-    """Length of the longest suffix of text[start:] that is a proper prefix of one of the markers."""
-    best = 0
-    for marker in markers:
-        for k in range(min(len(marker) - 1, len(text) - start), best, -1):
-            if text.endswith(marker[:k]):
-                best = k
-                break
-    return best
 
 
 def match_json(text: str, start: int) -> int | None:

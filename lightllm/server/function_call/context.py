@@ -12,7 +12,7 @@ from lightllm.server.generation import GenerationChunk
 from lightllm.server.function_call.base import ToolCallDetector, ToolStreamParser, parse_complete
 from lightllm.server.function_call.constrained import NamedDetector, RequiredDetector
 from lightllm.server.function_call.prompts import inline_tools
-from lightllm.server.function_call.registry import detector_class
+from lightllm.server.function_call.registry import DEFAULT_TOOL_PARSER, detector_class
 
 _EMPTY_PARAMS = {"type": "object", "properties": {}}
 
@@ -106,7 +106,7 @@ def prepare_tool_context(req: Any, state: Any) -> ToolContext | None:
     for tool in tools:
         if tool["function"].get("parameters") is not None:
             _validate_schema(tool["function"]["parameters"], tool["function"]["name"])
-    fmt = state.tool_call_parser or "qwen25"  # the syntax the inlined tool prompt teaches when none is set
+    fmt = state.tool_call_parser or DEFAULT_TOOL_PARSER
     fmt_cls = detector_class(fmt)
     schemas = {t["function"]["name"]: t["function"].get("parameters") or _EMPTY_PARAMS for t in tools}
     template = state.tokenizer.chat_template or ""
@@ -135,11 +135,3 @@ def prepare_tool_context(req: Any, state: Any) -> ToolContext | None:
                             "server runs without (--output_constraint_mode none)", param="tool_choice")
     return ctx
 
-
-def response_format_grammar(fmt: Any) -> GrammarSpec:
-    if fmt.type == "json_object":
-        return GrammarSpec.json_object()
-    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise APIError(400, "response_format json_schema needs a `json_schema.schema`", param="response_format")
-    _validate_schema(fmt.json_schema.schema_, fmt.json_schema.name)
-    return GrammarSpec.json_schema(fmt.json_schema.schema_)

@@ -31,6 +31,9 @@ DETECTORS: dict[str, type[ToolCallDetector]] = {
 }
 
 TOOL_PARSER_NAMES = sorted(DETECTORS)
+# The parser when neither the flag nor the chat template names one, and the syntax the server's own tool
+# prompt (prompts.py) teaches a model whose template has no tool support.
+DEFAULT_TOOL_PARSER = "qwen25"
 
 
 def detector_class(name: str) -> type[ToolCallDetector]:

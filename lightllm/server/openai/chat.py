@@ -11,11 +11,12 @@ from fastapi.responses import StreamingResponse
 
 from lightllm.server.errors import APIError, stream_error_event
 from lightllm.server.generation import GenerationChunk
-from lightllm.server.function_call import ToolContext, prepare_tool_context, response_format_grammar
+from lightllm.server import structured
+from lightllm.server.function_call import ToolContext, prepare_tool_context
 from lightllm.server.openai.chat_output import ChatOutputParser
 from lightllm.server.openapi import STREAMING_OK
-from lightllm.server.openai.common import (chat_logprob_entries, merge_streams, new_id, now, sampling_params, sse,
-                                           usage)
+from lightllm.server.ids import new_id
+from lightllm.server.openai.common import chat_logprob_entries, merge_streams, now, sampling_params, sse, usage
 from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage
 from lightllm.server.state import ServerState, collect_all, until_disconnect
 
@@ -82,21 +83,18 @@ class PreparedChat:
         return self.tools.finish_reason(reason) if parsed_calls and self.tools is not None else reason
 
 
-def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str = "chatcmpl") -> PreparedChat:
+def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str = "chatcmpl-") -> PreparedChat:
     """Validate, render and tokenize the request and start its generations (they run once iterated)."""
     state.check_capacity()
     tools = prepare_tool_context(req, state)
-    grammar = tools.grammar if tools is not None else None
-    if req.response_format is not None and req.response_format.type != "text":
-        if grammar is not None:
-            raise APIError(400, "use either response_format or a forced tool_choice, not both", param="response_format")
-        grammar = response_format_grammar(req.response_format)
+    # one output constraint: a forced tool call's grammar, response_format or a peer's structured-output field
+    grammar = structured.openai_constraint(state, req, tools.grammar if tools is not None else None)
     prompt = render_prompt(state, req, tools)
     prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
     prompt_ids, max_new = state.fit_length(prompt_ids, req.max_completion_tokens or req.max_tokens,
                                            param="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    # Constrained output (forced tool calls, response_format) is the answer itself: no reasoning block.
+    # Constrained output (forced tool calls, response_format, ...) is the answer itself: no reasoning block.
     reasoning = state.new_reasoning_detector() if req.separate_reasoning and grammar is None else None
     output = ChatOutputParser(reasoning.for_prompt(prompt) if reasoning is not None else None, tools)
     # Tool and reasoning markers are special tokens in some vocabularies: keep them while parsing.
@@ -113,7 +111,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.server
     prepared = prepare_chat(state, req)
     prompt_ids, streams, output = prepared.prompt_ids, prepared.streams, prepared.output
-    response_id = new_id("chatcmpl")
+    response_id = new_id("chatcmpl-")
     if req.stream:
         return StreamingResponse(_stream(state, req, response_id, streams, len(prompt_ids), output),
                                  media_type="text/event-stream")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from typing import Any, AsyncIterator
 
 from lightllm.engine.protocol import GrammarSpec, SamplingParams
@@ -26,10 +25,6 @@ def sampling_params(req: SamplingFields, max_new_tokens: int, logprobs: int | No
         stop_token_ids=list(req.stop_token_ids or []),
         logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
         logprobs=logprobs, grammar=grammar)
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def now() -> int:

@@ -7,9 +7,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from lightllm.server import structured
 from lightllm.server.errors import APIError, stream_error_event
 from lightllm.server.generation import GenerationChunk
-from lightllm.server.openai.common import merge_streams, new_id, now, sampling_params, sse, usage
+from lightllm.server.ids import new_id
+from lightllm.server.openai.common import merge_streams, now, sampling_params, sse, usage
 from lightllm.server.openai.protocol import CompletionRequest
 from lightllm.server.openapi import STREAMING_OK
 from lightllm.server.state import ServerState, collect_all, until_disconnect
@@ -51,6 +53,7 @@ async def completions(req: CompletionRequest, request: Request):
         raise APIError(400, "echo is not supported with stream", param="echo", code="unsupported_parameter")
     if req.best_of not in (None, 1, req.n):
         raise APIError(400, "best_of other than n is not supported", param="best_of", code="unsupported_parameter")
+    grammar = structured.openai_constraint(state, req)
     prompts = []
     streams = []
     for ids in _prompts(state, req):
@@ -58,9 +61,10 @@ async def completions(req: CompletionRequest, request: Request):
                                         prompt_param="prompt")
         prompts.append(ids)
         for i in range(req.n):
-            streams.append(state.stream(ids, sampling_params(req, max_new, req.logprobs, i), stop=req.stop_list(),
-                                        skip_special_tokens=req.skip_special_tokens, rid=new_id("cmpl")))
-    response_id = new_id("cmpl")
+            streams.append(state.stream(ids, sampling_params(req, max_new, req.logprobs, i, grammar),
+                                        stop=req.stop_list(), skip_special_tokens=req.skip_special_tokens,
+                                        rid=new_id("cmpl-")))
+    response_id = new_id("cmpl-")
     prompt_tokens = sum(len(ids) for ids in prompts)
     if req.stream:
         return StreamingResponse(_stream(state, req, response_id, streams, prompt_tokens), media_type="text/event-stream")

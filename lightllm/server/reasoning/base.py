@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lightllm.server.holdback import partial_marker_len
+
 
 @dataclass(frozen=True)
 class ReasoningSplit:
@@ -21,20 +23,12 @@ class ReasoningSplit:
     content: str  # the answer decided so far (leading whitespace trimmed when a block preceded it)
 
 
-def partial_suffix_len(text: str, start: int, marker: str) -> int:
-    """Length of the longest suffix of text[start:] that is a proper prefix of `marker`."""
-    for k in range(min(len(marker) - 1, len(text) - start), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
-
-
 def _block_body(raw: str, final: bool, end_tag: str) -> str:
     """Reasoning text of a block not closed (yet): trimmed, minus a tail that may still become the end
     tag or turn out to be whitespace before it."""
     if final:
         return raw.strip()
-    hold = partial_suffix_len(raw, 0, end_tag)
+    hold = partial_marker_len(raw, (end_tag,))
     return raw[:len(raw) - hold].strip()
 
 

@@ -11,7 +11,8 @@ use the channel markup at all is answer text.
 
 from __future__ import annotations
 
-from lightllm.server.reasoning.base import ReasoningDetector, ReasoningSplit, partial_suffix_len
+from lightllm.server.holdback import partial_marker_len
+from lightllm.server.reasoning.base import ReasoningDetector, ReasoningSplit
 
 START, CHANNEL, MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
 ENDS = ("<|end|>", "<|call|>", "<|return|>")
@@ -54,7 +55,7 @@ class GptOssDetector(ReasoningDetector):
             if end is None:
                 body = text[body_start:]
                 if not final:
-                    body = body[:len(body) - max(partial_suffix_len(body, 0, e) for e in ENDS)]
+                    body = body[:len(body) - partial_marker_len(body, ENDS)]
                 stop = len(text)
             else:
                 body = text[body_start:end[0]]

@@ -157,7 +157,7 @@ def to_chat_request(req: ResponsesRequest, items: list[dict[str, Any]]) -> ChatC
 
 def prepare(state: ServerState, chat_req: ChatCompletionRequest) -> PreparedChat:
     try:
-        return prepare_chat(state, chat_req, rid_prefix="resp")
+        return prepare_chat(state, chat_req, rid_prefix="resp-")
     except APIError as exc:
         exc.param = _PARAMS.get(exc.param, exc.param)
         raise

@@ -8,7 +8,8 @@ from typing import Any, AsyncIterator
 from lightllm.server.errors import stream_error_event
 from lightllm.server.generation import GenerationChunk
 from lightllm.server.openai.chat import PreparedChat
-from lightllm.server.openai.responses.objects import call_item, finished_body, message_item, new_id, reasoning_item
+from lightllm.server.ids import new_id
+from lightllm.server.openai.responses.objects import call_item, finished_body, message_item, reasoning_item
 
 
 class ResponseEvents:
@@ -77,7 +78,8 @@ class ResponseEvents:
     def _text(self, kind: str, text: str) -> list[str]:
         events: list[str] = []
         if self.open is None or self.items[self.open]["type"] != kind:
-            item = message_item(new_id("msg"), "", "in_progress") if kind == "message" else reasoning_item(new_id("rs"), "")
+            item = (message_item(new_id("msg_"), "", "in_progress") if kind == "message"
+                    else reasoning_item(new_id("rs_"), ""))
             events += self._add(item)
         item = self.items[self.open]
         item["content"][0]["text"] += text
@@ -90,7 +92,7 @@ class ResponseEvents:
         events: list[str] = []
         fn = call.get("function") or {}
         if call["index"] not in self.calls:
-            events += self._add(call_item(new_id("fc"), call.get("id") or new_id("call"), fn.get("name") or "", "",
+            events += self._add(call_item(new_id("fc_"), call.get("id") or new_id("call_"), fn.get("name") or "", "",
                                            "in_progress"))
             self.calls[call["index"]] = self.open
         index = self.calls[call["index"]]

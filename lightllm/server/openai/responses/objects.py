@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from lightllm.server.generation import GenerationChunk
 from lightllm.server.openai.responses.convert import tools_of
 from lightllm.server.openai.responses.protocol import ResponsesRequest
 from lightllm.server.state import ServerState
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def usage_body(prompt_tokens: int, output_tokens: int, cached_tokens: int) -> dict[str, Any]:

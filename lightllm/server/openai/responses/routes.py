@@ -10,10 +10,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from lightllm.server.errors import APIError
+from lightllm.server.ids import new_id
 from lightllm.server.openai.chat import PreparedChat
 from lightllm.server.openai.responses.convert import input_items, prepare, to_chat_request
 from lightllm.server.openai.responses.events import response_events
-from lightllm.server.openai.responses.objects import (base_body, call_item, finished_body, message_item, new_id,
+from lightllm.server.openai.responses.objects import (base_body, call_item, finished_body, message_item,
                                                       reasoning_item)
 from lightllm.server.openai.responses.protocol import ResponsesRequest
 from lightllm.server.openai.responses.store import ResponseStore, response_store
@@ -41,7 +42,7 @@ def _start(req: ResponsesRequest, request: Request) -> _Turn:
                            param="previous_response_id", code="previous_response_not_found")
         items = previous.items + previous.body["output"] + items
     prepared = prepare(state, to_chat_request(req, items))
-    return _Turn(req, items, prepared, base_body(req, state, new_id("resp"), int(time.time())))
+    return _Turn(req, items, prepared, base_body(req, state, new_id("resp_"), int(time.time())))
 
 
 @router.post("/v1/responses", responses=STREAMING_OK)
@@ -57,11 +58,11 @@ async def create_response(req: ResponsesRequest, request: Request):
     parsed = turn.prepared.output.parse(text)
     output = []
     if parsed.reasoning:
-        output.append(reasoning_item(new_id("rs"), parsed.reasoning))
+        output.append(reasoning_item(new_id("rs_"), parsed.reasoning))
     if parsed.content:
-        output.append(message_item(new_id("msg"), parsed.content, status))
+        output.append(message_item(new_id("msg_"), parsed.content, status))
     for call in parsed.tool_calls[:req.max_tool_calls]:
-        output.append(call_item(new_id("fc"), call["id"], call["function"]["name"], call["function"]["arguments"],
+        output.append(call_item(new_id("fc_"), call["id"], call["function"]["name"], call["function"]["arguments"],
                                  "completed"))
     body = finished_body(turn.base, output, finish_reason, len(turn.prepared.prompt_ids), last)
     if store is not None:

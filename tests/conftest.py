@@ -164,6 +164,8 @@ def run_engine_recording_logits(model_dir, prompts, steps: int = 9, cached_token
 
     engine_kwargs.setdefault("max_total_token_num", 1024)
     engine_kwargs.setdefault("kv_cache_dtype", "fp32")  # exact comparisons; fp16 KV has its own quality test
+    engine_kwargs.setdefault("quant_type", "none")  # the checkpoint's own weights unless a test asks
+    engine_kwargs.setdefault("spec_ngram_tokens", 0)  # one token per step, so each step's logits are recorded
     engine = Engine(EngineConfig(model_path=str(model_dir), **engine_kwargs))
     recorded: dict[str, list[torch.Tensor]] = {}
     sampler = engine.runner.sampler

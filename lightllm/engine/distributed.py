@@ -27,6 +27,7 @@ from datetime import timedelta
 import torch
 
 from lightllm.engine.protocol import EngineConfig
+from lightllm.kernels import cpu as cpu_kernels
 
 logger = logging.getLogger("lightllm.tp")
 
@@ -50,8 +51,8 @@ def local_ranks(cfg: EngineConfig, node_rank: int) -> range:
 
 
 def threads_per_rank(cfg: EngineConfig) -> int:
-    """This machine's cores divided among its ranks (LIGHTLLM_ENGINE_THREADS overrides the core count)."""
-    cores = int(os.environ.get("LIGHTLLM_ENGINE_THREADS", os.cpu_count() or 1))
+    """This machine's cores (or --engine_threads) divided among its ranks."""
+    cores = cfg.engine_threads or os.cpu_count() or 1
     return max(1, cores // (cfg.tp // cfg.nnodes))
 
 
@@ -102,6 +103,7 @@ def run_worker(cfg: EngineConfig, rank: int) -> None:
     from lightllm.engine.kv_cache import TokenKVPool
 
     torch.set_num_threads(threads_per_rank(cfg))
+    cpu_kernels.configure(cfg.cpu_kernels)
     device = pick_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 @dataclass
 class EngineConfig:
-    """Everything the engine process needs to start (picklable)."""
+    """Everything the engine process needs to start (picklable). The server derives it from its ServerArgs
+    (server/args.py), whose flags take these defaults: one home for each."""
 
     model_path: str
     data_type: str = "auto"
@@ -28,15 +29,19 @@ class EngineConfig:
     grammar_backend: str = "xgrammar"
     device: str | None = None
     seed: int = 0
-    quant_type: str = "none"
+    quant_type: str = "auto"
     kv_cache_dtype: str = "auto"
-    spec_ngram_tokens: int = 0  # prompt-lookup speculative draft length (0: off)
-    spec_max_decodes: int = 4  # draft only while at most this many requests decode
+    spec_ngram_tokens: int = 5  # prompt-lookup speculative draft length (0: off)
+    spec_max_decodes: int = 1  # draft only while at most this many requests decode
     # tensor parallelism (LightLLM's flags): ranks over `nnodes` machines meeting at nccl_host:nccl_port
     tp: int = 1
     nnodes: int = 1
     nccl_host: str = "127.0.0.1"
     nccl_port: int = 28765
+    # applied where the engine process and worker ranks start (entry.py, distributed.py); an Engine built in
+    # another process keeps that process's kernel setting
+    cpu_kernels: bool = True  # the fused C kernels on CPU (False: the PyTorch path)
+    engine_threads: int | None = None  # cores divided among this machine's ranks (None: all of them)
 
 
 @dataclass(frozen=True)

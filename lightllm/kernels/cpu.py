@@ -2,8 +2,9 @@
 
 The C file is compiled on first use with the system C compiler for this host's instruction set
 (`-march=native`) and cached under ~/.cache/lightllm/kernels, keyed by the source, the flags and the CPU's
-feature flags, so it builds once per machine (~1 s). Without a compiler, or with LIGHTLLM_CPU_KERNELS=0,
-`load()` returns None and the model runs its pure-PyTorch path.
+feature flags, so it builds once per machine (~1 s). Without a compiler, or turned off (the server's
+--no-cpu_kernels; LIGHTLLM_CPU_KERNELS=0 in the environment), `load()` returns None and the model runs its
+pure-PyTorch path.
 """
 
 from __future__ import annotations
@@ -94,11 +95,24 @@ BUILDS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The server's --cpu_kernels / --no-cpu_kernels (EngineConfig.cpu_kernels, applied by the engine process with
+# configure()); processes that run the model directly keep LIGHTLLM_CPU_KERNELS=0 as their switch.
+_enabled = os.environ.get("LIGHTLLM_CPU_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def configure(enabled: bool) -> None:
+    """Turn the kernels on or off for this process (before the model loads them)."""
+    global _enabled
+    _enabled = enabled
+    load.cache_clear()
+
+
 @lru_cache(maxsize=len(BUILDS))
 def load(build: str = "native") -> "CpuKernels | None":
+
     """The kernels for this process, or None when they are disabled or cannot be built (for `build`, see
     BUILDS; a build this compiler or CPU cannot make is None as well)."""
-    if os.environ.get("LIGHTLLM_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+    if not _enabled:
         return None
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from lightllm.server.args import parse_args
+from lightllm.server.args import ServerArgs, parse_args
 
 logger = logging.getLogger("lightllm.api")
 
@@ -41,12 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(lifecycle.exit_code)
 
 
-def run_node_ranks(args, model_path: str) -> int:
+def run_node_ranks(args: ServerArgs, model_path: str) -> int:
     """A node other than 0: no HTTP, only this node's tensor-parallel ranks, until they exit."""
     from lightllm.engine.distributed import local_ranks, start_workers
-    from lightllm.server.http_app import engine_config_from_args
 
-    cfg = engine_config_from_args(args, model_path)
+    cfg = args.engine_config(model_path)
     ranks = local_ranks(cfg, args.node_rank)
     logger.info("node %d: running ranks %d..%d of %d (node 0 at %s:%d serves HTTP)", args.node_rank, ranks.start,
                 ranks.stop - 1, cfg.tp, cfg.nccl_host, cfg.nccl_port)

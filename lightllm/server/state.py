@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 
@@ -17,6 +17,9 @@ from lightllm.server.generation import GenerationChunk, generate_text
 from lightllm.server.reasoning.base import ReasoningDetector
 from lightllm.server.reasoning.registry import reasoning_detector
 
+if TYPE_CHECKING:
+    from lightllm.server.args import ServerArgs
+
 T = TypeVar("T")
 
 
@@ -27,7 +30,7 @@ def engine_unavailable(message: str) -> APIError:
 
 @dataclass
 class ServerState:
-    args: Any
+    args: ServerArgs
     tokenizer: Any
     engine: EngineClient
     model_name: str

@@ -16,8 +16,8 @@ from lightllm.engine.model_runner import ModelRunner
 from lightllm.engine.prefix_cache import PrefixCache
 from lightllm.engine.distributed import StepBroadcaster, init_group, local_ranks, start_workers, threads_per_rank
 from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineConfig, EngineError, EngineFailed,
-                                      EngineReady, EngineStats, ErrorKind, FlushCache, StepOutputs, TokenOutput,
-                                      length_problem)
+                                      EngineReady, EngineStats, ErrorKind, FlushCache, Shutdown, StepOutputs,
+                                      TokenOutput, length_problem)
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import Scheduler
 from lightllm.engine.sequence import Sequence
@@ -203,9 +203,11 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
                 freed = engine.prefix_cache.clear() if engine.prefix_cache is not None else 0
                 logger.info("prefix cache flushed: %d KV tokens freed", freed)
                 outbox.send_pyobj(CacheFlushed(msg.token, freed))
-            elif msg is None:  # shutdown
+            elif isinstance(msg, Shutdown):
                 engine.shutdown()
                 return
+            else:  # a message this engine does not know: say so instead of dropping it silently
+                logger.error("ignoring unknown message %s from the API process", type(msg).__name__)
             timeout = 0
         if engine.scheduler.has_work():
             outputs.extend(engine.step())

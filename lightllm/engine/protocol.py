@@ -127,6 +127,11 @@ class CacheFlushed:
     freed_tokens: int  # KV tokens returned to the pool
 
 
+@dataclass
+class Shutdown:
+    """The API process is stopping: the engine ends its loop and exits."""
+
+
 ErrorKind = Literal["client", "server", "unavailable"]
 
 

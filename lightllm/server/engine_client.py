@@ -22,7 +22,7 @@ import zmq.asyncio
 
 from lightllm.engine.entry import engine_main
 from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineError, EngineFailed, EngineReady,
-                                      EngineStats, FlushCache, SamplingParams, StepOutputs, TokenOutput)
+                                      EngineStats, FlushCache, SamplingParams, Shutdown, StepOutputs, TokenOutput)
 
 logger = logging.getLogger("lightllm.api")
 
@@ -54,6 +54,7 @@ class EngineClient:
         self._stopping = False
         self._flushes: dict[int, asyncio.Future] = {}  # flush_cache calls awaiting the engine's reply
         self._flush_count = 0
+        self.failed_sends = 0  # messages to the engine that could not be sent (logged as they fail)
 
     def _bind(self) -> None:
         self.to_engine = self.ctx.socket(zmq.PUSH)
@@ -176,10 +177,29 @@ class EngineClient:
             self._flushes.pop(token, None)
 
     def abort(self, rid: str) -> None:
+        """Ask the engine to drop `rid`. Not a coroutine: it runs in a cancelled stream's cleanup, where an
+        await would be cancelled too. A send that fails is logged and counted (`failed_sends`)."""
+        self._send_nowait(AbortRequest(rid), f"abort for request {rid}")
+
+    def _send_nowait(self, msg: object, what: str) -> None:
+        # An asyncio socket reports a failed send on the future it returns (only a few failures, such as a
+        # closed socket, are raised at once), so the outcome is read where the future completes.
         try:
-            self.to_engine.send_pyobj(AbortRequest(rid), flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            logger.warning("could not send abort for request %s", rid)
+            sent = self.to_engine.send_pyobj(msg, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self._send_failed(what, exc)
+            return
+        sent.add_done_callback(lambda fut: self._check_sent(fut, what))
+
+    def _check_sent(self, fut: asyncio.Future, what: str) -> None:
+        if fut.cancelled():
+            self._send_failed(what, "cancelled")
+        elif fut.exception() is not None:
+            self._send_failed(what, fut.exception())
+
+    def _send_failed(self, what: str, exc: BaseException | str) -> None:
+        self.failed_sends += 1
+        logger.warning("could not send %s to the engine: %s", what, exc)
 
     async def shutdown(self) -> None:
         self._stopping = True
@@ -188,10 +208,11 @@ class EngineClient:
                 task.cancel()
         if self.process is not None and self.process.is_alive():
             try:
-                self.to_engine.send_pyobj(None, flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-            await asyncio.to_thread(self.process.join, 5)
+                await asyncio.wait_for(self.to_engine.send_pyobj(Shutdown()), timeout=2)
+            except (zmq.ZMQError, asyncio.TimeoutError) as exc:
+                self._send_failed("shutdown", exc)  # the process is terminated below instead
+            else:
+                await asyncio.to_thread(self.process.join, 5)
             if self.process.is_alive():
                 self.process.terminate()
                 await asyncio.to_thread(self.process.join, 5)

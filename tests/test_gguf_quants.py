@@ -14,7 +14,7 @@ from gguf.quants import quantize as gguf_quantize
 from lightllm.models.quant.gguf_blocks import group_quantized
 from lightllm.models.quant.gguf_decode import BLOCK_SIZES, SUPPORTED_TYPES, dequantize
 from lightllm.models.quant.weights import GGUF_NATIVE_TYPES, GgufBlocks, GroupQuantized
-from lightllm.models.loading.loader import _gguf_tensors, _unpermute_qk
+from lightllm.models.loading.gguf import gguf_tensors, unpermute_qk
 
 # Byte offsets of each block's fp16 fields (scales, mins), which random bytes could make inf/NaN.
 F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
@@ -156,16 +156,16 @@ def file_references(path) -> dict[str, tuple[str, torch.Tensor]]:
     """canonical name -> (type, gguf's dequantization with the loader's q/k row un-permutation)."""
     from gguf import GGUFReader
 
-    from lightllm.models.loading.loader import _canonical_gguf_name
+    from lightllm.models.loading.gguf import canonical_gguf_name
 
     refs = {}
     for t in GGUFReader(str(path)).tensors:
-        name = _canonical_gguf_name(t.name)
+        name = canonical_gguf_name(t.name)
         array = np.array(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32)
         if name.endswith((".q", ".q_bias")):
-            array = _unpermute_qk(array, CONFIG.num_heads)
+            array = unpermute_qk(array, CONFIG.num_heads)
         elif name.endswith((".k", ".k_bias")):
-            array = _unpermute_qk(array, CONFIG.num_kv_heads)
+            array = unpermute_qk(array, CONFIG.num_kv_heads)
         refs[name] = (t.tensor_type.name, torch.from_numpy(np.ascontiguousarray(array)))
     return refs
 
@@ -173,7 +173,7 @@ def file_references(path) -> dict[str, tuple[str, torch.Tensor]]:
 @pytest.mark.parametrize("keep_blocks", [False, True])
 def test_gguf_file_loads_like_gguf(gguf_file, keep_blocks):
     refs = file_references(gguf_file)
-    loaded = {name: load() for name, load in _gguf_tensors(gguf_file, CONFIG, keep_blocks=keep_blocks)}
+    loaded = {name: load() for name, load in gguf_tensors(gguf_file, CONFIG, keep_blocks=keep_blocks)}
     assert loaded.keys() == refs.keys() and len(refs) == len(FILE_TENSORS)
     assert {t for t, _ in refs.values()} >= {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K",
                                              "Q3_K", "Q4_K", "Q5_K", "Q6_K"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightllm.models.config import config_from_hf
+from lightllm.models.loading.hf import config_from_hf
 from lightllm.models.decoder import LlamaModel
 from lightllm.models.families.qwen3 import Qwen3Model
 from lightllm.models.families.registry import model_class_for

@@ -11,6 +11,7 @@ import zmq
 from lightllm.engine.faults import FaultInjector
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.model_setup import build_model, kv_budget_tokens, model_config_for, pick_device, pick_dtype
+from lightllm.models.loading.loader import resolve_quant_type
 from lightllm.models.loading.sharding import shard_config
 from lightllm.engine.model_runner import ModelRunner
 from lightllm.engine.prefix_cache import PrefixCache

@@ -62,10 +62,14 @@ class ModelWeights:
     lm_head: Linear
 
 
+# The per-family hooks of the decoder layer. `_forward_fused` (the C kernels' layer: SiLU-gated MLP, two norms)
+# calls the first group; a family that overrides any of the second runs the PyTorch path (`runs_fused`), so a
+# hook can never be skipped silently.
+FUSED_PATH_HOOKS = ("_norm_qk_", "_embed", "_reduce", "_logits")
+PYTORCH_PATH_ONLY_HOOKS = ("_attention_output", "_mlp", "_mlp_output")
+
+
 class LlamaModel:
-    # The fused CPU kernels implement exactly this class's layer (SiLU-gated MLP, two norms per layer);
-    # families that change the layer's structure set this False and run the PyTorch path.
-    supports_fused_kernels = True
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, device: torch.device, dtype: torch.dtype,
                  comm: TPComm | None = None):
@@ -91,10 +95,15 @@ class LlamaModel:
         # Fused C kernels for the elementwise work and the paged decode attention (fp32 CPU models);
         # otherwise, or when they cannot be built, the PyTorch path below.
         self.act = ACTIVATIONS[config.hidden_act]
-        fused = (self.supports_fused_kernels and config.hidden_act == "silu" and device.type == "cpu"
-                 and dtype == torch.float32)
+        fused = (self.runs_fused() and config.hidden_act == "silu" and config.attn_logit_softcap is None
+                 and device.type == "cpu" and dtype == torch.float32)
         self.kernels = cpu_kernels.load() if fused else None
         self._exact_head_rows = self._exact_head_source(weights, config)
+
+    @classmethod
+    def runs_fused(cls) -> bool:
+        """Whether the fused C forward computes this family's layer: it keeps every hook it does not call."""
+        return all(getattr(cls, hook) is getattr(LlamaModel, hook) for hook in PYTORCH_PATH_ONLY_HOOKS)
 
     @staticmethod
     def _exact_head_source(weights: ModelWeights, config: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:

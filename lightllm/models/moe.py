@@ -29,9 +29,8 @@ def routed_experts(x: torch.Tensor, moe: ExpertWeights, act: Callable[[torch.Ten
 
 
 class RoutedExperts:
-    """Mixin: the layer's MLP is its routed experts (the fused C kernels' layer has one dense MLP)."""
-
-    supports_fused_kernels = False
+    """Mixin: the layer's MLP is its routed experts (overriding `_mlp`, so the fused C path does not run it:
+    decoder.LlamaModel.runs_fused)."""
 
     def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         return routed_experts(x, lw.experts, self.act)

@@ -3,10 +3,13 @@ qkv projection and rotary. No q/k/v bias; `head_dim` comes from the config and m
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from lightllm.models.layers import rms_norm
 from lightllm.models.decoder import LayerWeights, LlamaModel
+from lightllm.models.families.base import Family, no_hf_sliding_window
+from lightllm.models.layers import rms_norm
 
 
 def norm_heads_(qk: torch.Tensor, lw: LayerWeights, num_heads: int, eps: float) -> None:
@@ -19,3 +22,17 @@ def norm_heads_(qk: torch.Tensor, lw: LayerWeights, num_heads: int, eps: float) 
 class Qwen3Model(LlamaModel):
     def _norm_qk_(self, qk: torch.Tensor, lw: LayerWeights) -> None:
         norm_heads_(qk, lw, self.config.num_heads, self.config.rms_norm_eps)
+
+
+def hf_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {**no_hf_sliding_window(cfg), "qk_norm": True}
+
+
+FAMILY = Family(
+    name="qwen3",
+    model_class=Qwen3Model,
+    hf_architectures=("Qwen3ForCausalLM",),
+    hf_model_types=("qwen3",),
+    gguf_architecture="qwen3",
+    hf_facts=hf_facts,
+)

@@ -1,28 +1,48 @@
-"""Architecture family -> model class. Every family is the Llama decoder or a subclass overriding its hooks."""
+"""Every model family, and the lookups that pick one from a checkpoint's names. Adding a family: its own file
+in families/ with a `FAMILY`, and one entry here."""
 
 from __future__ import annotations
 
-from lightllm.models.families.gemma2 import GemmaModel
+from typing import Any
+
 from lightllm.models.decoder import LlamaModel
-from lightllm.models.families.mixtral import MixtralModel
-from lightllm.models.families.qwen3moe import Qwen3MoeModel
-from lightllm.models.families.qwen3 import Qwen3Model
+from lightllm.models.families import gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3moe
+from lightllm.models.families.base import Family
 
-MODEL_CLASSES: dict[str, type[LlamaModel]] = {
-    "llama": LlamaModel,
-    "mistral": LlamaModel,
-    "qwen2": LlamaModel,
-    "phi3": LlamaModel,  # the loader splits its fused qkv / gate_up tensors; longrope lives in the rotary
-    "qwen3": Qwen3Model,
-    "gemma2": GemmaModel,
-    "gemma3": GemmaModel,
-    "mixtral": MixtralModel,
-    "qwen3moe": Qwen3MoeModel,
-}
+FAMILIES: tuple[Family, ...] = tuple(m.FAMILY for m in (llama, mistral, qwen2, qwen3, qwen3moe, mixtral, gemma2, gemma3,
+                                                         phi3))
+_BY_NAME = {f.name: f for f in FAMILIES}
 
 
-def model_class_for(architecture: str) -> type[LlamaModel]:
+def family_named(name: str) -> Family:
     try:
-        return MODEL_CLASSES[architecture]
+        return _BY_NAME[name]
     except KeyError:
-        raise ValueError(f"unsupported architecture {architecture!r}; supported: {sorted(MODEL_CLASSES)}") from None
+        raise ValueError(f"unsupported architecture {name!r}; supported: {', '.join(_BY_NAME)}") from None
+
+
+def model_class_for(name: str) -> type[LlamaModel]:
+    return family_named(name).model_class
+
+
+def family_for_hf(cfg: dict[str, Any]) -> Family:
+    """The family a config.json names: by `architectures`, else by `model_type`."""
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        for family in FAMILIES:
+            if arch in family.hf_architectures:
+                return family
+    for family in FAMILIES:
+        if cfg.get("model_type") in family.hf_model_types:
+            return family
+    supported = "; ".join(f"{f.name} ({', '.join(f.hf_architectures)})" for f in FAMILIES)
+    raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r}; supported: {supported}")
+
+
+def family_for_gguf(architecture: str, has_experts: bool) -> Family:
+    for family in FAMILIES:
+        if family.gguf_architecture == architecture and family.gguf_has_experts == has_experts:
+            return family
+    supported = sorted({f.gguf_architecture for f in FAMILIES if f.gguf_architecture})
+    raise ValueError(f"unsupported GGUF architecture {architecture!r}"
+                     f"{' with experts' if has_experts else ''}; supported: {', '.join(supported)}")

@@ -231,3 +231,87 @@ def test_cache_aware_admission_prefers_cached_prefixes_with_bounded_wait(tmp_pat
     assert 1 < waited <= MAX_PASSED_OVER + 1
     unbounded, _ = _steps_until_admitted(model_dir, 10 ** 6, monkeypatch)
     assert unbounded > MAX_PASSED_OVER + 1  # without the bound the arrivals would keep overtaking it
+
+
+def _tree_walk(cache: PrefixCache) -> tuple[int, list, int]:
+    """What the running counters summarise, recomputed from the whole tree: (tokens in unlocked nodes,
+    unlocked leaves, nodes below the root)."""
+    evictable, leaves, nodes, stack = 0, [], 0, list(cache.root.children.values())
+    while stack:
+        node = stack.pop()
+        nodes += 1
+        if node.ref == 0:
+            evictable += len(node.key)
+            if not node.children:
+                leaves.append(node)
+        stack.extend(node.children.values())
+    return evictable, leaves, nodes
+
+
+def _check_counters(cache: PrefixCache) -> None:
+    evictable, leaves, nodes = _tree_walk(cache)
+    assert cache.evictable() == evictable and cache._nodes == nodes
+    current = {id(node) for last_access, _, node in cache._heap
+               if node.evictable_leaf and node.last_access == last_access}
+    assert all(id(leaf) in current for leaf in leaves)  # every unlocked leaf can be found for eviction
+    assert len(cache._heap) <= 2 * nodes + 65  # stale entries do not pile up
+
+
+def test_running_counters_equal_a_full_tree_walk_under_random_use():
+    """Random prompts over a small alphabet (so they share and split prefixes), locked, published, released
+    with and without insertion, matched and evicted: the evictable-token counter always equals a walk of the
+    tree, every unlocked leaf stays reachable through the heap, and the pool accounts for every token."""
+    import random
+
+    rng = random.Random(7)
+    pool = make_pool(4096)
+    cache = PrefixCache(pool)
+    running: dict[str, tuple[list[int], torch.Tensor, int]] = {}  # rid -> (ids, row, tokens it owns privately)
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.35 and len(running) < 12:
+            rid = f"r{step}"
+            ids = [rng.randrange(4) for _ in range(rng.randrange(1, 24))]
+            cached = cache.acquire(rid, ids)
+            n_cached = 0 if cached is None else cached.numel()
+            need = len(ids) - n_cached
+            if need > pool.num_free:
+                cache.evict(need - pool.num_free)
+            if need > pool.num_free:
+                cache.release(rid, ids[:n_cached], cached if cached is not None else pool.alloc(0), insert=False)
+                continue
+            row = torch.cat([cached, pool.alloc(need)]) if cached is not None else pool.alloc(need)
+            running[rid] = (ids, row, n_cached)
+            if rng.random() < 0.5:
+                cache.publish(rid, ids[:rng.randrange(n_cached, len(ids) + 1)], row)
+        elif op < 0.7 and running:
+            rid = rng.choice(sorted(running))
+            ids, row, _ = running.pop(rid)
+            pool.free(cache.release(rid, ids, row, insert=rng.random() < 0.8))
+        elif op < 0.85:
+            cache.evict(rng.randrange(1, 40))
+        else:
+            cache.match_len([rng.randrange(4) for _ in range(rng.randrange(1, 24))])
+        _check_counters(cache)
+        assert cache.total_tokens <= pool.num_used
+    for rid, (ids, row, _) in sorted(running.items()):
+        pool.free(cache.release(rid, ids, row, insert=True))
+    _check_counters(cache)
+    assert cache.evictable() == cache.total_tokens == pool.num_used  # nothing locked: all of it can go
+    cache.clear()
+    assert pool.num_used == 0 and cache.evictable() == 0 and cache._nodes == 0
+
+
+def test_eviction_takes_the_least_recently_used_leaf_first():
+    pool = make_pool()
+    cache = PrefixCache(pool)
+    for rid, ids in (("a", [1, 2, 3]), ("b", [1, 2, 4]), ("c", [5, 6])):
+        row = pool.alloc(len(ids) - cache.match_len(ids))
+        cached = cache.acquire(rid, ids)
+        pool.free(cache.release(rid, ids, row if cached is None else torch.cat([cached, row]), insert=True))
+    cache.acquire("d", [1, 2, 3])  # refreshes [1, 2] and [3]
+    cache.release("d", [1, 2, 3], torch.empty(0, dtype=torch.long), insert=False)
+    assert cache.evict(1) == 1 and cache.match_len([1, 2, 4]) == 2  # [4] was the oldest leaf
+    assert cache.evict(2) == 2 and cache.match_len([5, 6]) == 0  # then [5, 6]
+    assert cache.evict(1) == 1 and cache.match_len([1, 2, 3]) == 2  # then [3]; [1, 2] is a leaf now
+    _check_counters(cache)

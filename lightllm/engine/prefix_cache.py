@@ -7,10 +7,17 @@ request's path are locked (ref-counted) so eviction never frees KV that is in us
 A running request `publish`es its prompt as each prefill chunk is computed (SGLang caches unfinished
 requests the same way), so requests that share a long system prompt reuse it while it is still being
 computed; the rest of its tokens go in at `release`.
+
+The scheduler asks for the evictable size per admission candidate and evicts under memory pressure, so
+both stay independent of the tree's size (as SGLang's radix cache does it): a running count of the
+tokens in unlocked nodes, kept at every lock, unlock, insert and eviction, and a heap of unlocked leaves
+by last access, whose stale entries (a leaf since locked, re-accessed, grown or evicted) are skipped when
+popped and dropped when they outnumber the nodes.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 
@@ -30,6 +37,10 @@ class _Node:
     ref: int = 0
     last_access: int = 0
 
+    @property
+    def evictable_leaf(self) -> bool:
+        return not self.children and self.ref == 0 and self.parent is not None
+
 
 class PrefixCache:
     def __init__(self, pool: TokenKVPool):
@@ -37,6 +48,10 @@ class PrefixCache:
         self.root = _Node([], torch.empty(0, dtype=torch.long), None)
         self.root.ref = 1  # never evicted
         self.total_tokens = 0
+        self._evictable = 0  # tokens in nodes no request locks (ref 0)
+        self._nodes = 0  # nodes below the root
+        self._heap: list[tuple[int, int, _Node]] = []  # (last_access, tie-break, leaf) for unlocked leaves
+        self._pushes = itertools.count()
         self._locked: dict[str, tuple[_Node, int]] = {}  # rid -> (deepest locked node, matched length)
 
     # ------------------------------------------------------------------------------------ lookup
@@ -67,6 +82,7 @@ class PrefixCache:
         node.key, node.value, node.parent = node.key[at:], node.value[at:], head
         head.children[node.key[0]] = node
         parent.children[head.key[0]] = head
+        self._nodes += 1  # the tokens stay as (un)locked as they were: the evictable count is unchanged
         return head
 
     def match_len(self, ids: list[int]) -> int:
@@ -78,8 +94,10 @@ class PrefixCache:
         now = next(_clock)
         cursor = node
         while cursor is not self.root:
+            if cursor.ref == 0:
+                self._evictable -= len(cursor.key)
             cursor.ref += 1
-            cursor.last_access = now
+            cursor.last_access = now  # a heap entry of this leaf is stale from now on (re-pushed when unlocked)
             cursor = cursor.parent
         self._locked[rid] = (node, matched)
         return torch.cat(values) if values else None
@@ -99,6 +117,7 @@ class PrefixCache:
         child = _Node(list(ids[pos:]), indices[pos:len(ids)].clone(), node, ref=1, last_access=next(_clock))
         node.children[ids[pos]] = child
         self.total_tokens += len(ids) - pos
+        self._nodes += 1
         self._locked[rid] = (child, len(ids))
 
     # ------------------------------------------------------------------------------------ release
@@ -109,6 +128,9 @@ class PrefixCache:
         cursor = node
         while cursor is not self.root:
             cursor.ref -= 1
+            if cursor.ref == 0:
+                self._evictable += len(cursor.key)
+                self._push_if_leaf(cursor)
             cursor = cursor.parent
         if not insert or len(ids) <= matched:
             return indices[matched:]
@@ -122,42 +144,48 @@ class PrefixCache:
             child = _Node(list(ids[pos:]), indices[pos:].clone(), node, last_access=next(_clock))
             node.children[ids[pos]] = child
             self.total_tokens += len(ids) - pos
+            self._evictable += len(ids) - pos
+            self._nodes += 1
+            self._push_if_leaf(child)
         return duplicate
 
     # ------------------------------------------------------------------------------------ eviction
 
-    def _unlocked_leaves(self) -> list[_Node]:
-        leaves, stack = [], [self.root]
-        while stack:
-            node = stack.pop()
-            if not node.children and node.ref == 0:
-                leaves.append(node)
-            stack.extend(node.children.values())
-        return leaves
-
     def evictable(self) -> int:
-        total, stack = 0, [self.root]
-        while stack:
-            node = stack.pop()
-            if node.ref == 0:
-                total += len(node.key)
-            stack.extend(node.children.values())
-        return total
+        """Tokens no running request uses (what eviction could free)."""
+        return self._evictable
+
+    def _push_if_leaf(self, node: _Node) -> None:
+        if node.evictable_leaf:
+            if len(self._heap) > 2 * self._nodes + 64:  # mostly stale entries: rebuild from the live leaves
+                self._heap = [entry for entry in self._heap if self._current(entry)]
+                heapq.heapify(self._heap)
+            heapq.heappush(self._heap, (node.last_access, next(self._pushes), node))
+
+    @staticmethod
+    def _current(entry: tuple[int, int, _Node]) -> bool:
+        """Whether a heap entry still stands for an unlocked leaf as it was last accessed."""
+        last_access, _, node = entry
+        return node.evictable_leaf and node.last_access == last_access
 
     def evict(self, num_tokens: int) -> int:
-        """Free at least `num_tokens` (if possible) from least recently used unlocked leaves."""
+        """Free at least `num_tokens` (if possible), least recently used unlocked leaves first; a parent whose
+        last child goes becomes a leaf and competes by its own last access."""
         freed = 0
-        while freed < num_tokens:
-            leaves = self._unlocked_leaves()
-            if not leaves:
-                break
-            for leaf in sorted(leaves, key=lambda n: n.last_access):
-                self.pool.free(leaf.value)
-                freed += len(leaf.key)
-                self.total_tokens -= len(leaf.key)
-                del leaf.parent.children[leaf.key[0]]
-                if freed >= num_tokens:
-                    break
+        while freed < num_tokens and self._heap:
+            entry = heapq.heappop(self._heap)
+            if not self._current(entry):
+                continue
+            leaf = entry[2]
+            parent = leaf.parent
+            self.pool.free(leaf.value)
+            freed += len(leaf.key)
+            self.total_tokens -= len(leaf.key)
+            self._evictable -= len(leaf.key)
+            self._nodes -= 1
+            del parent.children[leaf.key[0]]
+            leaf.parent = None  # detached: any other entry of it is stale
+            self._push_if_leaf(parent)
         return freed
 
     def clear(self) -> int:

@@ -66,11 +66,11 @@ class Sampler:
                 seen = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.long, device=row.device)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+            if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
                 out = torch.tensor(seq.output_ids, dtype=torch.long, device=row.device)
                 counts = torch.bincount(out, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-            if len(seq.output_ids) < p.min_new_tokens and self.eos_token_ids.numel():
+            if seq.num_output_tokens < p.min_new_tokens and self.eos_token_ids.numel():
                 row[self.eos_token_ids] = float("-inf")
                 if p.stop_token_ids:
                     row[torch.tensor(p.stop_token_ids, device=row.device)] = float("-inf")
@@ -83,7 +83,7 @@ class Sampler:
     def _row_needs_processing(seq: Sequence) -> bool:
         p = seq.params
         return bool(p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-                    or len(seq.output_ids) < p.min_new_tokens or seq.grammar is not None)
+                    or seq.num_output_tokens < p.min_new_tokens or seq.grammar is not None)
 
     def _sample_row(self, row: torch.Tensor, seq: Sequence) -> int:
         p = seq.params

@@ -316,7 +316,7 @@ class Scheduler:
         outputs = []
         for i, token_id in enumerate([*token.accepted, token.token_id]):
             last = i == len(token.accepted)
-            seq.output_ids.append(token_id)
+            seq.append_token(token_id)
             reason, stop_token = self._finish_reason(seq, token_id)
             out = TokenOutput(seq.rid, token_id, token.logprob if last else None, token.top_logprobs if last else None,
                               prompt_tokens=len(seq.prompt_ids), cached_tokens=seq.num_cached, stop_token=stop_token)
@@ -339,7 +339,7 @@ class Scheduler:
         """The one place a request's end is decided from its tokens (stop strings, which need text, are the
         API's): (finish reason or None, whether `token_id` is the stop token that ended it)."""
         params = seq.params
-        n_out = len(seq.output_ids)
+        n_out = seq.num_output_tokens
         if n_out >= params.min_new_tokens:
             if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
                 return "stop", True

@@ -21,12 +21,11 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's `in` and `remove` must not compare token lists
 class Sequence:
     rid: str
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # as the request sent it; never changes
     params: SamplingParams
-    output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     slot: int | None = None  # row in the req_to_token table while KV is held
     num_computed: int = 0  # leading tokens of all_ids whose K/V are in the pool
@@ -38,14 +37,33 @@ class Sequence:
     prefix_waits: int = 0  # scheduling steps deferred while a running request computed a shared prefix
     passed_over: int = 0  # steps in which a request that arrived later was admitted before this one
     lookup: PromptLookup = field(default_factory=PromptLookup)  # n-gram memo for speculative drafting
+    # Prompt then output in one list that only grows (as nano-vllm keeps it): every step reads it, and
+    # rebuilding prompt + output there would cost a copy of the whole context per sequence per step.
+    token_ids: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_ids)
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
 
     @property
     def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        """Prompt + output: the sequence's own list, not a copy (read or slice it; add with append_token)."""
+        return self.token_ids
+
+    @property
+    def output_ids(self) -> tuple[int, ...]:
+        """The generated tokens (a copy, read-only: append_token adds one)."""
+        return tuple(self.token_ids[len(self.prompt_ids):])
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
 
     @property
     def total_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
 
     @property
     def num_pending(self) -> int:
@@ -54,7 +72,7 @@ class Sequence:
 
     @property
     def remaining_new_tokens(self) -> int:
-        return max(0, self.params.max_new_tokens - len(self.output_ids))
+        return max(0, self.params.max_new_tokens - self.num_output_tokens)
 
     @property
     def can_draft(self) -> bool:
@@ -63,7 +81,7 @@ class Sequence:
         p = self.params
         return (p.greedy and p.logprobs is None and self.grammar is None and not p.logit_bias
                 and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and len(self.output_ids) >= p.min_new_tokens)
+                and self.num_output_tokens >= p.min_new_tokens)
 
     def mark_admitted(self) -> None:
         self.status = SeqStatus.RUNNING

@@ -8,6 +8,12 @@ streamed output reassembles to exactly the non-streamed parse for any chunking o
 Calls from untrusted (free-running) output are decided only once complete, so a block that turns out to
 be malformed can still fall back to text. Calls from grammar-constrained output are `trusted`: they are
 emitted as soon as the name is known and their raw argument text streams as it grows.
+
+Re-scanning the whole text per delta would make a stream quadratic in its length. So a detector may
+also return a `Checkpoint`: a position whose text before it is decided for every extension, and the
+scan state there (`scan_from` resumes from it). The stream parser keeps only the text from its last
+checkpoint, so the work per delta is bounded by the call being written (text before a completed call,
+or before any possible marker start, never changes). A detector without checkpoints is re-scanned whole.
 """
 
 from __future__ import annotations
@@ -35,10 +41,22 @@ class Segment:
 
 
 @dataclass
+class Checkpoint:
+    """Where a scan can resume: for every extension of the text, scanning it whole gives the first
+    `segments` segments of this result for text[:pos], then what `scan_from(text[pos:], final, state)`
+    gives (positions in `state` count from `pos`)."""
+
+    pos: int
+    segments: int
+    state: Any
+
+
+@dataclass
 class ScanResult:
     segments: list[Segment]
     decided: int  # text[:decided] is final; the rest may still change meaning
     stop: bool = False  # nothing useful can follow (a repeated call): generation may end here
+    checkpoint: Checkpoint | None = None  # set only by non-final scans of detectors that resume
 
 
 class ToolCallDetector:
@@ -58,6 +76,10 @@ class ToolCallDetector:
 
     def scan(self, text: str, final: bool) -> ScanResult:
         raise NotImplementedError
+
+    def scan_from(self, text: str, final: bool, state: Any) -> ScanResult:
+        """Scan text that starts at a checkpoint this detector returned (state None: the output's start)."""
+        return self.scan(text, final)
 
     @staticmethod
     def default_call_id() -> str:
@@ -122,26 +144,52 @@ def _satisfies(value: Any, schema: dict[str, Any] | None) -> bool:
 
 def match_json(text: str, start: int) -> int | None:
     """End (exclusive) of the JSON object/array opening at text[start], string-aware; None if not closed yet."""
-    depth = 0
-    in_string = escaped = False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
+    return JsonScan(start).end(text)
+
+
+class JsonScan:
+    """`match_json` that resumes where it stopped, for a text that only grows: each character is read once
+    however many deltas the value arrives in."""
+
+    __slots__ = ("i", "depth", "in_string", "escaped", "found")
+
+    def __init__(self, start: int):
+        self.i = start  # next character to read
+        self.depth = 0
+        self.in_string = self.escaped = False
+        self.found: int | None = None
+
+    def end(self, text: str) -> int | None:
+        if self.found is not None:
+            return self.found
+        depth, in_string, escaped = self.depth, self.in_string, self.escaped
+        for i in range(self.i, len(text)):
+            ch = text[i]
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_string = False
             elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+                in_string = True
+            elif ch in "{[":
+                depth += 1
+            elif ch in "}]":
+                depth -= 1
+                if depth == 0:
+                    self.found = i + 1
+                    return self.found
+        self.i, self.depth, self.in_string, self.escaped = len(text), depth, in_string, escaped
+        return None
+
+    def shifted(self, offset: int) -> "JsonScan":
+        """The same progress in a text whose first `offset` characters were cut off."""
+        moved = JsonScan(self.i - offset)
+        moved.depth, moved.in_string, moved.escaped = self.depth, self.in_string, self.escaped
+        moved.found = None if self.found is None else self.found - offset
+        return moved
 
 
 def load_json(span: str) -> Any:
@@ -170,33 +218,68 @@ def assemble(segments: list[Segment]) -> tuple[str, list[ParsedCall]]:
 
 
 class ToolStreamParser:
-    """Feeds text deltas to a detector and returns OpenAI `delta` dicts (content or tool_calls)."""
+    """Feeds text deltas to a detector and returns OpenAI `delta` dicts (content or tool_calls).
+
+    It keeps the text from the detector's last checkpoint on (`text`) and a summary of what came before it:
+    the length of the content decided there, its part not sent yet (only ever whitespace, held until a
+    call or the end decides it) and the number of calls."""
 
     def __init__(self, detector: ToolCallDetector, max_calls: int | None = None):
         self.detector = detector
         self.max_calls = max_calls
-        self.buffer = ""
+        self.text = ""  # the output from the last checkpoint on
+        self.state: Any = None  # the detector's scan state at that checkpoint (None: the output's start)
+        self.done_content = 0  # length of the content decided before the checkpoint
+        self.done_unsent = ""  # of that content, what was not sent yet
+        self.done_has_text = False  # whether that content has more than whitespace
+        self.done_calls = 0  # calls decided before the checkpoint
         self.content_sent = 0
         self.args_sent: list[int] = []  # per emitted call: characters of arguments already sent
         self.ids: list[str] = []
 
     def feed(self, delta: str) -> list[dict[str, Any]]:
-        self.buffer += delta
-        return self._diff(self.detector.scan(self.buffer, final=False), final=False)
+        self.text += delta
+        result = self.detector.scan_from(self.text, False, self.state)
+        deltas = self._diff(result.segments, final=False)
+        if result.checkpoint is not None:
+            self._advance(result)
+        return deltas
 
     def finish(self) -> list[dict[str, Any]]:
-        return self._diff(self.detector.scan(self.buffer, final=True), final=True)
+        return self._diff(self.detector.scan_from(self.text, True, self.state).segments, final=True)
 
-    def _diff(self, result: ScanResult, final: bool) -> list[dict[str, Any]]:
-        content, calls = assemble(result.segments)
+    def _advance(self, result: ScanResult) -> None:
+        """Fold the segments before the checkpoint into the summary and drop their text."""
+        cp = result.checkpoint
+        for seg in result.segments[:cp.segments]:
+            if seg.call is not None:
+                self.done_calls += 1
+            elif not self.done_calls:
+                start = self.done_content
+                self.done_content += len(seg.text)
+                self.done_unsent += seg.text[max(0, self.content_sent - start):]
+                self.done_has_text = self.done_has_text or bool(seg.text.strip())
+        self.text, self.state = self.text[cp.pos:], cp.state
+
+    def _diff(self, segments: list[Segment], final: bool) -> list[dict[str, Any]]:
+        tail: list[str] = []
+        calls: list[ParsedCall] = []
+        for seg in segments:
+            if seg.call is not None:
+                calls.append(seg.call)
+            elif not calls and not self.done_calls:  # content is the text before the first call
+                tail.append(seg.text)
+        tail_content = "".join(tail)
         if self.max_calls is not None:
-            calls = calls[:self.max_calls]
+            calls = calls[:max(0, self.max_calls - self.done_calls)]
         deltas: list[dict[str, Any]] = []
+        total = self.done_content + len(tail_content)
+        has_calls = bool(calls) or self.done_calls > 0
         # Whitespace-only content is held: it is dropped if a call follows, kept if none does.
-        if len(content) > self.content_sent and (content.strip() or (final and not calls)):
-            deltas.append({"content": content[self.content_sent:]})
-            self.content_sent = len(content)
-        for index, call in enumerate(calls):
+        if total > self.content_sent and (self.done_has_text or tail_content.strip() or (final and not has_calls)):
+            deltas.append({"content": self.done_unsent + tail_content[max(0, self.content_sent - self.done_content):]})
+            self.content_sent, self.done_unsent = total, ""
+        for index, call in enumerate(calls, start=self.done_calls):
             if index == len(self.args_sent):
                 self.ids.append(call.call_id or self.detector.new_call_id())
                 self.args_sent.append(0)

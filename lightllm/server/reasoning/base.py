@@ -4,7 +4,9 @@ A detector `split`s a whole output text into the reasoning part and the answer p
 tool-call detectors, the split must be prefix-stable: what it decides for a prefix of the output stays
 the same for every extension (a tail that could still turn into a tag is withheld until it is known).
 Streaming re-splits the growing text and emits only what is newly decided, so the streamed
-`reasoning_content` and `content` reassemble to exactly the non-streamed split for any chunking.
+`reasoning_content` and `content` reassemble to exactly the non-streamed split for any chunking. A split
+may carry a `ReasoningCheckpoint` (where the text before is decided for good, and the state there) so the
+stream parser re-splits only the text after it: the work per delta stays bounded however long the output.
 
 Where the chat template puts the opening tag into the prompt (Qwen3-thinking, DeepSeek-R1, DeepSeek-V3.1
 with `thinking`), the output starts inside the block: `for_prompt` decides that per request.
@@ -13,23 +15,42 @@ with `thinking`), the output starts inside the block: `for_prompt` decides that 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from lightllm.server.holdback import partial_marker_len
+
+
+@dataclass(frozen=True)
+class ReasoningCheckpoint:
+    """For every extension of the text, splitting it whole gives reasoning[:reasoning] and content[:content]
+    of this split for text[:pos], followed by `split_from(text[pos:], final, state)`."""
+
+    pos: int
+    reasoning: int
+    content: int
+    state: Any
 
 
 @dataclass(frozen=True)
 class ReasoningSplit:
     reasoning: str  # the reasoning decided so far (whitespace around it trimmed)
     content: str  # the answer decided so far (leading whitespace trimmed when a block preceded it)
+    checkpoint: ReasoningCheckpoint | None = None  # set only by non-final splits of detectors that resume
 
 
-def _block_body(raw: str, final: bool, end_tag: str) -> str:
-    """Reasoning text of a block not closed (yet): trimmed, minus a tail that may still become the end
-    tag or turn out to be whitespace before it."""
-    if final:
-        return raw.strip()
-    hold = partial_marker_len(raw, (end_tag,))
-    return raw[:len(raw) - hold].strip()
+@dataclass(frozen=True)
+class _InBlock:
+    """The checkpoint is inside the reasoning block; `started`: reasoning text came before it, so
+    whitespace at the checkpoint is inside the reasoning (not trimmed)."""
+
+    started: bool
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """The checkpoint is in the answer; `trim`: no answer text yet after a block (leading whitespace goes)."""
+
+    trim: bool
 
 
 class ReasoningDetector:
@@ -44,6 +65,10 @@ class ReasoningDetector:
 
     def split(self, text: str, final: bool) -> ReasoningSplit:
         raise NotImplementedError
+
+    def split_from(self, text: str, final: bool, state: Any) -> ReasoningSplit:
+        """Split text that starts at a checkpoint this detector returned (state None: the output's start)."""
+        return self.split(text, final)
 
 
 class ThinkTagDetector(ReasoningDetector):
@@ -69,6 +94,13 @@ class ThinkTagDetector(ReasoningDetector):
                                 self.force_reasoning or opened)
 
     def split(self, text: str, final: bool) -> ReasoningSplit:
+        return self.split_from(text, final, None)
+
+    def split_from(self, text: str, final: bool, state: Any) -> ReasoningSplit:
+        if isinstance(state, _Answer):
+            return _answer(text, 0, state.trim, final)
+        if isinstance(state, _InBlock):
+            return self._block(text, 0, state.started, final)
         lead = len(text) - len(text.lstrip())
         rest = text[lead:]
         if rest.startswith(self.start_tag):
@@ -78,11 +110,38 @@ class ThinkTagDetector(ReasoningDetector):
         elif self.in_block:
             body_start = 0
         else:
-            return ReasoningSplit("", text)
+            return _answer(text, 0, False, final)
+        return self._block(text, body_start, False, final)
+
+    def _block(self, text: str, body_start: int, started: bool, final: bool) -> ReasoningSplit:
+        """The reasoning block's body from `body_start` (`started`: reasoning text came before it): trimmed,
+        minus a tail that may still become the end tag or turn out to be whitespace before it."""
         close = text.find(self.end_tag, body_start)
-        if close < 0:
-            return ReasoningSplit(_block_body(text[body_start:], final, self.end_tag), "")
-        return ReasoningSplit(text[body_start:close].strip(), text[close + len(self.end_tag):].lstrip())
+        if close >= 0:
+            reasoning = _trim(text[body_start:close], started)
+            return _answer(text, close + len(self.end_tag), True, final, reasoning)
+        hold = 0 if final else partial_marker_len(text, (self.end_tag,), body_start)
+        raw = text[body_start:len(text) - hold]
+        reasoning = _trim(raw, started)
+        if final:
+            return ReasoningSplit(reasoning, "")
+        # resume just after the last reasoning character (still at the body's start while there is none)
+        pos = body_start + len(raw.rstrip()) if reasoning else body_start
+        checkpoint = ReasoningCheckpoint(pos, len(reasoning), 0, _InBlock(started or bool(reasoning)))
+        return ReasoningSplit(reasoning, "", checkpoint)
+
+
+def _trim(body: str, started: bool) -> str:
+    return body.rstrip() if started else body.strip()
+
+
+def _answer(text: str, start: int, trim: bool, final: bool, reasoning: str = "") -> ReasoningSplit:
+    """text[start:] is all answer (leading whitespace trimmed while `trim`), after `reasoning`."""
+    content = text[start:].lstrip() if trim else text[start:]
+    if final:
+        return ReasoningSplit(reasoning, content)
+    return ReasoningSplit(reasoning, content, ReasoningCheckpoint(len(text), len(reasoning), len(content),
+                                                                  _Answer(trim and not content)))
 
 
 class ReasoningStreamParser:
@@ -90,16 +149,24 @@ class ReasoningStreamParser:
 
     def __init__(self, detector: ReasoningDetector):
         self.detector = detector
-        self.buffer = ""
-        self.reasoning_sent = 0
+        self.text = ""  # the output from the last checkpoint on
+        self.state: Any = None  # the detector's state at that checkpoint (None: the output's start)
+        self.reasoning_sent = 0  # of the reasoning and answer split from `text`, what was sent
         self.content_sent = 0
 
     def feed(self, delta: str) -> tuple[str, str]:
-        self.buffer += delta
-        return self._diff(self.detector.split(self.buffer, final=False))
+        self.text += delta
+        split = self.detector.split_from(self.text, False, self.state)
+        out = self._diff(split)
+        cp = split.checkpoint
+        if cp is not None:
+            self.text, self.state = self.text[cp.pos:], cp.state
+            self.reasoning_sent -= cp.reasoning
+            self.content_sent -= cp.content
+        return out
 
     def finish(self) -> tuple[str, str]:
-        return self._diff(self.detector.split(self.buffer, final=True))
+        return self._diff(self.detector.split_from(self.text, True, self.state))
 
     def _diff(self, split: ReasoningSplit) -> tuple[str, str]:
         reasoning = split.reasoning[self.reasoning_sent:]

@@ -1,0 +1,108 @@
+"""Streaming parsers resume from checkpoints: random outputs cut at random places still stream to exactly
+the plain parse, and the text re-scanned per delta stays bounded however long the output grows."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lightllm.server.function_call import base as fc_base
+from lightllm.server.function_call.base import ToolStreamParser, parse_complete
+from lightllm.server.function_call.registry import detector_class
+from lightllm.server.reasoning.base import ReasoningStreamParser
+from lightllm.server.reasoning.registry import reasoning_detector
+from tests.test_tool_parsers import TOOLS, reassemble
+
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris \\" } ]"}}'
+TOOL_PIECES = ["hello ", "world. ", " ", "\n", "<tool_call>", "</tool_call>", "```json", "```", CALL,
+               '{"name": "unknown", "arguments": {}}', '{"a": "<tool_call>"}', "<tool_", "</tool", "`", "``", "{",
+               "}", '"', "\\", "[", "]", '{"name": "add", "arguments": {"a": 1}}', "x" * 30]
+THINK_PIECES = ["<think>", "</think>", " ", "\n", "idea", " more", "</thi", "<thi", "<", ">", "answer", "\t"]
+
+
+def random_text(rng: random.Random, pieces: list[str]) -> str:
+    return "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 14)))
+
+
+def random_cuts(rng: random.Random, text: str) -> list[str]:
+    cuts, i = [], 0
+    while i < len(text):
+        n = rng.randrange(1, 9)
+        cuts.append(text[i:i + n])
+        i += n
+    return cuts
+
+
+def test_qwen25_random_outputs_stream_as_they_parse():
+    rng = random.Random(11)
+    for _ in range(1500):
+        text = random_text(rng, TOOL_PIECES)
+        for max_calls in (None, 1):
+            content, calls = parse_complete(detector_class("qwen25")(TOOLS), text, max_calls)
+            parser = ToolStreamParser(detector_class("qwen25")(TOOLS), max_calls)
+            deltas = [d for cut in random_cuts(rng, text) for d in parser.feed(cut)] + parser.finish()
+            s_content, s_calls = reassemble(deltas)
+            assert s_content == (content or ""), text
+            assert [(c["name"], c["arguments"]) for c in s_calls] == \
+                [(c["function"]["name"], c["function"]["arguments"]) for c in calls], text
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3-thinking"])
+def test_think_tags_random_outputs_stream_as_they_split(name):
+    rng = random.Random(5)
+    for _ in range(1500):
+        text = random_text(rng, THINK_PIECES)
+        detector = reasoning_detector(name).for_prompt("<think>" if rng.random() < 0.3 else "")
+        whole = detector.split(text, final=True)
+        parser = ReasoningStreamParser(detector)
+        reasoning = content = ""
+        for cut in random_cuts(rng, text):
+            r, c = parser.feed(cut)
+            reasoning, content = reasoning + r, content + c
+        r, c = parser.finish()
+        assert (reasoning + r, content + c) == (whole.reasoning, whole.content), text
+
+
+def test_tool_stream_rescans_a_bounded_text(monkeypatch):
+    """20,000 characters of answer, then a call whose arguments are 20,000 characters, then more calls, fed
+    two characters at a time: the text kept for re-scanning never exceeds the call being written, and
+    each character of a call's JSON is read about once (not once per delta)."""
+    json_reads = 0
+    original_end = fc_base.JsonScan.end
+
+    def counting_end(self, text):
+        nonlocal json_reads
+        if self.found is None:
+            json_reads += len(text) - self.i
+        return original_end(self, text)
+
+    monkeypatch.setattr(fc_base.JsonScan, "end", counting_end)
+    long_call = '<tool_call>\n{"name": "search", "arguments": {"q": "' + "ab{[\\\"" * 4000 + '"}}\n</tool_call>'
+    small_call = '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+    text = "Some text, " * 2000 + long_call + small_call * 50
+    parser = ToolStreamParser(detector_class("qwen25")(TOOLS))
+    kept = 0
+    deltas = []
+    for i in range(0, len(text), 2):
+        deltas += parser.feed(text[i:i + 2])
+        kept = max(kept, len(parser.text))
+    deltas += parser.finish()
+    content, calls = reassemble(deltas)
+    assert content == "Some text, " * 2000 and len(calls) == 51
+    assert kept <= len(long_call) + 2
+    assert json_reads <= 2 * (len(long_call) + 50 * len(small_call))
+
+
+def test_reasoning_stream_rescans_a_bounded_text():
+    parser = ReasoningStreamParser(reasoning_detector("qwen3"))
+    text = "<think>" + "step by step. " * 2000 + "</think>\n\n" + "The answer. " * 2000
+    kept = 0
+    reasoning = content = ""
+    for i in range(0, len(text), 3):
+        r, c = parser.feed(text[i:i + 3])
+        reasoning, content = reasoning + r, content + c
+        kept = max(kept, len(parser.text))
+    r, c = parser.finish()
+    assert (reasoning + r, content + c) == (("step by step. " * 2000).strip(), "The answer. " * 2000)
+    assert kept <= 16  # a space or two, a partial end tag and the delta

@@ -172,7 +172,7 @@ def test_kimi_call_ids_are_the_models_own():
 
 def test_lightllm_parser_names_and_aliases():
     # Exactly these names, in this order, are what --tool_call_parser offers and what an unknown name's error lists.
-    names = ["deepseekv3", "deepseekv31", "deepseekv32", "glm45", "glm47", "hermes", "kimi_k2", "llama3", "mistral",
+    names = ["deepseekv3", "deepseekv31", "deepseekv32", "glm45", "glm47", "gpt-oss", "hermes", "kimi_k2", "llama3", "mistral",
              "qwen", "qwen25", "qwen3_coder"]
     assert TOOL_PARSER_NAMES == names and set(DETECTORS) == set(names)
     assert DETECTORS["qwen"] is DETECTORS["hermes"] is DETECTORS["qwen25"]

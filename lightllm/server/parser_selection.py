@@ -59,8 +59,14 @@ def _reasoning_from_template(template: str, architecture: str) -> tuple[str | No
 def select_parsers(tool_flag: str | None, reasoning_flag: str | None, chat_template: str | None,
                    architecture: str = "") -> ParserChoice:
     template = chat_template or ""
+    if reasoning_flag:
+        reasoning, reasoning_reason = reasoning_flag, "--reasoning_parser"
+    else:
+        reasoning, reasoning_reason = _reasoning_from_template(template, architecture)
     if tool_flag:
         tool, tool_reason = tool_flag, "--tool_call_parser"
+    elif reasoning == "gpt-oss":  # harmony calls are messages to a function, not a marker in the template
+        tool, tool_reason = "gpt-oss", "the gpt-oss (harmony) reasoning parser writes calls as harmony messages"
     else:
         tool, tool_reason = DEFAULT_TOOL_PARSER, ("chat template has no tool-call syntax; the server's tool prompt "
                                                   f"teaches the {DEFAULT_TOOL_PARSER} syntax")
@@ -68,8 +74,4 @@ def select_parsers(tool_flag: str | None, reasoning_flag: str | None, chat_templ
             if all(m in template for m in markers):
                 tool, tool_reason = name, "chat template marker " + " + ".join(markers)
                 break
-    if reasoning_flag:
-        reasoning, reasoning_reason = reasoning_flag, "--reasoning_parser"
-    else:
-        reasoning, reasoning_reason = _reasoning_from_template(template, architecture)
     return ParserChoice(tool, tool_reason, reasoning, reasoning_reason)

@@ -9,6 +9,7 @@ from lightllm.server.function_call.base import ToolCallDetector
 from lightllm.server.function_call.deepseek import DeepSeekV3Detector, DeepSeekV31Detector
 from lightllm.server.function_call.deepseekv32 import DeepSeekV32Detector
 from lightllm.server.function_call.glm47 import Glm47Detector
+from lightllm.server.function_call.gpt_oss import GptOssToolDetector
 from lightllm.server.function_call.kimi_k2 import KimiK2Detector
 from lightllm.server.function_call.llama3 import Llama3Detector
 from lightllm.server.function_call.mistral import MistralDetector
@@ -28,6 +29,7 @@ DETECTORS: dict[str, type[ToolCallDetector]] = {
     "kimi_k2": KimiK2Detector,
     "glm47": Glm47Detector,
     "glm45": Glm47Detector,
+    "gpt-oss": GptOssToolDetector,
 }
 
 TOOL_PARSER_NAMES = sorted(DETECTORS)

@@ -2,8 +2,9 @@
 (DeepSeek-V3/V3.1, Kimi-K2): `SECTION_BEGIN (CALL_BEGIN body CALL_END)* SECTION_END`.
 
 Text before the section is content. A call is decided when its end marker arrives (or, at the end of
-the output, when its body is complete); a call body the format cannot parse, or that names an unknown
-tool, makes the rest of the output text — so a malformed last call falls back to text.
+the output, when its body is complete). A closed call the format cannot parse, or that names an unknown
+tool, is skipped and the calls after it still count (as vLLM's and LightLLM's parsers do); a section
+without one valid call, or one broken by text that is no call, leaves the whole output text.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class SectionDetector(ToolCallDetector):
         while True:
             i = skip_ws(text, pos)
             if text.startswith(m.section_end, i) or (i >= len(text) and final):
+                if not any(s.call for s in segments):
+                    return self._rest_as_text(text, segments, begin, final)
                 return ScanResult(segments, len(text) if final else i + len(m.section_end))
             if i >= len(text):
                 return ScanResult(segments, pos)
@@ -64,9 +67,8 @@ class SectionDetector(ToolCallDetector):
                 segments.append(Segment(call=call))
                 return ScanResult(segments, len(text))
             call = self.parse_body(text[body_start:end], index)
-            if call is None:
-                return self._rest_as_text(text, segments, begin, final)
-            segments.append(Segment(call=call))
+            if call is not None:  # a complete call that does not parse is skipped; the section goes on
+                segments.append(Segment(call=call))
             index += 1
             pos = end + len(m.call_end)
 

@@ -3,10 +3,10 @@
     <|channel|>analysis<|message|>REASONING<|end|><|start|>assistant<|channel|>final<|message|>ANSWER<|return|>
 
 (the prompt ends with `<|start|>assistant`, so the first message has no `<|start|>`). `analysis` bodies
-are the reasoning, `final` bodies the answer. Other messages (a `commentary` channel tool call such as
-`<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>`, or a preamble) stay
-in the answer with their markup, so a tool parser or the client still sees them. Output that does not
-use the channel markup at all is answer text.
+are the reasoning, `final` bodies and `commentary` preambles (no recipient) the answer. Messages addressed
+to a recipient (a tool call such as `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>
+{...}<|call|>`) stay in the answer whole, with their markup, for the gpt-oss tool parser or the client.
+Output that does not use the channel markup at all is answer text.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ class GptOssDetector(ReasoningDetector):
                 body = text[body_start:end[0]]
                 stop = end[0] + len(end[1])
             kind = channel[0] if channel else ""
+            addressed = "to=" in text[pos:body_start]  # a recipient in the role or channel header
             if kind == "analysis":
                 reasoning.append(body)
-            elif kind == "final":
+            elif kind == "final" or (kind == "commentary" and not addressed):  # a preamble is for the user
                 content.append(body)
             elif end is not None or final:
                 content.append(text[pos:stop])  # commentary etc.: kept whole, once complete

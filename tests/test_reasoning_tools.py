@@ -1,0 +1,159 @@
+"""Reasoning models that call tools: harmony (gpt-oss) calls, a tool-call marker that ends the reasoning
+block, and the smaller fixes around them (a Kimi-K2 section with one malformed call).
+
+Every case is parsed whole and streamed at every chunk size, and both must agree exactly. Cases follow
+the peers' tests (vLLM tests/tool_parsers/test_openai_tool_parser.py and tests/reasoning/, SGLang's
+gpt-oss and kimi tests, llama.cpp tests/test-chat.cpp); where the peers disagree the comment says what
+we chose."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightllm.server.function_call.base import parse_complete
+from lightllm.server.function_call.registry import detector_class
+from lightllm.server.parser_selection import select_parsers
+from tests.test_reasoning_parsers import output_parser, stream_message
+from tests.test_tool_formats import SCHEMAS, kimi
+from tests.test_tool_parsers import TOOLS, check_case
+
+OPENAI_TOOLS = [{"type": "function", "function": {"name": name, "parameters": schema}}
+                for name, schema in SCHEMAS.items()]
+
+
+def check_message(reasoning_name, tool_format, text, reasoning, content, calls, tools=OPENAI_TOOLS):
+    """Parsed whole, then streamed at every chunk size: the same reasoning, content and calls."""
+    def parser():
+        return output_parser(reasoning_name, tool_format, tools)
+
+    parsed = parser().parse(text)
+    assert (parsed.reasoning, parsed.content) == (reasoning, content)
+    got = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls]
+    assert got == calls
+    for size in range(1, len(text) + 1):
+        streamed = stream_message(parser(), text, size)
+        assert streamed["reasoning"] == parsed.reasoning, size
+        assert streamed["content"] == (parsed.content or ""), size
+        assert [(c["name"], c["arguments"]) for c in streamed["calls"]] == \
+               [(c["function"]["name"], c["function"]["arguments"]) for c in parsed.tool_calls], size
+
+
+# ------------------------------------------------------------------------------------ gpt-oss (harmony)
+
+def analysis(text: str) -> str:
+    return f"<|channel|>analysis<|message|>{text}<|end|>"
+
+
+def call(name: str, body: str, constrain: str = " <|constrain|>json", end: str = "<|call|>") -> str:
+    return f"<|start|>assistant<|channel|>commentary to=functions.{name}{constrain}<|message|>{body}{end}"
+
+
+def final(text: str, end: str = "<|return|>") -> str:
+    return f"<|start|>assistant<|channel|>final<|message|>{text}{end}"
+
+
+W = '{"city": "Tokyo"}'
+HARMONY = [
+    # vLLM test_extract_tool_calls_single_tool: analysis then one call; no content
+    (analysis("User asks the weather. Use get_weather.") + call("get_weather", W),
+     "User asks the weather. Use get_weather.", None, [("get_weather", {"city": "Tokyo"})]),
+    # ... the arguments with newlines in them are normalized JSON text
+    (analysis("r") + call("get_weather", '{\n"city": "Tokyo"\n}'), "r", None, [("get_weather", {"city": "Tokyo"})]),
+    # <|call|> is a stop token: the output may end right after the arguments
+    (analysis("r") + call("get_weather", W, end=""), "r", None, [("get_weather", {"city": "Tokyo"})]),
+    # the content type written without <|constrain|>, or not at all (vLLM assumes JSON)
+    (analysis("r") + call("add", '{"a": 1}', constrain=" json"), "r", None, [("add", {"a": 1})]),
+    (analysis("r") + call("add", '{"a": 1}', constrain=""), "r", None, [("add", {"a": 1})]),
+    # the recipient in the role header (harmony allows both places)
+    (analysis("r") + '<|start|>assistant to=functions.search<|channel|>commentary json<|message|>{"q": "x"}<|call|>',
+     "r", None, [("search", {"q": "x"})]),
+    # vLLM test_extract_tool_calls_multiple_tools: several calls, `{}` and an empty body are no arguments
+    # (vLLM passes the empty body through as ""; we return "{}", the JSON object a client can load)
+    (analysis("r") + call("get_weather", W) + call("search", '{"q": "Tokyo"}') + call("add", "{}") + call("add", ""),
+     "r", None, [("get_weather", {"city": "Tokyo"}), ("search", {"q": "Tokyo"}), ("add", {}), ("add", {})]),
+    # vLLM test_extract_tool_calls_with_content: a final message after the call is the content
+    (analysis("r") + call("get_weather", W) + final("This tool call will get the weather."), "r",
+     "This tool call will get the weather.", [("get_weather", {"city": "Tokyo"})]),
+    # a preamble (commentary without a recipient) is shown to the user: content
+    (analysis("r") + "<|start|>assistant<|channel|>commentary<|message|>Checking the weather.<|end|>"
+     + call("get_weather", W), "r", "Checking the weather.", [("get_weather", {"city": "Tokyo"})]),
+    # vLLM test_extract_tool_calls_no_tools: a final answer only
+    (analysis("r") + final("This is a test"), "r", "This is a test", []),
+    (final("Direct answer", end=""), None, "Direct answer", []),
+    # a function the request did not offer, arguments that are no JSON object (vLLM passes "foo" through as
+    # the arguments; SGLang drops the call; we keep the message as text), a built-in tool's message: text
+    (analysis("r") + call("launch_rockets", "{}"), "r", call("launch_rockets", "{}"), []),
+    (analysis("r") + call("add", "foo"), "r", call("add", "foo"), []),
+    (analysis("r") + call("add", "[1, 2]"), "r", call("add", "[1, 2]"), []),
+    (analysis("We need to browse.") + "<|start|>assistant<|channel|>analysis to=browser.search code<|message|>"
+     '{"query": "x"}<|call|>', "We need to browse.{\"query\": \"x\"}", None, []),
+    # a call cut by the length limit before its arguments closed is no call
+    (analysis("r") + call("get_weather", '{"city": "To', end=""), "r", call("get_weather", '{"city": "To', end=""), []),
+    # unterminated reasoning: no call, no content
+    (analysis("still thinking")[:-len("<|end|>")], "still thinking", None, []),
+    # Chinese stays readable in the arguments
+    (analysis("r") + call("get_weather", '{"city": "北京"}'), "r", None, [("get_weather", {"city": "北京"})]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(HARMONY)))
+def test_gpt_oss_calls_with_the_gpt_oss_reasoning_parser(case):
+    check_message("gpt-oss", "gpt-oss", *HARMONY[case])
+
+
+# The tool parser alone (separate_reasoning off): the other messages stay text with their markup; SGLang's
+# parser test (text, a call, text after it).
+HARMONY_ALONE = [
+    ("Let me search for that information.\n<|channel|>commentary to=functions.search<|constrain|>json<|message|>"
+     '{"query": "rust programming", "limit": 10}<|call|>\nHere are the results...',
+     "Let me search for that information.\n\nHere are the results...",
+     [("search", {"query": "rust programming", "limit": 10})]),
+    (analysis("r") + call("get_weather", W), analysis("r"), [("get_weather", {"city": "Tokyo"})]),
+    (analysis("r") + final("hi"), analysis("r") + final("hi"), []),
+    ("plain answer <|chan", "plain answer <|chan", []),
+    ("<|channel|>commentary to=functions.add <|constrain|>json",
+     "<|channel|>commentary to=functions.add <|constrain|>json", []),
+]
+
+
+@pytest.mark.parametrize("case", range(len(HARMONY_ALONE)))
+def test_gpt_oss_tool_parser_alone(case):
+    check_case(lambda: detector_class("gpt-oss")(TOOLS, SCHEMAS), *HARMONY_ALONE[case])
+
+
+def test_gpt_oss_tool_parser_is_chosen_with_the_gpt_oss_reasoning_parser():
+    harmony_template = "{{ '<|start|>assistant<|channel|>final<|message|>' }}"
+    choice = select_parsers(None, None, harmony_template)
+    assert (choice.tool_call_parser, choice.reasoning_parser) == ("gpt-oss", "gpt-oss")
+    choice = select_parsers(None, "gpt-oss", "{{ messages }}")
+    assert (choice.tool_call_parser, choice.reasoning_parser) == ("gpt-oss", "gpt-oss")
+    assert select_parsers("qwen25", "gpt-oss", harmony_template).tool_call_parser == "qwen25"  # the flag wins
+    assert select_parsers(None, None, "<tool_call>{{ x }}").tool_call_parser == "qwen25"
+
+
+# ------------------------------------------------------------------------------------ Kimi-K2 sections
+
+KIMI_MALFORMED = [
+    # vLLM's and LightLLM's kimi parsers skip a call whose id is malformed and return the valid one after it
+    (kimi(("functions.get_weather.0", '{"city": "A"}'), ("functions.get_weather:1", '{"city": "B"}')), None,
+     [("get_weather", {"city": "B"})]),
+    ("Both. " + kimi(("functions.nope:0", "{}"), ("functions.add:1", '{"a": 1}'), ("functions.add:2", '{"a": }')),
+     "Both. ", [("add", {"a": 1})]),
+    # no valid call at all: the whole output stays text
+    (kimi(("functions.get_weather.0", '{"city": "A"}')), kimi(("functions.get_weather.0", '{"city": "A"}')), []),
+    ("<|tool_calls_section_begin|><|tool_calls_section_end|>", "<|tool_calls_section_begin|><|tool_calls_section_end|>",
+     []),
+]
+
+
+@pytest.mark.parametrize("case", range(len(KIMI_MALFORMED)))
+def test_kimi_section_keeps_the_valid_calls_after_a_malformed_one(case):
+    check_case(lambda: detector_class("kimi_k2")(TOOLS, SCHEMAS), *KIMI_MALFORMED[case])
+
+
+def test_kimi_valid_call_after_a_malformed_one_keeps_its_own_id():
+    text = kimi(("functions.get_weather.0", '{"city": "A"}'), ("functions.get_weather:1", '{"city": "B"}'))
+    _, calls = parse_complete(detector_class("kimi_k2")(TOOLS, SCHEMAS), text)
+    assert [c["id"] for c in calls] == ["functions.get_weather:1"]

@@ -23,7 +23,7 @@ from lightllm.server.errors import APIError, install_error_handlers
 from lightllm.server.generation import GenerationChunk, StopStringMatcher
 from lightllm.server.openai.chat_output import ChatOutputParser
 from lightllm.server.reasoning.registry import reasoning_detector
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, embedded_model_path
 
 WEATHER = {"name": "get_current_weather", "description": "Get the current weather in a given city",
            "input_schema": {"type": "object", "properties": {
@@ -81,6 +81,38 @@ def test_max_tokens_and_stop_sequences(client):
         streamed = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert streamed == text[:text.index(word)] and final.stop_reason == "stop_sequence" and final.stop_sequence == word
+
+
+def test_a_final_assistant_turn_is_continued(client, smol_server):
+    """A prefill: the reply continues the last assistant turn (without repeating it), as the chat route's
+    continue_final_message does; the prompt ends with the prefill's text, not a new assistant header."""
+    from lightllm.tokenizer import load_tokenizer
+
+    prefill = "The capital of France is"
+    messages = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": prefill}]
+    r = client.messages.create(model="smol", max_tokens=8, extra_body=GREEDY, messages=messages)
+    chat = requests.post(smol_server.base_url + "/v1/chat/completions", headers={"x-api-key": API_KEY}, timeout=60,
+                         json={"messages": messages, "max_tokens": 8, "temperature": 0,
+                               "add_generation_prompt": False, "continue_final_message": True}).json()
+    assert text_of(r) == chat["choices"][0]["message"]["content"] and not text_of(r).startswith(prefill)
+    tokenizer = load_tokenizer(embedded_model_path())
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert prompt.endswith(prefill)
+    assert r.usage.input_tokens == chat["usage"]["prompt_tokens"] == \
+        len(tokenizer.encode(prompt, add_special_tokens=False))
+    # Block content is continued the same way; a new turn after the prefill's text would be a longer prompt.
+    blocks = client.messages.create(model="smol", max_tokens=8, extra_body=GREEDY, messages=[
+        messages[0], {"role": "assistant", "content": [{"type": "text", "text": prefill}]}])
+    assert text_of(blocks) == text_of(r) and blocks.usage.input_tokens == r.usage.input_tokens
+    fresh = client.messages.create(model="smol", max_tokens=1, extra_body=GREEDY, messages=messages[:1])
+    assert fresh.usage.input_tokens < r.usage.input_tokens
+    both = requests.post(smol_server.base_url + "/v1/chat/completions", headers={"x-api-key": API_KEY}, timeout=60,
+                         json={"messages": messages, "max_tokens": 2, "continue_final_message": True})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
+    not_assistant = requests.post(smol_server.base_url + "/v1/chat/completions", headers={"x-api-key": API_KEY},
+                                  timeout=60, json={"messages": messages[:1], "max_tokens": 2,
+                                                    "add_generation_prompt": False, "continue_final_message": True})
+    assert not_assistant.status_code == 400 and not_assistant.json()["error"]["param"] == "messages"
 
 
 # ------------------------------------------------------------------------------------------ stream

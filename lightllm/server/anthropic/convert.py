@@ -63,7 +63,12 @@ def _tool_fields(req: CountTokensRequest) -> dict[str, Any]:
 
 def to_chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
     """The equivalent chat completion request (sampling fields too, for a MessagesRequest)."""
-    fields: dict[str, Any] = {"model": req.model, "messages": _messages(req), **_tool_fields(req)}
+    messages = _messages(req)
+    fields: dict[str, Any] = {"model": req.model, "messages": messages, **_tool_fields(req)}
+    last = messages[-1]
+    if last["role"] == "assistant" and last["content"] and not last.get("tool_calls"):
+        # A final assistant turn is a prefill: the reply continues it (and leaves it out, as Anthropic does).
+        fields.update(add_generation_prompt=False, continue_final_message=True)
     if isinstance(req, MessagesRequest):
         fields.update(max_tokens=req.max_tokens, stop=req.stop_sequences, stream=req.stream,
                       temperature=req.temperature, top_p=req.top_p,

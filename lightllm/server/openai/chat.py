@@ -61,11 +61,24 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest, tools: ToolCon
             raise APIError(400, "reasoning_effort is not supported by this model: its chat template has no "
                                 "reasoning effort setting", param="reasoning_effort")
         kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+    if req.continue_final_message:
+        if req.add_generation_prompt:
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: set "
+                                "add_generation_prompt to false to continue the final message",
+                           param="continue_final_message")
+        if messages[-1]["role"] != "assistant" or messages[-1].get("tool_calls"):
+            raise APIError(400, "continue_final_message needs the last message to be an assistant message with "
+                                "text and no tool calls", param="messages")
     try:
         return state.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                   add_generation_prompt=req.add_generation_prompt, **kwargs)
+                                                   add_generation_prompt=req.add_generation_prompt,
+                                                   continue_final_message=req.continue_final_message, **kwargs)
     except jinja2.TemplateError as exc:
         raise APIError(400, f"chat template error: {exc}", param="messages") from exc
+    except ValueError as exc:  # the template does not render the final message's text as it was given
+        if not req.continue_final_message:
+            raise
+        raise APIError(400, f"cannot continue the final message: {exc}", param="messages") from None
 
 
 @dataclass

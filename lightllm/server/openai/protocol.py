@@ -164,6 +164,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: the reply continues the last (assistant) message, a prefill
     # Reasoning models: split the thinking into `reasoning_content` (false: leave it in `content`), and
     # the effort setting for templates that take one (gpt-oss).
     separate_reasoning: bool = True

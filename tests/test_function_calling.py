@@ -14,6 +14,7 @@ import requests
 
 from scripts.check_documented_programs import TOOLS_PLAIN, TOOLS_STREAM
 from tests.conftest import API_KEY, REPO, ServerProcess
+from tests.model_fetch import model_unavailable
 
 WEATHER = {"type": "function", "function": {
     "name": "get_current_weather", "description": "Get the current weather in a given city",
@@ -157,7 +158,7 @@ def qwen_server(tmp_path_factory):
     fetched = subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_qwen25_coder.py")], capture_output=True,
                              text=True)
     if fetched.returncode != 0:
-        pytest.skip(f"Qwen2.5-Coder GGUF could not be fetched: {fetched.stderr[-500:]}")
+        model_unavailable(f"Qwen2.5-Coder GGUF could not be fetched: {fetched.stderr[-500:]}")
     path = fetched.stdout.strip().splitlines()[-1]
     # No parser flag: the server picks qwen25 from the template's <tool_call>, as `make serve` does.
     server = ServerProcess(["--model_dir", path, "--max_total_token_num", "20000", "--max_req_total_len", "8192"],

@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import REPO, ServerProcess, build_tiny_model, embedded_model_path, free_port, \
     run_engine_recording_logits
+from tests.model_fetch import model_unavailable
 from tests.test_numerics import PROMPTS
 
 
@@ -66,10 +67,11 @@ def _qwen_coder() -> str:
     try:
         return resolve_model("qwen2.5-coder")
     except ModelUnavailable as exc:
-        pytest.skip(f"Qwen2.5-Coder unavailable: {exc}")
+        model_unavailable(f"Qwen2.5-Coder unavailable: {exc}")
 
 
 @pytest.mark.slow
+@pytest.mark.qwen
 def test_tp2_server_matches_tp1_on_qwen_coder(tmp_path):
     """The served default model split over two ranks gives the same greedy tokens at the same precision:
     its GGUF weights read exactly, fp32 (the quantized kernels hand back bf16 partial sums, whose rounding

@@ -81,8 +81,12 @@ def test_continuous_usage_stats(smol_server):
 
 
 def test_probes(smol_server):
-    for path in ("/health", "/healthz", "/readiness", "/liveness"):
+    for path in ("/health", "/healthz"):
         assert requests.get(smol_server.base_url + path, timeout=5).json() == {"message": "Ok"}, path
+    for path in ("/readiness", "/liveness"):  # LightLLM's shape for the Kubernetes-style probes
+        assert requests.get(smol_server.base_url + path, timeout=5).json() == {"status": "ok"}, path
+    head = requests.head(smol_server.base_url + "/health", timeout=5)
+    assert head.status_code == 200 and head.content == b""
     info = requests.get(smol_server.base_url + "/get_server_info", timeout=5).json()
     assert info["max_total_token_num"] == 30000 and info["tool_call_parser"] == "qwen25"
 

@@ -17,7 +17,7 @@ from lightllm.server.args import ServerArgs
 from lightllm.server.engine_client import EngineClient, EngineDied
 from lightllm.server.errors import APIError, error_response, install_error_handlers
 from lightllm.server.limits import MAX_BODY_BYTES
-from lightllm.server.openapi import COMMON_ERRORS, HEALTH_RESPONSES, install_openapi
+from lightllm.server.openapi import COMMON_ERRORS, HEALTH_RESPONSES, HealthStatus, install_openapi
 from lightllm.server.lifecycle import Lifecycle
 from lightllm.server.parser_selection import select_parsers
 from lightllm.server.state import ServerState, engine_unavailable
@@ -151,24 +151,38 @@ class TokensRequest(BaseModel):
     text: str
 
 
+class ProbeStatus(BaseModel):
+    status: str
+
+
 def _add_info_routes(app: FastAPI) -> None:
-    @app.get("/health", responses=HEALTH_RESPONSES)
-    @app.get("/healthz", responses=HEALTH_RESPONSES)
-    @app.get("/readiness", responses=HEALTH_RESPONSES)
-    async def health(request: Request):
-        """Ready to serve: the engine runs and the server is not draining."""
+    def not_ready(request: Request) -> JSONResponse | None:
         state: ServerState = request.app.state.server
         if not state.engine.alive:
             return JSONResponse({"message": f"engine not running: {state.engine.dead_reason}"}, status_code=503,
                                 headers={"Retry-After": "5"})
         if state.lifecycle.draining:
             return JSONResponse({"message": "shutting down"}, status_code=503)
-        return {"message": "Ok"}
+        return None
 
-    @app.get("/liveness")
+    @app.get("/health", responses=HEALTH_RESPONSES)
+    @app.head("/health", include_in_schema=False)  # load balancers probe with HEAD (LightLLM answers it)
+    @app.get("/healthz", responses=HEALTH_RESPONSES)
+    async def health(request: Request):
+        """Ready to serve: the engine runs and the server is not draining."""
+        return not_ready(request) or {"message": "Ok"}
+
+    # The Kubernetes-style probes answer in LightLLM's shape.
+    @app.get("/readiness", responses={200: {"model": ProbeStatus, "description": "Ready"},
+                                      503: {"model": HealthStatus, "description": "Engine down or draining"}})
+    async def readiness(request: Request):
+        """Ready to serve: the engine runs and the server is not draining."""
+        return not_ready(request) or {"status": "ok"}
+
+    @app.get("/liveness", response_model=ProbeStatus)
     async def liveness():
         """The API process answers (a supervisor restarts it when this fails)."""
-        return {"message": "Ok"}
+        return {"status": "ok"}
 
     @app.get("/get_server_info")
     async def get_server_info(request: Request):

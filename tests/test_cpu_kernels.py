@@ -174,9 +174,10 @@ def test_argmax_and_topk_helpers_fall_back_to_torch():
     assert torch.equal(cpu_kernels.argmax_rows(y), y.argmax(-1))
 
 
+@pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("heads,kv_heads,ctx,new", [(9, 3, 300, 300), (9, 3, 300, 77), (14, 2, 33, 33),
                                                      (4, 4, 17, 5), (8, 1, 1, 1), (6, 2, 40, 1)])
-def test_prefill_attention_matches_sdpa(heads, kv_heads, ctx, new):
+def test_prefill_attention_matches_sdpa(heads, kv_heads, ctx, new, window):
     """The fused causal prefill kernel (head size 64, fp16 pool): whole prompts, prompts after a cached prefix
     (queries are the last `new` of `ctx` positions) and partial blocks, against SDPA on the same values."""
     if not kernels.has_prefill_attention:
@@ -188,10 +189,55 @@ def test_prefill_attention_matches_sdpa(heads, kv_heads, ctx, new):
     slots = torch.randperm(pool, generator=g)[:ctx]
     q = torch.randn(new, heads + 2, 64, generator=g)[:, :heads] * 2  # rows strided, as the fused forward's q
     out = torch.empty(new, heads, 64)
-    kernels.prefill_attention(q, k_pool, v_pool, slots, new, 0.125, out)
+    kernels.prefill_attention(q, k_pool, v_pool, slots, new, 0.125, out, window)
     k = k_pool[slots].float().transpose(0, 1).unsqueeze(0)
     v = v_pool[slots].float().transpose(0, 1).unsqueeze(0)
-    mask = torch.arange(ctx).unsqueeze(0) <= torch.arange(ctx - new, ctx).unsqueeze(1)
+    key, query = torch.arange(ctx).unsqueeze(0), torch.arange(ctx - new, ctx).unsqueeze(1)
+    mask = (key <= query) & ((key > query - window) if window else True)
     expected = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask, scale=0.125,
                                               enable_gqa=True)[0].transpose(0, 1)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _context(g: torch.Generator, ctx: int, kv_heads: int, heads: int):
+    pool = ctx + 40
+    k_pool = torch.randn(pool, kv_heads, 64, generator=g).half()
+    v_pool = torch.randn(pool, kv_heads, 64, generator=g).half()
+    slots = torch.randperm(pool, generator=g)[:ctx]
+    q = torch.randn(ctx, heads, 64, generator=g) * 2
+    return k_pool, v_pool, slots, q
+
+
+@pytest.mark.parametrize("window", [None, 37])
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (14, 2), (8, 1), (4, 4)])
+def test_attention_rows_are_bit_identical_in_prefill_and_decode(heads, kv_heads, window):
+    """Every query row is reduced over the same 16-key blocks in the same order by both kernels: a token's
+    output is bit-identical whether it is a decode query (alone or in a batch of other sequences), a row of a
+    whole-prompt prefill, or a row of a chunk of any size and start after cached positions."""
+    if not kernels.has_prefill_attention:
+        pytest.skip("the fixed-block attention kernels need AVX-512")
+    g = torch.Generator().manual_seed(heads * 7 + (window or 0))
+    ctx = 150
+    k_pool, v_pool, slots, q = _context(g, ctx, kv_heads, heads)
+    whole = torch.empty(ctx, heads, 64)
+    kernels.prefill_attention(q, k_pool, v_pool, slots, ctx, 0.125, whole, window)
+    for start, end in ((0, 1), (0, 17), (5, 40), (16, 32), (33, 34), (100, 150), (149, 150)):  # chunks
+        part = torch.empty(end - start, heads, 64)
+        kernels.prefill_attention(q[start:end], k_pool, v_pool, slots[:end], end - start, 0.125, part, window)
+        assert torch.equal(part, whole[start:end]), (start, end)
+    # decode: the token at position p of this sequence, alone and inside batches of other sequences
+    table = torch.zeros(4, ctx, dtype=torch.long)
+    table[2] = slots
+    table[0, :90] = torch.randperm(ctx + 40, generator=g)[:90]
+    table[3, :7] = torch.randperm(ctx + 40, generator=g)[:7]
+    for pos in (0, 15, 16, 63, 64, 100, 149):
+        alone = torch.empty(1, heads, 64)
+        kernels.decode_attention(q[pos:pos + 1].contiguous(), k_pool, v_pool, table, torch.tensor([2]),
+                                 torch.tensor([pos + 1]), None, window, 0.125, alone)
+        assert torch.equal(alone[0], whole[pos]), pos
+        batch_q = torch.randn(3, heads, 64, generator=g)
+        batch_q[1] = q[pos]
+        crowd = torch.empty(3, heads, 64)
+        kernels.decode_attention(batch_q, k_pool, v_pool, table, torch.tensor([0, 2, 3]),
+                                 torch.tensor([90, pos + 1, 7]), None, window, 0.125, crowd)
+        assert torch.equal(crowd[1], whole[pos]), pos

@@ -16,6 +16,7 @@ from lightllm.models.quant.gguf_blocks import gguf_blocks, kept_quantized
 from lightllm.models.quant.gguf_decode import BLOCK_SIZES
 from lightllm.models.quant.factory import make_linear
 from lightllm.models.quant.linear import GgufLinear
+from lightllm.models.quant.policy import LinearPolicy
 from lightllm.models.quant.weights import GGUF_NATIVE_TYPES, GgufRowGroups, GroupQuantized, cat_rows
 from tests.test_gguf_quants import random_blocks, reference
 
@@ -108,13 +109,11 @@ def test_fused_parts_of_different_types_run_as_one_layer():
     torch.testing.assert_close(layer.dequantized(), torch.cat([reference(r, t) for r, (t, _) in zip(raws, parts)]))
 
 
-def test_gguf_quant_type_keeps_blocks_and_other_quant_types_decode_them(monkeypatch):
-    monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "0")
-    monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "0")
+def test_gguf_quant_type_keeps_blocks_and_other_quant_types_decode_them():
     raw = random_blocks("Q6_K", 32, 256, seed=2, full_range=False)
     blocks = gguf_blocks(raw, "Q6_K", (32, 256))
     cpu = torch.device("cpu")
-    assert isinstance(make_linear(blocks, None, "gguf", cpu, torch.float32), GgufLinear)
+    assert isinstance(make_linear(blocks, None, "gguf", cpu, torch.float32, LinearPolicy(tiles=False)), GgufLinear)
     dense = make_linear(blocks, None, "none", cpu, torch.float32)
     assert torch.equal(dense.weight, reference(raw, "Q6_K"))
 
@@ -128,19 +127,20 @@ def test_q4_0_and_q4_1_stay_on_the_int4_kernel_where_it_fits():
     assert kept_quantized(random_blocks("Q3_K", 16, 256), "Q3_K", (16, 256)) is None  # decoded, then int8
 
 
-def test_a_gguf_lm_head_gives_its_exact_rows_for_the_logit_refinement(monkeypatch):
+def test_a_gguf_lm_head_gives_its_exact_rows_for_the_logit_refinement():
     """The top candidates of a GGUF lm_head's logits are recomputed in fp32 from its own blocks."""
     from types import SimpleNamespace
 
     from lightllm.models.decoder import LlamaModel
 
-    monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "4")  # wrapped in the batched-path dispatch
-    monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "4")
     parts = [("Q8_0", 48), ("Q6_K", 16), ("Q4_K", 8), ("Q5_0", 8), ("Q4_1", 8), ("Q5_K", 8)]
     raws = [random_blocks(t, n, 256, seed=i, full_range=False) for i, (t, n) in enumerate(parts)]
-    head = make_linear(cat_rows([gguf_blocks(raw, t, (n, 256)) for raw, (t, n) in zip(raws, parts)]), None, "gguf",
-                       torch.device("cpu"), torch.float32)
-    rows_of = LlamaModel._exact_head_source(SimpleNamespace(lm_head=head), SimpleNamespace(tie_word_embeddings=False))
+    weight = cat_rows([gguf_blocks(raw, t, (n, 256)) for raw, (t, n) in zip(raws, parts)])
     indices = torch.tensor([63, 0, 47, 48, 5, 64, 75, 83, 95, 90])
     expected = torch.cat([reference(r, t) for r, (t, _) in zip(raws, parts)]).index_select(0, indices)
-    assert torch.equal(rows_of(indices), expected)
+    # the one form (tiles or blocks), and wrapped with the opt-in dense copy
+    for policy in (LinearPolicy(), LinearPolicy(tiles=False), LinearPolicy(dense_min_rows=4)):
+        head = make_linear(weight, None, "gguf", torch.device("cpu"), torch.float32, policy)
+        rows_of = LlamaModel._exact_head_source(SimpleNamespace(lm_head=head),
+                                                SimpleNamespace(tie_word_embeddings=False))
+        assert torch.equal(rows_of(indices), expected)

@@ -216,6 +216,7 @@ def test_gguf_kernel_path_tracks_the_exact_weights(arch, overrides, qtype, tmp_p
     from lightllm.engine.engine import Engine
     from lightllm.engine.protocol import EngineConfig
     from lightllm.models.quant.linear import GgufLinear, RowCountDispatch
+    from lightllm.models.quant.tiled import TiledLinear
 
     model_dir = build_tiny_model(tmp_path / arch, arch, **overrides)
     gguf_path = tmp_path / "tiny-q.gguf"
@@ -233,7 +234,7 @@ def test_gguf_kernel_path_tracks_the_exact_weights(arch, overrides, qtype, tmp_p
             layers.append((lw.down, cfg.intermediate_size))
     for layer, in_features in layers:  # matrices whose rows are whole blocks run from them
         kernel = layer.quantized if isinstance(layer, RowCountDispatch) else layer
-        assert isinstance(kernel, GgufLinear) == (in_features % block == 0), (type(kernel), in_features)
+        assert isinstance(kernel, (GgufLinear, TiledLinear)) == (in_features % block == 0), (type(kernel), in_features)
     del engine
     _, exact_tokens, exact = run_engine_recording_logits(gguf_path, PROMPTS, quant_type="none")
     _, native_tokens, native = run_engine_recording_logits(gguf_path, PROMPTS, quant_type="gguf")

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lightllm.models.quant.gguf_blocks import group_quantized
-from lightllm.models.quant.factory import with_batch_path
+from lightllm.models.quant.factory import one_form
 from lightllm.models.quant.linear import DenseLinear, Int4Linear, Int8Linear, RowCountDispatch
+from lightllm.models.quant.policy import LinearPolicy
 from lightllm.models.quant.weights import quantize_int4
 from tests.conftest import embedded_model_path, run_engine_recording_logits
 
@@ -42,16 +43,13 @@ def test_quantized_linears_track_dense(shape):
     assert rel_err(Int4Linear(q4, bias)(x), dense) < 0.15  # and int4 itself stays close to the original
 
 
-@pytest.mark.parametrize("batched", ["dense", "tiled"])
 @pytest.mark.parametrize("kind", ["int4", "int4-g64", "int8"])
-def test_batched_path_computes_the_quantized_weights(kind, batched, monkeypatch):
-    """From a few rows a quantized layer runs its batched path (the tiled int8 kernel, or a dense bf16 copy):
-    it must compute the same function, below the threshold the GEMV kernel runs."""
+def test_one_form_computes_the_quantized_weights(kind):
+    """An int4/int8 layer's one form (its tiles on AVX512-VNNI, else its own kernel) computes the quantized
+    weights at every row count; the opt-in dense bf16 copy, from its row bound, the same function."""
     from lightllm.kernels import cpu as cpu_kernels
     from lightllm.models.quant.tiled import TiledLinear
 
-    if batched == "tiled" and not (cpu_kernels.load() and cpu_kernels.load().tiled_fast):
-        pytest.skip("the tiled kernel's vector path needs AVX512-VNNI")
     torch.manual_seed(1)
     weight, bias = torch.randn(960, 576) * 0.05, torch.randn(960) * 0.1
     stored = None
@@ -61,20 +59,23 @@ def test_batched_path_computes_the_quantized_weights(kind, batched, monkeypatch)
     else:
         layer = Int8Linear(weight, bias)
         dequantize = layer.dequantized
-    monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "8" if batched == "tiled" else "0")
-    monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "8")
-    dispatch = with_batch_path(layer, stored, dequantize)
+    form = one_form(layer, stored, dequantize, LinearPolicy())
+    tiles = bool(cpu_kernels.load() and cpu_kernels.load().tiled_fast)
+    assert isinstance(form, TiledLinear) if tiles else form is layer
+    assert one_form(layer, stored, dequantize, LinearPolicy(tiles=False)) is layer
+    for rows in (1, 3, 12):
+        x = torch.randn(rows, 576)
+        exact = DenseLinear(dequantize(), bias)(x)
+        assert rel_err(form(x), exact) < 0.01
+    dispatch = one_form(layer, stored, dequantize, LinearPolicy(dense_min_rows=8))
     assert isinstance(dispatch, RowCountDispatch) and dispatch.min_rows == 8
-    assert isinstance(dispatch.batched, TiledLinear if batched == "tiled" else DenseLinear)
+    assert isinstance(dispatch.batched, DenseLinear)
     calls = []
-    monkeypatch.setattr(dispatch.batched, "raw", lambda x, f=dispatch.batched.raw: calls.append(len(x)) or f(x))
+    dispatch.batched.raw = lambda x, f=dispatch.batched.raw: calls.append(len(x)) or f(x)
     small, large = torch.randn(3, 576), torch.randn(12, 576)
-    assert rel_err(dispatch(small), layer(small)) < 1e-6 and calls == []  # below the threshold: GEMV kernel
+    assert torch.equal(dispatch(small), form(small)) and calls == []  # below the bound: the one form
     exact = DenseLinear(dequantize(), bias)(large)
-    assert rel_err(dispatch(large), exact) < 0.01 and calls == [12]  # batched path, same weights
-    monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "0")
-    monkeypatch.setenv("LIGHTLLM_DENSE_MIN_ROWS", "0")
-    assert with_batch_path(layer, stored, dequantize) is layer
+    assert rel_err(dispatch(large), exact) < 0.01 and calls == [12]  # the copy, same weights
 
 
 def _first_logits_and_greedy(quant_type: str, prompts: list[list[int]], steps: int):

@@ -1,4 +1,4 @@
-"""The tiled int8 kernel (kernels/tiled_matmul.c), the batched path of GGUF and int4/int8 layers.
+"""The tiled int8 kernel (kernels/tiled_matmul.c), the one form GGUF and int4/int8 layers run on AVX512-VNNI.
 
 As for the GGUF kernel, the weights must be exact (gguf's dequantization, the int4 groups, the int8 rows) and
 the only approximation the int8 activations: results are compared with float64 math on the exact weights and
@@ -14,9 +14,9 @@ from lightllm.models.quant.gguf_blocks import gguf_blocks
 from lightllm.models.quant.gguf_decode import BLOCK_SIZES
 from lightllm.models.quant.factory import make_linear
 from lightllm.models.quant.linear import GgufLinear, Int4Linear, Int8Linear, RowCountDispatch
-from lightllm.models.quant.policy import TILED_MIN_ROWS
+from lightllm.models.quant.policy import LinearPolicy
 from lightllm.models.quant.weights import GGUF_NATIVE_TYPES, cat_rows, quantize_int4
-from lightllm.models.quant.tiled import RESIDUAL_MAX_ROWS, TiledLinear, TiledWeights
+from lightllm.models.quant.tiled import TiledLinear, TiledWeights
 from tests.test_gguf_matmul import KERNEL_BUILDS, int8_activations, kernels
 from tests.test_gguf_quants import random_blocks, reference
 
@@ -55,8 +55,8 @@ def test_tiles_hold_gguf_weights_exactly(build, type_name):
     # the legacy types' scales are float16 values and stay so; the K-quants' (sub-scale x scale) are not
     legacy = not type_name.endswith("_K")
     assert tiled.scales.dtype == (torch.float16 if legacy else torch.float32)
-    layer = TiledLinear([tiled], kernels(build), residual_max_rows=0)
-    two_levels = TiledLinear([tiled], kernels(build), residual_max_rows=100)
+    layer = TiledLinear([tiled], kernels(build), levels=1)
+    two_levels = TiledLinear([tiled], kernels(build), levels=2)
     torch.manual_seed(0)
     for rows in (1, 5, 8, 13, 70):  # batches of 8 with remainders; 70 spans two row blocks
         x = torch.randn(rows, k)
@@ -65,18 +65,51 @@ def test_tiles_hold_gguf_weights_exactly(build, type_name):
         check_two_levels(two_levels.raw(x), x, weights)
 
 
-def test_single_rows_take_two_activation_levels_by_default(monkeypatch):
+@pytest.mark.parametrize("build", KERNEL_BUILDS)
+@pytest.mark.parametrize("levels", [1, 2])
+def test_an_output_row_depends_on_its_input_row_only(build, levels):
+    """Row-local: a row's output is bit-identical whatever the other rows of the call and their count (the
+    8-row batches, their remainders and the 64-row blocks of long inputs included), at either level count."""
+    raw = random_blocks("Q4_K", 40, 512, seed=9, full_range=False)
+    layer = TiledLinear([TiledWeights.from_gguf(gguf_blocks(raw, "Q4_K", (40, 512)), kernels(build))],
+                        kernels(build), levels=levels)
+    torch.manual_seed(2)
+    probe = torch.randn(1, 512)
+    alone = layer.raw(probe)
+    for rows, at in ((2, 1), (7, 3), (8, 7), (13, 0), (70, 65)):
+        x = torch.randn(rows, 512) * 3
+        x[at] = probe[0]
+        assert torch.equal(layer.raw(x)[at], alone[0]), (rows, at)
+
+
+def test_levels_are_fixed_per_layer_not_per_row_count():
     raw = random_blocks("Q4_1", 24, 128, seed=7, full_range=False)
     tiled = TiledWeights.from_gguf(gguf_blocks(raw, "Q4_1", (24, 128)), kernels("native"))
     weights = reference(raw, "Q4_1")
-    layer = TiledLinear([tiled], kernels("native"))
-    assert layer.residual_max_rows == RESIDUAL_MAX_ROWS == 1
     torch.manual_seed(1)
     x = torch.randn(2, 128)
-    check_two_levels(layer.raw(x[:1]), x[:1], weights)
-    check_exact(layer.raw(x), x, weights)
-    monkeypatch.setenv("LIGHTLLM_ACT_RESIDUAL_MAX_ROWS", "0")
-    check_exact(TiledLinear([tiled], kernels("native")).raw(x[:1]), x[:1], weights)
+    one, two = TiledLinear([tiled], kernels("native")), TiledLinear([tiled], kernels("native"), levels=2)
+    assert one.levels == 1
+    for rows in (1, 2):
+        check_exact(one.raw(x[:rows]), x[:rows], weights)
+        check_two_levels(two.raw(x[:rows]), x[:rows], weights)
+    with pytest.raises(ValueError):
+        TiledLinear([tiled], kernels("native"), levels=3)
+
+
+def test_exact_rows_read_from_the_tiles():
+    """The lm_head refinement's exact weights come from the tiles (no second stored form): every bit width,
+    float16 and float32 scales, zero points, rows of the last partly filled tile, and mixed-type parts."""
+    parts = [("Q5_0", 24), ("Q8_0", 8), ("Q6_K", 16), ("Q4_K", 20), ("Q5_K", 4), ("Q4_1", 12)]
+    raws = [random_blocks(t, n, 256, seed=i, full_range=False) for i, (t, n) in enumerate(parts)]
+    fused = cat_rows([gguf_blocks(raw, t, (n, 256)) for raw, (t, n) in zip(raws, parts)])
+    layer = TiledLinear.from_layer(GgufLinear(fused, None, kernels("native")), fused, kernels("native"))
+    weights = torch.cat([reference(raw, t) for raw, (t, _) in zip(raws, parts)])
+    indices = torch.tensor([83, 0, 5, 31, 23, 24, 40, 47, 48, 67, 68, 71, 72, 83, 1])
+    assert torch.equal(layer.exact_rows(indices), weights[indices])
+    q4 = quantize_int4(torch.randn(40, 256), 32)
+    tiled4 = TiledLinear([TiledWeights.from_group_quantized(q4)], kernels("native"))
+    assert torch.equal(tiled4.exact_rows(torch.tensor([39, 3, 16])), tiled4.dequantized()[[39, 3, 16]])
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
@@ -88,12 +121,12 @@ def test_int4_groups_and_int8_rows_map_onto_tiles(build):
         tiled = TiledWeights.from_group_quantized(q4)
         assert tiled.bits == 4 and torch.allclose(tiled.dequantize(), q4.dequantize(), rtol=0, atol=1e-6)
         x = torch.randn(9, 256)
-        check_exact(TiledLinear([tiled], kernels(build), residual_max_rows=0).raw(x), x, q4.dequantize())
+        check_exact(TiledLinear([tiled], kernels(build), levels=1).raw(x), x, q4.dequantize())
     int8 = Int8Linear(weight)
     tiled = TiledWeights.from_int8(int8.weight, int8.scales)
     assert torch.equal(tiled.dequantize(), int8.dequantized())
     x = torch.randn(6, 256)
-    check_exact(TiledLinear([tiled], kernels(build), residual_max_rows=0).raw(x), x, int8.dequantized())
+    check_exact(TiledLinear([tiled], kernels(build), levels=1).raw(x), x, int8.dequantized())
 
 
 def test_a_zero_point_must_match_the_offsets():
@@ -127,24 +160,29 @@ def test_kernel_rejects_a_group_it_cannot_run():
         run(torch.randn(2, 64), torch.empty(2, 16), 0)
 
 
-def test_gguf_layers_take_the_tiled_path_for_batches(monkeypatch):
-    """On AVX512-VNNI builds a GGUF layer runs the GEMV kernel for one row and the tiles from the threshold;
-    both compute the file's weights."""
+def test_one_stored_form_at_every_row_count():
+    """On AVX512-VNNI builds a GGUF or int4 layer is its tiles alone (bias included), at every row count; the
+    GEMV kernels run where the tiles do not (policy.tiles off, AVX2 hosts); the dense bf16 copy only when
+    asked for, as a second form from its row bound."""
     if not kernels("native").tiled_fast:
         pytest.skip("the tiled kernel's vector path needs AVX512-VNNI")
-    monkeypatch.setenv("LIGHTLLM_TILED_MIN_ROWS", "2")
-    monkeypatch.setenv("LIGHTLLM_ACT_RESIDUAL_MAX_ROWS", "0")
     raw = random_blocks("Q4_K", 64, 512, seed=5, full_range=False)
     bias = torch.randn(64)
-    layer = make_linear(gguf_blocks(raw, "Q4_K", (64, 512)), bias, "gguf", torch.device("cpu"), torch.float32)
-    assert isinstance(layer, RowCountDispatch) and isinstance(layer.batched, TiledLinear)
-    assert isinstance(layer.quantized, GgufLinear)
+    blocks = gguf_blocks(raw, "Q4_K", (64, 512))
+    layer = make_linear(blocks, bias, "gguf", torch.device("cpu"), torch.float32, LinearPolicy())
+    assert isinstance(layer, TiledLinear) and layer.levels == 1
     weights = reference(raw, "Q4_K")
     for rows in (1, 2, 16):
         x = torch.randn(rows, 512)
         check_exact(layer.raw(x) - bias, x, weights)
     q4 = quantize_int4(torch.randn(64, 512), 32)
-    assert isinstance(make_linear(q4, None, "gguf", torch.device("cpu"), torch.float32).quantized, Int4Linear)
-    # by default the tiles take every row count
-    monkeypatch.delenv("LIGHTLLM_TILED_MIN_ROWS")
-    assert make_linear(q4, None, "gguf", torch.device("cpu"), torch.float32).min_rows == TILED_MIN_ROWS == 1
+    assert isinstance(make_linear(q4, None, "gguf", torch.device("cpu"), torch.float32, LinearPolicy()), TiledLinear)
+    two = make_linear(blocks, bias, "gguf", torch.device("cpu"), torch.float32, LinearPolicy(act_levels=2))
+    assert two.levels == 2
+    gemv = make_linear(blocks, bias, "gguf", torch.device("cpu"), torch.float32, LinearPolicy(tiles=False))
+    assert isinstance(gemv, GgufLinear)
+    dense = make_linear(blocks, bias, "gguf", torch.device("cpu"), torch.float32, LinearPolicy(dense_min_rows=16))
+    assert isinstance(dense, RowCountDispatch) and isinstance(dense.quantized, TiledLinear)
+    assert dense.min_rows == 16
+    with pytest.raises(ValueError):
+        LinearPolicy(act_levels=0)

@@ -48,9 +48,10 @@ _SIGNATURES = {
     "lk_rope_store": [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr],
     "lk_decode_attention": [_ptr, _ptr, _ptr, _int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64,
                             _flt, _ptr, _int],
-    "lk_prefill_attention": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _flt, _ptr, _i64],
+    "lk_prefill_attention": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _flt, _ptr, _i64],
     "lk_prefill_attention_available": [],
     "lk_topk_rows": [_ptr, _i64, _i64, _i64, _int, _ptr],
+    "lk_row_dots": [_ptr, _ptr, _i64, _i64, _i64, _ptr],
     "lk_gguf_matmul": [_int, _ptr, _i64, _i64, _ptr, _int, _i64, _ptr, _i64],
     "lk_gguf_decode": [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr],
     "lk_tiled_matmul": [_ptr, _ptr, _int, _i64, _ptr, _i64, _int],
@@ -109,7 +110,6 @@ def configure(enabled: bool) -> None:
 
 @lru_cache(maxsize=len(BUILDS))
 def load(build: str = "native") -> "CpuKernels | None":
-
     """The kernels for this process, or None when they are disabled or cannot be built (for `build`, see
     BUILDS; a build this compiler or CPU cannot make is None as well)."""
     if not _enabled:
@@ -195,7 +195,9 @@ class CpuKernels:
     def decode_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
                          req_slots: torch.Tensor, lens: torch.Tensor, rows: torch.Tensor | None, window: int | None,
                          scale: float, out: torch.Tensor) -> None:
-        """One query per sequence over its paged context; q/out [*, H, D], rows picks their rows (or 0..B-1)."""
+        """One query per sequence over its paged context; q/out [*, H, D], rows picks their rows (or 0..B-1).
+        Head size 64 with an fp16 pool on AVX-512 builds (has_prefill_attention): each query reduced as the
+        prefill kernel reduces its rows, whatever the batch; other shapes split long contexts by the batch."""
         _check(q, k_pool, v_pool, out)
         _check_index(table, req_slots, lens, *([] if rows is None else [rows]))
         heads, head_dim = q.shape[1], q.shape[2]
@@ -206,17 +208,20 @@ class CpuKernels:
         self._ok(rc, "decode_attention")
 
     def prefill_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, kv: torch.Tensor,
-                          n: int, scale: float, out: torch.Tensor) -> None:
-        """Causal attention of one sequence's n new tokens (the last n of its len(kv) context slots): q and out
-        float32 [n, heads, 64] (rows may be strided), pools fp16 [slots, kv_heads, 64]."""
+                          n: int, scale: float, out: torch.Tensor, window: int | None = None) -> None:
+        """Causal attention of one sequence's n new tokens (the last n of its len(kv) context slots), each over
+        its last `window` positions when given: q and out float32 [n, heads, 64] (rows may be strided), pools
+        fp16 [slots, kv_heads, 64]. Each row is reduced exactly as decode_attention reduces a lone query at
+        that position (bit-identical)."""
         if (q.dtype != torch.float32 or out.dtype != torch.float32 or k_pool.dtype != torch.float16
                 or v_pool.dtype != torch.float16 or q.shape[-1] != 64 or q.stride(2) != 1 or q.stride(1) != 64
                 or out.stride(2) != 1 or out.stride(1) != 64 or kv.dtype != torch.long or not kv.is_contiguous()):
             raise KernelError("prefill_attention takes float32 q/out [n, heads, 64], fp16 pools, int64 slots")
         _check(k_pool, v_pool)
         self._ok(self._lib.lk_prefill_attention(q.data_ptr(), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(),
-                                                kv.data_ptr(), kv.shape[0], n, q.shape[1], k_pool.shape[1], scale,
-                                                out.data_ptr(), out.stride(0)), "prefill_attention")
+                                                kv.data_ptr(), kv.shape[0], n, q.shape[1], k_pool.shape[1],
+                                                window or 0, scale, out.data_ptr(), out.stride(0)),
+                 "prefill_attention")
 
     def topk_rows(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Indices [rows, k] of each row's k largest values (unordered; equal values: the lower index wins, so
@@ -226,6 +231,17 @@ class CpuKernels:
         out = torch.empty(x.shape[0], k, dtype=torch.long)
         self._ok(self._lib.lk_topk_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), k, out.data_ptr()),
                  "topk_rows")
+        return out
+
+    def row_dots(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """float32 [T, k]: rows[t, j] . x[t] for rows [T, k, D] and x [T, D] (float32, contiguous), each dot
+        product in one fixed order whatever T is (row-local, unlike a batched matmul)."""
+        _check(rows, x)
+        if rows.dtype != torch.float32 or x.dtype != torch.float32 or rows.dim() != 3 or x.shape != (rows.shape[0], rows.shape[2]):
+            raise KernelError("row_dots takes float32 rows [T, k, D] and x [T, D]")
+        out = torch.empty(rows.shape[0], rows.shape[1])
+        self._ok(self._lib.lk_row_dots(rows.data_ptr(), x.data_ptr(), rows.shape[0], rows.shape[1], rows.shape[2],
+                                       out.data_ptr()), "row_dots")
         return out
 
     def gguf_matmul_bound(self, type_code: int, blocks: torch.Tensor,
@@ -245,6 +261,7 @@ class CpuKernels:
             if rc != 0:
                 raise KernelError(f"gguf_matmul rejected its arguments (code {rc})")
 
+        run.holds = (blocks,)  # the memory behind `ptr` lives as long as the bound call does
         return run
 
     def gguf_matmul(self, type_code: int, blocks: torch.Tensor, k: int, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -283,7 +300,9 @@ class CpuKernels:
                     out.stride(0), levels)
             if rc != 0:
                 raise KernelError(f"tiled_matmul rejected its arguments (code {rc}; group {desc.group}, bits "
-                                  f"{desc.bits}, zero {desc.zero}, k {desc.k})")  # (keeps desc alive)
+                                  f"{desc.bits}, zero {desc.zero}, k {desc.k})")
+
+        run.holds = (q, scales, desc)  # the memory behind desc_ptr and the pointers in desc, kept with the call
         return run
 
 
@@ -296,6 +315,16 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     one-pass kernel where it runs, ~10x faster than torch's argmax over a 150k vocabulary."""
     kernels = load() if _row_kernel_input(x) else None
     return x.argmax(dim=-1) if kernels is None else kernels.topk_rows(x, 1)[:, 0]
+
+
+def row_dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[T, k] dot products rows[t, j] . x[t] in float32, row-local (the kernel where it runs; else one
+    matrix-vector product per row, the same shapes for every row)."""
+    rows, x = rows.float().contiguous(), x.float().contiguous()
+    kernels = load() if rows.is_cpu else None
+    if kernels is not None:
+        return kernels.row_dots(rows, x)
+    return torch.stack([r @ v for r, v in zip(rows, x)]) if rows.shape[0] else rows.new_empty(0, rows.shape[1])
 
 
 def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:

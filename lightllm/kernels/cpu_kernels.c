@@ -358,6 +358,13 @@ static int attend_range(const float *qg, int64_t group, int64_t hd, const void *
 
 #define SPLIT_MIN_TOKENS 64
 
+#ifdef LK_HAVE_AVX512_F16
+static int decode_fixed_h64(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *table,
+                            int64_t table_stride, const int64_t *req_slots, const int64_t *lens, const int64_t *rows,
+                            int64_t window, int64_t batch, int64_t heads, int64_t kv_heads, float scale, void *out,
+                            int out_dtype);
+#endif
+
 /* One query token per sequence attends to its cached context, read from the pools in place.
  * q: float32 [*, H, D]; rows[b] (or b when rows is NULL) is the row of q and out for sequence b;
  * the context of sequence b is table[req_slots[b] * table_stride + i] for i < lens[b] (only the last
@@ -377,6 +384,11 @@ int lk_decode_attention(const float *q, const void *k_pool, const void *v_pool, 
         total += lens[b];
         max_len = lens[b] > max_len ? lens[b] : max_len;
     }
+#ifdef LK_HAVE_AVX512_F16
+    if (hd == 64 && kv_dtype == LK_F16)  /* the prefill kernel's reduction: see decode_fixed_h64 */
+        return decode_fixed_h64(q, (const uint16_t *)k_pool, (const uint16_t *)v_pool, table, table_stride, req_slots,
+                                lens, rows, window, batch, heads, kv_heads, scale, out, out_dtype);
+#endif
     const int threads = omp_get_max_threads();
     const int64_t pairs = batch * kv_heads;
     int64_t splits = 1;
@@ -433,6 +445,31 @@ int lk_decode_attention(const float *q, const void *k_pool, const void *v_pool, 
     }
     free(part);
     return failed ? -2 : 0;
+}
+
+/* out[t * k + j] = rows[(t * k + j) * d ...] . x[t * d ...] in float32, for t < T, j < k: each dot product in
+ * one fixed order (16 lanes, then a fixed tree), whatever T is, so a row's results do not depend on the
+ * others (torch's batched matmul picks its blocking by shape). */
+int lk_row_dots(const float *rows, const float *x, int64_t T, int64_t k, int64_t d, float *out) {
+#pragma omp parallel for schedule(static) if (T * k * d >= 262144)
+    for (int64_t i = 0; i < T * k; i++) {
+        const float *a = rows + i * d, *b = x + (i / k) * d;
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 16 <= d; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);
+        if (c < d) {
+            const __mmask16 m = (__mmask16)((1u << (d - c)) - 1u);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + c), _mm512_maskz_loadu_ps(m, b + c), acc);
+        }
+        out[i] = _mm512_reduce_add_ps(acc);
+#else
+        float lanes[8] = {0};
+        for (int64_t c = 0; c < d; c++) lanes[c % 8] = fmaf(a[c], b[c], lanes[c % 8]);
+        out[i] = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+#endif
+    }
+    return 0;
 }
 
 /* Whether candidate (va, ia) ranks below (vb, ib): NaN ranks highest (as in torch.argmax), then larger values,
@@ -507,14 +544,27 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, k);
 }
 
-/* One block of 16 keys (kt: transposed K, vb: V rows, cnt valid) for QB consecutive queries of one head at
- * positions pos0 .. pos0 + QB - 1 (q rows ldq apart): scores, causal mask, online-softmax update of each
- * query's state (O[64], running max m, sum l; 66 floats apart). The QB queries' FMA chains interleave, so
- * the loop is bound by FMA throughput rather than latency; a query that sees none of the keys is unchanged. */
-static inline __attribute__((always_inline)) void prefill_queries(const float *q, int64_t ldq, const int QB,
-                                                                  int64_t pos0, int64_t k0, int64_t cnt,
-                                                                  float kt[64][16], float vb[16][64], float scale,
-                                                                  float *state) {
+/* Attention reduced the same way for every query row, whatever else runs with it.
+ *
+ * A query at context position pos attends to the keys at positions (pos - window, pos] (window 0: [0, pos])
+ * in blocks of 16 keys aligned at positions 0, 16, 32, ...: per block, its 16 scores (two FMA chains over
+ * the even and odd dimensions), the mask, an online-softmax update of the query's state (O[64], running max
+ * m, sum l) and the V accumulation, block after block in position order. A block the query sees none of
+ * leaves the state exactly as it was (its rescale factor is exp(0) = 1), so which blocks a kernel visits
+ * beyond the query's own does not matter. The prefill kernel (16 queries of one sequence per work item) and
+ * the decode kernel (the query heads of one token) both run this per query, so a token's attention output
+ * is bit-identical whether its row was computed in a prefill chunk of any size and start, after a prefix
+ * cache hit, as a speculative verify row, or in a decode step of any batch. */
+
+/* One block of 16 keys (kt: transposed K, vb: V rows, cnt valid) for QB queries of one head whose positions
+ * are pos0 + r * pos_step (pos_step 1: consecutive tokens of a prefill; 0: the query heads of one decode
+ * token) and q rows ldq apart: the per-query update described above (states 66 floats apart). The QB
+ * queries' FMA chains interleave, so the loop is bound by FMA throughput rather than latency; each query's
+ * arithmetic is the same whatever QB is. */
+static inline __attribute__((always_inline)) void attend_block(const float *q, int64_t ldq, const int QB,
+                                                               int64_t pos0, const int pos_step, int64_t window,
+                                                               int64_t k0, int64_t cnt, float kt[64][16],
+                                                               float vb[16][64], float scale, float *state) {
     __m512 s[4][2];
     for (int r = 0; r < QB; r++) s[r][0] = s[r][1] = _mm512_setzero_ps();
     for (int d = 0; d < 64; d += 2) {
@@ -528,15 +578,18 @@ static inline __attribute__((always_inline)) void prefill_queries(const float *q
     __m512 o[4][4];
     int64_t visible_max = 0;
     for (int r = 0; r < QB; r++) {
-        const int64_t pos = pos0 + r, left = pos - k0 + 1;
-        const int64_t visible = left < 0 ? 0 : (left < cnt ? left : cnt);
-        visible_max = visible > visible_max ? visible : visible_max;
-        const __mmask16 live = (__mmask16)(visible >= 16 ? 0xFFFF : (1u << visible) - 1u);
+        const int64_t pos = pos0 + r * pos_step, left = pos - k0 + 1;
+        const int64_t hi = left < 0 ? 0 : (left < cnt ? left : cnt);
+        int64_t lo = window > 0 ? pos - window + 1 - k0 : 0;
+        lo = lo < 0 ? 0 : (lo > hi ? hi : lo);
+        visible_max = hi > visible_max ? hi : visible_max;
+        const __mmask16 live = (__mmask16)(((hi >= 16 ? 0xFFFFu : (1u << hi) - 1u)) & ~((1u << lo) - 1u));
         const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live,
                                              _mm512_mul_ps(_mm512_add_ps(s[r][0], s[r][1]), _mm512_set1_ps(scale)));
         float *st = state + r * 66;
         const float m_old = st[64], m_new = fmaxf(m_old, _mm512_reduce_max_ps(sc));
-        const float keep = m_old == -INFINITY ? 0.0f : lk_expf(m_old - m_new);
+        /* exp16, not the scalar lk_expf: one instruction sequence wherever this is inlined */
+        const float keep = m_old == -INFINITY ? 0.0f : _mm512_cvtss_f32(exp16(_mm512_set1_ps(m_old - m_new)));
         const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
         st[64] = m_new;
         st[65] = st[65] * keep + _mm512_reduce_add_ps(p);
@@ -555,16 +608,81 @@ static inline __attribute__((always_inline)) void prefill_queries(const float *q
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(state + r * 66 + 16 * c, o[r][c]);
 }
 
+/* In-register transpose of 16 vectors of 16 floats: r[i][j] -> r[j][i]. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xDD);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+    }
+}
+
+/* Keys k0 .. k0 + cnt - 1 of a context (pool slots kv[...]) for one kv head as float32: K transposed
+ * (kt[d][j]) and V rows (vb[j][d]); rows past cnt are zero. */
+static inline void load_kv_block(const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *kv, int64_t k0,
+                                 int64_t cnt, int64_t kv_heads, int64_t kvh, float kt[64][16], float vb[16][64]) {
+    const uint16_t *kr[16];
+    for (int64_t j = 0; j < 16; j++) {
+        if (j < cnt) {
+            kr[j] = k_pool + (kv[k0 + j] * kv_heads + kvh) * 64;
+            const uint16_t *vr = v_pool + (kv[k0 + j] * kv_heads + kvh) * 64;
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(vb[j] + 16 * c, half16(vr + 16 * c));
+        } else {
+            kr[j] = NULL;
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(vb[j] + 16 * c, _mm512_setzero_ps());
+        }
+    }
+    for (int c = 0; c < 4; c++) {
+        __m512 r[16];
+        for (int j = 0; j < 16; j++) r[j] = kr[j] ? half16(kr[j] + 16 * c) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int d = 0; d < 16; d++) _mm512_storeu_ps(kt[16 * c + d], r[d]);
+    }
+}
+
+static inline void reset_states(float *state, int64_t count) {
+    for (int64_t s = 0; s < count; s++) {
+        memset(state + s * 66, 0, 64 * sizeof(float));
+        state[s * 66 + 64] = -INFINITY;
+        state[s * 66 + 65] = 0.0f;
+    }
+}
+
+/* out[0 .. 64) = a query state's O / l, as out_dtype. */
+static inline void finish_state(const float *st, void *out, int out_dtype) {
+    const __m512 inv = _mm512_set1_ps(1.0f / st[65]);
+    float res[64];
+    for (int c = 0; c < 4; c++) _mm512_storeu_ps(res + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(st + 16 * c), inv));
+    store_f32(res, out, out_dtype, 64);
+}
+
 /* Causal prefill attention of one sequence, head size 64, fp16 pools: its n new tokens are the last n of its
- * L context positions (the first L - n come from the prefix cache) and attend to positions 0 .. own.
- * q: float32 [n][heads][64] with token rows ldq floats apart; out the same shape (ldo); kv[0 .. L) the pool
- * slots of the context. Flash-style: work items are (kv head, block of 16 queries); each block of 16 keys is
- * converted once (K transposed, so one FMA per dimension gives a query's 16 scores) and serves the G query
- * heads of its kv head, with an online softmax per query. Returns 0, -1 for a bad shape, -2 out of memory. */
+ * L context positions (the first L - n come from the prefix cache or earlier chunks) and attend to the
+ * positions (own - window, own] (window 0: 0 .. own). q: float32 [n][heads][64] with token rows ldq floats
+ * apart; out the same shape (ldo); kv[0 .. L) the pool slots of the context. Work items are (kv head, block
+ * of 16 queries); each block of 16 keys is converted once and serves the G query heads of its kv head.
+ * Returns 0, -1 for a bad shape, -2 out of memory. */
 int lk_prefill_attention(const float *q, int64_t ldq, const uint16_t *k_pool, const uint16_t *v_pool,
-                         const int64_t *kv, int64_t L, int64_t n, int64_t heads, int64_t kv_heads, float scale,
-                         float *out, int64_t ldo) {
-    if (n < 1 || n > L || heads % kv_heads != 0) return -1;
+                         const int64_t *kv, int64_t L, int64_t n, int64_t heads, int64_t kv_heads, int64_t window,
+                         float scale, float *out, int64_t ldo) {
+    if (n < 1 || n > L || heads % kv_heads != 0 || window < 0) return -1;
     const int64_t G = heads / kv_heads, qblocks = (n + 15) / 16, items = kv_heads * qblocks;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
@@ -573,48 +691,72 @@ int lk_prefill_attention(const float *q, int64_t ldq, const uint16_t *k_pool, co
         const int64_t rows = n - i0 < 16 ? n - i0 : 16, first_pos = L - n + i0, last_pos = first_pos + rows - 1;
         float *state = (float *)malloc(sizeof(float) * (size_t)(G * 16 * 66)); /* per query: O[64], m, l */
         if (!state) { failed = 1; continue; }
-        for (int64_t s = 0; s < G * 16; s++) {
-            memset(state + s * 66, 0, 64 * sizeof(float));
-            state[s * 66 + 64] = -INFINITY;
-            state[s * 66 + 65] = 0.0f;
-        }
+        reset_states(state, G * 16);
         float kt[64][16], vb[16][64];
-        for (int64_t kb = 0; kb * 16 <= last_pos; kb++) {
+        const int64_t first_key = window > 0 && first_pos - window + 1 > 0 ? first_pos - window + 1 : 0;
+        for (int64_t kb = first_key / 16; kb * 16 <= last_pos; kb++) {
             const int64_t k0 = kb * 16, cnt = L - k0 < 16 ? L - k0 : 16;
-            for (int64_t j = 0; j < 16; j++) {
-                if (j < cnt) {
-                    const uint16_t *kr = k_pool + (kv[k0 + j] * kv_heads + kvh) * 64;
-                    const uint16_t *vr = v_pool + (kv[k0 + j] * kv_heads + kvh) * 64;
-                    for (int c = 0; c < 4; c++) {
-                        float tmp[16];
-                        _mm512_storeu_ps(tmp, half16(kr + 16 * c));
-                        for (int d = 0; d < 16; d++) kt[16 * c + d][j] = tmp[d];
-                        _mm512_storeu_ps(vb[j] + 16 * c, half16(vr + 16 * c));
-                    }
-                } else {
-                    for (int d = 0; d < 64; d++) { kt[d][j] = 0.0f; vb[j][d] = 0.0f; }
-                }
-            }
+            load_kv_block(k_pool, v_pool, kv, k0, cnt, kv_heads, kvh, kt, vb);
             for (int64_t g = 0; g < G; g++) {
                 const int64_t h = kvh * G + g;
                 int64_t i = 0;
                 for (; i + 4 <= rows; i += 4)
-                    prefill_queries(q + (i0 + i) * ldq + h * 64, ldq, 4, first_pos + i, k0, cnt, kt, vb, scale,
-                                    state + (g * 16 + i) * 66);
+                    attend_block(q + (i0 + i) * ldq + h * 64, ldq, 4, first_pos + i, 1, window, k0, cnt, kt, vb,
+                                 scale, state + (g * 16 + i) * 66);
                 for (; i < rows; i++)
-                    prefill_queries(q + (i0 + i) * ldq + h * 64, ldq, 1, first_pos + i, k0, cnt, kt, vb, scale,
-                                    state + (g * 16 + i) * 66);
+                    attend_block(q + (i0 + i) * ldq + h * 64, ldq, 1, first_pos + i, 1, window, k0, cnt, kt, vb,
+                                 scale, state + (g * 16 + i) * 66);
             }
         }
-        for (int64_t g = 0; g < G; g++) {
-            const int64_t h = kvh * G + g;
-            for (int64_t i = 0; i < rows; i++) {
-                const float *st = state + (g * 16 + i) * 66;
-                const __m512 inv = _mm512_set1_ps(1.0f / st[65]);
-                for (int c = 0; c < 4; c++)
-                    _mm512_storeu_ps(out + (i0 + i) * ldo + h * 64 + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(st + 16 * c), inv));
-            }
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t i = 0; i < rows; i++)
+                finish_state(state + (g * 16 + i) * 66, out + (i0 + i) * ldo + (kvh * G + g) * 64, LK_F32);
+        free(state);
+    }
+    return failed ? -2 : 0;
+}
+
+/* Decode attention by the same per-query reduction (head size 64, fp16 pools; see lk_decode_attention for
+ * the arguments): work items are (sequence, kv head, part of its query heads), the query heads of a part
+ * interleaved four at a time; the parts only spread small batches over the threads. */
+static int decode_fixed_h64(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *table,
+                            int64_t table_stride, const int64_t *req_slots, const int64_t *lens, const int64_t *rows,
+                            int64_t window, int64_t batch, int64_t heads, int64_t kv_heads, float scale, void *out,
+                            int out_dtype) {
+    const int64_t G = heads / kv_heads, pairs = batch * kv_heads;
+    const int threads = omp_get_max_threads();
+    int64_t parts = pairs < 2 * threads ? (2 * threads + pairs - 1) / pairs : 1;
+    parts = parts < G ? parts : G;
+    const int64_t per_part = (G + parts - 1) / parts;
+    int64_t total = 0;
+    for (int64_t b = 0; b < batch; b++) total += lens[b];
+    const size_t out_el = dtype_size(out_dtype);
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) if (total * kv_heads >= 512) reduction(| : failed)
+    for (int64_t item = 0; item < pairs * parts; item++) {
+        const int64_t pair = item / parts, part = item % parts, b = pair / kv_heads, kvh = pair % kv_heads;
+        const int64_t g0 = part * per_part, g1 = g0 + per_part < G ? g0 + per_part : G;
+        if (g0 >= g1) continue;
+        const int64_t len = lens[b], pos = len - 1, row = rows ? rows[b] : b;
+        const int64_t first_key = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+        const int64_t *ctx = table + req_slots[b] * table_stride;
+        float *state = (float *)malloc(sizeof(float) * (size_t)((g1 - g0) * 66));
+        if (!state) { failed = 1; continue; }
+        reset_states(state, g1 - g0);
+        const float *qh = q + (row * heads + kvh * G) * 64;
+        float kt[64][16], vb[16][64];
+        for (int64_t kb = first_key / 16; kb * 16 <= pos; kb++) {
+            const int64_t k0 = kb * 16, cnt = len - k0 < 16 ? len - k0 : 16;
+            load_kv_block(k_pool, v_pool, ctx, k0, cnt, kv_heads, kvh, kt, vb);
+            int64_t g = g0;
+            for (; g + 4 <= g1; g += 4)
+                attend_block(qh + g * 64, 64, 4, pos, 0, window, k0, cnt, kt, vb, scale, state + (g - g0) * 66);
+            for (; g < g1; g++)
+                attend_block(qh + g * 64, 64, 1, pos, 0, window, k0, cnt, kt, vb, scale, state + (g - g0) * 66);
         }
+        for (int64_t g = g0; g < g1; g++)
+            finish_state(state + (g - g0) * 66, (char *)out + (size_t)((row * heads + kvh * G + g) * 64) * out_el,
+                         out_dtype);
         free(state);
     }
     return failed ? -2 : 0;
@@ -623,10 +765,10 @@ int lk_prefill_attention(const float *q, int64_t ldq, const uint16_t *k_pool, co
 int lk_prefill_attention_available(void) { return 1; }
 #else
 int lk_prefill_attention(const float *q, int64_t ldq, const uint16_t *k_pool, const uint16_t *v_pool,
-                         const int64_t *kv, int64_t L, int64_t n, int64_t heads, int64_t kv_heads, float scale,
-                         float *out, int64_t ldo) {
+                         const int64_t *kv, int64_t L, int64_t n, int64_t heads, int64_t kv_heads, int64_t window,
+                         float scale, float *out, int64_t ldo) {
     (void)q; (void)ldq; (void)k_pool; (void)v_pool; (void)kv; (void)L; (void)n; (void)heads; (void)kv_heads;
-    (void)scale; (void)out; (void)ldo;
+    (void)window; (void)scale; (void)out; (void)ldo;
     return -1;
 }
 

@@ -20,6 +20,7 @@ from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.config import ModelConfig
 from lightllm.models.layers import AttentionMetadata, RotaryEmbedding, paged_attention, prefill_attention_into, rms_norm
 from lightllm.models.quant.linear import DenseLinear, GgufLinear, Linear, RowCountDispatch
+from lightllm.models.quant.tiled import TiledLinear
 from lightllm.models.loading.sharding import TPComm
 
 
@@ -112,7 +113,7 @@ class LlamaModel:
         head = weights.lm_head.quantized if isinstance(weights.lm_head, RowCountDispatch) else weights.lm_head
         if isinstance(head, DenseLinear):
             return None
-        if isinstance(head, GgufLinear):
+        if isinstance(head, (GgufLinear, TiledLinear)):
             return head.exact_rows
         if config.tie_word_embeddings:
             return lambda indices: weights.embed.index_select(0, indices)
@@ -168,7 +169,7 @@ class LlamaModel:
         among close candidates is the exact model's."""
         top = cpu_kernels.topk_indices(logits, min(REFINED_LOGITS, logits.shape[-1]))  # [T, k]
         rows = self._exact_head_rows(top.reshape(-1)).view(*top.shape, -1).float()  # [T, k, D]
-        exact = torch.einsum("tkd,td->tk", rows, last.float())
+        exact = cpu_kernels.row_dots(rows, last)  # row-local: a row's logits do not depend on the batch
         logits.scatter_(1, top, exact)
 
     @torch.inference_mode()

@@ -1,52 +1,70 @@
-"""The form each weight matrix takes under `--quant_type`, and the batched path beside it."""
+"""The one form each weight matrix takes under `--quant_type`.
+
+One stored form per matrix, run at every row count: on AVX512-VNNI CPUs the 16-row tiles (quant/tiled.py) for
+GGUF, int4 and int8 weights; elsewhere the layer's own kernel (GGUF blocks as stored, PyTorch's int4/int8
+packs). Both kinds compute each activation row on its own, so a row's output does not depend on the other
+rows of the call. Only the opt-in dense bf16 copy (LinearPolicy.dense_min_rows) adds a second form, chosen by
+row count."""
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 
 from lightllm.kernels import cpu as cpu_kernels
+from lightllm.models.quant import policy as quant_policy
 from lightllm.models.quant.linear import DenseLinear, GgufLinear, Int4Linear, Int8Linear, RowCountDispatch
-from lightllm.models.quant.policy import DENSE_MIN_ROWS, TILED_MIN_ROWS, cpu_has_fast_bf16, row_threshold
+from lightllm.models.quant.policy import LinearPolicy
 from lightllm.models.quant.tiled import TiledLinear
 from lightllm.models.quant.weights import GgufBlocks, GgufRowGroups, GroupQuantized, quantize_int4
 
 QUANT_TYPES = ("none", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128", "gguf")
 
+logger = logging.getLogger("lightllm.models")
 
-def with_batch_path(quantized: "Int4Linear | Int8Linear | GgufLinear",
-                    weight: "GgufBlocks | GgufRowGroups | GroupQuantized | None",
-                    dequantize: Callable[[], torch.Tensor]):
-    """Wrap `quantized` in a RowCountDispatch with the fastest batched path this CPU has for `weight` (its
-    stored form; None for Int8Linear's own int8 weights), or return it as is where none is faster.
+_dense_copy_bytes = 0  # bytes of the opt-in dense bf16 copies built in this process
 
-    LIGHTLLM_TILED_MIN_ROWS / LIGHTLLM_DENSE_MIN_ROWS override the row thresholds (an integer; 0 disables
-    that path)."""
+
+def dense_copy_bytes() -> int:
+    """Memory held by the opt-in dense bf16 copies built so far (0 by default)."""
+    return _dense_copy_bytes
+
+
+def one_form(quantized: "Int4Linear | Int8Linear | GgufLinear",
+             weight: "GgufBlocks | GgufRowGroups | GroupQuantized | None",
+             dequantize: Callable[[], torch.Tensor], policy: LinearPolicy):
+    """The form `quantized` (stored as `weight`; None for Int8Linear's own int8 rows) runs in: its tiles where
+    this CPU runs them vectorised, else itself; plus, only under policy.dense_min_rows, a dense bf16 copy
+    for calls of that many rows or more."""
+    global _dense_copy_bytes
     kernels = cpu_kernels.load()
-    if kernels is not None and kernels.tiled_fast and TiledLinear.supports(quantized, weight):
-        tiled_rows = row_threshold("LIGHTLLM_TILED_MIN_ROWS", TILED_MIN_ROWS)
-        if tiled_rows > 0:
-            return RowCountDispatch(quantized, TiledLinear.from_layer(quantized, weight, kernels), tiled_rows)
-    dense_rows = row_threshold("LIGHTLLM_DENSE_MIN_ROWS", DENSE_MIN_ROWS if cpu_has_fast_bf16() else 0)
-    if dense_rows <= 0:
-        return quantized
-    return RowCountDispatch(quantized, DenseLinear(dequantize().to(torch.bfloat16)), dense_rows)
+    layer = quantized
+    if policy.tiles and kernels is not None and kernels.tiled_fast and TiledLinear.supports(quantized, weight):
+        layer = TiledLinear.from_layer(quantized, weight, kernels, policy.act_levels)
+    if policy.dense_min_rows <= 0:
+        return layer
+    dense = DenseLinear(dequantize().to(torch.bfloat16))
+    _dense_copy_bytes += dense.weight.numel() * dense.weight.element_size()
+    return RowCountDispatch(layer, dense, policy.dense_min_rows)
 
 
 def make_linear(weight: "torch.Tensor | GroupQuantized | GgufBlocks | GgufRowGroups", bias: torch.Tensor | None,
-                quant_type: str, device: torch.device, dtype: torch.dtype):
-    """Build the linear layer for `weight` under `--quant_type` (quantized paths are CPU-only for now)."""
+                quant_type: str, device: torch.device, dtype: torch.dtype, policy: LinearPolicy | None = None):
+    """Build the linear layer for `weight` under `--quant_type` (quantized paths are CPU-only for now);
+    `policy`: this process's (quant.policy.current()) unless given."""
+    policy = policy or quant_policy.current()
     quantized_ok = device.type == "cpu"
     if isinstance(weight, (GgufBlocks, GgufRowGroups)):
         kernels = cpu_kernels.load() if quant_type == "gguf" and quantized_ok else None
         if kernels is not None:
             layer = GgufLinear(weight, bias, kernels)
-            return with_batch_path(layer, weight, layer.dequantized)
+            return one_form(layer, weight, layer.dequantized, policy)
         weight = weight.dequantize()
     if isinstance(weight, GroupQuantized):
         if quant_type == "gguf" and quantized_ok and Int4Linear.supports(*weight.shape, weight.group):
-            return with_batch_path(Int4Linear(weight, bias), weight, lambda: Int4Linear.dequantized(weight))
+            return one_form(Int4Linear(weight, bias), weight, lambda: Int4Linear.dequantized(weight), policy)
         weight = weight.dequantize()
     if quant_type == "none" or not quantized_ok:
         return DenseLinear(weight.to(device=device, dtype=dtype), bias)
@@ -54,6 +72,6 @@ def make_linear(weight: "torch.Tensor | GroupQuantized | GgufBlocks | GgufRowGro
         group = int(quant_type.split("-")[1])
         if Int4Linear.supports(*weight.shape, group):
             quantized = quantize_int4(weight, group)
-            return with_batch_path(Int4Linear(quantized, bias), quantized, lambda: Int4Linear.dequantized(quantized))
+            return one_form(Int4Linear(quantized, bias), quantized, lambda: Int4Linear.dequantized(quantized), policy)
     layer = Int8Linear(weight, bias)  # int8wo, and gguf tensors no kernel above runs as stored
-    return with_batch_path(layer, None, layer.dequantized)
+    return one_form(layer, None, layer.dequantized, policy)

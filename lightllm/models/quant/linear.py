@@ -163,15 +163,14 @@ def run_column_parts(runs: "list[tuple[int, Callable]]", x: torch.Tensor, in_fea
 
 
 class RowCountDispatch:
-    """A quantized layer plus a second path for the same weights, chosen per call by the number of input rows
-    (from `min_rows` on). The layer's own kernels (GGUF blocks, int4/int8 packs) are GEMVs whose cost grows
-    linearly with the rows; the second path reads the weights once for the whole batch: the tiled int8
-    kernel (models/tiled.py) where it runs vectorised (from the first row: it is faster there too), else on
-    CPUs with native bf16 dot products (AVX512-BF16, AMX) a dense bf16 copy for oneDNN's GEMM."""
+    """A quantized layer plus the opt-in dense bf16 copy of the same weights (quant.policy.LinearPolicy's
+    dense_min_rows), which runs the calls of `min_rows` rows or more through oneDNN's GEMM on CPUs with native
+    bf16 dot products. Two forms that round differently: a request's results then depend on the row count of
+    the step it lands in, so it is never built by default."""
 
-    def __init__(self, quantized: "Int4Linear | Int8Linear | GgufLinear", batched, min_rows: int):
-        self.quantized = quantized
-        self.batched = batched  # DenseLinear (bf16) or tiled.TiledLinear, without bias
+    def __init__(self, quantized, batched: DenseLinear, min_rows: int):
+        self.quantized = quantized  # the layer's one form (tiles, GGUF blocks, int4/int8 packs), bias included
+        self.batched = batched  # the dense bf16 copy, without bias
         self.min_rows = min_rows
         # what the caller should hand in: the path that takes (nearly) every call decides
         self.input_dtype = batched.input_dtype if min_rows <= 1 else quantized.input_dtype

@@ -1,5 +1,5 @@
-"""Quantized weights in the 16-row tiles of kernels/tiled_matmul.c: on AVX512-VNNI CPUs the path GGUF, int4
-and int8 layers run (see quant.TILED_MIN_ROWS).
+"""Quantized weights in the 16-row tiles of kernels/tiled_matmul.c: on AVX512-VNNI CPUs the one form GGUF,
+int4 and int8 layers are stored and run in, at every row count (see quant/factory.py).
 
 A weight is held as w = ws * u + wc (or ws * (u - zero)) with u small unsigned integers and the scales per
 group of 16 or 32 weights of a row, which every GGUF block type, the int4 groups and int8 rows are exactly;
@@ -14,20 +14,11 @@ from typing import Callable
 
 import torch
 
+from lightllm.models.quant import tile_cache
 from lightllm.models.quant.linear import GgufLinear, Int4Linear, Int8Linear, run_column_parts
-from lightllm.models.quant.policy import row_threshold
 from lightllm.models.quant.weights import GgufBlocks, GroupQuantized
 
 TILE_ROWS = 16
-# Calls of up to this many rows quantize the activations in two int8 levels (the kernel's `levels`: the
-# second holds the first's rounding residual, so activations are as precise as float32 to ~1e-5). One-level
-# int8 rounding is what makes a quantized model's greedy output leave the float one at near-ties; a second
-# level doubles the integer dot products for the same weight reads. Measured (benchmarks/step_bench.py,
-# RESULTS.md fifth session): free for one row, where a decode step waits on the weight reads, +2-10 % at 2
-# rows, +12 % at 4, +30 % at 8, 2x for prefill; so single-row decode steps (one stream) take it by default.
-# LIGHTLLM_ACT_RESIDUAL_MAX_ROWS=N overrides (0: never; a large N: every call, matching fp32 greedy output
-# at a third to half the batched speed).
-RESIDUAL_MAX_ROWS = 1
 # Bits per stored weight by block type: u < 16 goes two per byte, u < 32 adds a plane of fifth bits.
 _TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8, "Q6_K": 8}
 # Q6_K's scales change every 16 weights; every other type's every 32.
@@ -101,6 +92,29 @@ class TiledWeights:
         ws = scales.float()[:, None].expand(n, k // 32)
         return cls.from_affine((weight.to(torch.int16) + 128).to(torch.uint8), ws, -128 * ws, 32, 8, 128)
 
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """float32 rows `indices` of W (the exact weights), read from their tiles only."""
+        tile, r = indices // TILE_ROWS, indices % TILE_ROWS
+        count, k = indices.shape[0], self.k
+        records = self.q.index_select(0, tile)  # [i, tile bytes]
+        if self.bits == 8:  # [i][j][r][b]
+            u = records.view(count, k // 4, TILE_ROWS, 4)[torch.arange(count), :, r].reshape(count, k)
+        else:
+            recs = records.view(count, k // 8, -1)
+            packed = recs[:, :, :64].reshape(count, k // 8, TILE_ROWS, 4)[torch.arange(count), :, r]  # [i][p][b]
+            lo, hi = packed & 0x0F, packed >> 4  # columns 8p + b, 8p + 4 + b
+            if self.bits == 5:  # bit 4r + b of each of the pair's two 64-bit masks
+                masks = recs[:, :, 64:].reshape(count, k // 8, 2, 8)
+                bit = (4 * r).view(count, 1, 1) + torch.arange(4).view(1, 1, 4)  # [i][1][b]
+                byte = torch.gather(masks, 3, (bit // 8).unsqueeze(2).expand(count, k // 8, 2, 4))
+                fifth = (byte >> (bit % 8).unsqueeze(2).to(torch.uint8)) & 1  # [i][p][2][b]
+                lo, hi = lo | (fifth[:, :, 0] << 4), hi | (fifth[:, :, 1] << 4)
+            u = torch.cat([lo, hi], dim=-1).reshape(count, k)
+        scales = self.scales.index_select(0, tile)[torch.arange(count), :, :, r].float()  # [i][g][1 | 2]
+        ws = scales[:, :, 0]
+        wc = -self.zero * ws if self.zero else scales[:, :, 1]
+        return (u.float().view(count, -1, self.group) * ws.unsqueeze(-1) + wc.unsqueeze(-1)).view(count, k)
+
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] (for tests: the exact weights the kernel multiplies by)."""
         tiles = self.q.shape[0]
@@ -123,24 +137,25 @@ class TiledWeights:
 
 
 class TiledLinear:
-    """x @ W.T on the tiled kernel, one run of columns per stored part (like GgufLinear); float32 out, no
-    bias: it is the `batched` path of a RowCountDispatch, which adds the bias and keeps the layer's own kernel
-    for row counts below its threshold."""
+    """x @ W.T (+ bias) on the tiled kernel, one run of columns per stored part (like GgufLinear); float32
+    out. Every call quantizes its activations the same way (`levels`, fixed at construction), and the kernel
+    computes each activation row on its own (per-row int8 scales, exact integer dot products, then the same
+    float operations in the same order whatever the row count): an output row depends on its input row
+    only, which is what makes a request's results independent of the batch it runs in."""
 
-    def __init__(self, parts: list[TiledWeights], kernels, residual_max_rows: int | None = None):
+    def __init__(self, parts: list[TiledWeights], kernels, levels: int = 1, bias: torch.Tensor | None = None):
+        if levels not in (1, 2):
+            raise ValueError(f"the tiled kernel takes 1 or 2 activation levels, not {levels}")
         self.parts = parts
         self.out_features, self.in_features = sum(p.n for p in parts), parts[0].k
         self.input_dtype = torch.float32  # bf16 / f16 are taken as well
-        # calls of up to this many rows take two int8 activation levels (RESIDUAL_MAX_ROWS)
-        self.residual_max_rows = (row_threshold("LIGHTLLM_ACT_RESIDUAL_MAX_ROWS", RESIDUAL_MAX_ROWS)
-                                  if residual_max_rows is None else residual_max_rows)
+        self.levels = levels
+        self.bias = bias
         self._runs: list[tuple[int, Callable]] = []
-        self._residual_runs: list[tuple[int, Callable]] = []
         start = 0
         for p in parts:
-            self._runs.append((start, kernels.tiled_matmul_bound(p.q, p.scales, p.n, p.k, p.group, p.bits, p.zero)))
-            self._residual_runs.append(
-                (start, kernels.tiled_matmul_bound(p.q, p.scales, p.n, p.k, p.group, p.bits, p.zero, levels=2)))
+            self._runs.append((start, kernels.tiled_matmul_bound(p.q, p.scales, p.n, p.k, p.group, p.bits, p.zero,
+                                                                 levels=levels)))
             start += p.n
 
     @staticmethod
@@ -153,19 +168,42 @@ class TiledLinear:
         return isinstance(layer, Int8Linear) and layer.weight.shape[1] % 32 == 0
 
     @classmethod
-    def from_layer(cls, layer: "GgufLinear | Int4Linear | Int8Linear", weight, kernels) -> "TiledLinear":
-        if isinstance(layer, GgufLinear):
-            parts = [TiledWeights.from_gguf(b, kernels) for b in layer.parts]
-        elif isinstance(layer, Int4Linear):
-            parts = [TiledWeights.from_group_quantized(weight)]
-        else:
-            parts = [TiledWeights.from_int8(layer.weight, layer.scales)]
-        return cls(parts, kernels)
+    def from_layer(cls, layer: "GgufLinear | Int4Linear | Int8Linear", weight, kernels,
+                   levels: int = 1) -> "TiledLinear":
+        """The tiles of `layer`'s weights (and its bias); `layer` itself is not kept."""
+        def build() -> list[TiledWeights]:
+            if isinstance(layer, GgufLinear):
+                return [TiledWeights.from_gguf(b, kernels) for b in layer.parts]
+            if isinstance(layer, Int4Linear):
+                return [TiledWeights.from_group_quantized(weight)]
+            return [TiledWeights.from_int8(layer.weight, layer.scales)]
+
+        shape = (sum(int(p.shape[0]) for p in layer.parts), layer.in_features) if isinstance(layer, GgufLinear) \
+            else tuple(weight.shape if isinstance(layer, Int4Linear) else layer.weight.shape)
+        parts = tile_cache.cached_parts(build, shape, TiledWeights)  # packed once per model file, then mapped
+        return cls(parts, kernels, levels, layer.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weights this layer computes with."""
+        return torch.cat([p.dequantize() for p in self.parts])
+
+    def exact_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Float32 weight rows `indices` (output features), decoded from the tiles (the weights exactly)."""
+        out = torch.empty(indices.shape[0], self.in_features)
+        start = 0
+        for part in self.parts:
+            end = start + part.n
+            mine = (indices >= start) & (indices < end)
+            if mine.any():
+                out[mine] = part.rows(indices[mine] - start)
+            start = end
+        return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.raw(x).to(x.dtype)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0] if x.dim() == 2 else x.numel() // self.in_features
-        runs = self._residual_runs if rows <= self.residual_max_rows else self._runs
-        return run_column_parts(runs, x, self.in_features, self.out_features)
+        out = run_column_parts(self._runs, x, self.in_features, self.out_features)
+        if self.bias is not None:
+            out += self.bias
+        return out

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import Future
+
 import torch
 import zmq
 
 from lightllm.engine.faults import FaultInjector
+from lightllm.engine.grammar import AllowedTokens, GrammarFactory
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.model_setup import build_model, kv_budget_tokens, model_config_for, pick_device, pick_dtype
 from lightllm.models.loading.loader import resolve_quant_type
@@ -43,9 +46,8 @@ class Engine:
             init_group(cfg, 0, self.device)
             broadcaster = StepBroadcaster()
         self.grammars = None
+        self.compiling: dict[str, tuple[Sequence, Future]] = {}  # requests waiting for their grammar
         if cfg.grammar_backend != "none":
-            from lightllm.engine.grammar import GrammarFactory
-
             # builds its tokenizer info in a thread, overlapping the weight loading below
             self.grammars = GrammarFactory(cfg.model_path, model_cfg.vocab_size)
         self.max_model_len = min(model_cfg.max_position_embeddings, cfg.max_req_total_len)
@@ -98,7 +100,9 @@ class Engine:
         return EngineStats(kv_total=self.pool.size, kv_used=self.pool.num_used, kv_cached=cached,
                            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                            draft_tokens=self.scheduler.draft_stats["proposed"],
-                           draft_accepted=self.scheduler.draft_stats["accepted"])
+                           draft_accepted=self.scheduler.draft_stats["accepted"],
+                           grammar_compiled=self.grammars.stats["compiled"] if self.grammars else 0,
+                           grammar_cache_hits=self.grammars.stats["cache_hits"] if self.grammars else 0)
 
     # ------------------------------------------------------------------------------------ requests
 
@@ -124,12 +128,20 @@ class Engine:
             # any integer is a valid seed: folded into the 64 bits torch takes
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
         if params.grammar is not None:
+            if params.grammar.kind == "token_ids":  # a plain logits mask: no grammar engine needed
+                if any(t < 0 or t >= vocab for t in params.grammar.token_ids):
+                    return refuse(f"allowed_token_ids name token ids outside the vocabulary (0..{vocab - 1})")
+                seq.grammar = AllowedTokens(params.grammar.token_ids, vocab)
+                self.scheduler.add(seq)
+                return None
             try:
-                seq.grammar = self._grammar_factory().matcher(params.grammar)
+                compiled = self._grammar_factory().compile(params.grammar)
             except (ValueError, RuntimeError) as exc:
-                if self.grammars is not None and self.grammars.failed:  # the grammar engine itself is broken
-                    return refuse(f"constrained decoding unavailable: {exc}", "server")
-                return refuse(f"invalid grammar: {exc}")  # a schema the grammar engine rejects
+                return self._grammar_refusal(seq, exc)
+            if not compiled.done():  # compiles on the grammar thread; the request waits outside the scheduler
+                self.compiling[req.rid] = (seq, compiled)
+                return None
+            return self._admit_constrained(seq, compiled)
         self.scheduler.add(seq)
         return None
 
@@ -137,6 +149,41 @@ class Engine:
         if self.grammars is None:
             raise ValueError("constrained decoding is off (--output_constraint_mode none)")
         return self.grammars
+
+    def _grammar_refusal(self, seq: Sequence, exc: BaseException) -> TokenOutput:
+        kind: ErrorKind = "client"
+        message = f"invalid grammar: {exc}"  # a spec the grammar engine rejects
+        if self.grammars is not None and self.grammars.failed:  # the grammar engine itself is broken
+            kind, message = "server", f"constrained decoding unavailable: {exc}"
+        return TokenOutput(seq.rid, None, finished=True, finish_reason="abort", prompt_tokens=len(seq.prompt_ids),
+                           error=EngineError(kind, message))
+
+    def _admit_constrained(self, seq: Sequence, compiled) -> TokenOutput | None:
+        """Queue a request whose grammar compilation is done (its refusal when it failed)."""
+        try:
+            seq.grammar = self.grammars.matcher(seq.params.grammar, compiled.result())
+        except (ValueError, RuntimeError) as exc:
+            return self._grammar_refusal(seq, exc)
+        self.scheduler.add(seq)
+        return None
+
+    def admit_compiled(self) -> list[TokenOutput]:
+        """Queue the waiting requests whose grammar is now compiled; the refusals of those that failed."""
+        if not self.compiling:
+            return []
+        self.grammars.collect()
+        outputs = []
+        for rid, (seq, compiled) in list(self.compiling.items()):
+            if compiled.done():
+                del self.compiling[rid]
+                refusal = self._admit_constrained(seq, compiled)
+                if refusal is not None:
+                    outputs.append(refusal)
+        return outputs
+
+    def abort(self, rid: str) -> None:
+        if self.compiling.pop(rid, None) is None:
+            self.scheduler.abort(rid)
 
     def step(self) -> list[TokenOutput]:
         plan = self.scheduler.schedule()
@@ -182,7 +229,8 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     while True:
-        timeout = 0 if engine.scheduler.has_work() else None
+        # requests waiting for a grammar: look again every few ms (compilation runs on its own thread)
+        timeout = 0 if engine.scheduler.has_work() else (5 if engine.compiling else None)
         outputs: list[TokenOutput] = []
         changed = False
         while poller.poll(timeout):
@@ -199,7 +247,7 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
                 if error is not None:
                     outputs.append(error)
             elif isinstance(msg, AbortRequest):
-                engine.scheduler.abort(msg.rid)
+                engine.abort(msg.rid)
             elif isinstance(msg, FlushCache):
                 freed = engine.prefix_cache.clear() if engine.prefix_cache is not None else 0
                 logger.info("prefix cache flushed: %d KV tokens freed", freed)
@@ -210,6 +258,10 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
             else:  # a message this engine does not know: say so instead of dropping it silently
                 logger.error("ignoring unknown message %s from the API process", type(msg).__name__)
             timeout = 0
+        if engine.compiling:
+            refused = engine.admit_compiled()
+            outputs.extend(refused)
+            changed = changed or bool(refused)
         if engine.scheduler.has_work():
             outputs.extend(engine.step())
             changed = True

@@ -5,6 +5,7 @@ Plain dataclasses with no torch types, so the API side imports nothing heavy.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,23 +45,52 @@ class EngineConfig:
     engine_threads: int | None = None  # cores divided among this machine's ranks (None: all of them)
 
 
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "structural_tag", "token_ids"]
+
+
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What constrained decoding must produce: a JSON value matching `schema`, any JSON object, or text
-    matching `pattern`."""
+    """What constrained decoding must produce (one constraint per request):
+    - json_schema: a JSON value matching `schema` (`strict`: objects take no properties the schema does not
+      name; `any_whitespace`: whitespace allowed between JSON tokens, else compact JSON);
+    - json_object: any JSON object;
+    - regex: text matching `text` (xgrammar's regex dialect: no lookaround, no backreferences);
+    - choice: exactly one of `choices`;
+    - grammar: text in `text`'s grammar, GBNF/EBNF with a `root` rule (llama.cpp's dialect, as xgrammar reads
+      it) or Lark with a `start` rule when the text has no `::=`;
+    - structural_tag: free text with tagged regions, `text` being xgrammar's structural tag JSON;
+    - token_ids: every token one of `token_ids` (a logits mask, no grammar)."""
 
-    kind: Literal["json_schema", "json_object", "regex"]
+    kind: GrammarKind
     schema: dict[str, Any] | None = None
-    pattern: str | None = None
+    text: str | None = None
+    choices: tuple[str, ...] = ()
+    token_ids: tuple[int, ...] = ()
     strict: bool = True
+    any_whitespace: bool = False
 
     @classmethod
-    def json_schema(cls, schema: dict[str, Any], strict: bool = True) -> "GrammarSpec":
-        return cls("json_schema", schema=schema, strict=strict)
+    def json_schema(cls, schema: dict[str, Any], strict: bool = True, any_whitespace: bool = False) -> "GrammarSpec":
+        return cls("json_schema", schema=schema, strict=strict, any_whitespace=any_whitespace)
 
     @classmethod
     def json_object(cls) -> "GrammarSpec":
         return cls("json_object")
+
+    @property
+    def pattern(self) -> str | None:
+        return self.text if self.kind == "regex" else None
+
+    def cache_key(self) -> str:
+        """The text a compiled grammar is cached under (equal keys compile to the same grammar)."""
+        if self.kind == "json_schema":
+            body = json.dumps(self.schema, sort_keys=True, separators=(",", ":"))
+            return f"json_schema:{int(self.strict)}{int(self.any_whitespace)}:{body}"
+        if self.kind == "choice":
+            return "choice:" + json.dumps(list(self.choices), ensure_ascii=False)
+        if self.kind == "token_ids":
+            return "token_ids:" + ",".join(map(str, self.token_ids))
+        return f"{self.kind}:{self.text or ''}"
 
 
 @dataclass
@@ -168,6 +198,8 @@ class EngineStats:
     waiting: int
     draft_tokens: int = 0  # speculative tokens proposed since start
     draft_accepted: int = 0  # of those, verified and kept
+    grammar_compiled: int = 0  # grammars compiled since start (constrained decoding)
+    grammar_cache_hits: int = 0  # constrained requests served by an already compiled (or compiling) grammar
 
     @property
     def kv_held_by_requests(self) -> int:

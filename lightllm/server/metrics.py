@@ -28,6 +28,9 @@ def render_metrics(state: Any) -> tuple[bytes, str]:
         # prompt-lookup speculative decoding (--spec_ngram_tokens): draft tokens proposed and accepted
         "lightllm_spec_draft_tokens_total": stats.draft_tokens if stats else 0,
         "lightllm_spec_accepted_tokens_total": stats.draft_accepted if stats else 0,
+        # constrained decoding: grammars compiled, and requests that reused a compiled (or compiling) one
+        "lightllm_grammar_compiled_total": stats.grammar_compiled if stats else 0,
+        "lightllm_grammar_cache_hits_total": stats.grammar_cache_hits if stats else 0,
     }
     for name, value in gauges.items():
         Gauge(name, name.replace("_", " "), registry=registry).set(value)

@@ -111,11 +111,49 @@ class JsonSchemaSpec(_Lenient):
 
 
 class ResponseFormat(_Lenient):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaSpec | None = None
+    # type structural_tag (SGLang, vLLM): xgrammar's `format`, or the legacy `structures` + `triggers`
+    format: dict[str, Any] | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
 
 
-class SamplingFields(_Lenient):
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: one of json / regex / choice / grammar / json_object / structural_tag, and
+    its options (an unknown key is refused, not ignored)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+    disable_any_whitespace: bool | None = None  # None: compact JSON (ours); false: whitespace allowed (vLLM's)
+    disable_additional_properties: bool | None = None  # False: objects may carry properties the schema omits
+    disable_fallback: bool | None = None  # there is no fallback backend: always honoured
+    whitespace_pattern: str | None = None  # refused when set
+
+
+class ConstraintFields(_Lenient):
+    """Output constraints in the peers' extra-body shapes (lightllm/server/structured.py reads them)."""
+
+    structured_outputs: StructuredOutputs | None = None  # vLLM
+    guided_json: str | dict[str, Any] | None = None  # vLLM (older fields)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None  # refused when set
+    regex: str | None = None  # SGLang
+    ebnf: str | None = None
+    json_schema: str | dict[str, Any] | None = None
+    allowed_token_ids: list[TokenId] | None = None  # vLLM
+
+
+class SamplingFields(ConstraintFields):
     """Fields shared by chat and text completions."""
 
     model: str | None = None

@@ -157,3 +157,52 @@ def test_kimi_valid_call_after_a_malformed_one_keeps_its_own_id():
     text = kimi(("functions.get_weather.0", '{"city": "A"}'), ("functions.get_weather:1", '{"city": "B"}'))
     _, calls = parse_complete(detector_class("kimi_k2")(TOOLS, SCHEMAS), text)
     assert [c["id"] for c in calls] == ["functions.get_weather:1"]
+
+
+# ------------------------------------------------------------------------------------ calls that end the reasoning
+
+QCALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+QCALL2 = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+PARIS = [("get_weather", {"city": "Paris"})]
+KCALL = kimi(("functions.get_weather:0", '{"city": "Paris"}'))
+GCALL = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>"
+
+# (reasoning parser, tool parser or None (no tools / tool_choice none), output, reasoning, content, calls)
+ENDS_REASONING = [
+    # Kimi-K2: the calls section ends the block, with or without tools (vLLM, SGLang, llama.cpp)
+    ("kimi_k2", "kimi_k2", "<think>Let me read the file." + KCALL, "Let me read the file.", None, PARIS),
+    ("kimi_k2", None, "<think>Let me read the file." + KCALL, "Let me read the file.", KCALL, []),
+    ("kimi_k2", "kimi_k2", "<think>Thinking.</think>" + KCALL, "Thinking.", None, PARIS),
+    ("kimi_k2", "kimi_k2", "<think>still thinking <|tool_calls_sec", "still thinking <|tool_calls_sec", None, []),
+    # Qwen3 / Hermes-style calls: `<tool_call>` ends the block when a complete call of an offered tool starts there
+    ("qwen3", "qwen25", "<think>I need the weather" + QCALL, "I need the weather", None, PARIS),
+    ("qwen3", "qwen25", "<think>I need the weather\n" + QCALL + "\n" + QCALL2, "I need the weather", None,
+     PARIS + [("add", {"a": 1, "b": 2})]),
+    ("qwen3-thinking", "qwen25", "I need the weather.\n\n" + QCALL, "I need the weather.", None, PARIS),
+    ("qwen3", None, "<think>I need the weather" + QCALL, "I need the weather" + QCALL, None, []),  # no tools
+    # a marker that starts no call leaves the reasoning as it is
+    ("qwen3", "qwen25", "<think>Use <tool_call> tags.</think>Sure.", "Use <tool_call> tags.", "Sure.", []),
+    ("qwen3", "qwen25", "<think>Try <tool_call>{\"name\": \"nope\", \"arguments\": {}}</tool_call> no.</think>Sure.",
+     "Try <tool_call>{\"name\": \"nope\", \"arguments\": {}}</tool_call> no.", "Sure.", []),
+    ("qwen3", "qwen25", "<think>Broken <tool_call>{\"name\": \"get_weather\", \"arguments\": {</tool_call>",
+     "Broken <tool_call>{\"name\": \"get_weather\", \"arguments\": {</tool_call>", None, []),
+    ("qwen3", "qwen25", "<think>Unterminated <tool_call>{\"name\": \"get_weather\"",
+     "Unterminated <tool_call>{\"name\": \"get_weather\"", None, []),
+    # the end tag inside a call's arguments does not end the block before the call
+    ("qwen3", "qwen25", '<think>x <tool_call>{"name": "get_weather", "arguments": {"city": "</think>"}}</tool_call>',
+     'x <tool_call>{"name": "get_weather", "arguments": {"city": "', '"}}</tool_call>', []),
+    # a not-a-call marker, then a real call later in the same block
+    ("qwen3", "qwen25", "<think>Use <tool_call> tags: <tool_call>.\n" + QCALL, "Use <tool_call> tags: <tool_call>.",
+     None, PARIS),
+    # GLM-4.5: its own call syntax after `<tool_call>` (SGLang's glm45 reasoning parser)
+    ("glm45", "glm45", "<think>I need the weather" + GCALL, "I need the weather", None, PARIS),
+    ("glm45", None, "<think>I need the weather" + GCALL, "I need the weather" + GCALL, None, []),
+    # llama.cpp test-chat.cpp layouts: reasoning closed, then the call
+    ("qwen3", "qwen25", "<think>I'm\nthinking</think>\n\n" + QCALL, "I'm\nthinking", None, PARIS),
+    ("glm45", "glm45", "\n<think>I'm\nthinking</think>\n" + GCALL, "I'm\nthinking", None, PARIS),
+]
+
+
+@pytest.mark.parametrize("case", range(len(ENDS_REASONING)))
+def test_a_tool_call_ends_the_reasoning_block(case):
+    check_message(*ENDS_REASONING[case])

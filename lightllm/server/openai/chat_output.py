@@ -1,17 +1,19 @@
 """A chat completion's output → OpenAI message fields: reasoning first, then tool calls in the answer.
 
-The reasoning detector splits the raw output; the tool detector sees only the answer part, so a call
-written inside the reasoning is not a call. Streaming chains the two re-scan-and-diff parsers, so the
+The reasoning detector splits the raw output; the tool detector sees only the answer part. A call
+written inside the reasoning block ends it where the format's peers say so (see reasoning/base.py): the
+answer then starts at the call's marker. Streaming chains the two re-scan-and-diff parsers, so the
 streamed `reasoning_content`, `content` and `tool_calls` reassemble to the non-streamed message.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from lightllm.server.function_call import ToolContext
-from lightllm.server.function_call.base import ToolStreamParser
+from lightllm.server.function_call.base import ToolCallDetector, ToolStreamParser
 from lightllm.server.generation import GenerationChunk
 from lightllm.server.reasoning.base import ReasoningDetector, ReasoningStreamParser
 
@@ -29,6 +31,11 @@ class ChatOutputParser:
 
     reasoning: ReasoningDetector | None
     tools: ToolContext | None
+
+    def __post_init__(self) -> None:
+        # A free-running tool parser (tool_choice auto) also decides where a call ends the reasoning block.
+        if self.reasoning is not None and self.parses_tools and self.tools.mode == "auto":
+            self.reasoning = self.reasoning.with_tool_calls(partial(_starts_call, self.tools.detector))
 
     @property
     def parses_tools(self) -> bool:
@@ -53,6 +60,16 @@ class ChatOutputParser:
 
     def stream(self) -> "ChatStreamParser":
         return ChatStreamParser(self)
+
+
+def _starts_call(detector: ToolCallDetector, text: str, final: bool) -> bool | None:
+    """Whether a complete call opens `text` (None: it may, once more text arrives)."""
+    for seg in detector.scan(text, final).segments:
+        if seg.call is not None:
+            return seg.call.complete
+        if seg.text:
+            return False
+    return False if final else None
 
 
 class ChatStreamParser:

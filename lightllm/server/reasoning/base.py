@@ -10,14 +10,23 @@ stream parser re-splits only the text after it: the work per delta stays bounded
 
 Where the chat template puts the opening tag into the prompt (Qwen3-thinking, DeepSeek-R1, DeepSeek-V3.1
 with `thinking`), the output starts inside the block: `for_prompt` decides that per request.
+
+A tool call may also end the block (models call tools straight from their thinking): a `section_marker`
+(Kimi-K2's calls section) always does; a `call_marker` (`<tool_call>` for Qwen3 and GLM-4.5) does when the
+request's tool parser reads a complete call starting there (`with_tool_calls`), the first of these and
+the end tag winning. The marker then begins the answer, where the tool parser finds the call.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lightllm.server.holdback import partial_marker_len
+
+StartsCall = Callable[[str, bool], "bool | None"]  # (text, final) → does a complete tool call open it?
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,11 @@ class ReasoningDetector:
     def for_prompt(self, prompt: str) -> "ReasoningDetector":
         return self
 
+    def with_tool_calls(self, starts_call: StartsCall) -> "ReasoningDetector":
+        """The detector for a request whose tool parser runs: `starts_call(text, final)` says whether a
+        complete call opens `text` (None: not known yet)."""
+        return self
+
     def split(self, text: str, final: bool) -> ReasoningSplit:
         raise NotImplementedError
 
@@ -80,18 +94,51 @@ class ThinkTagDetector(ReasoningDetector):
     """
 
     def __init__(self, name: str, start_tag: str, end_tag: str, force_reasoning: bool = False,
-                 in_block: bool | None = None):
+                 in_block: bool | None = None, section_markers: tuple[str, ...] = (),
+                 call_markers: tuple[str, ...] = ()):
         self.name = name
         self.start_tag = start_tag
         self.end_tag = end_tag
         self.force_reasoning = force_reasoning
         self.in_block = force_reasoning if in_block is None else in_block
+        self.section_markers = section_markers
+        self.call_markers = call_markers
+        self.starts_call: StartsCall | None = None
 
     def for_prompt(self, prompt: str) -> "ThinkTagDetector":
         tail = prompt.rstrip()
-        opened = tail.endswith(self.start_tag)
-        return ThinkTagDetector(self.name, self.start_tag, self.end_tag, self.force_reasoning,
-                                self.force_reasoning or opened)
+        adapted = copy.copy(self)
+        adapted.in_block = self.force_reasoning or tail.endswith(self.start_tag)
+        return adapted
+
+    def with_tool_calls(self, starts_call: StartsCall) -> "ThinkTagDetector":
+        adapted = copy.copy(self)
+        adapted.starts_call = starts_call
+        return adapted
+
+    @property
+    def _ending_markers(self) -> tuple[str, ...]:
+        return self.section_markers + (self.call_markers if self.starts_call is not None else ())
+
+    def _call_ends_block(self, text: str, body_start: int, close: int, final: bool) -> tuple[int, bool] | None:
+        """The first marker in the block's body that ends it, as (its index, True); (its index, False) when
+        one may but is not decided yet; None when none does. A call marker counts when a complete call
+        starts there, and, if the end tag follows, ends before it."""
+        limit = close if close >= 0 else len(text)
+        pos = body_start
+        while True:
+            hits = [(i, m) for m in self._ending_markers if 0 <= (i := text.find(m, pos, limit))]
+            if not hits:
+                return None
+            at, marker = min(hits)
+            if marker in self.section_markers:
+                return at, True
+            verdict = self.starts_call(text[at:close], True) if close >= 0 else self.starts_call(text[at:], final)
+            if verdict is None:
+                return at, False
+            if verdict:
+                return at, True
+            pos = at + len(marker)
 
     def split(self, text: str, final: bool) -> ReasoningSplit:
         return self.split_from(text, final, None)
@@ -117,11 +164,17 @@ class ThinkTagDetector(ReasoningDetector):
         """The reasoning block's body from `body_start` (`started`: reasoning text came before it): trimmed,
         minus a tail that may still become the end tag or turn out to be whitespace before it."""
         close = text.find(self.end_tag, body_start)
-        if close >= 0:
+        ending = self._call_ends_block(text, body_start, close, final) if self._ending_markers else None
+        if ending is not None and ending[1]:  # a tool call ends the block: the answer starts at its marker
+            return _answer(text, ending[0], True, final, _trim(text[body_start:ending[0]], started))
+        if close >= 0:  # (with the end tag known, whether a call ends the block is decided)
             reasoning = _trim(text[body_start:close], started)
             return _answer(text, close + len(self.end_tag), True, final, reasoning)
-        hold = 0 if final else partial_marker_len(text, (self.end_tag,), body_start)
-        raw = text[body_start:len(text) - hold]
+        if ending is not None:  # a call may be starting: the reasoning waits before its marker
+            raw = text[body_start:ending[0]]
+        else:
+            hold = 0 if final else partial_marker_len(text, (self.end_tag,) + self._ending_markers, body_start)
+            raw = text[body_start:len(text) - hold]
         reasoning = _trim(raw, started)
         if final:
             return ReasoningSplit(reasoning, "")

@@ -146,6 +146,19 @@ def test_bad_requests_get_400_and_server_keeps_serving(smol_server):
     assert generate(url, "Hello", max_new_tokens=4)["count_output_tokens"] == 4
 
 
+
+def test_stop_sequence_limit_is_the_one_the_other_apis_use(smol_server):
+    """16 stop sequences (server/limits.py, as OpenAI's and Anthropic's routes allow) are served; 17 are refused."""
+    from lightllm.server.limits import MAX_STOP_SEQUENCES
+
+    stops = [f"@@{i}@@" for i in range(MAX_STOP_SEQUENCES)]
+    assert MAX_STOP_SEQUENCES == 16
+    assert generate(smol_server.base_url, "Hello", max_new_tokens=2, stop_sequences=stops)["count_output_tokens"] == 2
+    r = requests.post(smol_server.base_url + "/generate", timeout=30,
+                      json={"inputs": "Hello", "parameters": {"max_new_tokens": 2, "stop_sequences": stops + ["@@x@@"]}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "parameters.stop_sequences"
+    assert "at most 16" in r.json()["error"]["message"]
+
 def test_info_routes(smol_server):
     url = smol_server.base_url
     assert requests.post(url + "/tokens", json={"text": "hello world"}, timeout=5).json()["ntokens"] == 2

@@ -48,6 +48,34 @@ def test_qwen25_random_outputs_stream_as_they_parse():
                 [(c["function"]["name"], c["function"]["arguments"]) for c in calls], text
 
 
+
+def _format_cases() -> dict[str, tuple[list[tuple], dict | None]]:
+    from tests import test_tool_formats as formats
+    from tests import test_tool_parsers as parsers
+
+    cases = {name: (list(c), formats.SCHEMAS) for name, c in formats.FORMATS.items()}
+    cases.update(qwen25=(parsers.QWEN25, None), llama3=(parsers.LLAMA3, None), mistral=(parsers.MISTRAL, None))
+    return cases
+
+
+@pytest.mark.parametrize("name", sorted(_format_cases()))
+def test_every_format_streams_random_concatenations_as_it_parses(name):
+    """Whole outputs of each format's own cases, joined at random with plain text and halves of its markers
+    (so calls follow text, text follows calls, markers arrive split): streamed == plain parse."""
+    cases, schemas = _format_cases()[name]
+    markers = [m for m in detector_class(name)(TOOLS, schemas).markers if len(m) > 1]
+    pieces = [c[0] for c in cases] + ["hi ", " ", "\n", "x" * 20, "{"] + [m[:len(m) // 2] for m in markers]
+    rng = random.Random(name)
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 5)))
+        content, calls = parse_complete(detector_class(name)(TOOLS, schemas), text)
+        parser = ToolStreamParser(detector_class(name)(TOOLS, schemas))
+        deltas = [d for cut in random_cuts(rng, text) for d in parser.feed(cut)] + parser.finish()
+        s_content, s_calls = reassemble(deltas)
+        assert s_content == (content or ""), text
+        assert [(c["name"], c["arguments"]) for c in s_calls] == \
+            [(c["function"]["name"], c["function"]["arguments"]) for c in calls], text
+
 @pytest.mark.parametrize("name", ["qwen3", "qwen3-thinking"])
 def test_think_tags_random_outputs_stream_as_they_split(name):
     rng = random.Random(5)

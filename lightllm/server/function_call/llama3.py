@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from lightllm.server.function_call.base import (ScanResult, Segment, ToolCallDetector, load_json, match_json,
-                                                skip_ws)
+from lightllm.server.function_call.base import (Checkpoint, ScanResult, Segment, ToolCallDetector, load_json,
+                                                match_json, skip_ws)
 
 PYTHON_TAG = "<|python_tag|>"
+_PLAIN = "plain"  # scan state: past the output's start, which was no call
 
 
 class Llama3Detector(ToolCallDetector):
@@ -14,16 +15,22 @@ class Llama3Detector(ToolCallDetector):
     markers = (PYTHON_TAG,)
 
     def scan(self, text: str, final: bool) -> ScanResult:
+        return self.scan_from(text, final, None)
+
+    def scan_from(self, text: str, final: bool, state: object) -> ScanResult:
+        """A stream resumes at the held-back tail of plain text (`_PLAIN`: the output did not open with a
+        call, so only a python tag can start one)."""
         tag = text.find(PYTHON_TAG)
         lead = skip_ws(text, 0)
-        if tag >= 0 and text[lead:lead + 1] != "{":
+        if tag >= 0 and (state is _PLAIN or text[lead:lead + 1] != "{"):
             return self._calls(text, [Segment(text[:tag])], tag + len(PYTHON_TAG), final)
-        if lead < len(text) and text[lead] == "{":
-            return self._calls(text, [], lead, final)
-        if lead == len(text) and not final:
-            return ScanResult([], 0)  # only whitespace so far: a call may still start
+        if state is not _PLAIN:
+            if lead < len(text) and text[lead] == "{":
+                return self._calls(text, [], lead, final)
+            if lead == len(text) and not final:
+                return ScanResult([], 0)  # only whitespace so far: a call may still start
         seg, decided = self.text_with_holdback(text, 0, final)
-        return ScanResult([seg], decided)
+        return ScanResult([seg], decided, checkpoint=None if final else Checkpoint(decided, 1, _PLAIN))
 
     def _calls(self, text: str, segments: list[Segment], pos: int, final: bool) -> ScanResult:
         while True:

@@ -8,8 +8,8 @@ import re
 import secrets
 import string
 
-from lightllm.server.function_call.base import (ParsedCall, ScanResult, Segment, ToolCallDetector, load_json,
-                                                match_json, skip_ws)
+from lightllm.server.function_call.base import (Checkpoint, ParsedCall, ScanResult, Segment, ToolCallDetector,
+                                                load_json, match_json, skip_ws)
 
 TOOL_CALLS = "[TOOL_CALLS]"
 ARGS = "[ARGS]"
@@ -31,7 +31,8 @@ class MistralDetector(ToolCallDetector):
         tag = text.find(TOOL_CALLS)
         if tag < 0:
             seg, decided = self.text_with_holdback(text, 0, final)
-            return ScanResult([seg], decided)
+            # nothing here depends on where the output starts: a stream resumes at the held-back tail
+            return ScanResult([seg], decided, checkpoint=None if final else Checkpoint(decided, 1, None))
         segments = [Segment(text[:tag])]
         body = skip_ws(text, tag + len(TOOL_CALLS))
         if body >= len(text):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightllm.server.function_call.base import ParsedCall, ScanResult, Segment, ToolCallDetector, skip_ws
+from lightllm.server.function_call.base import Checkpoint, ParsedCall, ScanResult, Segment, ToolCallDetector, skip_ws
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,18 @@ class SectionDetector(ToolCallDetector):
         raise NotImplementedError
 
     def scan(self, text: str, final: bool) -> ScanResult:
-        m = self.section
-        begin = text.find(m.section_begin)
+        begin = text.find(self.section.section_begin)
         if begin < 0:
             seg, decided = self.text_with_holdback(text, 0, final)
-            return ScanResult([seg], decided)
+            # nothing here depends on where the output starts: a stream resumes at the held-back tail
+            return ScanResult([seg], decided, checkpoint=None if final else Checkpoint(decided, 1, None))
+        result = self._section(text, begin, final)
+        if not final:  # the text before the section is content for good: a stream resumes at the section
+            result.checkpoint = Checkpoint(begin, 1, None)
+        return result
+
+    def _section(self, text: str, begin: int, final: bool) -> ScanResult:
+        m = self.section
         segments = [Segment(text[:begin])]
         pos = begin + len(m.section_begin)
         index = 0
@@ -83,6 +90,15 @@ class SectionDetector(ToolCallDetector):
         return ScanResult([Segment(text)], len(text))
 
 
+@dataclass(frozen=True)
+class _OpenBlock:
+    """A block opens at the checkpoint; its closing tag cannot start before `search_from`."""
+
+    open_tag: str
+    close_tag: str
+    search_from: int
+
+
 class BlockDetector(ToolCallDetector):
     """Formats that write each call as one tagged block (GLM `<tool_call>NAME<arg_key>…</tool_call>`,
     qwen3_coder `<tool_call><function=NAME>…</function></tool_call>`). Subclasses set `blocks` (pairs of
@@ -98,21 +114,35 @@ class BlockDetector(ToolCallDetector):
         raise NotImplementedError
 
     def scan(self, text: str, final: bool) -> ScanResult:
+        return self.scan_from(text, final, None)
+
+    def scan_from(self, text: str, final: bool, state: object) -> ScanResult:
+        """Streams resume in plain text at the held-back tail, and at the start of a block still arriving
+        (`_OpenBlock`: where the search for its closing tag goes on)."""
         segments: list[Segment] = []
         pos = 0
+        block = state if isinstance(state, _OpenBlock) else None
         while True:
-            found = [(text.find(open_tag, pos), open_tag, close_tag) for open_tag, close_tag in self.blocks]
-            found = [f for f in found if f[0] >= 0]
-            if not found:
-                seg, decided = self.text_with_holdback(text, pos, final)
-                segments.append(seg)
-                return ScanResult(segments, decided)
-            start, open_tag, close_tag = min(found)
-            segments.append(Segment(text[pos:start]))
-            close = text.find(close_tag, start + len(open_tag))
+            if block is not None:
+                start, open_tag, close_tag, search_from = 0, block.open_tag, block.close_tag, block.search_from
+                block = None
+            else:
+                found = [(text.find(open_tag, pos), open_tag, close_tag) for open_tag, close_tag in self.blocks]
+                found = [f for f in found if f[0] >= 0]
+                if not found:
+                    seg, decided = self.text_with_holdback(text, pos, final)
+                    segments.append(seg)
+                    checkpoint = None if final else Checkpoint(decided, len(segments), None)
+                    return ScanResult(segments, decided, checkpoint=checkpoint)
+                start, open_tag, close_tag = min(found)
+                segments.append(Segment(text[pos:start]))
+                search_from = len(open_tag)
+            close = text.find(close_tag, start + search_from)
             if close < 0:
                 if not final:
-                    return ScanResult(segments, start)
+                    # a closing tag can only end beyond the text seen so far
+                    resume = _OpenBlock(open_tag, close_tag, max(search_from, len(text) - start - len(close_tag) + 1))
+                    return ScanResult(segments, start, checkpoint=Checkpoint(start, len(segments), resume))
                 call = self.parse_block(text[start:])  # cut by the end of the output
                 segments.append(Segment(call=call) if call is not None else Segment(text[start:]))
                 return ScanResult(segments, len(text))

@@ -11,8 +11,11 @@ Output that does not use the channel markup at all is answer text.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from lightllm.server.holdback import partial_marker_len
-from lightllm.server.reasoning.base import ReasoningDetector, ReasoningSplit
+from lightllm.server.reasoning.base import ReasoningCheckpoint, ReasoningDetector, ReasoningSplit
 
 START, CHANNEL, MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
 ENDS = ("<|end|>", "<|call|>", "<|return|>")
@@ -24,33 +27,72 @@ def _first_end(text: str, start: int) -> tuple[int, str] | None:
     return min(hits) if hits else None
 
 
+@dataclass(frozen=True)
+class _Body:
+    """Resume inside a message body whose text is reasoning (`analysis`) or answer."""
+
+    reasoning: bool
+
+
+_PLAIN = "plain"  # resume in answer text that uses no harmony markup: all of it is answer
+
+
 class GptOssDetector(ReasoningDetector):
+    """Streams resume (see base.py) at message boundaries, inside a reasoning or answer body (its text up to
+    a tail that may still become an end marker is decided), and in plain answer text."""
+
     name = "gpt-oss"
 
     def split(self, text: str, final: bool) -> ReasoningSplit:
+        return self.split_from(text, final, None)
+
+    def split_from(self, text: str, final: bool, state: Any) -> ReasoningSplit:
+        if state is _PLAIN:
+            return ReasoningSplit("", text, None if final else ReasoningCheckpoint(len(text), 0, len(text), _PLAIN))
         reasoning: list[str] = []
         content: list[str] = []
+        sizes = [0, 0]  # characters in reasoning and content so far
+        checkpoint: ReasoningCheckpoint | None = None  # the furthest point a stream can resume from
+
+        def add(to_reasoning: bool, part: str) -> None:
+            (reasoning if to_reasoning else content).append(part)
+            sizes[0 if to_reasoning else 1] += len(part)
+
+        def resume_at(at: int, resume_state: Any) -> ReasoningCheckpoint:
+            return ReasoningCheckpoint(at, sizes[0], sizes[1], resume_state)
+
+        body_state = state if isinstance(state, _Body) else None
         pos = 0
-        while pos < len(text):
-            head = pos
-            if text.startswith(START, head):
-                head = text.find(CHANNEL, head)
-                if head < 0:
-                    if final:
-                        content.append(text[pos:])
+        while pos < len(text) or body_state is not None:
+            if body_state is not None:  # the checkpoint is inside a reasoning or answer body
+                body_start, own_body, to_reasoning = 0, True, body_state.reasoning
+                body_state = None
+            else:
+                head = pos
+                if text.startswith(START, head):
+                    head = text.find(CHANNEL, head)
+                    if head < 0:
+                        if final:
+                            add(False, text[pos:])
+                        break
+                if not text.startswith(CHANNEL, head):
+                    if not final and (START.startswith(text[head:]) or CHANNEL.startswith(text[head:])):
+                        break  # markup still arriving
+                    add(False, text[head:])  # not harmony markup: plain answer text
+                    checkpoint = resume_at(len(text), _PLAIN)
                     break
-            if not text.startswith(CHANNEL, head):
-                if not final and (START.startswith(text[head:]) or CHANNEL.startswith(text[head:])):
-                    break  # markup still arriving
-                content.append(text[head:])  # not harmony markup: plain answer text
-                break
-            body_start = text.find(MESSAGE, head)
-            if body_start < 0:
-                if final:
-                    content.append(text[pos:])
-                break
-            channel = text[head + len(CHANNEL):body_start].split()
-            body_start += len(MESSAGE)
+                body_start = text.find(MESSAGE, head)
+                if body_start < 0:
+                    if final:
+                        add(False, text[pos:])
+                    break
+                channel = text[head + len(CHANNEL):body_start].split()
+                body_start += len(MESSAGE)
+                kind = channel[0] if channel else ""
+                addressed = "to=" in text[pos:body_start]  # a recipient in the role or channel header
+                to_reasoning = kind == "analysis"
+                # reasoning, the answer, or a preamble (commentary for the user); else kept whole with its markup
+                own_body = to_reasoning or kind == "final" or (kind == "commentary" and not addressed)
             end = _first_end(text, body_start)
             if end is None:
                 body = text[body_start:]
@@ -60,15 +102,15 @@ class GptOssDetector(ReasoningDetector):
             else:
                 body = text[body_start:end[0]]
                 stop = end[0] + len(end[1])
-            kind = channel[0] if channel else ""
-            addressed = "to=" in text[pos:body_start]  # a recipient in the role or channel header
-            if kind == "analysis":
-                reasoning.append(body)
-            elif kind == "final" or (kind == "commentary" and not addressed):  # a preamble is for the user
-                content.append(body)
+            if own_body:
+                add(to_reasoning, body)
+                if end is None and not final:
+                    checkpoint = resume_at(body_start + len(body), _Body(to_reasoning))
             elif end is not None or final:
-                content.append(text[pos:stop])  # commentary etc.: kept whole, once complete
+                add(False, text[pos:stop])  # commentary etc.: kept whole, once complete
             else:
                 break
             pos = stop
-        return ReasoningSplit("".join(reasoning), "".join(content))
+            if end is not None:
+                checkpoint = resume_at(pos, None)  # a message boundary
+        return ReasoningSplit("".join(reasoning), "".join(content), None if final else checkpoint)

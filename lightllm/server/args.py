@@ -116,6 +116,7 @@ class ServerArgs:
     api_key: str | None = arg(None, "require `Authorization: Bearer KEY` on /v1 routes", secret=True)
     cors_allow_origins: list[str] = arg(help="origins allowed by CORS (e.g. '*')", nargs="*", default_factory=list)
     max_concurrent_requests: int = arg(1024, "requests in flight before the server answers 503/429")
+    disable_webui: bool = arg(False, "do not serve the chat page at / (llama.cpp: --no-webui)")
     spec_ngram_tokens: int = engine_arg(
         "spec_ngram_tokens", "prompt-lookup speculative decoding: draft up to this many tokens from an earlier "
                              "occurrence of the last 3 (or 2) tokens and verify them in the same step (greedy "

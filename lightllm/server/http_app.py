@@ -91,6 +91,10 @@ def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = 
     app.include_router(anthropic_routes.router)
     _add_info_routes(app)
     _add_worker_info_routes(app, model_path)
+    if not args.disable_webui:
+        from lightllm.server.webui import install_webui
+
+        install_webui(app)  # the chat page at / (static files stay open under --api_key; its API calls send the key)
     install_openapi(app, hand_parsed=[native.GenerateRequest])
     return app
 

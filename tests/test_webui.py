@@ -111,7 +111,7 @@ def api_chat(server, key: str | None = API_KEY, **body) -> requests.Response:
     return requests.post(server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=300)
 
 
-def test_page_is_open_and_asks_for_the_key(smol_server, open_page):
+def test_page_is_open_and_asks_for_the_key(open_page, smol_server):
     page_html = requests.get(smol_server.base_url + "/", timeout=10)
     assert page_html.status_code == 200 and page_html.headers["content-type"].startswith("text/html")
     assert "script-src 'self'" in page_html.headers["content-security-policy"]
@@ -134,7 +134,7 @@ def test_page_is_open_and_asks_for_the_key(smol_server, open_page):
     assert not page.is_visible("#key-dialog") and page.errors == []
 
 
-def test_markdown_is_rendered_and_html_escaped(smol_server, open_page):
+def test_markdown_is_rendered_and_html_escaped(open_page, smol_server):
     page = open_page(smol_server)
     source = ("# Title\n<img src=x onerror=alert(1)> **bold** and `a<b>`\n\n```python\nprint('<b>')\n```\n"
               "- one\n- two [ok](https://example.org) [bad](javascript:alert(1))\n\n| a | b |\n|---|--:|\n| 1 | 2 |")
@@ -149,7 +149,7 @@ def test_markdown_is_rendered_and_html_escaped(smol_server, open_page):
     assert '<code data-lang="js">let a</code>' in partial
 
 
-def test_a_message_streams_an_answer_kept_in_local_storage(smol_server, open_page):
+def test_a_message_streams_an_answer_kept_in_local_storage(open_page, smol_server):
     page = open_page(smol_server)
     settings(page, temperature=0, max_tokens=24)
     # Count the distinct lengths the answer's text passes through while it streams.
@@ -192,7 +192,7 @@ def _generated_total(server) -> float:
     return float(re.search(r"^lightllm_generation_tokens_total (\S+)$", text, re.M).group(1))
 
 
-def test_stop_aborts_the_stream_and_the_server_frees_the_request(smol_server, open_page):
+def test_stop_aborts_the_stream_and_the_server_frees_the_request(open_page, smol_server):
     page = open_page(smol_server)
     settings(page, temperature=0, max_tokens=2000)
     before = _generated_total(smol_server)
@@ -210,7 +210,7 @@ def test_stop_aborts_the_stream_and_the_server_frees_the_request(smol_server, op
     assert stored_conversation(page)["messages"][1]["status"] == "stopped"
 
 
-def test_a_forced_tool_call_is_shown_and_answered(smol_server, open_page):
+def test_a_forced_tool_call_is_shown_and_answered(open_page, smol_server):
     page = open_page(smol_server)
     settings(page, temperature=0, max_tokens=60, tools=json.dumps(WEATHER_TOOLS), tool_choice="required")
     send(page, "What is the weather in Paris?")
@@ -235,7 +235,7 @@ def test_a_forced_tool_call_is_shown_and_answered(smol_server, open_page):
     assert page.locator(".msg.assistant").first.locator("textarea.tool-result").count() == 0  # answered
 
 
-def test_a_named_tool_choice_calls_that_function(smol_server, open_page):
+def test_a_named_tool_choice_calls_that_function(open_page, smol_server):
     page = open_page(smol_server)
     settings(page, temperature=0, max_tokens=40, tools=json.dumps(WEATHER_TOOLS), tool_choice="named",
              function="get_time")
@@ -245,7 +245,7 @@ def test_a_named_tool_choice_calls_that_function(smol_server, open_page):
     assert "timezone" in json.loads(page.inner_text(".msg.assistant .tool-args"))
 
 
-def test_a_server_error_is_shown_with_its_message(smol_server, open_page):
+def test_a_server_error_is_shown_with_its_message(open_page, smol_server):
     page = open_page(smol_server)
     settings(page, max_tokens=100000)
     send(page, "Hello", streams=False)
@@ -264,7 +264,7 @@ def test_a_server_error_is_shown_with_its_message(smol_server, open_page):
     assert page.locator(".msg.user").count() == 1 and page.locator(".msg.assistant").count() == 0
 
 
-def test_reasoning_is_shown_apart_and_collapsible(thinking_server, open_page):  # noqa: F811
+def test_reasoning_is_shown_apart_and_collapsible(open_page, thinking_server):  # noqa: F811
     page = open_page(thinking_server, key=None)
     settings(page, temperature=0, max_tokens=12)
     send(page, "What is 2 + 2?")
@@ -282,7 +282,7 @@ def test_reasoning_is_shown_apart_and_collapsible(thinking_server, open_page):  
     assert body.is_visible()
 
 
-def test_usable_at_phone_width(smol_server, open_page):
+def test_usable_at_phone_width(open_page, smol_server):
     page = open_page(smol_server, viewport=(390, 844))
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     box = page.locator("#composer").bounding_box()

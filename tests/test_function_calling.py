@@ -209,3 +209,28 @@ def test_multi_turn_with_tool_result_on_qwen(qwen_server):
                                            temperature=0, max_tokens=80)
     assert final.choices[0].finish_reason == "stop" and final.choices[0].message.tool_calls is None
     assert "22" in final.choices[0].message.content
+
+
+@pytest.mark.qwen
+def test_constraints_apply_from_the_first_token_without_a_reasoning_parser_on_qwen(qwen_server):
+    """No reasoning parser (Qwen2.5-Coder): forced calls and response_format constrain the whole output as
+    before; a token the grammar never allows (the values are enums) stays out even when biased far above
+    every other."""
+    unit = {"type": "function", "function": {"name": "set_unit", "parameters": {
+        "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
+        "additionalProperties": False}}}
+    hmm = requests.post(qwen_server.base_url + "/tokenize", json={"prompt": " Hmm"}, timeout=30).json()["tokens"]
+    base = {"messages": [{"role": "user", "content": "Which unit for Paris?"}], "temperature": 0,
+            "max_tokens": 60, "logit_bias": {str(hmm[-1]): 100}}
+    for extra in ({"tools": [unit], "tool_choice": "required"},
+                  {"tools": [unit], "tool_choice": {"type": "function", "function": {"name": "set_unit"}}},
+                  {"response_format": {"type": "json_schema", "json_schema": {
+                      "name": "u", "schema": unit["function"]["parameters"]}}}):
+        r = requests.post(qwen_server.base_url + "/v1/chat/completions", json={**base, **extra}, timeout=120).json()
+        message = r["choices"][0]["message"]
+        assert "reasoning_content" not in message and "Hmm" not in json.dumps(message), extra
+        if "tools" in extra:
+            call = message["tool_calls"][0]["function"]
+            assert call["name"] == "set_unit" and json.loads(call["arguments"])["unit"] in ("celsius", "fahrenheit")
+        else:
+            assert json.loads(message["content"])["unit"] in ("celsius", "fahrenheit")

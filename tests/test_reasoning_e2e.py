@@ -6,6 +6,7 @@ generation (`separate_reasoning: false`), plain and streamed."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def thinking_server(tmp_path_factory):
     assert THINKING_TEMPLATE != QWEN3_TEMPLATE
     tmp = tmp_path_factory.mktemp("qwen3_thinking")
     tokenizer = load_tokenizer(embedded_model_path())
+    # The tags as single tokens, as in Qwen3's vocabulary: a logit bias can then force the end of thinking.
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
     model_dir = build_tiny_model(tmp / "model", "qwen3", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
     tokenizer.chat_template = THINKING_TEMPLATE
@@ -120,7 +123,108 @@ def test_qwen3_template_renders_tools_and_thinking(thinking_server):
     prompt = rendered()
     assert "<tools>" in prompt and '"name": "get_weather"' in prompt and prompt.endswith("<think>\n")
     assert rendered(chat_template_kwargs={"enable_thinking": False}).endswith("<think>\n\n</think>\n\n")
-    # a forced call through the same template: the grammar makes the tiny model produce it
-    body = {"tools": [WEATHER_TOOL], "tool_choice": "required", "max_tokens": 60}
+    # a forced call through the same template, thinking off: the grammar makes the tiny model produce it
+    body = {"tools": [WEATHER_TOOL], "tool_choice": "required", "max_tokens": 60,
+            "chat_template_kwargs": {"enable_thinking": False}, "logit_bias": {tag_id("<think>"): -100}}
     message = chat(thinking_server, **body)["choices"][0]["message"]
-    assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather" and message["reasoning_content"] is None
+
+
+# ------------------------------------------------------------------ constrained output after the thinking
+
+UNIT_TOOL = {"type": "function", "function": {"name": "set_unit", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
+    "additionalProperties": False}}}
+HMM = 41827  # " Hmm" in the tokenizer
+
+
+def tag_id(tag: str) -> str:
+    """The id the fixture gave a tag (added after the tokenizer's own vocabulary), as logit_bias takes it."""
+    from lightllm.tokenizer import load_tokenizer
+
+    return str(len(load_tokenizer(embedded_model_path())) + ["<think>", "</think>"].index(tag))
+
+
+def forced_thinking() -> dict:
+    """Forced tokens: " Hmm" three times (its bias falls by the frequency penalty at each use), then the end
+    tag. Neither can appear in the constrained answer (its values are enums), so the grammar's start shows:
+    free tokens while thinking, only the grammar's after the end tag."""
+    return {"logit_bias": {str(HMM): 40, tag_id("</think>"): 35}, "frequency_penalty": 2.0, "max_tokens": 40}
+
+
+def stream_message(server, **body) -> tuple[dict, str | None]:
+    body = {"messages": MESSAGES, "temperature": 0, "stream": True, **body}
+    response = requests.post(server.base_url + "/v1/chat/completions", json=body, timeout=120, stream=True)
+    reasoning, content, calls, finish = "", "", {}, None
+    for line in response.iter_lines():
+        if not line.startswith(b"data: {"):
+            continue
+        choice = json.loads(line[6:])["choices"][0]
+        delta = choice["delta"]
+        reasoning += delta.get("reasoning_content") or ""
+        content += delta.get("content") or ""
+        for tc in delta.get("tool_calls") or []:
+            call = calls.setdefault(tc["index"], {"name": tc["function"]["name"], "arguments": ""})
+            call["arguments"] += tc["function"]["arguments"]
+        finish = choice["finish_reason"] or finish
+    return {"reasoning_content": reasoning or None, "content": content or None,
+            "tool_calls": [calls[i] for i in sorted(calls)]}, finish
+
+
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_forced_tool_call_after_free_thinking(thinking_server, choice):
+    tool_choice = "required" if choice == "required" else {"type": "function", "function": {"name": "set_unit"}}
+    body = {"tools": [UNIT_TOOL], "tool_choice": tool_choice, **forced_thinking()}
+    out = chat(thinking_server, ignore_eos=False, **body)["choices"][0]
+    message = out["message"]
+    assert message["reasoning_content"] == "Hmm Hmm Hmm"  # thought freely: the grammar would not allow it
+    (call,) = message["tool_calls"]
+    assert call["function"]["name"] == "set_unit"
+    assert json.loads(call["function"]["arguments"])["unit"] in ("celsius", "fahrenheit")
+    assert out["finish_reason"] == ("tool_calls" if choice == "required" else "stop")
+    streamed, finish = stream_message(thinking_server, **body)
+    assert streamed["reasoning_content"] == message["reasoning_content"] and finish == out["finish_reason"]
+    assert [(c["name"], c["arguments"]) for c in streamed["tool_calls"]] == \
+           [(call["function"]["name"], call["function"]["arguments"])]
+    # with the reasoning left in the content the grammar applies from the first token: no thinking
+    plain = chat(thinking_server, ignore_eos=False, separate_reasoning=False, **body)["choices"][0]["message"]
+    assert "Hmm" not in (plain["content"] or "") and plain["tool_calls"][0]["function"]["name"] == "set_unit"
+
+
+def test_response_format_after_free_thinking(thinking_server):
+    schema = UNIT_TOOL["function"]["parameters"]
+    body = {"response_format": {"type": "json_schema", "json_schema": {"name": "unit", "schema": schema}},
+            **forced_thinking()}
+    message = chat(thinking_server, ignore_eos=False, **body)["choices"][0]["message"]
+    assert message["reasoning_content"] == "Hmm Hmm Hmm"
+    assert json.loads(message["content"])["unit"] in ("celsius", "fahrenheit")
+
+
+def test_unterminated_thinking_is_length_with_no_call(thinking_server):
+    # the same prompt, unconstrained (tool_choice none): greedy, the random model never ends the block
+    free = chat(thinking_server, tools=[UNIT_TOOL], tool_choice="none")["choices"][0]
+    assert free["finish_reason"] == "length" and free["message"]["reasoning_content"]
+    for tool_choice in ("required", {"type": "function", "function": {"name": "set_unit"}}):
+        out = chat(thinking_server, tools=[UNIT_TOOL], tool_choice=tool_choice)["choices"][0]
+        assert out["finish_reason"] == "length" and "tool_calls" not in out["message"]
+        assert out["message"]["content"] is None
+        # the constraint did not touch the thinking: the same text as the unconstrained generation's
+        assert out["message"]["reasoning_content"] == free["message"]["reasoning_content"]
+
+
+def test_tool_choice_none_still_thinks(thinking_server):
+    out = chat(thinking_server, tools=[UNIT_TOOL], tool_choice="none", **forced_thinking())["choices"][0]
+    assert out["message"]["reasoning_content"] == "Hmm Hmm Hmm" and "tool_calls" not in out["message"]
+
+
+def test_thinking_off_applies_the_grammar_from_the_first_token(thinking_server):
+    body = {"tools": [UNIT_TOOL], "tool_choice": "required", "max_tokens": 40,
+            "chat_template_kwargs": {"enable_thinking": False}, "logit_bias": {str(HMM): 40, tag_id("<think>"): -100}}
+    message = chat(thinking_server, ignore_eos=False, **body)["choices"][0]["message"]
+    assert message["reasoning_content"] is None and message["tool_calls"][0]["function"]["name"] == "set_unit"
+    assert "Hmm" not in (message["content"] or "")
+    # the output may still open a block itself: then it thinks freely before the grammar
+    body["logit_bias"] = {str(HMM): 40, tag_id("<think>"): 45, tag_id("</think>"): 35}
+    body["frequency_penalty"] = 2.0
+    message = chat(thinking_server, ignore_eos=False, **body)["choices"][0]["message"]
+    assert message["reasoning_content"] and message["tool_calls"][0]["function"]["name"] == "set_unit"

@@ -206,3 +206,62 @@ ENDS_REASONING = [
 @pytest.mark.parametrize("case", range(len(ENDS_REASONING)))
 def test_a_tool_call_ends_the_reasoning_block(case):
     check_message(*ENDS_REASONING[case])
+
+
+# ------------------------------------------------------------------------------------ grammar after the thinking
+
+class RecordingMatcher:
+    """A grammar that allows only token 7, recording what it accepted."""
+
+    def __init__(self):
+        self.accepted: list[int] = []
+
+    def apply_mask(self, row):
+        keep = row[7].clone()
+        row.fill_(float("-inf"))
+        row[7] = keep
+
+    def accept_token(self, token_id):
+        self.accepted.append(token_id)
+
+    def is_terminated(self):
+        return len(self.accepted) >= 2
+
+
+def allowed(gate) -> list[int]:
+    import torch
+
+    row = torch.zeros(10)
+    gate.apply_mask(row)
+    return [i for i in range(10) if row[i] > float("-inf")]
+
+
+def test_the_grammar_starts_after_the_end_tag():
+    from lightllm.engine.protocol import ReasoningGate
+    from lightllm.engine.reasoning_gate import GatedGrammar
+
+    # inside the block (the prompt opened it): free until the end tag's tokens (8, 9), then the grammar
+    inner = RecordingMatcher()
+    gate = GatedGrammar(inner, ReasoningGate(start=(5,), end=(8, 9), in_block=True))
+    for token in (1, 8, 2, 8, 9):
+        assert allowed(gate) == list(range(10)) and not gate.is_terminated()
+        gate.accept_token(token)
+    assert allowed(gate) == [7] and inner.accepted == []
+    gate.accept_token(7)
+    gate.accept_token(7)
+    assert inner.accepted == [7, 7] and gate.is_terminated()
+    # the output may open a block: its first token is the start tag's or the grammar's
+    inner = RecordingMatcher()
+    gate = GatedGrammar(inner, ReasoningGate(start=(5, 6), end=(8,), in_block=False))
+    assert allowed(gate) == [5, 7]
+    gate.accept_token(5)
+    assert allowed(gate) == [6]  # the rest of the start tag
+    gate.accept_token(6)
+    assert allowed(gate) == list(range(10))
+    gate.accept_token(8)
+    assert allowed(gate) == [7] and inner.accepted == []
+    # ... or the grammar's first token: the grammar runs from there
+    inner = RecordingMatcher()
+    gate = GatedGrammar(inner, ReasoningGate(start=(5, 6), end=(8,), in_block=False))
+    gate.accept_token(7)
+    assert allowed(gate) == [7] and inner.accepted == [7]

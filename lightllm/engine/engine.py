@@ -18,6 +18,7 @@ from lightllm.models.loading.loader import resolve_quant_type
 from lightllm.models.loading.sharding import shard_config
 from lightllm.engine.model_runner import ModelRunner
 from lightllm.engine.prefix_cache import PrefixCache
+from lightllm.engine.reasoning_gate import GatedGrammar
 from lightllm.engine.distributed import StepBroadcaster, init_group, local_ranks, start_workers, threads_per_rank
 from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineConfig, EngineError, EngineFailed,
                                       EngineReady, EngineStats, ErrorKind, FlushCache, Shutdown, StepOutputs,
@@ -162,6 +163,8 @@ class Engine:
         """Queue a request whose grammar compilation is done (its refusal when it failed)."""
         try:
             seq.grammar = self.grammars.matcher(seq.params.grammar, compiled.result())
+            if seq.params.grammar_gate is not None:  # a thinking model: the grammar starts after the thinking
+                seq.grammar = GatedGrammar(seq.grammar, seq.params.grammar_gate)
         except (ValueError, RuntimeError) as exc:
             return self._grammar_refusal(seq, exc)
         self.scheduler.add(seq)

@@ -93,6 +93,18 @@ class GrammarSpec:
         return f"{self.kind}:{self.text or ''}"
 
 
+@dataclass(frozen=True)
+class ReasoningGate:
+    """Constrained output from a thinking model: the model thinks freely and the grammar applies from the
+    token after the thinking block's end tag (`end`, its token ids). `in_block`: the output starts inside the
+    block (the prompt opened it); otherwise the output may open one with `start`'s tokens as its first
+    tokens, or the grammar applies from the first token."""
+
+    start: tuple[int, ...]
+    end: tuple[int, ...]
+    in_block: bool
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 16
@@ -110,6 +122,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob plus top-k alternatives
     grammar: GrammarSpec | None = None
+    grammar_gate: ReasoningGate | None = None  # the grammar waits for the end of the thinking block
 
     @property
     def greedy(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from lightllm.engine.protocol import GrammarSpec
 from lightllm.server.errors import APIError
@@ -43,13 +43,16 @@ class ToolContext:
     def stream_parser(self) -> ToolStreamParser:
         return ToolStreamParser(self.detector, self.max_calls)
 
-    async def limit_repeats(self, stream: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    async def limit_repeats(self, stream: AsyncIterator[GenerationChunk],
+                            answer: Callable[[str], str] | None = None) -> AsyncIterator[GenerationChunk]:
         """End a required-mode generation as soon as it repeats a call (see RequiredDetector); leaving the
-        engine stream early aborts the request there."""
+        engine stream early aborts the request there. `answer`: the answer part of the text so far (the
+        calls follow a thinking model's reasoning)."""
         text = ""
         async for chunk in stream:
             text += chunk.text
-            if self.mode == "required" and not chunk.finished and self.detector.scan(text, final=False).stop:
+            calls = answer(text) if answer is not None else text
+            if self.mode == "required" and not chunk.finished and self.detector.scan(calls, final=False).stop:
                 chunk.finished, chunk.finish_reason = True, "stop"
                 yield chunk
                 await stream.aclose()

@@ -9,12 +9,14 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from lightllm.engine.protocol import GrammarSpec, ReasoningGate
 from lightllm.server.errors import APIError, stream_error_event
 from lightllm.server.generation import GenerationChunk
 from lightllm.server import structured
 from lightllm.server.function_call import ToolContext, prepare_tool_context
 from lightllm.server.openai.chat_output import ChatOutputParser
 from lightllm.server.openapi import STREAMING_OK
+from lightllm.server.reasoning.base import ReasoningDetector, ThinkTagDetector
 from lightllm.server.ids import new_id
 from lightllm.server.openai.common import chat_logprob_entries, merge_streams, now, sampling_params, sse, usage
 from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage
@@ -107,16 +109,35 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str
     prompt_ids, max_new = state.fit_length(prompt_ids, req.max_completion_tokens or req.max_tokens,
                                            param="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    # Constrained output (forced tool calls, response_format, ...) is the answer itself: no reasoning block.
-    reasoning = state.new_reasoning_detector() if req.separate_reasoning and grammar is None else None
-    output = ChatOutputParser(reasoning.for_prompt(prompt) if reasoning is not None else None, tools)
+    reasoning = state.new_reasoning_detector() if req.separate_reasoning else None
+    reasoning = reasoning.for_prompt(prompt) if reasoning is not None else None
+    gate = None
+    if grammar is not None and reasoning is not None:
+        # Constrained output (forced tool calls, response_format, ...) constrains the answer: a think-tag
+        # model thinks freely first. Other formats (harmony) get the grammar from the first token, no reasoning.
+        gate = reasoning_gate(state.tokenizer, reasoning, grammar)
+        if gate is None:
+            reasoning = None
+    output = ChatOutputParser(reasoning, tools)
     # Tool and reasoning markers are special tokens in some vocabularies: keep them while parsing.
     skip_special = req.skip_special_tokens and not output.needs_special_tokens
-    streams = [state.stream(prompt_ids, sampling_params(req, max_new, logprobs, i, grammar), stop=req.stop_list(),
-                            skip_special_tokens=skip_special, rid=new_id(rid_prefix)) for i in range(req.n)]
+    streams = [state.stream(prompt_ids, sampling_params(req, max_new, logprobs, i, grammar, gate),
+                            stop=req.stop_list(), skip_special_tokens=skip_special, rid=new_id(rid_prefix))
+               for i in range(req.n)]
     if tools is not None and tools.mode == "required":
-        streams = [tools.limit_repeats(s) for s in streams]
+        answer = (lambda text: reasoning.split(text, final=False).content) if reasoning is not None else None
+        streams = [tools.limit_repeats(s, answer) for s in streams]
     return PreparedChat(prompt_ids, streams, output, tools)
+
+
+def reasoning_gate(tokenizer: Any, reasoning: ReasoningDetector, grammar: GrammarSpec) -> ReasoningGate | None:
+    """Where the grammar starts for a thinking model: after its think block's end tag (None: the format has
+    no such tags, or the constraint is a plain token mask that applies to every token)."""
+    if not isinstance(reasoning, ThinkTagDetector) or grammar.kind == "token_ids":
+        return None
+    start, end = (tuple(tokenizer.encode(tag, add_special_tokens=False)) for tag in (reasoning.start_tag,
+                                                                                      reasoning.end_tag))
+    return ReasoningGate(start, end, reasoning.in_block)
 
 
 @router.post("/v1/chat/completions", responses=STREAMING_OK)

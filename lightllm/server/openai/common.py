@@ -7,13 +7,13 @@ import json
 import time
 from typing import Any, AsyncIterator
 
-from lightllm.engine.protocol import GrammarSpec, SamplingParams
+from lightllm.engine.protocol import GrammarSpec, ReasoningGate, SamplingParams
 from lightllm.server.generation import GenerationChunk, TokenInfo
 from lightllm.server.openai.protocol import SamplingFields
 
 
 def sampling_params(req: SamplingFields, max_new_tokens: int, logprobs: int | None, index: int = 0,
-                    grammar: GrammarSpec | None = None) -> SamplingParams:
+                    grammar: GrammarSpec | None = None, grammar_gate: ReasoningGate | None = None) -> SamplingParams:
     temperature = 1.0 if req.temperature is None else req.temperature
     return SamplingParams(
         max_new_tokens=max_new_tokens, min_new_tokens=req.min_tokens,
@@ -24,7 +24,7 @@ def sampling_params(req: SamplingFields, max_new_tokens: int, logprobs: int | No
         seed=None if req.seed is None else req.seed + index, ignore_eos=req.ignore_eos,
         stop_token_ids=list(req.stop_token_ids or []),
         logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
-        logprobs=logprobs, grammar=grammar)
+        logprobs=logprobs, grammar=grammar, grammar_gate=grammar_gate)
 
 
 def now() -> int:

@@ -102,15 +102,15 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
-def output_parser(reasoning: str | None, tool_format: str | None,
-                  tools: list[dict] | None = None) -> ChatOutputParser:
+def output_parser(reasoning: str | None, tool_format: str | None, tools: list[dict] | None = None,
+                  prompt: str = "") -> ChatOutputParser:
     tools = tools or TOOLS
     context = None
     if tool_format:
         schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
         detector = detector_class(tool_format)(set(schemas), schemas)
         context = ToolContext(mode="auto", tools=tools, fmt=tool_format, template_has_tools=True, detector=detector)
-    return ChatOutputParser(reasoning_detector(reasoning).for_prompt("") if reasoning else None, context)
+    return ChatOutputParser(reasoning_detector(reasoning).for_prompt(prompt) if reasoning else None, context)
 
 
 def stream_message(parser: ChatOutputParser, text: str, size: int) -> dict:

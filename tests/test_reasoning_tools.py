@@ -23,10 +23,10 @@ OPENAI_TOOLS = [{"type": "function", "function": {"name": name, "parameters": sc
                 for name, schema in SCHEMAS.items()]
 
 
-def check_message(reasoning_name, tool_format, text, reasoning, content, calls, tools=OPENAI_TOOLS):
+def check_message(reasoning_name, tool_format, text, reasoning, content, calls, tools=OPENAI_TOOLS, prompt=""):
     """Parsed whole, then streamed at every chunk size: the same reasoning, content and calls."""
     def parser():
-        return output_parser(reasoning_name, tool_format, tools)
+        return output_parser(reasoning_name, tool_format, tools, prompt)
 
     parsed = parser().parse(text)
     assert (parsed.reasoning, parsed.content) == (reasoning, content)
@@ -206,6 +206,41 @@ ENDS_REASONING = [
 @pytest.mark.parametrize("case", range(len(ENDS_REASONING)))
 def test_a_tool_call_ends_the_reasoning_block(case):
     check_message(*ENDS_REASONING[case])
+
+
+XCALL = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
+OPENED = "<|im_start|>assistant\n<think>\n"  # a prompt that opens the block (Qwen3.5, Kimi-K2.5)
+# Peer reasoning-parser cases (vLLM tests/reasoning/test_qwen3_tool_call_recovery.py and
+# test_kimi_k2_reasoning_parser.py): (reasoning parser, tool parser, prompt, output, reasoning, content, calls)
+PEER_REASONING = [
+    # a Qwen3.5 XML call inside the block, the end tag after it: the call is returned
+    ("qwen3", "qwen3_coder", "", "<think>The verification confirms my solution:\n- t = 24 minutes\n\n" + XCALL
+     + "\n</think>", "The verification confirms my solution:\n- t = 24 minutes", None, PARIS),
+    # ... with answer text after the end tag: vLLM moves that text before the promoted call and keeps it; we
+    # end the reasoning at the call, and text after a call is dropped (as in every format), so it is lost
+    ("qwen3", "qwen3_coder", "", "<think>verify result\n" + XCALL + "</think>Here is the answer.", "verify result",
+     None, PARIS),
+    # truncated before the end tag, the prompt having opened the block: the call is still returned
+    ("qwen3", "qwen3_coder", OPENED, "verify result\n" + XCALL, "verify result", None, PARIS),
+    ("qwen3", "qwen3_coder", "", "<think>some reasoning</think>plain response text", "some reasoning",
+     "plain response text", []),
+    # Kimi-K2.5: the prompt opens the block; the calls section ends it (here no tools: the section is text)
+    ("kimi_k2", None, OPENED, "some reasoning<|tool_calls_section_begin|>tool call data", "some reasoning",
+     "<|tool_calls_section_begin|>tool call data", []),
+    ("kimi_k2", None, OPENED, "step by step reasoning</think>final answer", "step by step reasoning",
+     "final answer", []),
+    ("kimi_k2", None, "", "<think></think>final answer", None, "final answer", []),
+    # vLLM treats Kimi output with no tags as reasoning whatever the prompt; we do when the prompt opened the
+    # block (the K2.5 template), else it is the answer (a K2 prompt with thinking off)
+    ("kimi_k2", None, OPENED, "implicit reasoning with no tags", "implicit reasoning with no tags", None, []),
+    ("kimi_k2", None, "", "an answer with no tags", None, "an answer with no tags", []),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PEER_REASONING)))
+def test_peer_reasoning_cases(case):
+    name, fmt, prompt, text, reasoning, content, calls = PEER_REASONING[case]
+    check_message(name, fmt, text, reasoning, content, calls, prompt=prompt)
 
 
 # ------------------------------------------------------------------------------------ grammar after the thinking

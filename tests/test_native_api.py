@@ -55,15 +55,15 @@ def test_greedy_matches_transformers_generate(smol_server, transformers_greedy):
 
 def test_quantized_path_with_two_activation_levels_matches_transformers(tmp_path, transformers_greedy):
     """The default GGUF path keeps the file's exact weights (tiled kernel); with its activations in two int8
-    levels on every call (LIGHTLLM_ACT_RESIDUAL_MAX_ROWS, prefill included) it decodes greedily as the fp32
+    levels on every call (--act_levels 2, prefill included) it decodes greedily as the fp32
     model does, where one level (llama.cpp's precision) leaves it at near-ties."""
     from lightllm.kernels import cpu as cpu_kernels
 
     kernels = cpu_kernels.load()
     if kernels is None or not kernels.tiled_fast:
         pytest.skip("the tiled kernel (and its activation levels) runs on AVX512-VNNI CPUs only")
-    server = ServerProcess(["--model_dir", "smollm2", "--max_total_token_num", "4096"], tmp_path / "server.log",
-                           env={"LIGHTLLM_ACT_RESIDUAL_MAX_ROWS": "100000"})
+    server = ServerProcess(["--model_dir", "smollm2", "--max_total_token_num", "4096", "--act_levels", "2"],
+                           tmp_path / "server.log")
     try:
         assert_greedy_matches(server.base_url, transformers_greedy)
     finally:

@@ -5,6 +5,8 @@ Shared by the engine process (rank 0) and the tensor-parallel worker ranks (engi
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lightllm.engine.protocol import EngineConfig
@@ -13,6 +15,11 @@ from lightllm.models.decoder import LlamaModel
 from lightllm.models.families.registry import model_class_for
 from lightllm.models.loading.loader import load_model_config, load_model_weights, resolve_quant_type
 from lightllm.models.loading.sharding import TPComm, TPShard, shard_config
+from lightllm.models.quant import policy as quant_policy
+from lightllm.models.quant.factory import dense_copy_bytes
+from lightllm.models.quant.policy import LinearPolicy
+
+logger = logging.getLogger("lightllm.engine")
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -82,7 +89,11 @@ def build_model(cfg: EngineConfig, full: ModelConfig, rank: int,
     shard = TPShard(rank, cfg.tp) if cfg.tp > 1 else None
     rank_config = shard_config(full, cfg.tp)  # refuses head counts that do not divide, naming them
     quant_type = resolve_quant_type(cfg.quant_type, cfg.model_path, device)
+    quant_policy.configure(LinearPolicy(act_levels=cfg.act_levels, dense_min_rows=cfg.dense_bf16_min_rows))
     weights = load_model_weights(cfg.model_path, full, device, dtype, quant_type, shard)
+    if dense_copy_bytes():
+        logger.warning("--dense_bf16_min_rows %d: dense bf16 copies of the quantized matrices hold %.0f MiB more",
+                       cfg.dense_bf16_min_rows, dense_copy_bytes() / 2**20)
     comm = TPComm(shard, full.vocab_size) if shard is not None else None
     model = model_class_for(full.architecture)(rank_config, weights, device, dtype, comm)
     return model, pick_kv_dtype(cfg.kv_cache_dtype, dtype, model.kernels is not None)

@@ -32,6 +32,10 @@ class EngineConfig:
     seed: int = 0
     quant_type: str = "auto"
     kv_cache_dtype: str = "auto"
+    # quantized linears (models/quant/policy.py), fixed per server: int8 activation levels on every call, and
+    # the opt-in dense bf16 copy's row bound (0: one stored form per matrix)
+    act_levels: int = 1
+    dense_bf16_min_rows: int = 0
     spec_ngram_tokens: int = 5  # prompt-lookup speculative draft length (0: off)
     spec_max_decodes: int = 1  # draft only while at most this many requests decode
     # tensor parallelism (LightLLM's flags): ranks over `nnodes` machines meeting at nccl_host:nccl_port

@@ -94,6 +94,16 @@ class ServerArgs:
         "kv_cache_dtype", "KV cache storage; 'auto' is fp16 on CPU with the fused kernels (half the memory traffic "
                           "of decode attention, llama.cpp's default) and the model dtype elsewhere",
         choices=["auto", "fp32", "fp16", "bf16"])
+    act_levels: int = engine_arg(
+        "act_levels", "int8 activation levels of the quantized (tiled) kernels, the same on every call so results do "
+                      "not depend on load: 1 (llama.cpp's Q8 activations) or 2 (a second level holding the first's "
+                      "rounding residual: float32-like greedy output, free for one stream, about 1.5-2x the matmul "
+                      "time of batched steps and prefill)", choices=[1, 2])
+    dense_bf16_min_rows: int = engine_arg(
+        "dense_bf16_min_rows", "opt-in: also keep a dense bf16 copy of every quantized matrix (2 bytes per weight "
+                               "more, logged at start) and run calls of this many rows or more on it (faster "
+                               "prefill with AVX512-BF16/AMX); results then depend on the step's row count. 0: one "
+                               "stored form per matrix")
     cpu_kernels: bool = arg(
         help="fused C kernels on CPU (compiled on first use); --no-cpu_kernels: the pure-PyTorch path. Default: on, "
              "off when the environment sets LIGHTLLM_CPU_KERNELS=0", engine="cpu_kernels",
@@ -141,6 +151,8 @@ class ServerArgs:
             raise ValueError(f"--node_rank {self.node_rank} must be in 0..{self.nnodes - 1}")
         if self.engine_threads is not None and self.engine_threads < 1:
             raise ValueError("--engine_threads must be at least 1")
+        if self.dense_bf16_min_rows < 0:
+            raise ValueError("--dense_bf16_min_rows must be >= 0 (0: no dense copy)")
 
     def engine_config(self, model_path: str) -> EngineConfig:
         """What the engine process starts with: every field marked `engine`, under its EngineConfig name."""

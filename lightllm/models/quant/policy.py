@@ -4,22 +4,7 @@ rows the step it lands in has (the engine's invariance guarantee, README "Same a
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
-
-from lightllm.host import cpu_flags
-
-logger = logging.getLogger("lightllm.models")
-
-
-def cpu_has_fast_bf16() -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-# The row count from which the opt-in dense bf16 copy used to win on an AVX512-BF16 Zen 4 (SmolLM2's shapes):
-# what a user who turns the copy on without a bound gets.
-DENSE_MIN_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -43,24 +28,15 @@ class LinearPolicy:
             raise ValueError(f"the dense copy's row bound must be >= 0, not {self.dense_min_rows}")
 
 
-def policy_from_env() -> LinearPolicy:
-    """The policy of processes that build models without a server's flags (benchmarks, scripts):
-    LIGHTLLM_ACT_LEVELS and LIGHTLLM_DENSE_MIN_ROWS, else the defaults."""
-    return LinearPolicy(act_levels=int(os.environ.get("LIGHTLLM_ACT_LEVELS", "1")),
-                        dense_min_rows=int(os.environ.get("LIGHTLLM_DENSE_MIN_ROWS", "0")))
-
-
-_policy: LinearPolicy | None = None
+_policy = LinearPolicy()
 
 
 def configure(policy: LinearPolicy) -> None:
-    """Set this process's policy (the engine does, from its configuration, before it loads the model)."""
+    """Set this process's policy: the engine does, from its EngineConfig (--act_levels,
+    --dense_bf16_min_rows), before it loads the model; processes that load models directly keep the defaults."""
     global _policy
     _policy = policy
 
 
 def current() -> LinearPolicy:
-    global _policy
-    if _policy is None:
-        _policy = policy_from_env()
     return _policy

@@ -30,7 +30,7 @@ from lightllm.engine.protocol import GrammarSpec
 logger = logging.getLogger(__name__)
 
 CACHE_LIMIT_BYTES = 512 << 20  # compiled grammars kept for reuse (a large schema's tables take tens of MB)
-_LOG_PREFIX = re.compile(r"^\[[0-9:]+\] \S+?:\d+: ")
+_LOG_PREFIX = re.compile(r"\[[0-9:]+\] \S+?:\d+: ")  # also inside nested messages (Lark → regex)
 
 
 class GrammarError(ValueError):
@@ -38,7 +38,7 @@ class GrammarError(ValueError):
 
 
 def _message(exc: BaseException) -> str:
-    """xgrammar's error without its C++ log prefix ("[14:12:33] /project/cpp/x.cc:83: ")."""
+    """xgrammar's error without its C++ log prefixes ("[14:12:33] /project/cpp/x.cc:83: ")."""
     return _LOG_PREFIX.sub("", str(exc).strip()).strip()
 
 

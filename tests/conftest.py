@@ -63,6 +63,8 @@ class ServerProcess(LoopbackProcess):
     def __init__(self, args: list[str], log_path: Path, timeout: float = 240.0, env: dict[str, str] | None = None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        # the key its own requests (token_load, wait_idle) and the tests' send when it runs with one
+        self.headers = {"Authorization": f"Bearer {args[args.index('--api_key') + 1]}"} if "--api_key" in args else {}
         cmd = [sys.executable, "-m", "lightllm.server.api_server", "--host", "127.0.0.1", "--port", str(self.port), *args]
         super().__init__(cmd, log_path, timeout, env)
 
@@ -73,7 +75,7 @@ class ServerProcess(LoopbackProcess):
             return False
 
     def token_load(self) -> dict:
-        return requests.get(self.base_url + "/token_load", timeout=5).json()
+        return requests.get(self.base_url + "/token_load", headers=self.headers, timeout=5).json()
 
     def wait_idle(self, timeout: float = 30.0) -> dict:
         """Wait until no request holds KV (the prefix cache may still keep finished prompts)."""

@@ -21,20 +21,20 @@ def client(smol_server):
 
 def test_tokenize_and_detokenize_round_trip(smol_server):
     base = smol_server.base_url
-    out = requests.post(base + "/tokenize", json={"prompt": "Hello world, 你好"}, timeout=10).json()
+    out = requests.post(base + "/tokenize", json={"prompt": "Hello world, 你好"}, headers=HEADERS, timeout=10).json()
     assert out["count"] == len(out["tokens"]) > 0 and out["max_model_len"] == 4096 and out["token_strs"] is None
-    back = requests.post(base + "/detokenize", json={"tokens": out["tokens"]}, timeout=10).json()
+    back = requests.post(base + "/detokenize", json={"tokens": out["tokens"]}, headers=HEADERS, timeout=10).json()
     assert back["prompt"] == "Hello world, 你好"
     chat = requests.post(base + "/tokenize", json={"messages": [{"role": "user", "content": "Hello world"}],
-                                                   "return_token_strs": True}, timeout=10).json()
+                                                   "return_token_strs": True}, headers=HEADERS, timeout=10).json()
     assert chat["count"] > out["count"] and len(chat["token_strs"]) == chat["count"]  # the template adds turns
     usage = requests.post(base + "/v1/chat/completions", headers=HEADERS, timeout=60, json={
         "messages": [{"role": "user", "content": "Hello world"}], "max_tokens": 1}).json()["usage"]
     assert usage["prompt_tokens"] == chat["count"]  # the same prompt the chat route runs
     bad = requests.post(base + "/tokenize", json={"prompt": "x", "messages": [{"role": "user", "content": "y"}]},
-                        timeout=10)
+                        headers=HEADERS, timeout=10)
     assert bad.status_code == 400
-    bad = requests.post(base + "/detokenize", json={"tokens": [10 ** 9]}, timeout=10)
+    bad = requests.post(base + "/detokenize", json={"tokens": [10 ** 9]}, headers=HEADERS, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
@@ -87,7 +87,7 @@ def test_probes(smol_server):
         assert requests.get(smol_server.base_url + path, timeout=5).json() == {"status": "ok"}, path
     head = requests.head(smol_server.base_url + "/health", timeout=5)
     assert head.status_code == 200 and head.content == b""
-    info = requests.get(smol_server.base_url + "/get_server_info", timeout=5).json()
+    info = requests.get(smol_server.base_url + "/get_server_info", headers=HEADERS, timeout=5).json()
     assert info["max_total_token_num"] == 30000 and info["tool_call_parser"] == "qwen25"
 
 

@@ -10,14 +10,17 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ServerProcess, embedded_model_path
+from tests.conftest import API_KEY, ServerProcess, embedded_model_path
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}  # smol_server runs with --api_key; a server without one ignores it
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
 def generate(base_url: str, inputs, **parameters) -> dict:
     parameters.setdefault("max_new_tokens", 16)
-    r = requests.post(base_url + "/generate", json={"inputs": inputs, "parameters": parameters}, timeout=120)
+    r = requests.post(base_url + "/generate", json={"inputs": inputs, "parameters": parameters}, headers=AUTH,
+                      timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -75,7 +78,8 @@ def test_generate_shape_and_stream(smol_server):
     assert set(body) >= {"generated_text", "count_output_tokens", "finish_reason", "prompt_tokens"}
     assert isinstance(body["generated_text"], list) and isinstance(body["generated_text"][0], str)
     r = requests.post(smol_server.base_url + "/generate_stream",
-                      json={"inputs": "Hello, my name is", "parameters": {"max_new_tokens": 8}}, stream=True, timeout=60)
+                      json={"inputs": "Hello, my name is", "parameters": {"max_new_tokens": 8}}, stream=True, timeout=60,
+                      headers=AUTH)
     events = [json.loads(line[5:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data:")]
     assert len(events) == body["count_output_tokens"]
     assert all(e["token"]["id"] is not None for e in events)
@@ -118,7 +122,7 @@ def test_client_disconnect_aborts_and_frees_kv(smol_server):
     url = smol_server.base_url
     r = requests.post(url + "/generate_stream", json={"inputs": "Count from one to a thousand:",
                                                       "parameters": {"max_new_tokens": 2000, "ignore_eos": True}},
-                      stream=True, timeout=60)
+                      stream=True, timeout=60, headers=AUTH)
     lines = r.iter_lines()
     got = 0
     for line in lines:
@@ -134,13 +138,16 @@ def test_client_disconnect_aborts_and_frees_kv(smol_server):
 
 def test_bad_requests_get_400_and_server_keeps_serving(smol_server):
     url = smol_server.base_url
-    r = requests.post(url + "/generate", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10)
+    r = requests.post(url + "/generate", data=b"{not json", headers={"Content-Type": "application/json", **AUTH},
+                      timeout=10)
     assert r.status_code == 400 and "error" in r.json()
     too_long = "hello " * 5000
-    r = requests.post(url + "/generate", json={"inputs": too_long, "parameters": {"max_new_tokens": 4}}, timeout=30)
+    r = requests.post(url + "/generate", json={"inputs": too_long, "parameters": {"max_new_tokens": 4}}, headers=AUTH,
+                      timeout=30)
     assert r.status_code == 400
     assert "4096" in r.json()["error"]["message"]
-    r = requests.post(url + "/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": -1}}, timeout=10)
+    r = requests.post(url + "/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": -1}}, headers=AUTH,
+                      timeout=10)
     assert r.status_code == 400
     assert requests.get(url + "/health", timeout=5).json() == {"message": "Ok"}
     assert generate(url, "Hello", max_new_tokens=4)["count_output_tokens"] == 4
@@ -154,15 +161,15 @@ def test_stop_sequence_limit_is_the_one_the_other_apis_use(smol_server):
     stops = [f"@@{i}@@" for i in range(MAX_STOP_SEQUENCES)]
     assert MAX_STOP_SEQUENCES == 16
     assert generate(smol_server.base_url, "Hello", max_new_tokens=2, stop_sequences=stops)["count_output_tokens"] == 2
-    r = requests.post(smol_server.base_url + "/generate", timeout=30,
+    r = requests.post(smol_server.base_url + "/generate", headers=AUTH, timeout=30,
                       json={"inputs": "Hello", "parameters": {"max_new_tokens": 2, "stop_sequences": stops + ["@@x@@"]}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "parameters.stop_sequences"
     assert "at most 16" in r.json()["error"]["message"]
 
 def test_info_routes(smol_server):
     url = smol_server.base_url
-    assert requests.post(url + "/tokens", json={"text": "hello world"}, timeout=5).json()["ntokens"] == 2
-    assert "SmolLM2" in requests.get(url + "/get_model_name", timeout=5).json()["model_name"]
+    assert requests.post(url + "/tokens", json={"text": "hello world"}, headers=AUTH, timeout=5).json()["ntokens"] == 2
+    assert "SmolLM2" in requests.get(url + "/get_model_name", headers=AUTH, timeout=5).json()["model_name"]
     metrics = requests.get(url + "/metrics", timeout=5).text
     assert "lightllm_kv_cache_total_tokens 30000.0" in metrics
 
@@ -171,6 +178,6 @@ def test_info_routes(smol_server):
 def test_chinese_streams_without_broken_characters(smol_server):
     r = requests.post(smol_server.base_url + "/generate_stream",
                       json={"inputs": "<|im_start|>user\n用中文写一句话<|im_end|>\n<|im_start|>assistant\n",
-                            "parameters": {"max_new_tokens": 40}}, stream=True, timeout=60)
+                            "parameters": {"max_new_tokens": 40}}, stream=True, timeout=60, headers=AUTH)
     texts = [json.loads(l[5:])["token"]["text"] for l in r.iter_lines(decode_unicode=True) if l.startswith("data:")]
     assert all("\ufffd" not in t for t in texts)

@@ -123,8 +123,21 @@ class ServerArgs:
     long_truncation_mode: str | None = arg(None, "a prompt too long for the context is cut (head: its beginning, "
                                                  "center: its middle) instead of refused with 400",
                                            choices=[None, "head", "center"])
-    api_key: str | None = arg(None, "require `Authorization: Bearer KEY` on /v1 routes", secret=True)
-    cors_allow_origins: list[str] = arg(help="origins allowed by CORS (e.g. '*')", nargs="*", default_factory=list)
+    api_key: str | None = arg(
+        help="require this key (`Authorization: Bearer KEY` or `x-api-key: KEY`) on every route but the probes, the "
+             "API documents and the chat page's static files (see the README's Security section); default: "
+             "$LIGHTLLM_API_KEY, which keeps the key out of the process list", secret=True,
+        default_factory=lambda: os.environ.get("LIGHTLLM_API_KEY") or None)
+    admin_api_key: str | None = arg(
+        help="admin routes (/flush_cache, adapter load/unload, node registration) need this key, the --api_key is "
+             "then not enough; it opens every other route too. Default: $LIGHTLLM_ADMIN_API_KEY; unset: admin "
+             "routes take the --api_key", secret=True,
+        default_factory=lambda: os.environ.get("LIGHTLLM_ADMIN_API_KEY") or None)
+    metrics_require_key: bool = arg(False, "with --api_key, /metrics needs the key too (open by default: Prometheus "
+                                           "scrapers often cannot send headers)")
+    allowed_origins: list[str] = arg(help="origins whose browser pages may call this server (CORS), e.g. "
+                                          "http://localhost:3000, or '*'; none by default (same-origin only)",
+                                     nargs="*", aliases=("--cors_allow_origins",), default_factory=list)
     max_concurrent_requests: int = arg(1024, "requests in flight before the server answers 503/429")
     disable_webui: bool = arg(False, "do not serve the chat page at / (llama.cpp: --no-webui)")
     spec_ngram_tokens: int = engine_arg(

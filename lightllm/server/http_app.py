@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from lightllm.server.args import ServerArgs
+from lightllm.server.auth import ADMIN, AuthMiddleware, AuthPolicy, install_openapi_security
 from lightllm.server.engine_client import EngineClient, EngineDied
 from lightllm.server.errors import APIError, error_response, install_error_handlers
 from lightllm.server.limits import MAX_BODY_BYTES
@@ -71,12 +72,18 @@ def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = 
 
     app = FastAPI(title="lightllm", version=_version(), lifespan=lifespan, responses=COMMON_ERRORS)
     install_error_handlers(app)
+    # outermost last: CORS (so its preflights and headers cover 401s too), then the key check (before any
+    # body is read), then the body size limit
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
-    if args.cors_allow_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=args.cors_allow_origins, allow_methods=["*"],
-                           allow_headers=["*"], allow_credentials=True)
-    if args.api_key:
-        _install_auth(app, args.api_key)
+    policy = AuthPolicy(args.api_key, args.admin_api_key, args.metrics_require_key)
+    if policy.enabled:
+        app.add_middleware(AuthMiddleware, fastapi_app=app, policy=policy)
+    logger.info("access: %s", policy.describe())
+    if args.allowed_origins:
+        # Bearer / x-api-key headers need no CORS credentials mode, so cookies stay off
+        app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+        logger.info("CORS: browser pages from %s may call this server", ", ".join(args.allowed_origins))
 
     from lightllm.server import native
     from lightllm.server.anthropic import routes as anthropic_routes
@@ -96,6 +103,7 @@ def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = 
 
         install_webui(app)  # the chat page at / (static files stay open under --api_key; its API calls send the key)
     install_openapi(app, hand_parsed=[native.GenerateRequest])
+    install_openapi_security(app, policy)
     return app
 
 
@@ -141,18 +149,6 @@ def _default_model_name(model_path: str, info: Any) -> str:
 
     path = Path(model_path)
     return path.stem if path.suffix == ".gguf" else path.name or info.model_name
-
-
-def _install_auth(app: FastAPI, api_key: str) -> None:
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if request.url.path.startswith("/v1") and request.method != "OPTIONS":
-            # Anthropic clients send `x-api-key: KEY`; OpenAI clients `Authorization: Bearer KEY`.
-            if request.headers.get("authorization", "") != f"Bearer {api_key}" and \
-                    request.headers.get("x-api-key") != api_key:
-                return error_response(401, "Incorrect API key provided.", code="invalid_api_key",
-                                      path=request.url.path)
-        return await call_next(request)
 
 
 class TokensRequest(BaseModel):
@@ -257,7 +253,7 @@ def _add_worker_info_routes(app: FastAPI, model_path: str) -> None:
         return {"model_path": model_path, "tokenizer_path": model_path, "is_generation": True,
                 "architectures": [state.engine.info.architecture]}
 
-    @app.post("/flush_cache")
+    @app.post("/flush_cache", dependencies=[ADMIN])
     async def flush_cache(request: Request):
         """Empty the prefix cache (SGLang's route; the router's /flush_cache calls every worker's). KV held by
         running requests stays theirs."""

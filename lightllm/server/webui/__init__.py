@@ -10,6 +10,8 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from lightllm.server.auth import OPEN
+
 STATIC_DIR = Path(__file__).parent / "static"
 ASSET_PREFIX = "/webui"
 # Everything the page loads comes from this server; model output is rendered as escaped text (markdown.js),
@@ -28,7 +30,7 @@ class _Assets(StaticFiles):
 
 
 def install_webui(app: FastAPI) -> None:
-    @app.get("/", include_in_schema=False)
+    @app.get("/", include_in_schema=False, dependencies=[OPEN])  # the page itself is open (lightllm.server.auth)
     async def index():
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=HEADERS)
 

@@ -34,6 +34,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from lightllm.host import cache_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -100,6 +102,31 @@ def _write_stamp(path: Path, digest: str) -> None:
         _stamp_path(path).write_text(_stamp_text(path, digest))
     except OSError as exc:  # a read-only models dir: check again next time
         logger.warning("could not write %s: %s", _stamp_path(path), exc)
+
+
+def file_digest(path: str | Path) -> str:
+    """The sha256 of any file (what keys the packed-tile cache), hashed once: a stamp next to the file, or in
+    the cache dir where the file's directory is read-only, records it with the file's size and mtime."""
+    path = Path(path).resolve()
+    elsewhere = cache_dir("digests", hashlib.sha256(str(path).encode()).hexdigest()[:24])
+    for stamp in (_stamp_path(path), elsewhere):
+        try:
+            digest, size, mtime = stamp.read_text().split()
+        except (OSError, ValueError):
+            continue
+        if stamp.read_text() == _stamp_text(path, digest):
+            return digest
+    digest = file_sha256(path)
+    text = _stamp_text(path, digest)
+    try:
+        _stamp_path(path).write_text(text)
+    except OSError:
+        try:
+            elsewhere.parent.mkdir(parents=True, exist_ok=True)
+            elsewhere.write_text(text)
+        except OSError as exc:
+            logger.warning("could not record the digest of %s: %s", path, exc)
+    return digest
 
 
 def smollm2_path() -> Path:

@@ -11,6 +11,7 @@ import numpy as np
 
 from lightllm.models.config import ModelConfig
 from lightllm.models.families.registry import family_for_gguf, family_named
+from lightllm.models.loading.gguf_file import GgufFile
 from lightllm.models.quant.gguf_blocks import gguf_blocks, kept_quantized, runs_from_blocks
 from lightllm.models.quant.gguf_decode import dequantize as gguf_dequantize
 
@@ -29,17 +30,15 @@ _GGUF_GLOBAL_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "final
 
 
 def open_gguf(path: Path) -> Any:
-    """One parsed reader per file version (parsing a 0.5B model's metadata takes seconds): the config and
-    the weights read the same one. Tensor data stays a read-only memmap of the file."""
+    """One parsed file per file version: the config and the weights read the same one. Tensor data are views
+    of one mapping of the file (gguf_file.GgufFile)."""
     stat = Path(path).stat()
     return _open_gguf(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=2)
-def _open_gguf(path: str, size: int, mtime_ns: int) -> Any:
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
+def _open_gguf(path: str, size: int, mtime_ns: int) -> GgufFile:
+    return GgufFile(path)
 
 
 def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
@@ -123,8 +122,8 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 def gguf_tensors(path: Path, config: ModelConfig, keep_blocks: bool = False) -> Iterator[tuple[str, Callable[[], Any]]]:
     """Each tensor decoded exactly (bit-identical to gguf's reader); with `keep_blocks`, quantized matrices
-    stay as stored (see quant/gguf_blocks.kept_quantized), the embedding table excepted (it is gathered, not
-    multiplied; a tied lm_head gets its blocks as "lm_head")."""
+    stay as stored (see quant/gguf_blocks.kept_quantized), the embedding table as its blocks (a view of the
+    file; quant/embedding.py decodes the rows looked up; a tied lm_head gets the same blocks as "lm_head")."""
     reader = open_gguf(path)
     names = {tensor.name for tensor in reader.tensors}
     # Only llama-arch files (Mixtral too) were permuted by llama.cpp's converter; the others use NeoX rope as HF does.
@@ -141,7 +140,11 @@ def gguf_tensors(path: Path, config: ModelConfig, keep_blocks: bool = False) -> 
             elif permuted and name.endswith((".k", ".k_bias")):
                 heads = config.num_kv_heads
             type_name, shape = t.tensor_type.name, _gguf_shape(t)
-            if keep_blocks and name != "embed":
+            if keep_blocks and name == "embed":  # gathered, not multiplied: rows decoded on lookup
+                blocks = gguf_blocks(t.data, type_name, shape)
+                if blocks is not None:
+                    return blocks
+            elif keep_blocks:
                 blocks = kept_quantized(t.data, type_name, shape)
                 if blocks is not None:
                     return blocks if heads is None else blocks.permute_rows(lambda x: unpermute_qk(x, heads))

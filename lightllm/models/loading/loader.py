@@ -15,14 +15,18 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.config import ModelConfig
 from lightllm.models.decoder import ExpertWeights, LayerWeights, ModelWeights
 from lightllm.models.families.registry import family_named
+from lightllm.models.loading.catalog import file_digest
 from lightllm.models.loading.gguf import config_from_gguf, gguf_tensors, open_gguf
 from lightllm.models.loading.hf import config_from_hf, safetensors_tensors
 from lightllm.models.loading.paths import find_gguf_file
 from lightllm.models.loading.sharding import Sharder, TPShard, slice_rows
 from lightllm.models.quant.factory import QUANT_TYPES, make_linear
+from lightllm.models.quant import tile_cache
+from lightllm.models.quant.embedding import QuantizedEmbedding
 from lightllm.models.quant.weights import GgufBlocks, GroupQuantized, cat_rows
 
 logger = logging.getLogger(__name__)
@@ -57,11 +61,18 @@ def load_model_weights(model_path: str | Path, config: ModelConfig, device: torc
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"--quant_type {quant_type!r} is not supported; choose from {QUANT_TYPES}")
     gguf_path = find_gguf_file(model_path)
-    if gguf_path is not None:
-        tensors = gguf_tensors(gguf_path, config, keep_blocks=quant_type == "gguf")
-    else:
+    if gguf_path is None:
         tensors = safetensors_tensors(Path(model_path), family_named(config.architecture))
-    return assemble(config, tensors, device, dtype, quant_type, shard)
+        return assemble(config, tensors, device, dtype, quant_type, shard)
+    tensors = gguf_tensors(gguf_path, config, keep_blocks=quant_type == "gguf")
+    # a quantized model's tiles are packed once per file (digest), quant type and shard, then mapped
+    digest = file_digest(gguf_path) if quant_type != "none" and device.type == "cpu" and tile_cache.enabled() else None
+    tag = f"{quant_type.replace('-', '')}_tp{shard.world if shard else 1}r{shard.rank if shard else 0}"
+    with tile_cache.session(digest, tag):
+        weights = assemble(config, tensors, device, dtype, quant_type, shard)
+    # packing touched every page of the file; what is still read (embedding rows, blocks) comes back on use
+    open_gguf(gguf_path).release_pages()
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------- assemble
@@ -152,7 +163,17 @@ def assemble(config: ModelConfig, tensors: Iterator[tuple[str, Callable[[], Any]
             mlp_out_norm=optional_norm(p + "mlp_out_norm"),
             experts=moe,
         ))
-    embed = cut.vocab(take("embed")).to(device=device, dtype=dtype)  # vocab-parallel: this rank's rows
+    embed = embedding_table(cut.vocab(take("embed")), device, dtype)  # vocab-parallel: this rank's rows
     lm_head = loaded.pop("lm_head", None)
     return ModelWeights(embed=embed, layers=layers, final_norm=norm("final_norm"),
-                        lm_head=linear(embed if lm_head is None else cut.vocab(lm_head)))
+                        lm_head=linear(embed if lm_head is None else cut.vocab(lm_head)))  # (embed dense here)
+
+
+def embedding_table(weight: "torch.Tensor | GgufBlocks", device: torch.device,
+                    dtype: torch.dtype) -> "torch.Tensor | QuantizedEmbedding":
+    """GGUF blocks stay quantized on CPU (rows decoded on lookup); anything else becomes a dense table."""
+    if isinstance(weight, GgufBlocks):
+        if device.type == "cpu":
+            return QuantizedEmbedding(weight, dtype, cpu_kernels.load())
+        weight = weight.dequantize()
+    return weight.to(device=device, dtype=dtype)

@@ -34,7 +34,9 @@ def gguf_blocks(raw: np.ndarray, type_name: str, shape: Sequence[int]) -> GgufBl
     weights, block_bytes = BLOCK_SIZES[type_name]
     rows = int(np.prod(shape[:-1]))
     data = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, k // weights * block_bytes)
-    return GgufBlocks(torch.from_numpy(data.copy()), type_name, k)  # copy: GGUF data is a read-only memmap
+    # a writable view (gguf_file's copy-on-write mapping) is kept as is: no copy, pages read from the file on
+    # use; a read-only memmap (gguf's GGUFReader) is copied
+    return GgufBlocks(torch.from_numpy(data if data.flags.writeable else data.copy()), type_name, k)
 
 
 def kept_quantized(raw: np.ndarray, type_name: str, shape: Sequence[int]) -> GroupQuantized | GgufBlocks | None:

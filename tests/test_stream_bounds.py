@@ -8,7 +8,8 @@ import random
 import pytest
 
 from lightllm.server.function_call import base as fc_base
-from lightllm.server.function_call.base import ToolStreamParser, parse_complete
+from lightllm.server.function_call.base import ToolStreamParser, assemble, parse_complete
+from lightllm.server.function_call.constrained import NamedDetector, RequiredDetector
 from lightllm.server.function_call.registry import detector_class
 from lightllm.server.reasoning.base import ReasoningStreamParser
 from lightllm.server.reasoning.registry import reasoning_detector
@@ -91,6 +92,99 @@ def test_think_tags_random_outputs_stream_as_they_split(name):
         r, c = parser.finish()
         assert (reasoning + r, content + c) == (whole.reasoning, whole.content), text
 
+
+ARGUMENTS = ['{"a": 1}', '{"a": 2}', '{"q": "x } ] \\" {"}', '{"deep": {"l": [[1], [2, {"x": []}]]}}', "{}"]
+
+
+def _required_text(rng: random.Random) -> str:
+    items = [f'{{"name": "{rng.choice(["add", "search"])}", "parameters": {rng.choice(ARGUMENTS)}}}'
+             for _ in range(rng.randrange(0, 5))]
+    text = rng.choice(["", " ", "\n"]) + "[" + ", ".join(items) + rng.choice(["]", "", " ]"])
+    return text[:rng.randrange(len(text) + 1)] if rng.random() < 0.5 else text
+
+
+@pytest.mark.parametrize("mode", ["required", "named"])
+def test_constrained_random_outputs_stream_as_the_final_scan(mode):
+    """Trusted calls stream while their arguments arrive and resume inside them: what streams, cut at random,
+    equals the final scan (a call cut off included, as it was streamed)."""
+    rng = random.Random(mode)
+    for _ in range(1500):
+        if mode == "required":
+            text, make = _required_text(rng), lambda: RequiredDetector(TOOLS)
+        else:
+            whole = rng.choice([" ", ""]) + rng.choice(ARGUMENTS)
+            text, make = whole[:rng.randrange(len(whole) + 1)], lambda: NamedDetector(TOOLS, "add")
+        _, calls = assemble(make().scan(text, final=True).segments)
+        parser = ToolStreamParser(make())
+        deltas = [d for cut in random_cuts(rng, text) for d in parser.feed(cut)] + parser.finish()
+        if not calls:
+            continue  # plain text (no array / object): content, as the existing cases check
+        _, s_calls = reassemble(deltas)
+        assert [(c["name"], c["arguments"]) for c in s_calls] == [(c.name, c.arguments) for c in calls], text
+
+
+@pytest.mark.parametrize("mode", ["required", "named"])
+def test_a_long_forced_call_is_read_about_once(mode, monkeypatch):
+    json_reads = 0
+    original_end = fc_base.JsonScan.end
+
+    def counting_end(self, text):
+        nonlocal json_reads
+        if self.found is None:
+            json_reads += len(text) - self.i
+        return original_end(self, text)
+
+    monkeypatch.setattr(fc_base.JsonScan, "end", counting_end)
+    arguments = '{"q": "' + "ab{[\\\"" * 4000 + '"}'
+    if mode == "required":
+        text = '[{"name": "search", "parameters": ' + arguments + '}, {"name": "add", "parameters": {"a": 1}}]'
+        parser = ToolStreamParser(RequiredDetector(TOOLS))
+    else:
+        text = arguments
+        parser = ToolStreamParser(NamedDetector(TOOLS, "search"))
+    kept, deltas = 0, []
+    for i in range(0, len(text), 2):
+        deltas += parser.feed(text[i:i + 2])
+        kept = max(kept, len(parser.text))
+    deltas += parser.finish()
+    _, calls = reassemble(deltas)
+    assert calls[0]["arguments"] == arguments and len(calls) == (2 if mode == "required" else 1)
+    assert kept <= 80 and json_reads <= 2 * len(text)
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_required_mode_stops_at_the_first_repeated_call_in_the_answer(thinking):
+    """limit_repeats ends the generation on the chunk that completes a repeat, found by resuming scans of
+    the answer (after the reasoning when the model thinks first); a call written inside the reasoning does
+    not count."""
+    import asyncio
+
+    from lightllm.server.function_call.context import ToolContext
+    from lightllm.server.generation import GenerationChunk
+
+    one = '{"name": "add", "parameters": {"a": 1}}'
+    text = f'[{one}, {{"name": "add", "parameters": {{"a": 2}}}}, {one}, {one}]'
+    if thinking:
+        text = f"<think>I could call [{one}, {one}]</think>\n" + text
+    context = ToolContext(mode="required", tools=[], fmt="qwen25", template_has_tools=True,
+                          detector=RequiredDetector(TOOLS))
+
+    async def chunks():
+        for i in range(0, len(text), 3):
+            yield GenerationChunk(text[i:i + 3])
+        yield GenerationChunk("", finished=True, finish_reason="length")
+
+    async def run() -> str:
+        seen = ""
+        async for chunk in context.limit_repeats(chunks(), reasoning_detector("qwen3") if thinking else None):
+            seen += chunk.text
+            if chunk.finished:
+                assert chunk.finish_reason == "stop"
+                return seen
+        raise AssertionError("no stop")
+
+    seen = asyncio.run(run())
+    repeat_end = text.index(one, text.index('"a": 2')) + len(one)
+    assert repeat_end <= len(seen) < repeat_end + 3  # ended on the chunk that completed the repeat
 
 HARMONY_PIECES = ["<|start|>assistant", "<|channel|>", "<|message|>", "<|end|>", "<|call|>", "<|return|>", "analysis",
                   "final", "commentary", " to=functions.add", " ", "thought ", "answer", "<|end", "<|chan", "<|"]

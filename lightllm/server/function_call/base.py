@@ -32,6 +32,9 @@ class ParsedCall:
     arguments: str  # JSON text of an object (possibly partial while streaming a trusted call)
     complete: bool = True
     call_id: str | None = None  # set by formats whose output names the call (kimi_k2); else generated
+    # Only in a scan resumed inside a call's arguments (a trusted call streaming): `arguments` then holds
+    # the text after the checkpoint, continuing the call left open there.
+    continues: bool = False
 
 
 @dataclass
@@ -49,6 +52,9 @@ class Checkpoint:
     pos: int
     segments: int
     state: Any
+    # The checkpoint is inside the arguments of the call in segment `segments` (a trusted call streaming):
+    # this many characters of them come from text[:pos]; a resumed scan continues the call (`continues`).
+    open_args: int | None = None
 
 
 @dataclass
@@ -232,7 +238,8 @@ class ToolStreamParser:
         self.done_content = 0  # length of the content decided before the checkpoint
         self.done_unsent = ""  # of that content, what was not sent yet
         self.done_has_text = False  # whether that content has more than whitespace
-        self.done_calls = 0  # calls decided before the checkpoint
+        self.done_calls = 0  # calls begun before the checkpoint (the last one may be open: see open_args)
+        self.open_args = 0  # characters of the open call's arguments that came before the checkpoint
         self.content_sent = 0
         self.args_sent: list[int] = []  # per emitted call: characters of arguments already sent
         self.ids: list[str] = []
@@ -253,12 +260,16 @@ class ToolStreamParser:
         cp = result.checkpoint
         for seg in result.segments[:cp.segments]:
             if seg.call is not None:
-                self.done_calls += 1
+                self.done_calls += not seg.call.continues
             elif not self.done_calls:
                 start = self.done_content
                 self.done_content += len(seg.text)
                 self.done_unsent += seg.text[max(0, self.content_sent - start):]
                 self.done_has_text = self.done_has_text or bool(seg.text.strip())
+        if cp.open_args is not None:
+            call = result.segments[cp.segments].call
+            self.open_args = self.open_args + cp.open_args if call.continues else cp.open_args
+            self.done_calls += not call.continues
         self.text, self.state = self.text[cp.pos:], cp.state
 
     def _diff(self, segments: list[Segment], final: bool) -> list[dict[str, Any]]:
@@ -270,8 +281,9 @@ class ToolStreamParser:
             elif not calls and not self.done_calls:  # content is the text before the first call
                 tail.append(seg.text)
         tail_content = "".join(tail)
+        first = self.done_calls - (1 if calls and calls[0].continues else 0)  # the index of calls[0]
         if self.max_calls is not None:
-            calls = calls[:max(0, self.max_calls - self.done_calls)]
+            calls = calls[:max(0, self.max_calls - first)]
         deltas: list[dict[str, Any]] = []
         total = self.done_content + len(tail_content)
         has_calls = bool(calls) or self.done_calls > 0
@@ -279,16 +291,17 @@ class ToolStreamParser:
         if total > self.content_sent and (self.done_has_text or tail_content.strip() or (final and not has_calls)):
             deltas.append({"content": self.done_unsent + tail_content[max(0, self.content_sent - self.done_content):]})
             self.content_sent, self.done_unsent = total, ""
-        for index, call in enumerate(calls, start=self.done_calls):
+        for index, call in enumerate(calls, start=first):
             if index == len(self.args_sent):
                 self.ids.append(call.call_id or self.detector.new_call_id())
                 self.args_sent.append(0)
                 deltas.append({"tool_calls": [{"index": index, "id": self.ids[index], "type": "function",
                                                "function": {"name": call.name, "arguments": ""}}]})
-            if len(call.arguments) > self.args_sent[index]:
+            before = self.open_args if call.continues else 0  # its arguments before the checkpoint
+            if before + len(call.arguments) > self.args_sent[index]:
                 deltas.append({"tool_calls": [{"index": index, "function": {
-                    "name": None, "arguments": call.arguments[self.args_sent[index]:]}}]})
-                self.args_sent[index] = len(call.arguments)
+                    "name": None, "arguments": call.arguments[self.args_sent[index] - before:]}}]})
+                self.args_sent[index] = before + len(call.arguments)
         return deltas
 
 

@@ -4,27 +4,71 @@ The grammar guarantees the shape, so these are `trusted`: a call is announced as
 known and its raw argument text streams as it grows (and is passed through verbatim, as vLLM does).
 - required: `[{"name": "<tool>", "parameters": {...}}, ...]`
 - named: the chosen function's arguments object alone.
+
+Streams resume (see base.py) inside the arguments of the call that streams, carrying its JSON scan, and
+in the required array after each complete call, carrying the calls seen so far.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from lightllm.server.function_call.base import ParsedCall, ScanResult, Segment, ToolCallDetector, match_json, skip_ws
+from lightllm.server.function_call.base import (Checkpoint, JsonScan, ParsedCall, ScanResult, Segment,
+                                                ToolCallDetector, skip_ws)
 
 _ITEM_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"parameters"\s*:\s*')
 
 
-def _partial_call(text: str, name: str, start: int) -> tuple[ParsedCall, int | None]:
-    """The call whose arguments object starts at `start`; the end index when it is complete."""
-    if start >= len(text) or text[start] != "{":
-        return ParsedCall(name, "", complete=False), None
-    end = match_json(text, start)
+@dataclass(frozen=True)
+class _InArguments:
+    """Resume inside the streaming call's arguments: its name and JSON scan (positions from the checkpoint).
+    `before` collects their text before the checkpoint, which the required mode needs once the call is
+    complete (to know a repeat of it); one list per stream, extended as the checkpoint moves on."""
+
+    name: str
+    json: JsonScan
+    before: list[str]
+
+
+@dataclass(frozen=True)
+class _BetweenItems:
+    """Resume in the required array after a complete call: the calls seen (see RequiredDetector)."""
+
+    seen: frozenset[str]
+
+
+def _partial_call(text: str, name: str, start: int,
+                  json: JsonScan | None = None) -> tuple[ParsedCall, int | None, JsonScan | None]:
+    """The call whose arguments object starts at `start`; the end index when it is complete; the JSON scan
+    (resumed from `json` when given)."""
+    if json is None:
+        if start >= len(text) or text[start] != "{":
+            return ParsedCall(name, "", complete=False), None, None
+        json = JsonScan(start)
+    end = json.end(text)
     if end is None:
-        return ParsedCall(name, text[start:], complete=False), None
-    return ParsedCall(name, text[start:end]), end
+        return ParsedCall(name, text[start:], complete=False), None, json
+    return ParsedCall(name, text[start:end]), end, json
+
+
+def _streaming(call: ParsedCall, text: str, start: int, json: JsonScan | None, segments: int, final: bool,
+               before: list[str] | None = None) -> Checkpoint | None:
+    """The checkpoint at the end of a trusted call's arguments still arriving (from `start` in `text`)."""
+    if final or json is None:
+        return None
+    before = [] if before is None else before
+    before.append(text[start:])
+    return Checkpoint(len(text), segments, _InArguments(call.name, json.shifted(len(text)), before),
+                      open_args=len(text) - start)
+
+
+def _resumed(state: _InArguments, text: str) -> tuple[ParsedCall, int | None, JsonScan | None]:
+    """The streaming call's arguments continued from the checkpoint inside them."""
+    call, end, json = _partial_call(text, state.name, 0, state.json)
+    return replace(call, continues=True), end, json
 
 
 def _opening(text: str, opener: str, final: bool) -> tuple[int, ScanResult | None]:
@@ -51,12 +95,27 @@ class RequiredDetector(ToolCallDetector):
     name = "required"
 
     def scan(self, text: str, final: bool) -> ScanResult:
-        i, early = _opening(text, "[", final)
-        if early is not None:
-            return early
+        return self.scan_from(text, final, None)
+
+    def scan_from(self, text: str, final: bool, state: Any) -> ScanResult:
         segments: list[Segment] = []
-        seen: set[str] = set()
-        i += 1
+        checkpoint: Checkpoint | None = None
+        if isinstance(state, _InArguments):  # inside the first call, which streams
+            call, end, scan = _resumed(state, text)
+            if end is None:
+                return ScanResult([Segment(call=call)], len(text),
+                                  checkpoint=_streaming(call, text, 0, scan, 0, final, state.before))
+            segments.append(Segment(call=call))
+            seen = {_call_key(ParsedCall(call.name, "".join(state.before) + call.arguments))}
+            earlier_calls, i = True, end
+            checkpoint = None if final else Checkpoint(i, 1, _BetweenItems(frozenset(seen)))
+        elif isinstance(state, _BetweenItems):
+            seen, earlier_calls, i = set(state.seen), True, 0
+        else:
+            i, early = _opening(text, "[", final)
+            if early is not None:
+                return early
+            seen, earlier_calls, i = set(), False, i + 1
         while True:
             i = skip_ws(text, i)
             while i < len(text) and text[i] in ",}":
@@ -67,10 +126,11 @@ class RequiredDetector(ToolCallDetector):
             if head is None:
                 break  # the item's head is still arriving
             name = json.loads(f'"{head.group(1)}"')
-            call, end = _partial_call(text, name, head.end())
+            call, end, scan = _partial_call(text, name, head.end())
             if end is None:
-                if not segments:
+                if not segments and not earlier_calls:  # the first call streams as it grows
                     segments.append(Segment(call=call))
+                    checkpoint = _streaming(call, text, head.end(), scan, 0, final)
                 break
             key = _call_key(call)
             if key in seen:
@@ -78,9 +138,10 @@ class RequiredDetector(ToolCallDetector):
             seen.add(key)
             segments.append(Segment(call=call))
             i = end
-        if final and not segments:
+            checkpoint = None if final else Checkpoint(i, len(segments), _BetweenItems(frozenset(seen)))
+        if final and not segments and not earlier_calls:
             return ScanResult([Segment(text)], len(text))
-        return ScanResult(segments, len(text) if final else i)
+        return ScanResult(segments, len(text) if final else i, checkpoint=checkpoint)
 
 
 class NamedDetector(ToolCallDetector):
@@ -92,8 +153,16 @@ class NamedDetector(ToolCallDetector):
         self.function_name = function_name
 
     def scan(self, text: str, final: bool) -> ScanResult:
-        i, early = _opening(text, "{", final)
-        if early is not None:
-            return early
-        call, end = _partial_call(text, self.function_name, i)
-        return ScanResult([Segment(call=call)], len(text) if final or end is None else end)
+        return self.scan_from(text, final, None)
+
+    def scan_from(self, text: str, final: bool, state: Any) -> ScanResult:
+        if isinstance(state, _InArguments):
+            call, end, scan = _resumed(state, text)
+            i = 0
+        else:
+            i, early = _opening(text, "{", final)
+            if early is not None:
+                return early
+            call, end, scan = _partial_call(text, self.function_name, i)
+        checkpoint = _streaming(call, text, i, scan, 0, final) if end is None else None
+        return ScanResult([Segment(call=call)], len(text) if final or end is None else end, checkpoint=checkpoint)

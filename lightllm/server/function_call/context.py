@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from lightllm.engine.protocol import GrammarSpec
 from lightllm.server.errors import APIError
@@ -13,6 +13,7 @@ from lightllm.server.function_call.base import ToolCallDetector, ToolStreamParse
 from lightllm.server.function_call.constrained import NamedDetector, RequiredDetector
 from lightllm.server.function_call.prompts import inline_tools
 from lightllm.server.function_call.registry import DEFAULT_TOOL_PARSER, detector_class
+from lightllm.server.reasoning.base import ReasoningDetector, ReasoningStreamParser
 
 _EMPTY_PARAMS = {"type": "object", "properties": {}}
 
@@ -44,19 +45,24 @@ class ToolContext:
         return ToolStreamParser(self.detector, self.max_calls)
 
     async def limit_repeats(self, stream: AsyncIterator[GenerationChunk],
-                            answer: Callable[[str], str] | None = None) -> AsyncIterator[GenerationChunk]:
+                            reasoning: ReasoningDetector | None = None) -> AsyncIterator[GenerationChunk]:
         """End a required-mode generation as soon as it repeats a call (see RequiredDetector); leaving the
-        engine stream early aborts the request there. `answer`: the answer part of the text so far (the
-        calls follow a thinking model's reasoning)."""
-        text = ""
+        engine stream early aborts the request there. `reasoning`: the request's reasoning detector when the
+        calls follow a thinking model's reasoning (only the answer is scanned). Both parsers resume from
+        their checkpoints, so a chunk costs work bounded by the call being written."""
+        answer = ReasoningStreamParser(reasoning) if reasoning is not None else None
+        calls, state = "", None  # the answer from the call detector's last checkpoint on, and its state there
         async for chunk in stream:
-            text += chunk.text
-            calls = answer(text) if answer is not None else text
-            if self.mode == "required" and not chunk.finished and self.detector.scan(calls, final=False).stop:
-                chunk.finished, chunk.finish_reason = True, "stop"
-                yield chunk
-                await stream.aclose()
-                return
+            calls += answer.feed(chunk.text)[1] if answer is not None else chunk.text
+            if self.mode == "required" and not chunk.finished:
+                result = self.detector.scan_from(calls, False, state)
+                if result.stop:
+                    chunk.finished, chunk.finish_reason = True, "stop"
+                    yield chunk
+                    await stream.aclose()
+                    return
+                if result.checkpoint is not None:
+                    calls, state = calls[result.checkpoint.pos:], result.checkpoint.state
             yield chunk
 
     def finish_reason(self, reason: str | None) -> str | None:

@@ -125,8 +125,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str
                             stop=req.stop_list(), skip_special_tokens=skip_special, rid=new_id(rid_prefix))
                for i in range(req.n)]
     if tools is not None and tools.mode == "required":
-        answer = (lambda text: reasoning.split(text, final=False).content) if reasoning is not None else None
-        streams = [tools.limit_repeats(s, answer) for s in streams]
+        streams = [tools.limit_repeats(s, reasoning) for s in streams]
     return PreparedChat(prompt_ids, streams, output, tools)
 
 

@@ -28,15 +28,19 @@ def _gguf_tokenizer_cache(gguf: Path) -> Path:
 
 def _load_gguf_tokenizer(gguf: Path):
     """Converting a GGUF vocabulary to a fast tokenizer takes seconds (6 s for SmolLM2's 49k), so the
-    result is saved once and later starts (and the engine process) load the saved files."""
-    from transformers import AutoTokenizer
+    result is saved once and later starts (and the engine process) load the saved files. They load as the
+    generic fast tokenizer: AutoTokenizer would resolve the same Rust tokenizer through transformers' model
+    configuration modules, which import PyTorch (seconds and ~200 MB more in the API process)."""
+    from transformers import PreTrainedTokenizerFast
 
     cache = _gguf_tokenizer_cache(gguf)
     if (cache / "tokenizer_config.json").exists():
         try:
-            return AutoTokenizer.from_pretrained(str(cache))
+            return PreTrainedTokenizerFast.from_pretrained(str(cache))
         except (OSError, ValueError) as exc:
             logger.warning("cached tokenizer %s unusable (%s); converting again", cache, exc)
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -55,8 +59,6 @@ def load_tokenizer(model_path: str | Path, chat_template_file: str | None = None
                    mode: str = "fast"):
     """mode: `fast` / `auto` take the Rust tokenizer (auto falls back to a slow one where only that exists),
     `slow` the Python one; GGUF vocabularies convert to fast tokenizers only."""
-    from transformers import AutoTokenizer
-
     gguf = find_gguf_file(model_path)
     if gguf is not None:
         if mode == "slow":
@@ -64,6 +66,8 @@ def load_tokenizer(model_path: str | Path, chat_template_file: str | None = None
                              "fast tokenizer); use fast or auto")
         tokenizer = _load_gguf_tokenizer(gguf)
     else:
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code,
                                                   use_fast=mode != "slow")
         if mode == "fast" and not tokenizer.is_fast:

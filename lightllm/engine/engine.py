@@ -13,7 +13,8 @@ import zmq
 from lightllm.engine.faults import FaultInjector
 from lightllm.engine.grammar import AllowedTokens, GrammarFactory
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
-from lightllm.engine.model_setup import build_model, kv_budget_tokens, model_config_for, pick_device, pick_dtype
+from lightllm.engine.memory import MemoryBreakdown, activation_bytes, process_rss_bytes, tensor_bytes
+from lightllm.engine.model_setup import build_model, kv_budget_for, model_config_for, pick_device, pick_dtype
 from lightllm.models.loading.loader import resolve_quant_type
 from lightllm.models.loading.sharding import shard_config
 from lightllm.engine.model_runner import ModelRunner
@@ -33,6 +34,7 @@ logger = logging.getLogger("lightllm.engine")
 class Engine:
     def __init__(self, cfg: EngineConfig, log_level: str = "INFO"):
         self.cfg = cfg
+        runtime_bytes = process_rss_bytes()  # interpreter, PyTorch and kernels, before any weight
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)  # unseeded sampling is reproducible for a given request order
         self.dtype = pick_dtype(cfg.data_type, self.device)
@@ -56,7 +58,8 @@ class Engine:
         self.model, self.kv_dtype = build_model(cfg, model_cfg, 0, self.device)
         rank_cfg = self.model.config  # this rank's heads
         elem = torch.tensor([], dtype=self.kv_dtype).element_size()
-        self.kv_tokens = kv_budget_tokens(cfg, rank_cfg.kv_bytes_per_token(elem), self.device)
+        self.kv_budget = kv_budget_for(cfg, self.max_model_len, rank_cfg.kv_bytes_per_token(elem), self.device)
+        self.kv_tokens = self.kv_budget.tokens
         if broadcaster is not None:
             import torch.distributed as dist
 
@@ -75,6 +78,11 @@ class Engine:
             max_model_len=self.max_model_len, eos_token_ids=model_cfg.eos_token_ids,
             new_token_estimate=cfg.router_max_new_token_len, prefix_cache=self.prefix_cache,
             speculative=SpeculativeConfig(cfg.spec_ngram_tokens, cfg.spec_max_decodes))
+        self.memory = MemoryBreakdown(
+            weights=tensor_bytes(self.model.weights), kv_cache=tensor_bytes([self.pool.k, self.pool.v, self.table.table]),
+            activations=activation_bytes(rank_cfg, batch_max_tokens, cfg.running_max_req_size), runtime=runtime_bytes)
+        logger.info("KV cache: %s", self.kv_budget.rule)
+        logger.info("memory: %s", self.memory.describe())
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, self.device)
         self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler, broadcaster)
         self.faults = FaultInjector.from_env()
@@ -94,7 +102,8 @@ class Engine:
         return EngineReady(model_name=self.model_config.name, architecture=self.model_config.architecture,
                            dtype=str(self.dtype).replace("torch.", ""), device=str(self.device),
                            max_total_token_num=self.kv_tokens, max_model_len=self.max_model_len,
-                           vocab_size=self.model_config.vocab_size, eos_token_ids=self.model_config.eos_token_ids)
+                           vocab_size=self.model_config.vocab_size, eos_token_ids=self.model_config.eos_token_ids,
+                           memory=self.memory.as_dict(), kv_cache_rule=self.kv_budget.rule)
 
     def stats(self) -> EngineStats:
         cached = self.prefix_cache.evictable() if self.prefix_cache else 0
@@ -216,11 +225,9 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
     outbox.connect(out_addr)
     try:
         start = time.perf_counter()
+        # Ready without waiting for the grammar thread: only constrained requests need it (they wait for it),
+        # and it runs at the lowest CPU priority (engine/grammar.py).
         engine = Engine(cfg, log_level)
-        if engine.grammars is not None:
-            # Announce readiness only once the grammar thread is done, so its CPU work does not slow the
-            # first requests on a 2-core box.
-            engine.grammars.wait()
         logger.info("model loaded in %.1fs (quant_type=%s, kv_cache_dtype=%s, fused CPU kernels %s)",
                     time.perf_counter() - start, engine.quant_type, str(engine.kv_dtype).replace("torch.", ""),
                     "on" if engine.model.kernels is not None else "off")

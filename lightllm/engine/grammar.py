@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -137,6 +138,12 @@ class GrammarFactory:
         self._thread.start()
 
     def _build(self) -> None:
+        try:
+            # only constrained requests need this: the lowest CPU priority (Linux nice is per thread), so it
+            # yields the cores to the weight loading and the first requests
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
         try:
             import xgrammar as xgr
 

@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from lightllm.engine.memory import KVBudget, available_memory_bytes, kv_budget
 from lightllm.engine.protocol import EngineConfig
 from lightllm.models.config import ModelConfig
 from lightllm.models.decoder import LlamaModel
@@ -23,7 +24,6 @@ logger = logging.getLogger("lightllm.engine")
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-_CPU_MAX_AUTO_TOKENS = 131072
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -52,25 +52,10 @@ def pick_kv_dtype(name: str, model_dtype: torch.dtype, fused_cpu_kernels: bool) 
     return _DTYPES[name]
 
 
-def _available_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 8 << 30
-
-
-def kv_budget_tokens(cfg: EngineConfig, bytes_per_token: int, device: torch.device) -> int:
-    if cfg.max_total_token_num:
-        return cfg.max_total_token_num
-    fraction = cfg.mem_fraction if cfg.mem_fraction is not None else (0.85 if device.type == "cuda" else 0.2)
-    tokens = int(_available_memory_bytes(device) * fraction) // bytes_per_token
-    if device.type == "cpu":
-        tokens = min(tokens, _CPU_MAX_AUTO_TOKENS)
-    return max(tokens, 256)
+def kv_budget_for(cfg: EngineConfig, max_model_len: int, bytes_per_token: int, device: torch.device) -> KVBudget:
+    """The KV pool's size by the rule in engine/memory.py, from the start arguments."""
+    return kv_budget(cfg.max_total_token_num, cfg.mem_fraction, max_model_len, cfg.running_max_req_size,
+                     bytes_per_token, available_memory_bytes(device), device.type)
 
 
 def model_config_for(cfg: EngineConfig) -> ModelConfig:

@@ -240,6 +240,9 @@ class EngineReady:
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
+    # start-up memory breakdown in bytes (engine/memory.py): weights, kv_cache, activations, runtime, total
+    memory: dict[str, int] = field(default_factory=dict)
+    kv_cache_rule: str = ""  # how the KV pool's size was reached
 
 
 @dataclass

@@ -199,7 +199,9 @@ def _add_info_routes(app: FastAPI) -> None:
                 "tool_call_parser": parsers.tool_call_parser, "tool_call_parser_reason": parsers.tool_call_reason,
                 "reasoning_parser": parsers.reasoning_parser, "reasoning_parser_reason": parsers.reasoning_reason,
                 "max_model_len": state.max_model_len, "max_total_token_num": info.max_total_token_num,
-                "dtype": info.dtype, "device": info.device}
+                "dtype": info.dtype, "device": info.device,
+                # the engine's start-up memory breakdown in bytes and the KV sizing rule (engine/memory.py)
+                "memory": info.memory, "kv_cache_rule": info.kv_cache_rule}
 
     @app.get("/get_model_name")
     async def get_model_name(request: Request):

@@ -32,6 +32,8 @@ def render_metrics(state: Any) -> tuple[bytes, str]:
         "lightllm_grammar_compiled_total": stats.grammar_compiled if stats else 0,
         "lightllm_grammar_cache_hits_total": stats.grammar_cache_hits if stats else 0,
     }
+    # the engine's start-up memory breakdown (engine/memory.py): weights, kv_cache, activations, runtime, total
+    gauges.update({f"lightllm_memory_{part}_bytes": value for part, value in state.engine.info.memory.items()})
     for name, value in gauges.items():
         Gauge(name, name.replace("_", " "), registry=registry).set(value)
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -556,24 +556,15 @@ static inline __m512 exp16(__m512 x) {
  * is bit-identical whether its row was computed in a prefill chunk of any size and start, after a prefix
  * cache hit, as a speculative verify row, or in a decode step of any batch. */
 
-/* One block of 16 keys (kt: transposed K, vb: V rows, cnt valid) for QB queries of one head whose positions
- * are pos0 + r * pos_step (pos_step 1: consecutive tokens of a prefill; 0: the query heads of one decode
- * token) and q rows ldq apart: the per-query update described above (states 66 floats apart). The QB
- * queries' FMA chains interleave, so the loop is bound by FMA throughput rather than latency; each query's
- * arithmetic is the same whatever QB is. */
-static inline __attribute__((always_inline)) void attend_block(const float *q, int64_t ldq, const int QB,
-                                                               int64_t pos0, const int pos_step, int64_t window,
-                                                               int64_t k0, int64_t cnt, float kt[64][16],
-                                                               float vb[16][64], float scale, float *state) {
-    __m512 s[4][2];
-    for (int r = 0; r < QB; r++) s[r][0] = s[r][1] = _mm512_setzero_ps();
-    for (int d = 0; d < 64; d += 2) {
-        const __m512 k0v = _mm512_loadu_ps(kt[d]), k1v = _mm512_loadu_ps(kt[d + 1]);
-        for (int r = 0; r < QB; r++) {
-            s[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * ldq + d]), k0v, s[r][0]);
-            s[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * ldq + d + 1]), k1v, s[r][1]);
-        }
-    }
+/* The rest of a block's update for QB queries whose 16 scores are s[r][0] + s[r][1] (the even and odd
+ * dimensions' FMA chains): scale, mask, online-softmax update of each query's state (O[64], m, l; 66 floats
+ * apart) and the V accumulation. V rows come as float32 (vb, 64 apart) or, when vb is NULL, straight from
+ * the fp16 pool rows vr[j]: the same values either way. */
+static inline __attribute__((always_inline)) void block_update(const int QB, __m512 s[4][2], int64_t pos0,
+                                                               const int pos_step, int64_t window, int64_t k0,
+                                                               int64_t cnt, const float *vb,
+                                                               const uint16_t *const *vr, float scale,
+                                                               float *state) {
     float pb[4][16];
     __m512 o[4][4];
     int64_t visible_max = 0;
@@ -598,7 +589,7 @@ static inline __attribute__((always_inline)) void attend_block(const float *q, i
     }
     for (int64_t j = 0; j < visible_max; j++) { /* p is 0 where a query does not see key j */
         __m512 v[4];
-        for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(vb[j] + 16 * c);
+        for (int c = 0; c < 4; c++) v[c] = vb ? _mm512_loadu_ps(vb + j * 64 + 16 * c) : half16(vr[j] + 16 * c);
         for (int r = 0; r < QB; r++) {
             const __m512 pj = _mm512_set1_ps(pb[r][j]);
             for (int c = 0; c < 4; c++) o[r][c] = _mm512_fmadd_ps(pj, v[c], o[r][c]);
@@ -608,8 +599,41 @@ static inline __attribute__((always_inline)) void attend_block(const float *q, i
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(state + r * 66 + 16 * c, o[r][c]);
 }
 
+/* One block of 16 keys (kt: transposed K, vb: V rows, cnt valid) for QB queries of one head whose positions
+ * are pos0 + r * pos_step (pos_step 1: consecutive tokens of a prefill; 0: the query heads of one decode
+ * token) and q rows ldq apart: each query's 16 scores as two FMA chains over the even and odd dimensions in
+ * order, then block_update. The QB queries' chains interleave, so the loop is bound by FMA throughput rather
+ * than latency; each query's arithmetic is the same whatever QB is. */
+static inline __attribute__((always_inline)) void attend_block(const float *q, int64_t ldq, const int QB,
+                                                               int64_t pos0, const int pos_step, int64_t window,
+                                                               int64_t k0, int64_t cnt, float kt[64][16],
+                                                               float vb[16][64], float scale, float *state) {
+    __m512 s[4][2];
+    for (int r = 0; r < QB; r++) s[r][0] = s[r][1] = _mm512_setzero_ps();
+    for (int d = 0; d < 64; d += 2) {
+        const __m512 k0v = _mm512_loadu_ps(kt[d]), k1v = _mm512_loadu_ps(kt[d + 1]);
+        for (int r = 0; r < QB; r++) {
+            s[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * ldq + d]), k0v, s[r][0]);
+            s[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * ldq + d + 1]), k1v, s[r][1]);
+        }
+    }
+    block_update(QB, s, pos0, pos_step, window, k0, cnt, vb[0], NULL, scale, state);
+}
+
+/* attend_block for qb = 1 .. 4 queries (QB must be a constant for the registers to stay registers). */
+static inline void attend_blocks(const float *q, int64_t ldq, int qb, int64_t pos0, const int pos_step,
+                                 int64_t window, int64_t k0, int64_t cnt, float kt[64][16], float vb[16][64],
+                                 float scale, float *state) {
+    switch (qb) {
+        case 4: attend_block(q, ldq, 4, pos0, pos_step, window, k0, cnt, kt, vb, scale, state); break;
+        case 3: attend_block(q, ldq, 3, pos0, pos_step, window, k0, cnt, kt, vb, scale, state); break;
+        case 2: attend_block(q, ldq, 2, pos0, pos_step, window, k0, cnt, kt, vb, scale, state); break;
+        default: attend_block(q, ldq, 1, pos0, pos_step, window, k0, cnt, kt, vb, scale, state); break;
+    }
+}
+
 /* In-register transpose of 16 vectors of 16 floats: r[i][j] -> r[j][i]. */
-static inline void transpose16(__m512 r[16]) {
+static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
     __m512 t[16];
     for (int i = 0; i < 8; i++) {
         t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -632,6 +656,31 @@ static inline void transpose16(__m512 r[16]) {
         r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
         r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
     }
+}
+
+/* attend_block for the QB (<= 4) query heads of one decode token (rows 64 apart, one position), K rows read
+ * from the pool rows kr[j] (NULL past cnt) and transposed in registers 16 dimensions at a time, V read from
+ * the pool rows: the same scores (each dimension's FMA in the same order), the same update. */
+static inline __attribute__((always_inline)) void attend_block_rows(const float *q, const int QB, int64_t pos,
+                                                                    int64_t window, int64_t k0, int64_t cnt,
+                                                                    const uint16_t *const *kr,
+                                                                    const uint16_t *const *vr, float scale,
+                                                                    float *state) {
+    __m512 s[4][2];
+    for (int r = 0; r < QB; r++) s[r][0] = s[r][1] = _mm512_setzero_ps();
+    for (int c = 0; c < 4; c++) {
+        __m512 kt[16];
+        for (int j = 0; j < 16; j++) kt[j] = kr[j] ? half16(kr[j] + 16 * c) : _mm512_setzero_ps();
+        transpose16(kt);
+        for (int dd = 0; dd < 16; dd += 2) {
+            const int d = 16 * c + dd;
+            for (int r = 0; r < QB; r++) {
+                s[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * 64 + d]), kt[dd], s[r][0]);
+                s[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * 64 + d + 1]), kt[dd + 1], s[r][1]);
+            }
+        }
+    }
+    block_update(QB, s, pos, 0, window, k0, cnt, NULL, vr, scale, state);
 }
 
 /* Keys k0 .. k0 + cnt - 1 of a context (pool slots kv[...]) for one kv head as float32: K transposed
@@ -699,13 +748,9 @@ int lk_prefill_attention(const float *q, int64_t ldq, const uint16_t *k_pool, co
             load_kv_block(k_pool, v_pool, kv, k0, cnt, kv_heads, kvh, kt, vb);
             for (int64_t g = 0; g < G; g++) {
                 const int64_t h = kvh * G + g;
-                int64_t i = 0;
-                for (; i + 4 <= rows; i += 4)
-                    attend_block(q + (i0 + i) * ldq + h * 64, ldq, 4, first_pos + i, 1, window, k0, cnt, kt, vb,
-                                 scale, state + (g * 16 + i) * 66);
-                for (; i < rows; i++)
-                    attend_block(q + (i0 + i) * ldq + h * 64, ldq, 1, first_pos + i, 1, window, k0, cnt, kt, vb,
-                                 scale, state + (g * 16 + i) * 66);
+                for (int64_t i = 0; i < rows; i += 4)
+                    attend_blocks(q + (i0 + i) * ldq + h * 64, ldq, rows - i < 4 ? (int)(rows - i) : 4, first_pos + i,
+                                  1, window, k0, cnt, kt, vb, scale, state + (g * 16 + i) * 66);
             }
         }
         for (int64_t g = 0; g < G; g++)
@@ -717,8 +762,8 @@ int lk_prefill_attention(const float *q, int64_t ldq, const uint16_t *k_pool, co
 }
 
 /* Decode attention by the same per-query reduction (head size 64, fp16 pools; see lk_decode_attention for
- * the arguments): work items are (sequence, kv head, part of its query heads), the query heads of a part
- * interleaved four at a time; the parts only spread small batches over the threads. */
+ * the arguments): work items are (sequence, kv head, part of its query heads), a part's (up to 4) heads
+ * interleaved in one pass over each key block; more parts spread small batches over the threads. */
 static int decode_fixed_h64(const float *q, const uint16_t *k_pool, const uint16_t *v_pool, const int64_t *table,
                             int64_t table_stride, const int64_t *req_slots, const int64_t *lens, const int64_t *rows,
                             int64_t window, int64_t batch, int64_t heads, int64_t kv_heads, float scale, void *out,
@@ -726,6 +771,7 @@ static int decode_fixed_h64(const float *q, const uint16_t *k_pool, const uint16
     const int64_t G = heads / kv_heads, pairs = batch * kv_heads;
     const int threads = omp_get_max_threads();
     int64_t parts = pairs < 2 * threads ? (2 * threads + pairs - 1) / pairs : 1;
+    parts = parts > (G + 3) / 4 ? parts : (G + 3) / 4;  /* at most 4 heads a part: the one-pass path below */
     parts = parts < G ? parts : G;
     const int64_t per_part = (G + parts - 1) / parts;
     int64_t total = 0;
@@ -747,12 +793,34 @@ static int decode_fixed_h64(const float *q, const uint16_t *k_pool, const uint16
         float kt[64][16], vb[16][64];
         for (int64_t kb = first_key / 16; kb * 16 <= pos; kb++) {
             const int64_t k0 = kb * 16, cnt = len - k0 < 16 ? len - k0 : 16;
+            /* scattered slots: the next two blocks' rows are fetched while this one computes */
+            for (int64_t j = k0 + 32; j < k0 + 48 && j < len; j++) {
+                prefetch_row((const char *)(k_pool + (ctx[j] * kv_heads + kvh) * 64), 128);
+                prefetch_row((const char *)(v_pool + (ctx[j] * kv_heads + kvh) * 64), 128);
+            }
+            if (kb == first_key / 16)
+                for (int64_t j = k0 + 16; j < k0 + 32 && j < len; j++) {
+                    prefetch_row((const char *)(k_pool + (ctx[j] * kv_heads + kvh) * 64), 128);
+                    prefetch_row((const char *)(v_pool + (ctx[j] * kv_heads + kvh) * 64), 128);
+                }
+            if (g1 - g0 <= 4) {  /* one pass over the block: transpose K in registers, read V from the pool */
+                const uint16_t *kr[16], *vr[16];
+                for (int64_t j = 0; j < 16; j++) {
+                    kr[j] = j < cnt ? k_pool + (ctx[k0 + j] * kv_heads + kvh) * 64 : NULL;
+                    vr[j] = j < cnt ? v_pool + (ctx[k0 + j] * kv_heads + kvh) * 64 : NULL;
+                }
+                switch (g1 - g0) {
+                    case 4: attend_block_rows(qh + g0 * 64, 4, pos, window, k0, cnt, kr, vr, scale, state); break;
+                    case 3: attend_block_rows(qh + g0 * 64, 3, pos, window, k0, cnt, kr, vr, scale, state); break;
+                    case 2: attend_block_rows(qh + g0 * 64, 2, pos, window, k0, cnt, kr, vr, scale, state); break;
+                    default: attend_block_rows(qh + g0 * 64, 1, pos, window, k0, cnt, kr, vr, scale, state); break;
+                }
+                continue;
+            }
             load_kv_block(k_pool, v_pool, ctx, k0, cnt, kv_heads, kvh, kt, vb);
-            int64_t g = g0;
-            for (; g + 4 <= g1; g += 4)
-                attend_block(qh + g * 64, 64, 4, pos, 0, window, k0, cnt, kt, vb, scale, state + (g - g0) * 66);
-            for (; g < g1; g++)
-                attend_block(qh + g * 64, 64, 1, pos, 0, window, k0, cnt, kt, vb, scale, state + (g - g0) * 66);
+            for (int64_t g = g0; g < g1; g += 4)
+                attend_blocks(qh + g * 64, 64, g1 - g < 4 ? (int)(g1 - g) : 4, pos, 0, window, k0, cnt, kt, vb, scale,
+                              state + (g - g0) * 66);
         }
         for (int64_t g = g0; g < g1; g++)
             finish_state(state + (g - g0) * 66, (char *)out + (size_t)((row * heads + kvh * G + g) * 64) * out_el,

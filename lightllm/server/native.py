@@ -56,10 +56,17 @@ class GenerateParameters(_Lenient):  # unknown keys ignored, ours strictly typed
     structural_tag: str | dict[str, Any] | None = None
 
 
-class GenerateRequest(_Lenient):
+class GenerateStreamParameters(GenerateParameters):
+    n: int = Field(1, ge=1, le=1)  # one sequence per stream
 
+
+class GenerateRequest(_Lenient):
     inputs: NonEmptyText | TokenIds
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class GenerateStreamRequest(GenerateRequest):
+    parameters: GenerateStreamParameters = Field(default_factory=GenerateStreamParameters)
 
 
 def _prepare(state: ServerState, req: GenerateRequest) -> tuple[list[int], SamplingParams, list[str]]:
@@ -104,7 +111,7 @@ def _with_seed(params: SamplingParams, i: int) -> SamplingParams:
     return dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
 
 
-async def _parse_body(request: Request) -> GenerateRequest:
+async def _parse_body(request: Request, model: type[GenerateRequest] = GenerateRequest) -> GenerateRequest:
     """LightLLM clients often post JSON without a JSON content type (curl -d): accept any."""
     raw = await request.body()
     try:
@@ -112,7 +119,7 @@ async def _parse_body(request: Request) -> GenerateRequest:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"invalid JSON body: {exc}") from None
     try:
-        return GenerateRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
 
@@ -143,15 +150,13 @@ async def generate(request: Request) -> dict[str, Any]:
     return body
 
 
-@router.post("/generate_stream", openapi_extra=json_body(GenerateRequest),
+@router.post("/generate_stream", openapi_extra=json_body(GenerateStreamRequest),
              responses={200: {"description": "SSE stream of tokens", "content": {"text/event-stream": {}}}})
 async def generate_stream(request: Request) -> StreamingResponse:
-    req = await _parse_body(request)
+    req = await _parse_body(request, GenerateStreamRequest)
     state: ServerState = request.app.state.server
     state.check_capacity()
     prompt_ids, params, stops = _prepare(state, req)
-    if req.parameters.n != 1:
-        raise APIError(400, "n > 1 is not supported for /generate_stream", param="parameters.n")
     params.logprobs = 0
     special = set(state.tokenizer.all_special_ids)
 

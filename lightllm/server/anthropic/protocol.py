@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from lightllm.server.limits import MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_TOOLS
 from lightllm.server.openai.protocol import ToolSchema, _Lenient
@@ -105,8 +105,17 @@ ToolChoice = Annotated[Union[ToolChoiceAuto, ToolChoiceAny, ToolChoiceTool, Tool
                        Field(discriminator="type")]
 
 
+# Forcing a tool (`any`, `tool`) needs tools to choose from (Anthropic's rule); `auto` and `none` need none.
+_FORCED_CHOICE_NEEDS_TOOLS = {
+    "if": {"required": ["tool_choice"], "properties": {"tool_choice": {
+        "type": "object", "required": ["type"], "properties": {"type": {"enum": ["any", "tool"]}}}}},
+    "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}
+
+
 class CountTokensRequest(_Lenient):
     """What shapes the prompt: `POST /v1/messages/count_tokens` takes exactly this."""
+
+    model_config = ConfigDict(json_schema_extra=_FORCED_CHOICE_NEEDS_TOOLS)
 
     model: str | None = None
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)

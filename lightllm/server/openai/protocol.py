@@ -9,16 +9,24 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lightllm.server.limits import MAX_MESSAGES, MAX_N, MAX_STOP_SEQUENCES, MAX_TOOL_SCHEMA_BYTES, MAX_TOOLS
+from lightllm.server.openapi import integral_floats_as_ints
 
 
 class _Lenient(BaseModel):
     # OpenAI clients send fields we do not use (metadata, store, ...): ignore them, but type-check ours
-    # strictly, as the OpenAPI document says ("1" is not an integer, false is not a token id).
+    # strictly, as the OpenAPI document says ("1" is not an integer, false is not a token id; 1.0 is one).
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_integers(cls, data: Any) -> Any:
+        return integral_floats_as_ints(cls, data)
 
 
 TokenId = Annotated[int, Field(ge=0)]
-Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]  # OpenAI's int64
+# Any integer: the engine seeds with it modulo 2**64. (Bounds at OpenAI's int64 cannot be documented exactly:
+# validators compare numbers that large as doubles, so 2**63 + 191 passes a maximum of 2**63 - 1.)
+Seed = int
 
 
 def _check_logit_bias(value: dict[str, float]) -> dict[str, float]:
@@ -196,7 +204,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)  # OpenAI's too: [] is refused
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
@@ -207,6 +215,10 @@ class ChatCompletionRequest(SamplingFields):
     # the effort setting for templates that take one (gpt-oss).
     separate_reasoning: bool = True
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+
+    model_config = ConfigDict(json_schema_extra={  # _check_logprobs's rule, in the document too
+        "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}})
 
     @model_validator(mode="after")
     def _check_logprobs(self):

@@ -6,9 +6,10 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from lightllm.server.errors import APIError
+from lightllm.server.limits import MAX_TOOLS
 from lightllm.server.openai.chat import render_prompt
 from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage, TokenId, Tool, _Lenient
 from lightllm.server.state import ServerState
@@ -19,10 +20,14 @@ router = APIRouter()
 class TokenizeRequest(_Lenient):
     """Either `prompt` (text) or `messages` (rendered with the chat template first), as vLLM takes them."""
 
+    model_config = ConfigDict(json_schema_extra={"anyOf": [  # exactly one of them, as the route checks
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}}]})
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)  # as chat completions take them
     add_generation_prompt: bool = True
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template has them)
     chat_template_kwargs: dict[str, Any] | None = None

@@ -65,7 +65,7 @@ def to_messages(items: list[dict[str, Any]], instructions: str | None) -> list[d
         param = f"input[{i}]"
         if not isinstance(raw, dict):
             raise APIError(400, f"{param}: an input item must be an object", param=param)
-        kind = raw.get("type") or ("message" if "role" in raw else None)
+        kind = raw["type"] if raw.get("type") is not None else ("message" if "role" in raw else None)
         model = _ITEM_MODELS.get(kind) if isinstance(kind, str) else None
         if model is None:
             raise APIError(400, f"input item type {kind!r} is not supported (supported: message, function_call, "

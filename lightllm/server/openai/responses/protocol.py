@@ -6,9 +6,9 @@ with a generic union error."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, WithJsonSchema
 
 from lightllm.server.limits import MAX_TOOLS
 from lightllm.server.openai.protocol import _Lenient
@@ -50,6 +50,10 @@ class FunctionTool(_Lenient):
 
 
 class TextFormat(_Lenient):
+    model_config = ConfigDict(json_schema_extra={  # a json_schema format carries its schema (convert.py)
+        "if": {"required": ["type"], "properties": {"type": {"const": "json_schema"}}},
+        "then": {"required": ["schema"], "properties": {"schema": {"type": "object"}}}})
+
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -63,19 +67,60 @@ class TextConfig(_Lenient):
 
 
 class ReasoningConfig(_Lenient):
-    effort: str | None = None
+    effort: Literal["minimal", "low", "medium", "high"] | None = None  # chat's reasoning_effort takes these
     summary: str | None = None
 
 
+# The document's view of what convert.py checks item by item (the fields stay plain dicts, so its messages
+# name the item): input items, their text parts, function tools and the tool choice.
+_STRING_OR_NULL = {"type": ["string", "null"]}
+_TEXT_PARTS = {"type": "array", "items": {"anyOf": [
+    {"type": "object", "required": ["type", "text"],
+     "properties": {"type": {"enum": ["input_text", "output_text", "text"]}, "text": {"type": "string"}}},
+    {"type": "object", "required": ["type", "refusal"],
+     "properties": {"type": {"const": "refusal"}, "refusal": {"type": "string"}}}]}}
+_INPUT_ITEM = {"anyOf": [
+    {"type": "object", "required": ["role", "content"], "properties": {
+        "type": {"enum": ["message", None]}, "role": {"enum": ["user", "system", "developer", "assistant"]},
+        "content": {"anyOf": [{"type": "string"}, _TEXT_PARTS]}}},
+    {"type": "object", "required": ["type", "call_id", "name", "arguments"], "properties": {
+        "type": {"const": "function_call"}, "call_id": {"type": "string"}, "name": {"type": "string"},
+        "arguments": {"type": "string"}, "id": _STRING_OR_NULL}},
+    {"type": "object", "required": ["type", "call_id", "output"], "properties": {
+        "type": {"const": "function_call_output"}, "call_id": {"type": "string"},
+        "output": {"anyOf": [{"type": "string"}, _TEXT_PARTS]}}},
+    {"type": "object", "required": ["type"], "properties": {"type": {"const": "reasoning"}}}]}
+_INPUT = {"anyOf": [{"type": "string"}, {"type": "array", "items": _INPUT_ITEM}]}
+_FUNCTION_TOOL = {"type": "object", "required": ["type", "name"], "properties": {
+    "type": {"const": "function"}, "name": {"type": "string", "minLength": 1, "maxLength": 64},
+    "description": _STRING_OR_NULL, "parameters": {"type": ["object", "null"]}, "strict": {"type": ["boolean", "null"]}}}
+_TOOLS = {"anyOf": [{"type": "array", "maxItems": MAX_TOOLS, "items": _FUNCTION_TOOL}, {"type": "null"}]}
+_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required", None]}, {
+    "type": "object", "required": ["type", "name"],
+    "properties": {"type": {"const": "function"}, "name": {"type": "string"}}}]}
+_REQUEST_RULES = {"allOf": [
+    # A forced choice needs tools to choose from.
+    {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"anyOf": [{"const": "required"},
+                                                                                  {"type": "object"}]}}},
+     "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}},
+    # Without instructions the input holds a message, a call or a call's output (reasoning is not rendered).
+    {"if": {"required": ["instructions"], "properties": {"instructions": {"type": "string", "minLength": 1}}},
+     "else": {"properties": {"input": {"anyOf": [{"type": "string"}, {"type": "array", "contains": {
+         "not": {"type": "object", "required": ["type"], "properties": {"type": {"const": "reasoning"}}}}}]}}}}]}
+
+
 class ResponsesRequest(_Lenient):
+    model_config = ConfigDict(json_schema_extra=_REQUEST_RULES)
+
     model: str | None = None
-    input: str | list[dict[str, Any]]
+    input: Annotated[str | list[dict[str, Any]], WithJsonSchema(_INPUT)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tools: Annotated[list[dict[str, Any]] | None, WithJsonSchema(_TOOLS)] = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Annotated[Literal["none", "auto", "required"] | dict[str, Any] | None,
+                           WithJsonSchema(_TOOL_CHOICE)] = None
     parallel_tool_calls: bool = True
     max_tool_calls: int | None = Field(None, ge=1)  # the calls past it are dropped (1: one call, in the grammar)
     text: TextConfig | None = None
@@ -83,7 +128,9 @@ class ResponsesRequest(_Lenient):
     stream: bool | None = False  # null (as routers forward it) means false
     store: bool = True
     previous_response_id: str | None = None
-    background: bool | None = None
+    # Only false: background responses are refused with a message (convert.py), and the document says so.
+    background: Annotated[bool | None, WithJsonSchema({"enum": [False, None], "description": "Background "
+                                                       "responses are not supported: false or omitted."})] = None
     # Accepted without effect (a single-tenant server): metadata, user, service_tier, include,
     # truncation, prompt_cache_key, safety_identifier.
     metadata: dict[str, str] | None = None

@@ -75,6 +75,7 @@ def test_refusals_are_client_errors(model_dir):
     # This model directory has no tokenizer, so the grammar engine could not be built: a constrained
     # request then meets a server fault, not a client error.
     spec = GrammarSpec.json_schema({"type": "object"})
+    engine.grammars.wait()  # (while it is still being built, the request would wait for it off the engine loop)
     out = engine.add_request(AddRequest("grammar", [5, 6], SamplingParams(max_new_tokens=4, grammar=spec)))
     assert out is not None and out.error.kind == "server" and "constrained decoding unavailable" in out.error.message
 

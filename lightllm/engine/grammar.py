@@ -175,8 +175,10 @@ class GrammarFactory:
     def compile(self, spec: GrammarSpec) -> Future:
         """A future of the compiled grammar (None for token_ids): done at once on a cache hit, else compiled on
         the worker thread (one compilation per key however many requests wait for it). Call `collect()`
-        from the loop to move finished compilations into the cache."""
-        compiler = self.compiler()
+        from the loop to move finished compilations into the cache. Never waits for the tokenizer info: while
+        it is still being built the worker waits for it, not the engine loop; once it failed, this raises."""
+        if not self._thread.is_alive():
+            self.compiler()  # raises when the grammar engine could not be built
         key = spec.cache_key()
         if spec.kind == "token_ids":
             future: Future = Future()
@@ -191,13 +193,13 @@ class GrammarFactory:
         if key in self._inflight:
             self.stats["cache_hits"] += 1
             return self._inflight[key]
-        future = self._executor.submit(self._compile_one, compiler, spec)
+        future = self._executor.submit(self._compile_one, spec)
         self._inflight[key] = future
         return future
 
-    @staticmethod
-    def _compile_one(compiler: Any, spec: GrammarSpec) -> Any:
+    def _compile_one(self, spec: GrammarSpec) -> Any:
         grammar = build_grammar(spec)
+        compiler = self.compiler()
         try:
             return compiler.compile_grammar(grammar)
         except (RuntimeError, ValueError) as exc:
@@ -230,5 +232,5 @@ class GrammarFactory:
         if spec.kind == "token_ids":
             return AllowedTokens(spec.token_ids, self.vocab_size)
         if compiled is None:
-            compiled = self._compile_one(self.compiler(), spec)
+            compiled = self._compile_one(spec)
         return GrammarMatcher(xgr.GrammarMatcher(compiled), self.vocab_size)

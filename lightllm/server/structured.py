@@ -64,6 +64,8 @@ def check(param: str, spec: GrammarSpec, vocab_size: int | None = None) -> Gramm
         if key in _checked:
             _checked.move_to_end(key)
             return spec
+    # xgrammar (and the PyTorch it imports: seconds, ~270 MB) loads into the API process with the first
+    # constrained request, so a server that never constrains output does not carry it
     from lightllm.engine.grammar import GrammarError, build_grammar
 
     try:

@@ -69,3 +69,21 @@ def test_activations_grow_with_the_step_and_the_breakdown_adds_up():
     assert breakdown.as_dict() == {"weights": 100, "kv_cache": 20, "activations": 3, "runtime": 4, "total": 127}
     assert "weights 0 MiB, KV cache 0 MiB" in breakdown.describe()
     assert 10 << 20 < process_rss_bytes() < 64 * GIB
+
+
+def test_free_heap_goes_back_to_the_os_once_it_has_grown():
+    import lightllm.engine.memory as memory
+
+    if memory._trim is None:
+        import pytest
+
+        pytest.skip("not glibc")
+    memory.release_free_heap()  # the baseline
+    blocks = [bytearray(64 << 10) for _ in range(4096)]  # 256 MiB of heap blocks (under the mmap threshold)
+    grown = process_rss_bytes()
+    del blocks[:-1]  # the last one keeps the heap's top in place: plain free() cannot shrink it
+    memory.release_free_heap()
+    assert process_rss_bytes() < grown - (128 << 20)
+    before = process_rss_bytes()
+    memory.release_free_heap()  # nothing grew since: no trim needed
+    assert abs(process_rss_bytes() - before) < (16 << 20)

@@ -13,7 +13,8 @@ import zmq
 from lightllm.engine.faults import FaultInjector
 from lightllm.engine.grammar import AllowedTokens, GrammarFactory
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
-from lightllm.engine.memory import MemoryBreakdown, activation_bytes, process_rss_bytes, tensor_bytes
+from lightllm.engine.memory import (MemoryBreakdown, activation_bytes, process_rss_bytes, release_free_heap,
+                                    tensor_bytes)
 from lightllm.engine.model_setup import build_model, kv_budget_for, model_config_for, pick_device, pick_dtype
 from lightllm.models.loading.loader import resolve_quant_type
 from lightllm.models.loading.sharding import shard_config
@@ -238,7 +239,11 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
     outbox.send_pyobj(engine.ready_message())
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
+    busy = False  # steps ran since the engine was last idle
     while True:
+        if busy and not engine.scheduler.has_work():  # just went idle: return what the steps freed to the OS
+            release_free_heap()
+            busy = False
         # requests waiting for a grammar: look again every few ms (compilation runs on its own thread)
         timeout = 0 if engine.scheduler.has_work() else (5 if engine.compiling else None)
         outputs: list[TokenOutput] = []
@@ -274,6 +279,6 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
             changed = changed or bool(refused)
         if engine.scheduler.has_work():
             outputs.extend(engine.step())
-            changed = True
+            changed = busy = True
         if changed:
             outbox.send_pyobj(StepOutputs(outputs, engine.stats()))

@@ -17,6 +17,8 @@ Breakdown (logged at start, in /get_server_info's `memory` and as /metrics gauge
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -66,6 +68,32 @@ def kv_budget(max_total_token_num: int | None, mem_fraction: float | None, max_m
 def process_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_trim():
+    libc = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(libc).malloc_trim if libc else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_trim = _malloc_trim()
+TRIM_GROWTH_BYTES = 64 << 20
+_rss_after_trim = 0
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the OS once the process has grown by TRIM_GROWTH_BYTES since the last
+    time. glibc keeps what a large step freed (its mmap threshold grows to the sizes it sees, so a long
+    prompt's activation buffers stay in the heap): ~300 MB after one 1,500-token prompt on
+    Qwen2.5-Coder-0.5B. The engine calls this when it goes idle, where the cost (the next large step faults
+    its pages in again) lands on no request; short requests do not grow the heap enough to trigger it."""
+    global _rss_after_trim
+    if _trim is None or process_rss_bytes() - _rss_after_trim < TRIM_GROWTH_BYTES:
+        return
+    _trim(0)
+    _rss_after_trim = process_rss_bytes()
 
 
 def tensor_bytes(root: object) -> int:

@@ -57,10 +57,8 @@ def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = 
                                        tool_call_parser=parsers.tool_call_parser,
                                        reasoning_parser=parsers.reasoning_parser, lifecycle=lifecycle)
         lifecycle.inflight = lambda: app.state.server.inflight
-        if args.output_constraint_mode != "none":
-            from lightllm.server.structured import warm_up
-
-            warm_up()  # loads xgrammar (the API's grammar checks) in the background once the engine is up
+        # xgrammar (the API's grammar checks) is imported by the first constrained request, not here: it brings
+        # PyTorch, ~300 MB and seconds of CPU that a server answering only plain requests never needs
         logger.info("model %s (%s) dtype=%s device=%s kv_cache=%d tokens max_len=%d ready in %.1fs",
                     name, info.architecture, info.dtype, info.device, info.max_total_token_num,
                     info.max_model_len, time.perf_counter() - start)

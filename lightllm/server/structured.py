@@ -26,20 +26,6 @@ MAX_ALLOWED_TOKEN_IDS = 1 << 17
 _checked: OrderedDict[str, None] = OrderedDict()  # cache keys that parsed (a repeated grammar is not re-parsed)
 _CHECKED_MAX = 256
 _lock = threading.Lock()
-_warm: threading.Thread | None = None
-
-
-def warm_up() -> None:
-    """Import xgrammar (and the torch it loads, ~3 s) on a thread, so the first constrained request does not
-    wait for it."""
-    global _warm
-    if _warm is None:
-        _warm = threading.Thread(target=_import_xgrammar, name="xgrammar-import", daemon=True)
-        _warm.start()
-
-
-def _import_xgrammar() -> None:
-    import xgrammar  # noqa: F401
 
 
 def check(param: str, spec: GrammarSpec, vocab_size: int | None = None) -> GrammarSpec:

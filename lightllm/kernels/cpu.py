@@ -56,6 +56,7 @@ _SIGNATURES = {
     "lk_gguf_decode": [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr],
     "lk_tiled_matmul": [_ptr, _ptr, _int, _i64, _ptr, _i64, _int],
     "lk_tiled_fast": [],
+    "lk_tiled_rows": [_ptr, _ptr, _i64, _ptr],
 }
 
 
@@ -282,6 +283,19 @@ class CpuKernels:
         self._ok(self._lib.lk_gguf_decode(type_code, blocks.data_ptr(), n, k, u.data_ptr(), ws.data_ptr(),
                                           wc.data_ptr()), "gguf_decode")
         return u, ws, wc
+
+    def tiled_rows(self, q: torch.Tensor, scales: torch.Tensor, n: int, k: int, group: int, bits: int, zero: int,
+                   indices: torch.Tensor) -> torch.Tensor:
+        """float32 rows `indices` of a weight in the tiled layout (as tiled_matmul_bound takes it), exactly as
+        TiledWeights.dequantize computes them."""
+        _check(q, scales)
+        _check_index(indices)
+        desc = TiledWeightDesc(q.data_ptr(), scales.data_ptr(), n, k, group, bits, zero,
+                               int(scales.dtype == torch.float16))
+        out = torch.empty(indices.shape[0], k)
+        self._ok(self._lib.lk_tiled_rows(ctypes.addressof(desc), indices.data_ptr(), indices.shape[0], out.data_ptr()),
+                 "tiled_rows")
+        return out
 
     def tiled_matmul_bound(self, q: torch.Tensor, scales: torch.Tensor, n: int, k: int, group: int,
                            bits: int, zero: int, levels: int = 1) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":

@@ -329,3 +329,40 @@ done:
     free(converted);
     return rc;
 }
+
+/* out[i * k ...] = row idx[i] of W as float32 (ws * u + wc, or ws * (u - zero) computed as ws * u + (-zero * ws)),
+ * read from its tile: what the lm_head refinement needs of a few rows, without a second stored form. A product
+ * and a sum, never fused, as torch computes TiledWeights.dequantize. Returns 0, -1 for a bad index. */
+__attribute__((optimize("fp-contract=off")))
+int lk_tiled_rows(const TiledWeight *w, const int64_t *idx, int64_t count, float *out) {
+    const int64_t k = w->k, groups = k / w->group, bits = w->bits;
+    const int sym = w->zero > 0, half = w->half_scales != 0;
+    const int64_t ss = sym ? 16 : 32, tile_bytes = 2 * bits * k, tile_scales = ss * groups;
+    for (int64_t i = 0; i < count; i++) {
+        if (idx[i] < 0 || idx[i] >= w->n_rows) return -1;
+        const int64_t t = idx[i] / 16, r = idx[i] % 16;
+        const uint8_t *qt = w->q + t * tile_bytes;
+        const char *st = (const char *)w->scales + t * tile_scales * (half ? 2 : 4);
+        float *row = out + i * k;
+        for (int64_t g = 0; g < groups; g++) {
+            const float ws = half ? f16_to_f32(((const uint16_t *)st)[ss * g + r]) : ((const float *)st)[ss * g + r];
+            const float wc = sym ? (float)(-w->zero) * ws
+                                 : (half ? f16_to_f32(((const uint16_t *)st)[ss * g + 16 + r])
+                                         : ((const float *)st)[ss * g + 16 + r]);
+            for (int64_t c = g * w->group; c < (g + 1) * w->group; c++) {
+                const int64_t j = c / 4, b = c % 4;
+                unsigned u;
+                if (bits == 8) {
+                    u = qt[64 * j + 4 * r + b];
+                } else {
+                    const uint8_t *rec = qt + (bits == 5 ? 80 : 64) * (c / 8);
+                    u = (rec[4 * r + b] >> (4 * (j % 2))) & 0x0F;
+                    if (bits == 5) u |= ((rec[64 + 8 * (j % 2) + (4 * r + b) / 8] >> ((4 * r + b) % 8)) & 1u) << 4;
+                }
+                const float prod = (float)u * ws;
+                row[c] = prod + wc;
+            }
+        }
+    }
+    return 0;
+}

@@ -113,7 +113,7 @@ class LlamaModel:
         head = weights.lm_head.quantized if isinstance(weights.lm_head, RowCountDispatch) else weights.lm_head
         if isinstance(head, DenseLinear):
             return None
-        if isinstance(head, (GgufLinear, TiledLinear)):
+        if isinstance(head, GgufLinear) or (isinstance(head, TiledLinear) and head.exact):
             return head.exact_rows
         if config.tie_word_embeddings:
             return lambda indices: weights.embed.index_select(0, indices)

@@ -141,7 +141,11 @@ class TiledLinear:
     float operations in the same order whatever the row count): an output row depends on its input row
     only, which is what makes a request's results independent of the batch it runs in."""
 
-    def __init__(self, parts: list[TiledWeights], kernels, levels: int = 1, bias: torch.Tensor | None = None):
+    def __init__(self, parts: list[TiledWeights], kernels, levels: int = 1, bias: torch.Tensor | None = None,
+                 exact: bool = False):
+        """`exact`: the tiles hold the model's own weights (a GGUF file's blocks decode exactly into them),
+        not a re-quantization of them (int8wo / int4wo)."""
+        self.exact = exact
         if levels not in (1, 2):
             raise ValueError(f"the tiled kernel takes 1 or 2 activation levels, not {levels}")
         self.parts = parts
@@ -180,7 +184,7 @@ class TiledLinear:
         shape = (sum(int(p.shape[0]) for p in layer.parts), layer.in_features) if isinstance(layer, GgufLinear) \
             else tuple(weight.shape if isinstance(layer, Int4Linear) else layer.weight.shape)
         parts = tile_cache.cached_parts(build, shape, TiledWeights)  # packed once per model file, then mapped
-        return cls(parts, kernels, levels, layer.bias)
+        return cls(parts, kernels, levels, layer.bias, exact=isinstance(layer, GgufLinear))
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weights this layer computes with."""

@@ -144,3 +144,19 @@ def test_a_gguf_lm_head_gives_its_exact_rows_for_the_logit_refinement():
         rows_of = LlamaModel._exact_head_source(SimpleNamespace(lm_head=head),
                                                 SimpleNamespace(tie_word_embeddings=False))
         assert torch.equal(rows_of(indices), expected)
+
+
+@pytest.mark.parametrize("build", KERNEL_BUILDS)
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q5_0", "Q8_0"])
+def test_an_output_row_depends_on_its_input_row_only(build, type_name):
+    """Row-local, as the one form of AVX2 hosts must be: a row's output is bit-identical whatever the other rows
+    of the call and their count (the four-row groups and their remainders)."""
+    k = 512
+    raw = random_blocks(type_name, 24, k, seed=11, full_range=False)
+    torch.manual_seed(3)
+    probe = torch.randn(1, k)
+    alone = run_kernel(build, type_name, raw, k, probe)
+    for rows, at in ((2, 1), (4, 3), (5, 4), (7, 2), (9, 8)):
+        x = torch.randn(rows, k) * 2
+        x[at] = probe[0]
+        assert torch.equal(run_kernel(build, type_name, raw, k, x)[at], alone[0]), (rows, at)

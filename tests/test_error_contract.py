@@ -38,9 +38,9 @@ def faulty_server(tmp_path_factory):
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(model_dir)
     faults = ",".join(str(step) for step in range(FAULT_EVERY, 2000, FAULT_EVERY))
-    server = ServerProcess(["--model_dir", str(model_dir), "--max_total_token_num", "4000", "--max_req_total_len", "512",
-                            "--api_key", API_KEY, "--spec_ngram_tokens", "0"], tmp / "server.log",
-                           env={"LIGHTLLM_FAULT_STEPS": faults})
+    server = ServerProcess(["--model_dir", str(model_dir), "--max_total_token_num", "4000",
+                            "--max_req_total_len", "512", "--api_key", API_KEY, "--spec_ngram_tokens", "0"],
+                           tmp / "server.log", env={"LIGHTLLM_FAULT_STEPS": faults})
     yield server
     server.stop()
 

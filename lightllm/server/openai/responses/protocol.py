@@ -93,7 +93,8 @@ _INPUT_ITEM = {"anyOf": [
 _INPUT = {"anyOf": [{"type": "string"}, {"type": "array", "items": _INPUT_ITEM}]}
 _FUNCTION_TOOL = {"type": "object", "required": ["type", "name"], "properties": {
     "type": {"const": "function"}, "name": {"type": "string", "minLength": 1, "maxLength": 64},
-    "description": _STRING_OR_NULL, "parameters": {"type": ["object", "null"]}, "strict": {"type": ["boolean", "null"]}}}
+    "description": _STRING_OR_NULL, "parameters": {"type": ["object", "null"]},
+    "strict": {"type": ["boolean", "null"]}}}
 _TOOLS = {"anyOf": [{"type": "array", "maxItems": MAX_TOOLS, "items": _FUNCTION_TOOL}, {"type": "null"}]}
 _TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required", None]}, {
     "type": "object", "required": ["type", "name"],

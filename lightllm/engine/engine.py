@@ -227,7 +227,7 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
     try:
         start = time.perf_counter()
         # Ready without waiting for the grammar thread: only constrained requests need it (they wait for it),
-        # and it runs at the lowest CPU priority (engine/grammar.py).
+        # and it runs at a lower CPU priority (engine/grammar.py).
         engine = Engine(cfg, log_level)
         logger.info("model loaded in %.1fs (quant_type=%s, kv_cache_dtype=%s, fused CPU kernels %s)",
                     time.perf_counter() - start, engine.quant_type, str(engine.kv_dtype).replace("torch.", ""),

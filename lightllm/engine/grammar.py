@@ -139,9 +139,10 @@ class GrammarFactory:
 
     def _build(self) -> None:
         try:
-            # only constrained requests need this: the lowest CPU priority (Linux nice is per thread), so it
-            # yields the cores to the weight loading and the first requests
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            # only constrained requests need this: a lower CPU priority (Linux nice is per thread), so it yields
+            # to the weight loading and the first requests, yet is not starved on a loaded machine (where the
+            # first constrained request waits for it)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + 5)
         except (AttributeError, OSError):
             pass
         try:

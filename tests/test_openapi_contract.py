@@ -93,6 +93,8 @@ CASES = [
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 2, "tools": []}, False),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "n": 1.0, "min_tokens": 0.0}, True),
     ("/v1/completions", {"prompt": [1.0, 2.0], "max_tokens": 2}, True),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "suffix": "!"}, False),  # found by fuzzing
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "suffix": ""}, True),
     ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 2, "min_new_tokens": 1.0, "n": 1.0}}, True),
     ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 2, "min_new_tokens": 0.5}}, False),
     ("/tokenize", {"prompt": "hi", "tools": []}, False),

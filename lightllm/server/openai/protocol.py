@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from lightllm.server.limits import MAX_MESSAGES, MAX_N, MAX_STOP_SEQUENCES, MAX_TOOL_SCHEMA_BYTES, MAX_TOOLS
 from lightllm.server.openapi import integral_floats_as_ints
@@ -232,6 +232,8 @@ class CompletionRequest(SamplingFields):
         Annotated[list[TokenIds], Field(min_length=1)]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    suffix: str | None = None
+    # not supported: only empty or null (completions.py refuses a suffix), and the document says so
+    suffix: Annotated[str | None, WithJsonSchema({"anyOf": [{"type": "string", "maxLength": 0},
+                                                            {"type": "null"}]})] = None
     best_of: int | None = None
     add_special_tokens: bool = True

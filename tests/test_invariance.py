@@ -147,3 +147,25 @@ def test_preemption_and_recompute_leave_the_answer_unchanged():
     together = run(list(range(len(prompts))))
     assert engine.scheduler.num_preemptions > 0
     assert together == alone
+
+
+@pytest.mark.qwen
+def test_tensor_parallel_probe_is_identical_alone_and_in_a_crowd(tmp_path):
+    """Two ranks (Qwen2.5-Coder-0.5B's heads split in two; SmolLM2's 9 heads do not split) against themselves:
+    each rank's rows are row-local as above, and the all-reduce adds two partial sums (order-free)."""
+    from lightllm.models.loading.catalog import ModelUnavailable, resolve_model
+    from tests.conftest import free_port
+    from tests.model_fetch import model_unavailable
+
+    try:
+        model = resolve_model("qwen2.5-coder")
+    except ModelUnavailable as exc:
+        model_unavailable(f"Qwen2.5-Coder unavailable: {exc}")
+    server = ServerProcess(["--model_dir", model, "--max_total_token_num", "4096", "--tp", "2", "--nccl_port",
+                            str(free_port())], tmp_path / "tp2.log")
+    try:
+        alone = ask(server, PROBE, GREEDY)
+        assert ask_in_crowd(server, GREEDY) == alone
+        assert ask(server, PROBE, GREEDY) == alone  # prefix-cache hit
+    finally:
+        server.stop()

@@ -26,7 +26,7 @@ from datetime import timedelta
 
 import torch
 
-from lightllm.engine.protocol import EngineConfig
+from lightllm.engine.protocol import EngineConfig, Shutdown
 from lightllm.kernels import cpu as cpu_kernels
 
 logger = logging.getLogger("lightllm.tp")
@@ -80,13 +80,13 @@ def start_workers(cfg: EngineConfig, ranks: range, log_level: str) -> list[subpr
 class StepBroadcaster:
     """Rank 0's side: send each step's inputs (or the stop signal) to the workers."""
 
-    def send(self, step: StepInputs | None) -> None:
+    def send(self, step: StepInputs | Shutdown) -> None:
         import torch.distributed as dist
 
         dist.broadcast_object_list([step], src=0)
 
     def stop(self) -> None:
-        self.send(None)
+        self.send(Shutdown())
 
 
 def _die_with_parent() -> None:
@@ -118,8 +118,8 @@ def run_worker(cfg: EngineConfig, rank: int) -> None:
     while True:
         message = [None]
         dist.broadcast_object_list(message, src=0)
-        step: StepInputs | None = message[0]
-        if step is None:
+        step: StepInputs | Shutdown = message[0]
+        if isinstance(step, Shutdown):
             break
         model.forward(step.input_ids.to(device), step.positions.to(device), step.meta, pool.k, pool.v,
                       step.logit_rows.to(device))

@@ -103,6 +103,9 @@ CASES = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "suffix": ""}, True),
     ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 2, "min_new_tokens": 1.0, "n": 1.0}}, True),
     ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 2, "min_new_tokens": 0.5}}, False),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 2, "tool_choice": "auto"}, False),  # found by fuzzing
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 2, "tool_choice": "none"}, True),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 2, "logit_bias": {"x": 1}}, False),  # found by fuzzing
     ("/tokenize", {"prompt": "hi", "tools": []}, False),
     ("/tokenize", {"prompt": "hi"}, True),
     ("/tokenize", {"messages": USER, "prompt": None}, True),

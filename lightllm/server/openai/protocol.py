@@ -47,9 +47,10 @@ def _check_schema_size(value: dict[str, Any]) -> dict[str, Any]:
 # A tool's JSON schema (chat `parameters`, Anthropic `input_schema`), bounded in size.
 ToolSchema = Annotated[dict[str, Any], AfterValidator(_check_schema_size)]
 
-# {"token id": bias}; the engine checks the ids against the vocabulary
+# {"token id": bias}; the engine checks the ids against the vocabulary. The document says other keys are refused
+# (patternProperties alone would let them through).
 LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]],
-                      AfterValidator(_check_logit_bias)]
+                      AfterValidator(_check_logit_bias), Field(json_schema_extra={"additionalProperties": False})]
 NonEmptyText = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
@@ -216,9 +217,15 @@ class ChatCompletionRequest(SamplingFields):
     separate_reasoning: bool = True
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
 
-    model_config = ConfigDict(json_schema_extra={  # _check_logprobs's rule, in the document too
-        "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
-        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}})
+    # Rules across fields, in the document too: _check_logprobs's, and function_call/context.py's "a tool_choice
+    # other than none needs tools"
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+         "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}},
+        {"if": {"required": ["tool_choice"],
+                "properties": {"tool_choice": {"not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}}},
+         "then": {"required": ["tools"], "properties": {"tools": {"type": "array"}}}},
+    ]})
 
     @model_validator(mode="after")
     def _check_logprobs(self):

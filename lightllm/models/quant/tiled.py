@@ -92,27 +92,6 @@ class TiledWeights:
         ws = scales.float()[:, None].expand(n, k // 32)
         return cls.from_affine((weight.to(torch.int16) + 128).to(torch.uint8), ws, -128 * ws, 32, 8, 128)
 
-    def rows(self, indices: torch.Tensor) -> torch.Tensor:
-        """float32 rows `indices` of W (the exact weights), read from their tiles only (just the rows' bytes)."""
-        tile, r = indices // TILE_ROWS, indices % TILE_ROWS
-        count, k, tiles = indices.shape[0], self.k, self.q.shape[0]
-        if self.bits == 8:  # [t][j][r][b]
-            u = self.q.view(tiles, k // 4, TILE_ROWS, 4)[tile, :, r].reshape(count, k)
-        else:
-            records = self.q.view(tiles, k // 8, -1)
-            packed = records[:, :, :64].unflatten(-1, (TILE_ROWS, 4))[tile, :, r]  # [i][p][b]
-            lo, hi = packed & 0x0F, packed >> 4  # columns 8p + b, 8p + 4 + b
-            if self.bits == 5:  # bit 4r + b of the pair's two 64-bit masks: byte (4r + b) / 8 = r / 2
-                masks = records[:, :, 64:].unflatten(-1, (2, 8))[tile, :, :, r // 2]  # [i][p][2]
-                shift = ((4 * r) % 8).view(count, 1, 1, 1) + torch.arange(4).view(1, 1, 1, 4)
-                fifth = (masks.unsqueeze(-1) >> shift.to(torch.uint8)) & 1  # [i][p][2][b]
-                lo, hi = lo | (fifth[:, :, 0] << 4), hi | (fifth[:, :, 1] << 4)
-            u = torch.cat([lo, hi], dim=-1).reshape(count, k)
-        scales = self.scales[tile, :, :, r].float()  # [i][g][1 | 2]
-        ws = scales[:, :, 0]
-        wc = -self.zero * ws if self.zero else scales[:, :, 1]
-        return (u.float().view(count, -1, self.group) * ws.unsqueeze(-1) + wc.unsqueeze(-1)).view(count, k)
-
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] (for tests: the exact weights the kernel multiplies by)."""
         tiles = self.q.shape[0]
@@ -192,7 +171,7 @@ class TiledLinear:
 
     def exact_rows(self, indices: torch.Tensor) -> torch.Tensor:
         """Float32 weight rows `indices` (output features), decoded from the tiles by the kernels (the weights
-        exactly; TiledWeights.rows is the same in torch, ~5x slower)."""
+        exactly, as TiledWeights.dequantize gives them)."""
         out = torch.empty(indices.shape[0], self.in_features)
         start = 0
         for part in self.parts:

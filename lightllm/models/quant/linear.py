@@ -136,18 +136,15 @@ class GgufLinear:
         return self.raw(x).to(x.dtype)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
-        out = run_column_parts(self._runs, x, self.in_features, self.out_features)
-        if self.bias is not None:
-            out += self.bias
-        return out
+        return run_column_parts(self._runs, x, self.in_features, self.out_features, self.bias)
 
 
 _KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def run_column_parts(runs: "list[tuple[int, Callable]]", x: torch.Tensor, in_features: int,
-                     out_features: int) -> torch.Tensor:
-    """float32 x @ W.T for a weight stored as parts of rows, each computed by its bound kernel call
+                     out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 x @ W.T (+ bias) for a weight stored as parts of rows, each computed by its bound kernel call
     (first output column, run(x, out, column)) straight into its own columns of the output."""
     flat = x.dim() == 2  # the fused forward's case: no reshapes (each costs about a microsecond)
     lead = x.shape[:-1]
@@ -159,6 +156,8 @@ def run_column_parts(runs: "list[tuple[int, Callable]]", x: torch.Tensor, in_fea
     if x.shape[0]:
         for start, run in runs:
             run(x, out, start)
+    if bias is not None:
+        out += bias
     return out if flat else out.reshape(*lead, out_features)
 
 

@@ -188,7 +188,4 @@ class TiledLinear:
         return self.raw(x).to(x.dtype)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
-        out = run_column_parts(self._runs, x, self.in_features, self.out_features)
-        if self.bias is not None:
-            out += self.bias
-        return out
+        return run_column_parts(self._runs, x, self.in_features, self.out_features, self.bias)

@@ -19,6 +19,13 @@ def _finite_(row: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num_(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max, neginf=float("-inf"))
 
 
+def _clamp_finite_(row: torch.Tensor) -> torch.Tensor:
+    """In place: every value finite. Penalties, biases and temperature make a token less or more likely but
+    never forbid it; only masks (grammar, min_tokens) write -inf, so a row always keeps a token to choose."""
+    info = torch.finfo(row.dtype)
+    return torch.nan_to_num_(row, nan=info.min, posinf=info.max, neginf=info.min)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int], device: torch.device):
         self.vocab_size = vocab_size
@@ -70,13 +77,14 @@ class Sampler:
                 out = torch.tensor(seq.output_ids, dtype=torch.long, device=row.device)
                 counts = torch.bincount(out, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+            _clamp_finite_(row)  # e.g. repetition_penalty 1e70 overflows float32: unlikely, not forbidden
             if seq.num_output_tokens < p.min_new_tokens and self.eos_token_ids.numel():
                 row[self.eos_token_ids] = float("-inf")
                 if p.stop_token_ids:
                     row[torch.tensor(p.stop_token_ids, device=row.device)] = float("-inf")
             if seq.grammar is not None:
                 seq.grammar.apply_mask(row)
-            _finite_(row)  # extreme penalties or biases must not turn into inf/NaN probabilities
+            _finite_(row)  # a NaN a mask left must not reach softmax
         return logits
 
     @staticmethod
@@ -87,7 +95,8 @@ class Sampler:
 
     def _sample_row(self, row: torch.Tensor, seq: Sequence) -> int:
         p = seq.params
-        row = _finite_(row / p.temperature)
+        forbidden = row == float("-inf")
+        row = _clamp_finite_(row / p.temperature).masked_fill_(forbidden, float("-inf"))
         if 0 < p.top_k < row.shape[0]:
             kth = torch.topk(row, p.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

@@ -13,6 +13,7 @@ import zmq
 from lightllm.engine.faults import FaultInjector
 from lightllm.engine.grammar import AllowedTokens, GrammarFactory
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
+from lightllm.engine.lora import LoraManager
 from lightllm.engine.memory import (MemoryBreakdown, activation_bytes, process_rss_bytes, release_free_heap,
                                     tensor_bytes)
 from lightllm.engine.model_setup import build_model, kv_budget_for, model_config_for, pick_device, pick_dtype
@@ -23,8 +24,8 @@ from lightllm.engine.prefix_cache import PrefixCache
 from lightllm.engine.reasoning_gate import GatedGrammar
 from lightllm.engine.distributed import StepBroadcaster, init_group, local_ranks, start_workers, threads_per_rank
 from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineConfig, EngineError, EngineFailed,
-                                      EngineReady, EngineStats, ErrorKind, FlushCache, Shutdown, StepOutputs,
-                                      TokenOutput, length_problem)
+                                      EngineReady, EngineStats, ErrorKind, FlushCache, LoadLora, LoraReply, Shutdown,
+                                      StepOutputs, TokenOutput, UnloadLora, length_problem, parse_lora_modules)
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import Scheduler
 from lightllm.engine.sequence import Sequence
@@ -69,6 +70,7 @@ class Engine:
                                 self.kv_dtype, self.device)
         self.table = ReqToTokenTable(cfg.running_max_req_size, self.max_model_len, self.device)
         self.prefix_cache = None if cfg.disable_dynamic_prompt_cache else PrefixCache(self.pool)
+        self.lora = self._start_lora(cfg, rank_cfg)
         batch_max_tokens = cfg.batch_max_tokens or max(cfg.chunked_prefill_size, 2048)
         if cfg.disable_chunked_prefill:
             batch_max_tokens = max(batch_max_tokens, self.max_model_len)
@@ -78,7 +80,7 @@ class Engine:
             chunked_prefill=not cfg.disable_chunked_prefill, running_max_req_size=cfg.running_max_req_size,
             max_model_len=self.max_model_len, eos_token_ids=model_cfg.eos_token_ids,
             new_token_estimate=cfg.router_max_new_token_len, prefix_cache=self.prefix_cache,
-            speculative=SpeculativeConfig(cfg.spec_ngram_tokens, cfg.spec_max_decodes))
+            speculative=SpeculativeConfig(cfg.spec_ngram_tokens, cfg.spec_max_decodes), lora=self.lora)
         self.memory = MemoryBreakdown(
             weights=tensor_bytes(self.model.weights), kv_cache=tensor_bytes([self.pool.k, self.pool.v, self.table.table]),
             activations=activation_bytes(rank_cfg, batch_max_tokens, cfg.running_max_req_size), runtime=runtime_bytes)
@@ -87,6 +89,33 @@ class Engine:
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, self.device)
         self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler, broadcaster)
         self.faults = FaultInjector.from_env()
+
+    def _start_lora(self, cfg: EngineConfig, rank_cfg) -> LoraManager:
+        """The adapter registry with --lora_modules registered (a bad adapter fails the start, naming it)."""
+        modules = parse_lora_modules(cfg.lora_modules)
+        if modules and cfg.tp > 1:
+            raise ValueError("LoRA adapters are not supported with --tp > 1 yet")
+        moe = any(lw.gate_up is None for lw in self.model.weights.layers)
+        manager = LoraManager(rank_cfg, cfg.max_loras, cfg.max_lora_rank, moe_layers=moe)
+        for name, path in modules.items():
+            manager.register(name, path)
+        return manager
+
+    def load_lora(self, msg: LoadLora) -> LoraReply:
+        if self.cfg.tp > 1:
+            return LoraReply(msg.token, "LoRA adapters are not supported with --tp > 1 yet")
+        try:
+            self.lora.register(msg.name, msg.path)
+        except ValueError as exc:  # AdapterError: what does not fit, or the name is taken
+            return LoraReply(msg.token, str(exc))
+        return LoraReply(msg.token)
+
+    def unload_lora(self, msg: UnloadLora) -> LoraReply:
+        try:
+            self.lora.unregister(msg.name)
+        except KeyError:
+            return LoraReply(msg.token, f"no LoRA adapter named {msg.name!r} is loaded", not_found=True)
+        return LoraReply(msg.token)
 
     def shutdown(self) -> None:
         """Stop the worker ranks (they exit after the stop message) and leave the group."""
@@ -135,6 +164,10 @@ class Engine:
         if any(t < 0 or t >= vocab for t in list(params.logit_bias) + list(params.stop_token_ids)):
             return refuse(f"logit_bias / stop_token_ids name token ids outside the vocabulary (0..{vocab - 1})")
         seq = Sequence(req.rid, list(req.prompt_ids), params)
+        if params.lora is not None:
+            if params.lora not in self.lora.registered:
+                return refuse(f"LoRA adapter {params.lora!r} is not loaded")
+            seq.lora_name, seq.lora_uid = params.lora, self.lora.uid(params.lora)
         if params.seed is not None:
             # any integer is a valid seed: folded into the 64 bits torch takes
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
@@ -267,6 +300,10 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
                 freed = engine.prefix_cache.clear() if engine.prefix_cache is not None else 0
                 logger.info("prefix cache flushed: %d KV tokens freed", freed)
                 outbox.send_pyobj(CacheFlushed(msg.token, freed))
+            elif isinstance(msg, LoadLora):
+                outbox.send_pyobj(engine.load_lora(msg))
+            elif isinstance(msg, UnloadLora):
+                outbox.send_pyobj(engine.unload_lora(msg))
             elif isinstance(msg, Shutdown):
                 engine.shutdown()
                 return

@@ -12,6 +12,7 @@ from lightllm.engine.speculative import accept_draft
 from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.layers import AttentionMetadata, PrefillSegment, causal_mask
 from lightllm.models.decoder import LlamaModel
+from lightllm.models.lora.batch import LoraBatch
 
 
 class ModelRunner:
@@ -84,12 +85,21 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return input_ids, pos, meta, logit_rows
 
+    @staticmethod
+    def lora_batch(plan: list[ScheduledChunk]) -> LoraBatch | None:
+        """The step's adapters by row (rows follow the plan's chunks, as build_metadata lays them out)."""
+        runs, row = [], 0
+        for chunk in plan:
+            runs.append((chunk.seq.lora, row, chunk.num_tokens))
+            row += chunk.num_tokens
+        return LoraBatch.from_runs(runs)
+
     def execute(self, plan: list[ScheduledChunk]) -> dict[str, SampledToken]:
         input_ids, positions, meta, logit_rows = self.build_metadata(plan)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         if self.broadcaster is not None:
             self.broadcaster.send(StepInputs(input_ids, positions, meta, rows))
-        logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows)
+        logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows, self.lora_batch(plan))
         sampling = [c for c in plan if c.samples]
         if not sampling:
             return {}

@@ -47,6 +47,10 @@ class EngineConfig:
     # another process keeps that process's kernel setting
     cpu_kernels: bool = True  # the fused C kernels on CPU (False: the PyTorch path)
     engine_threads: int | None = None  # cores divided among this machine's ranks (None: all of them)
+    # LoRA adapters (engine/lora.py): NAME=PATH folders served at start, adapters resident at once, largest rank
+    lora_modules: list[str] = field(default_factory=list)
+    max_loras: int = 4
+    max_lora_rank: int = 64
 
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "structural_tag", "token_ids"]
@@ -127,6 +131,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob plus top-k alternatives
     grammar: GrammarSpec | None = None
     grammar_gate: ReasoningGate | None = None  # the grammar waits for the end of the thinking block
+    lora: str | None = None  # the LoRA adapter the request runs on (engine/lora.py); None: the base model
 
     @property
     def greedy(self) -> bool:
@@ -154,6 +159,43 @@ class AddRequest:
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
+
+
+def parse_lora_modules(specs: list[str]) -> dict[str, str]:
+    """--lora_modules' NAME=PATH items as {name: path} (ValueError says which item is malformed)."""
+    modules: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--lora_modules item {spec!r} is not NAME=PATH")
+        if name in modules:
+            raise ValueError(f"--lora_modules names {name!r} twice")
+        modules[name.strip()] = path.strip()
+    return modules
+
+
+@dataclass
+class LoadLora:
+    """Register the PEFT adapter folder `path` as `name` (vLLM's /v1/load_lora_adapter)."""
+
+    token: int  # pairs the reply with the call
+    name: str
+    path: str
+
+
+@dataclass
+class UnloadLora:
+    """Forget adapter `name`; requests running on it finish on the weights they hold."""
+
+    token: int
+    name: str
+
+
+@dataclass
+class LoraReply:
+    token: int
+    error: str | None = None  # why the load / unload was refused; None: done
+    not_found: bool = False  # the refusal is an unknown adapter name
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
+from lightllm.engine.lora import LoraManager
 from lightllm.engine.prefix_cache import PrefixCache, common_prefix_len
 from lightllm.engine.protocol import EngineError, TokenOutput
 from lightllm.engine.sequence import Sequence, SeqStatus
@@ -54,7 +55,8 @@ class Scheduler:
     def __init__(self, pool: TokenKVPool, table: ReqToTokenTable, *, batch_max_tokens: int,
                  chunked_prefill_size: int, chunked_prefill: bool, running_max_req_size: int,
                  max_model_len: int, eos_token_ids: list[int], new_token_estimate: int = 512,
-                 prefix_cache: PrefixCache | None = None, speculative: SpeculativeConfig = SpeculativeConfig()):
+                 prefix_cache: PrefixCache | None = None, speculative: SpeculativeConfig = SpeculativeConfig(),
+                 lora: LoraManager | None = None):
         self.pool = pool
         self.table = table
         self.batch_max_tokens = batch_max_tokens
@@ -68,11 +70,12 @@ class Scheduler:
         self.new_token_estimate = new_token_estimate
         self.prefix_cache = prefix_cache
         self.speculative = speculative
+        self.lora = lora  # LoRA adapters' residency: a request is admitted once its adapter is resident
         self.draft_stats = {"proposed": 0, "accepted": 0}  # speculative tokens, for /metrics and benchmarks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self._failed: list[Sequence] = []  # dropped by schedule(); reported by process_results()
+        self._failed: list[tuple[Sequence, EngineError]] = []  # dropped by schedule(); reported by process_results()
 
     # ------------------------------------------------------------------------------------ queue ops
 
@@ -149,6 +152,8 @@ class Scheduler:
             n = self._chunk_len(seq, budget, plan_empty=not plan, pending=uncached)
             if n == 0:
                 break
+            if seq.lora_name is not None and not self._bind_adapter(seq):
+                continue  # its adapter cannot be made resident now (all slots busy): it waits
             self._admit(seq)
             admitted.append(seq)
             plan.append(ScheduledChunk(seq, seq.num_computed, min(n, seq.num_pending)))
@@ -180,6 +185,23 @@ class Scheduler:
                 seq.passed_over += 1
         self.waiting = deque(seq for seq in queue if id(seq) not in chosen)
 
+    def _bind_adapter(self, seq: Sequence) -> bool:
+        """Make the request's adapter resident and bind its weights to it; False: not now. An adapter that was
+        unloaded, or whose folder no longer reads, fails the request."""
+        busy = {s.lora_name for s in self.running if s.lora_name is not None}
+        try:
+            adapter = self.lora.acquire(seq.lora_name, busy)
+        except (KeyError, ValueError) as exc:
+            reason = f"LoRA adapter {seq.lora_name!r} is not loaded" if isinstance(exc, KeyError) else str(exc)
+            self.waiting.remove(seq)
+            self._finish(seq, "abort")
+            self._failed.append((seq, EngineError("client", reason)))
+            return False
+        if adapter is None:
+            return False
+        seq.lora = adapter
+        return True
+
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """Prompt-lookup draft for a decoding sequence, within the step budget and its length limits (every
         accepted token is an output token, and one more comes with them)."""
@@ -196,6 +218,8 @@ class Scheduler:
         if self.prefix_cache is None or seq.prefix_waits >= MAX_PREFIX_WAIT_STEPS:
             return False
         for other in self.running:
+            if other.lora_uid != seq.lora_uid:
+                continue  # another adapter's K/V is not shareable
             if other.num_computed >= len(other.prompt_ids) or other.num_computed > cached:
                 continue  # done prefilling, or what it computed is not in the cache (diverged): no point waiting
             shared = common_prefix_len(other.prompt_ids, seq.prompt_ids)
@@ -215,7 +239,7 @@ class Scheduler:
     def _cached_len(self, seq: Sequence) -> int:
         if self.prefix_cache is None:
             return 0
-        return self.prefix_cache.match_len(seq.all_ids[:-1])
+        return self.prefix_cache.match_len(seq.cache_key(seq.total_len - 1))
 
     def _future_need(self, seq: Sequence) -> int:
         return seq.num_pending + min(seq.remaining_new_tokens, self.new_token_estimate)
@@ -239,7 +263,7 @@ class Scheduler:
         seq.slot = self.table.alloc_slot()
         seq.num_computed = 0
         if self.prefix_cache is not None:
-            indices = self.prefix_cache.acquire(seq.rid, seq.all_ids[:-1])
+            indices = self.prefix_cache.acquire(seq.rid, seq.cache_key(seq.total_len - 1))
             if indices is not None and indices.numel():
                 self.table.table[seq.slot, :indices.numel()] = indices
                 seq.num_computed = indices.numel()
@@ -264,7 +288,8 @@ class Scheduler:
     def _drop_oversized(self, chunk: ScheduledChunk) -> bool:
         """A lone request that cannot fit the whole pool fails instead of blocking everyone forever."""
         self._finish(chunk.seq, "abort")
-        self._failed.append(chunk.seq)
+        self._failed.append((chunk.seq, EngineError("client", "request needs more KV cache than the server's pool "
+                                                              f"holds ({self.pool.size} tokens)")))
         return False
 
     # ------------------------------------------------------------------------------------ results
@@ -286,9 +311,7 @@ class Scheduler:
 
     def process_results(self, plan: list[ScheduledChunk], sampled: dict[str, SampledToken]) -> list[TokenOutput]:
         outputs = [TokenOutput(seq.rid, None, finished=True, finish_reason="abort", prompt_tokens=len(seq.prompt_ids),
-                               error=EngineError("client", "request needs more KV cache than the server's pool holds "
-                                                           f"({self.pool.size} tokens)"))
-                   for seq in self._failed]
+                               error=error) for seq, error in self._failed]
         self._failed.clear()
         for chunk in plan:
             seq = chunk.seq
@@ -297,7 +320,7 @@ class Scheduler:
             seq.num_computed = chunk.start + chunk.num_tokens
             if self.prefix_cache is not None and chunk.start < len(seq.prompt_ids):
                 # the prompt computed so far is shareable now, not only when this request ends
-                self.prefix_cache.publish(seq.rid, seq.all_ids[:seq.num_computed],
+                self.prefix_cache.publish(seq.rid, seq.cache_key(seq.num_computed),
                                           self.table.table[seq.slot, :seq.num_computed])
             if not chunk.samples:
                 continue
@@ -364,7 +387,7 @@ class Scheduler:
         indices = self.table.table[seq.slot, :held].clone()
         if self.prefix_cache is not None:
             # The cache keeps what it can reuse and returns the indices nobody references any more.
-            indices = self.prefix_cache.release(seq.rid, seq.all_ids[:held], indices, insert=cache)
+            indices = self.prefix_cache.release(seq.rid, seq.cache_key(held), indices, insert=cache)
         self.pool.free(indices)
         self.table.free_slot(seq.slot)
         seq.slot = None

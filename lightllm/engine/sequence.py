@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lightllm.engine.lora import namespaced
 from lightllm.engine.protocol import SamplingParams
 from lightllm.engine.speculative import PromptLookup
 
@@ -37,6 +38,9 @@ class Sequence:
     prefix_waits: int = 0  # scheduling steps deferred while a running request computed a shared prefix
     passed_over: int = 0  # steps in which a request that arrived later was admitted before this one
     lookup: PromptLookup = field(default_factory=PromptLookup)  # n-gram memo for speculative drafting
+    lora_name: str | None = None  # the LoRA adapter the request asked for (None: the base model)
+    lora_uid: int = 0  # that adapter's prefix-cache namespace (engine/lora.py)
+    lora: Any = None  # the adapter's weights (models/lora/adapter.py), bound at admission
     # Prompt then output in one list that only grows (as nano-vllm keeps it): every step reads it, and
     # rebuilding prompt + output there would cost a copy of the whole context per sequence per step.
     token_ids: list[int] = field(init=False)
@@ -51,6 +55,11 @@ class Sequence:
     def all_ids(self) -> list[int]:
         """Prompt + output: the sequence's own list, not a copy (read or slice it; add with append_token)."""
         return self.token_ids
+
+    def cache_key(self, end: int) -> list[int]:
+        """The prefix-cache key of the first `end` tokens: their ids in the request's adapter namespace."""
+        ids = self.token_ids[:end]
+        return ids if self.lora_uid == 0 else namespaced(ids, self.lora_uid)
 
     @property
     def output_ids(self) -> tuple[int, ...]:

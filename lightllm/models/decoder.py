@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.config import ModelConfig
 from lightllm.models.layers import AttentionMetadata, RotaryEmbedding, paged_attention, prefill_attention_into, rms_norm
+from lightllm.models.lora.batch import LoraBatch
 from lightllm.models.quant.linear import DenseLinear, GgufLinear, Linear, RowCountDispatch
 from lightllm.models.quant.tiled import TiledLinear
 from lightllm.models.loading.sharding import TPComm
@@ -100,6 +101,8 @@ class LlamaModel:
                  and device.type == "cpu" and dtype == torch.float32)
         self.kernels = cpu_kernels.load() if fused else None
         self._exact_head_rows = self._exact_head_source(weights, config)
+        self._lora: LoraBatch | None = None  # the current step's adapters (forward sets it; _mlp reads it)
+        self._layer_index = {id(lw): i for i, lw in enumerate(weights.layers)}
 
     @classmethod
     def runs_fused(cls) -> bool:
@@ -148,8 +151,15 @@ class LlamaModel:
 
     def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         """The MLP up to its (row-parallel) down projection; the caller reduces its output."""
-        gate, up = lw.gate_up(x).chunk(2, dim=-1)
-        return lw.down(self.act(gate) * up)
+        gate, up = self._lora_add(lw, "gate_up", x, lw.gate_up(x)).chunk(2, dim=-1)
+        act = self.act(gate) * up
+        return self._lora_add(lw, "down", act, lw.down(act))
+
+    def _lora_add(self, lw: LayerWeights, target: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` of linear `target` plus the step's adapter deltas for its rows (as is without adapters)."""
+        if self._lora is None:
+            return out
+        return self._lora.add_(self._layer_index[id(lw)], target, x, out)
 
     def _mlp_output(self, out: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         """Hook on the MLP's reduced output before the residual add (Gemma normalises it)."""
@@ -175,8 +185,17 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
-                logit_rows: torch.Tensor) -> torch.Tensor:
-        """Run one ragged batch; returns float32 logits for the token rows listed in `logit_rows`."""
+                logit_rows: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        """Run one ragged batch; returns float32 logits for the token rows listed in `logit_rows`. `lora`: the
+        LoRA adapters of the batch's rows (their deltas are added to the target linears' outputs)."""
+        self._lora = lora
+        try:
+            return self._forward(input_ids, positions, meta, k_cache, v_cache, logit_rows)
+        finally:
+            self._lora = None
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], logit_rows: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:
             return self._forward_fused(input_ids, positions, meta, k_cache, v_cache, logit_rows)
         cfg = self.config
@@ -187,7 +206,7 @@ class LlamaModel:
         for layer_idx, lw in enumerate(self.weights.layers):
             residual = hidden
             x = rms_norm(hidden, lw.input_norm, cfg.rms_norm_eps)
-            qkv = lw.qkv(x)
+            qkv = self._lora_add(lw, "qkv", x, lw.qkv(x))
             qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
             qk = qk.view(n_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
             self._norm_qk_(qk, lw)
@@ -199,7 +218,8 @@ class LlamaModel:
             v_cache[layer_idx].index_copy_(0, meta.slot_indices, v.to(v_cache[layer_idx].dtype))
             attn = paged_attention(q, k_cache[layer_idx], v_cache[layer_idx], meta, self.scale,
                                    self.layer_windows[layer_idx], cfg.attn_logit_softcap)
-            out = self._reduce(lw.o(attn.reshape(n_tokens, self.q_size)))
+            attn = attn.reshape(n_tokens, self.q_size)
+            out = self._reduce(self._lora_add(lw, "o", attn, lw.o(attn)))
             hidden = residual + self._attention_output(out, lw)
             residual = hidden
             x = rms_norm(hidden, lw.post_norm, cfg.rms_norm_eps)
@@ -228,7 +248,7 @@ class LlamaModel:
         x = buffer("norm", cfg.hidden_size, layers[0].qkv.input_dtype)
         k.add_rms_norm(hidden, None, layers[0].input_norm, cfg.rms_norm_eps, x)
         for layer_idx, lw in enumerate(layers):
-            qkv = lw.qkv.raw(x)
+            qkv = self._lora_add(lw, "qkv", x, lw.qkv.raw(x))
             self._norm_qk_(qkv[:, :self.q_size + self.kv_size].view(n_tokens, -1, cfg.head_dim), lw)
             rotary = self.layer_rotary[layer_idx]
             k.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads, positions, rotary.cos, rotary.sin,
@@ -242,11 +262,12 @@ class LlamaModel:
                                    meta.decode_lens, meta.decode_token_idx if meta.prefill else None,
                                    self.layer_windows[layer_idx], self.scale, attn)
             x = buffer("norm", cfg.hidden_size, lw.gate_up.input_dtype)
-            o_out = self._reduce(lw.o.raw(attn.view(n_tokens, self.q_size)))
+            attn_rows = attn.view(n_tokens, self.q_size)
+            o_out = self._reduce(self._lora_add(lw, "o", attn_rows, lw.o.raw(attn_rows)))
             k.add_rms_norm(hidden, o_out, lw.post_norm, cfg.rms_norm_eps, x)
             act = buffer("act", cfg.intermediate_size, lw.down.input_dtype)
-            k.silu_mul(lw.gate_up.raw(x), act)
-            down = self._reduce(lw.down.raw(act))
+            k.silu_mul(self._lora_add(lw, "gate_up", x, lw.gate_up.raw(x)), act)
+            down = self._reduce(self._lora_add(lw, "down", act, lw.down.raw(act)))
             if layer_idx + 1 < len(layers):
                 nxt = layers[layer_idx + 1]
                 x = buffer("norm", cfg.hidden_size, nxt.qkv.input_dtype)

@@ -1,0 +1,176 @@
+"""A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) read and checked against the
+base model, as float low-rank pairs laid out for the decoder's fused linears.
+
+The decoder runs q/k/v as one `qkv` matmul and gate/up as one `gate_up` matmul, so an adapter's per-module
+pairs are joined per fused linear: A = [A_q; A_k; A_v] (ranks stacked) and B block-structured, each part's
+rows holding its own B times its scaling in its own columns. Then one shrink (x @ A.T) and one expand
+(@ B.T) give every part's delta in place: the same sum as PEFT's per-module `scaling * B(A(x))`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lightllm.models.config import ModelConfig
+
+# PEFT module name -> (fused linear of the decoder, part index within it)
+MODULE_PARTS: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
+    "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0),
+}
+FUSED_TARGETS = ("qkv", "o", "gate_up", "down")
+_TENSOR = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter this server cannot serve with its model (the message says why)."""
+
+
+@dataclass
+class LowRankPair:
+    """delta = (x @ a.T) @ b.T for one fused linear: a [R, in], b [out, R] with the scalings folded in."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+@dataclass
+class LoraAdapter:
+    name: str
+    path: str
+    rank: int  # the largest rank of its modules
+    target_modules: list[str]
+    layers: list[dict[str, LowRankPair]]  # per decoder layer: fused target -> its pair (absent: no delta)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for p in layer.values() for t in (p.a, p.b))
+
+
+def part_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each PEFT target module in the base model."""
+    q, kv, h, inter = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.hidden_size, \
+        config.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, inter),
+            "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def _pattern_value(patterns: dict, module_key: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern lookup: a pattern applies when it matches the module key's end."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_key):
+            return value
+    return default
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise AdapterError(f"{folder}: no adapter_config.json (expected a PEFT LoRA adapter folder)")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path}: not a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for key, allowed in (("use_dora", (False, None)), ("fan_in_fan_out", (False, None)), ("bias", ("none", None))):
+        if cfg.get(key) not in allowed:
+            raise AdapterError(f"{path}: {key}={cfg.get(key)!r} is not supported (only plain LoRA)")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"{path}: modules_to_save {cfg['modules_to_save']} is not supported (whole-module copies)")
+    return cfg
+
+
+def load_adapter(name: str, path: str, config: ModelConfig, max_rank: int, moe_layers: bool = False) -> LoraAdapter:
+    """Read and check the adapter at `path` for the model `config`; AdapterError says what does not fit:
+    rank above `max_rank`, a target module the model lacks, shapes of another architecture."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    cfg = read_config(folder)
+    weights_file = folder / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise AdapterError(f"{folder}: no adapter_model.safetensors")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"{weights_file}: not readable ({exc})") from None
+    shapes = part_shapes(config)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _TENSOR.match(key)
+        if m is None:
+            raise AdapterError(f"{name}: tensor {key!r} targets a module this server does not adapt (supported: "
+                               f"{', '.join(MODULE_PARTS)} of the decoder layers)")
+        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        if module not in MODULE_PARTS:
+            raise AdapterError(f"{name}: target module {module!r} does not exist in this model (it has "
+                               f"{', '.join(MODULE_PARTS)})")
+        if layer >= config.num_layers:
+            raise AdapterError(f"{name}: targets layer {layer}, the model has {config.num_layers} layers "
+                               f"(an adapter for another base model?)")
+        if moe_layers and MODULE_PARTS[module][0] in ("gate_up", "down"):
+            raise AdapterError(f"{name}: targets {module} but this model's MLPs are routed experts")
+        pairs.setdefault((layer, module), {})[which] = tensor.float()
+    if not pairs:
+        raise AdapterError(f"{name}: adapter_model.safetensors holds no LoRA tensors")
+    alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    rslora = bool(cfg.get("use_rslora", False))
+    layers: list[dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]] = [{} for _ in range(config.num_layers)]
+    max_seen = 0
+    for (layer, module), ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{name}: layer {layer} {module} lacks lora_{'B' if 'A' in ab else 'A'}")
+        a, b = ab["A"], ab["B"]
+        in_features, out_features = shapes[module]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r or a.shape[1] != in_features or b.shape[0] != out_features:
+            raise AdapterError(f"{name}: layer {layer} {module} has A {tuple(a.shape)}, B {tuple(b.shape)}; this "
+                               f"model's {module} is {in_features} -> {out_features} (an adapter for another base "
+                               f"model?)")
+        if r > max_rank:
+            raise AdapterError(f"{name}: rank {r} of layer {layer} {module} exceeds --max_lora_rank {max_rank}")
+        max_seen = max(max_seen, r)
+        key = f"model.layers.{layer}.{'self_attn' if module.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{module}"
+        r_cfg = _pattern_value(rank_pattern, key, cfg.get("r", r))
+        if r_cfg != r:
+            raise AdapterError(f"{name}: layer {layer} {module} has rank {r}, its config says {r_cfg}")
+        a_ = _pattern_value(alpha_pattern, key, alpha)
+        scaling = a_ / math.sqrt(r) if rslora else a_ / r
+        target, part = MODULE_PARTS[module]
+        layers[layer].setdefault(target, []).append((part, a, b * scaling))
+    joined = [{target: _join(target, parts, shapes) for target, parts in layer.items()} for layer in layers]
+    targets = sorted({module for _, module in pairs})
+    return LoraAdapter(name, str(folder), max_seen, targets, joined)
+
+
+_FUSED_PARTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+                "down": ("down_proj",)}
+
+
+def _join(target: str, parts: list[tuple[int, torch.Tensor, torch.Tensor]],
+          shapes: dict[str, tuple[int, int]]) -> LowRankPair:
+    """One fused linear's pair from its parts (part index, A [r, in], scaled B [out_part, r])."""
+    modules = _FUSED_PARTS[target]
+    col_starts, col = [], 0
+    for module in modules:
+        col_starts.append(col)
+        col += shapes[module][1]
+    total_rank = sum(a.shape[0] for _, a, _ in parts)
+    b_full = torch.zeros(col, total_rank)
+    r0 = 0
+    for part, a, b in sorted(parts, key=lambda p: p[0]):
+        r = a.shape[0]
+        b_full[col_starts[part]:col_starts[part] + b.shape[0], r0:r0 + r] = b
+        r0 += r
+    a_full = torch.cat([a for _, a, _ in sorted(parts, key=lambda p: p[0])]).contiguous()
+    return LowRankPair(a_full, b_full.contiguous())

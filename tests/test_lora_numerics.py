@@ -1,0 +1,204 @@
+"""LoRA adapters in the engine against peft: each request's logits equal those of the base model with its own
+adapter merged by peft (fp32, within 1e-4), with three adapters and the base model in one batch, over
+prefill (chunked) and decode, on the fused C path and the PyTorch path; quantized base weights too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightllm.engine.engine import Engine
+from lightllm.engine.protocol import AddRequest, EngineConfig, SamplingParams
+from lightllm.models.lora.adapter import AdapterError, load_adapter
+from tests.conftest import build_tiny_model
+from tests.lora_helpers import ALL_MODULES, build_adapter, merged_model
+
+# family -> (tiny model overrides, three adapters' settings)
+CASES = {
+    "llama": ("llama", dict(tie_word_embeddings=False), [
+        dict(r=8, alpha=16), dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+        dict(r=16, alpha=4, target_modules=["o_proj", "down_proj", "up_proj"])]),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True), [
+        dict(r=8, alpha=16, use_rslora=True), dict(r=2, alpha=32, target_modules=["k_proj", "gate_proj"]),
+        dict(r=8, alpha=8, rank_pattern={"v_proj": 4}, alpha_pattern={"down_proj": 3.0})]),
+    "qwen3": ("qwen3", dict(tie_word_embeddings=True, head_dim=32), [
+        dict(r=8, alpha=16), dict(r=6, alpha=12, use_rslora=True, target_modules=["q_proj", "o_proj"]),
+        dict(r=4, alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"])]),
+}
+PROMPTS = [[5, 17, 33, 42, 9, 100, 3, 77, 12, 8, 250, 19], [7, 7, 90], [1, 90, 45, 60, 23],
+           [5, 17, 33, 42, 9, 100, 3, 77, 66, 31]]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    """Per family: the base model's folder and its three adapters' folders (built once per module)."""
+    built = {}
+    for case, (arch, overrides, adapters) in CASES.items():
+        root = tmp_path_factory.mktemp(case)
+        base = build_tiny_model(root / "base", arch, **overrides)
+        built[case] = (base, [build_adapter(base, root / f"lora{i}", seed=100 + i, **kw)
+                              for i, kw in enumerate(adapters)])
+    return built
+
+
+def run_mixed(base, adapters, requests, **engine_kwargs):
+    """Greedy-run (prompt, adapter index or None) requests in one engine, all in the same batches; returns the
+    engine, each request's generated ids and the logits each sampling step saw."""
+    modules = [f"a{i}={path}" for i, path in enumerate(adapters)]
+    engine_kwargs.setdefault("quant_type", "none")
+    engine = Engine(EngineConfig(model_path=str(base), max_total_token_num=1024, kv_cache_dtype="fp32",
+                                 spec_ngram_tokens=0, chunked_prefill_size=4, lora_modules=modules,
+                                 max_loras=len(adapters), **engine_kwargs))
+    recorded: dict[str, list[torch.Tensor]] = {}
+    sampler = engine.runner.sampler
+
+    def recording_sampler(logits, seqs):
+        for row, seq in zip(logits, seqs):
+            recorded.setdefault(seq.rid, []).append(row.clone())
+        return sampler(logits, seqs)
+
+    engine.runner.sampler = recording_sampler
+    for i, (prompt, which) in enumerate(requests):
+        params = SamplingParams(max_new_tokens=STEPS, temperature=0.0, ignore_eos=True,
+                                lora=None if which is None else f"a{which}")
+        error = engine.add_request(AddRequest(str(i), prompt, params))
+        assert error is None
+    outputs: dict[str, list[int]] = {}
+    while engine.scheduler.has_work():
+        for out in engine.step():
+            assert out.error is None, out.error
+            outputs.setdefault(out.rid, []).append(out.token_id)
+    return engine, outputs, recorded
+
+
+def assert_matches_merged(base, adapters, requests, outputs, recorded):
+    references = {}
+    for i, (prompt, which) in enumerate(requests):
+        if which not in references:
+            references[which] = merged_model(base, None if which is None else adapters[which])
+        full = torch.tensor([prompt + outputs[str(i)]])
+        with torch.no_grad():
+            expected = references[which](full).logits[0][len(prompt) - 1:len(prompt) - 1 + STEPS]
+        torch.testing.assert_close(torch.stack(recorded[str(i)]), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_three_adapters_and_base_in_one_batch_match_peft_merged(case, family_models, model_path_kind):
+    base, adapters = family_models[case]
+    # the same prompt under two adapters and the base: no KV may be shared between them
+    requests = [(PROMPTS[0], 0), (PROMPTS[1], 1), (PROMPTS[2], 2), (PROMPTS[3], None), (PROMPTS[0], 2),
+                (PROMPTS[0], None)]
+    engine, outputs, recorded = run_mixed(base, adapters, requests)
+    assert_matches_merged(base, adapters, requests, outputs, recorded)
+    # every adapter changes the output (their B is non-zero): the comparison is not against the base alone
+    for i in range(3):
+        assert not torch.allclose(merged_model(base, adapters[i])(torch.tensor([PROMPTS[0]])).logits,
+                                  merged_model(base, None)(torch.tensor([PROMPTS[0]])).logits, atol=1e-3)
+    assert engine.pool.num_used - engine.prefix_cache.evictable() == 0
+
+
+def test_quantized_base_keeps_the_adapter_delta(family_models):
+    """int8 base weights: the adapter's delta is the same float delta; logits differ from the fp32 merged model
+    only by the base's own quantization error (compared with the base alone under the same quantization)."""
+    base, adapters = family_models["llama"]
+    requests = [(PROMPTS[0], 0), (PROMPTS[0], None)]
+    _, out_q, rec_q = run_mixed(base, adapters, requests, quant_type="int8wo")
+    _, out_f, rec_f = run_mixed(base, adapters, requests)
+    # the adapter's effect (adapter row minus base row at the first step) agrees between int8 and fp32 bases
+    effect_q = rec_q["0"][0] - rec_q["1"][0]
+    effect_f = rec_f["0"][0] - rec_f["1"][0]
+    assert float((effect_q - effect_f).abs().max()) < 0.05 * float(effect_f.abs().max())
+
+
+def test_bad_adapters_are_refused_with_the_reason(family_models, tmp_path):
+    base, adapters = family_models["llama"]
+    from lightllm.engine.model_setup import model_config_for
+
+    config = model_config_for(EngineConfig(model_path=str(base)))
+    with pytest.raises(AdapterError, match="exceeds --max_lora_rank 8"):
+        load_adapter("big", str(adapters[2]), config, max_rank=8)
+    other_base = build_tiny_model(tmp_path / "wide", "llama", hidden_size=96, tie_word_embeddings=False)
+    wide = build_adapter(other_base, tmp_path / "wide_lora", seed=1)
+    with pytest.raises(AdapterError, match="another base model"):
+        load_adapter("wide", str(wide), config, max_rank=64)
+    lm_head = build_adapter(base, tmp_path / "head_lora", seed=2, target_modules=["lm_head"])
+    with pytest.raises(AdapterError, match="does not adapt"):
+        load_adapter("head", str(lm_head), config, max_rank=64)
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        load_adapter("none", str(tmp_path), config, max_rank=64)
+    with pytest.raises(AdapterError, match="exceeds --max_lora_rank"):  # the engine refuses to start, naming it
+        Engine(EngineConfig(model_path=str(base), max_total_token_num=256, lora_modules=[f"big={adapters[2]}"],
+                            max_lora_rank=8))
+    assert set(ALL_MODULES) == set(load_adapter("ok", str(adapters[0]), config, 64).target_modules)
+
+
+def _engine(base, adapters, max_loras, **kwargs):
+    return Engine(EngineConfig(model_path=str(base), max_total_token_num=1024, kv_cache_dtype="fp32",
+                               quant_type="none", spec_ngram_tokens=0,
+                               lora_modules=[f"a{i}={path}" for i, path in enumerate(adapters)], max_loras=max_loras,
+                               **kwargs))
+
+
+def _drain(engine, recorded=None):
+    """Step until idle; returns each request's (generated ids, cached prompt tokens)."""
+    results: dict[str, tuple[list[int], int]] = {}
+    while engine.scheduler.has_work():
+        for out in engine.step():
+            assert out.error is None, out.error
+            ids, _ = results.get(out.rid, ([], 0))
+            results[out.rid] = (ids + [out.token_id], out.cached_tokens)
+    return results
+
+
+def _params(lora):
+    return SamplingParams(max_new_tokens=STEPS, temperature=0.0, ignore_eos=True, lora=lora)
+
+
+def test_prefix_cache_is_per_adapter(family_models):
+    """The same prompt under the base model, then adapter a0, then a0 again, then a1: only the second a0 request
+    reuses cached KV (another adapter's K/V differs), and every request still matches its merged model."""
+    base, adapters = family_models["llama"]
+    engine = _engine(base, adapters[:2], max_loras=2)
+    prompt = PROMPTS[0]
+    runs = [None, "a0", "a0", "a1"]
+    cached, outputs = [], []
+    for i, lora in enumerate(runs):
+        assert engine.add_request(AddRequest(str(i), prompt, _params(lora))) is None
+        ids, hit = _drain(engine)[str(i)]
+        cached.append(hit)
+        outputs.append(ids)
+    assert cached[0] == 0 and cached[1] == 0 and cached[3] == 0
+    assert cached[2] == len(prompt) - 1  # the whole prompt but its last token (that one is recomputed)
+    for lora, ids in zip(runs, outputs):
+        reference = merged_model(base, None if lora is None else adapters[int(lora[1])])
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)[0, len(prompt):]
+        assert ids == expected.tolist()
+    assert outputs[1] != outputs[0] or outputs[3] != outputs[0]  # the adapters do change the output
+
+
+def test_one_resident_adapter_two_alternating(family_models):
+    """--max_loras 1 with requests for two adapters at once: the second adapter's requests wait until the first
+    adapter's finish, then it is loaded in its place (least recently used out); no request runs on the
+    wrong adapter (each equals its merged model)."""
+    base, adapters = family_models["qwen2"]
+    engine = _engine(base, adapters[:2], max_loras=1)
+    assert list(engine.lora.resident) == ["a0"]
+    order = ["a1", "a0", "a1", "a0"]
+    for i, lora in enumerate(order):
+        assert engine.add_request(AddRequest(str(i), PROMPTS[i], _params(lora))) is None
+    seen_together: set[frozenset] = set()
+    results: dict[str, list[int]] = {}
+    while engine.scheduler.has_work():
+        running = frozenset(s.lora_name for s in engine.scheduler.running)
+        if running:
+            seen_together.add(running)
+        for out in engine.step():
+            assert out.error is None, out.error
+            results.setdefault(out.rid, []).append(out.token_id)
+    assert all(len(names) == 1 for names in seen_together)  # never two adapters resident at once
+    assert engine.lora.evictions >= 1 and len(engine.lora.resident) == 1
+    for i, lora in enumerate(order):
+        reference = merged_model(base, adapters[int(lora[1])])
+        expected = reference.generate(torch.tensor([PROMPTS[i]]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+        assert results[str(i)] == expected[0, len(PROMPTS[i]):].tolist()

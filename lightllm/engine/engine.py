@@ -12,11 +12,13 @@ import zmq
 
 from lightllm.engine.faults import FaultInjector
 from lightllm.engine.grammar import AllowedTokens, GrammarFactory
+from lightllm.engine.image_embedder import ImageEmbedder
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.lora import LoraManager
 from lightllm.engine.memory import (MemoryBreakdown, activation_bytes, process_rss_bytes, release_free_heap,
                                     tensor_bytes)
-from lightllm.engine.model_setup import build_model, kv_budget_for, model_config_for, pick_device, pick_dtype
+from lightllm.engine.model_setup import (build_model, build_vision, kv_budget_for, model_config_for, pick_device,
+                                        pick_dtype)
 from lightllm.models.loading.loader import resolve_quant_type
 from lightllm.models.loading.sharding import shard_config
 from lightllm.engine.model_runner import ModelRunner
@@ -87,7 +89,9 @@ class Engine:
         logger.info("KV cache: %s", self.kv_budget.rule)
         logger.info("memory: %s", self.memory.describe())
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, self.device)
-        self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler, broadcaster)
+        self.images = ImageEmbedder(build_vision(cfg, model_cfg, self.device, self.dtype), model_cfg.name,
+                                    cfg.cache_capacity)
+        self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler, broadcaster, self.images)
         self.faults = FaultInjector.from_env()
 
     def _start_lora(self, cfg: EngineConfig, rank_cfg) -> LoraManager:
@@ -129,11 +133,14 @@ class Engine:
             self.runner.broadcaster = None
 
     def ready_message(self) -> EngineReady:
+        facts = self.images.facts
         return EngineReady(model_name=self.model_config.name, architecture=self.model_config.architecture,
                            dtype=str(self.dtype).replace("torch.", ""), device=str(self.device),
                            max_total_token_num=self.kv_tokens, max_model_len=self.max_model_len,
                            vocab_size=self.model_config.vocab_size, eos_token_ids=self.model_config.eos_token_ids,
-                           memory=self.memory.as_dict(), kv_cache_rule=self.kv_budget.rule)
+                           memory=self.memory.as_dict(), kv_cache_rule=self.kv_budget.rule,
+                           image_token_id=facts.image_token_id if facts else None,
+                           tokens_per_image=facts.tokens_per_image if facts else 0)
 
     def stats(self) -> EngineStats:
         cached = self.prefix_cache.evictable() if self.prefix_cache else 0
@@ -163,7 +170,9 @@ class Engine:
         params = req.params
         if any(t < 0 or t >= vocab for t in list(params.logit_bias) + list(params.stop_token_ids)):
             return refuse(f"logit_bias / stop_token_ids name token ids outside the vocabulary (0..{vocab - 1})")
-        seq = Sequence(req.rid, list(req.prompt_ids), params)
+        if (problem := self.images.problem(req.prompt_ids, req.images)) is not None:
+            return refuse(problem)
+        seq = Sequence(req.rid, list(req.prompt_ids), params, images=list(req.images))
         if params.lora is not None:
             if params.lora not in self.lora.registered:
                 return refuse(f"LoRA adapter {params.lora!r} is not loaded")

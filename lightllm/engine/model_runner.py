@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightllm.engine.distributed import StepBroadcaster, StepInputs
+from lightllm.engine.image_embedder import ImageEmbedder
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import SampledToken, ScheduledChunk
@@ -17,8 +18,10 @@ from lightllm.models.lora.batch import LoraBatch
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, pool: TokenKVPool, table: ReqToTokenTable, sampler: Sampler,
-                 broadcaster: StepBroadcaster | None = None):
-        """`broadcaster`: under tensor parallelism, sends each step's inputs to the other ranks."""
+                 broadcaster: StepBroadcaster | None = None, images: ImageEmbedder | None = None):
+        """`broadcaster`: under tensor parallelism, sends each step's inputs to the other ranks. `images`: the
+        prompts' image embeddings (vision-language models)."""
+        self.images = images
         self.model = model
         self.broadcaster = broadcaster
         self.pool = pool
@@ -99,7 +102,8 @@ class ModelRunner:
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         if self.broadcaster is not None:
             self.broadcaster.send(StepInputs(input_ids, positions, meta, rows))
-        logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows, self.lora_batch(plan))
+        logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows, self.lora_batch(plan),
+                                    embeds=self.images.input_embeds(plan) if self.images is not None else None)
         sampling = [c for c in plan if c.samples]
         if not sampling:
             return {}

@@ -13,12 +13,14 @@ from lightllm.engine.memory import KVBudget, available_memory_bytes, kv_budget
 from lightllm.engine.protocol import EngineConfig
 from lightllm.models.config import ModelConfig
 from lightllm.models.decoder import LlamaModel
-from lightllm.models.families.registry import model_class_for
+from lightllm.models.families.registry import family_named, model_class_for
 from lightllm.models.loading.loader import load_model_config, load_model_weights, resolve_quant_type
 from lightllm.models.loading.sharding import TPComm, TPShard, shard_config
 from lightllm.models.quant import policy as quant_policy
 from lightllm.models.quant.factory import dense_copy_bytes
 from lightllm.models.quant.policy import LinearPolicy
+from lightllm.models.vision.base import VisionEncoder
+from lightllm.models.vision.registry import load_vision
 
 logger = logging.getLogger("lightllm.engine")
 
@@ -64,6 +66,16 @@ def model_config_for(cfg: EngineConfig) -> ModelConfig:
     if cfg.eos_id:
         model_cfg.eos_token_ids = list(cfg.eos_id)
     return model_cfg
+
+
+def build_vision(cfg: EngineConfig, full: ModelConfig, device: torch.device, dtype: torch.dtype) -> VisionEncoder | None:
+    """The vision encoder of a vision-language model (None for a text-only one)."""
+    family = family_named(full.architecture)
+    if family.vision is None:
+        return None
+    if cfg.tp > 1:
+        raise ValueError(f"{family.name} is a vision-language model: it is served with --tp 1")
+    return load_vision(family.vision, cfg.model_path, device, dtype)
 
 
 def build_model(cfg: EngineConfig, full: ModelConfig, rank: int,

@@ -47,6 +47,7 @@ class EngineConfig:
     # another process keeps that process's kernel setting
     cpu_kernels: bool = True  # the fused C kernels on CPU (False: the PyTorch path)
     engine_threads: int | None = None  # cores divided among this machine's ranks (None: all of them)
+    cache_capacity: int = 200  # images whose vision-encoder output is kept (LightLLM's flag; 0: none)
     # LoRA adapters (engine/lora.py): NAME=PATH folders served at start, adapters resident at once, largest rank
     lora_modules: list[str] = field(default_factory=list)
     max_loras: int = 4
@@ -154,11 +155,30 @@ def length_problem(prompt_len: int, max_new_tokens: int | None, max_model_len: i
     return None
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a prompt: its encoded file (the engine decodes and preprocesses it) and the run of
+    placeholder tokens whose input embeddings its vision encoder's output replaces."""
+
+    data: bytes
+    digest: str  # sha256 of `data`: tells images apart in the prefix cache and the encoder cache
+    offset: int  # the first placeholder token's prompt position
+    length: int  # placeholder tokens (the model's tokens per image)
+
+    @property
+    def cache_token(self) -> int:
+        """What its placeholder tokens are in the prefix cache's keys: a value from the digest, negative so
+        it is never a token id (SGLang's pad values from the image hash): prompts that differ only in an
+        image share no KV."""
+        return -1 - int(self.digest[:15], 16)
+
+
 @dataclass
 class AddRequest:
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
+    images: list[ImageInput] = field(default_factory=list)  # in prompt order, their token runs apart
 
 
 def parse_lora_modules(specs: list[str]) -> dict[str, str]:
@@ -285,6 +305,9 @@ class EngineReady:
     # start-up memory breakdown in bytes (engine/memory.py): weights, kv_cache, activations, runtime, total
     memory: dict[str, int] = field(default_factory=dict)
     kv_cache_rule: str = ""  # how the KV pool's size was reached
+    # a vision-language model: each image in the prompt text is this token, which becomes `tokens_per_image`
+    image_token_id: int | None = None
+    tokens_per_image: int = 0
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lightllm.engine.lora import namespaced
-from lightllm.engine.protocol import SamplingParams
+from lightllm.engine.protocol import ImageInput, SamplingParams
 from lightllm.engine.speculative import PromptLookup
 
 _admission_counter = itertools.count()
@@ -38,6 +38,7 @@ class Sequence:
     prefix_waits: int = 0  # scheduling steps deferred while a running request computed a shared prefix
     passed_over: int = 0  # steps in which a request that arrived later was admitted before this one
     lookup: PromptLookup = field(default_factory=PromptLookup)  # n-gram memo for speculative drafting
+    images: list[ImageInput] = field(default_factory=list)  # the prompt's images (engine/image_embedder.py)
     lora_name: str | None = None  # the LoRA adapter the request asked for (None: the base model)
     lora_uid: int = 0  # that adapter's prefix-cache namespace (engine/lora.py)
     lora: Any = None  # the adapter's weights (models/lora/adapter.py), bound at admission
@@ -59,6 +60,10 @@ class Sequence:
     def cache_key(self, end: int) -> list[int]:
         """The prefix-cache key of the first `end` tokens: their ids in the request's adapter namespace."""
         ids = self.token_ids[:end]
+        for image in self.images:  # an image's tokens stand for its content, not for the placeholder token
+            if image.offset < end:
+                run = min(end, image.offset + image.length) - image.offset
+                ids[image.offset:image.offset + run] = [image.cache_token] * run
         return ids if self.lora_uid == 0 else namespaced(ids, self.lora_uid)
 
     @property

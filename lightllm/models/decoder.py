@@ -31,6 +31,14 @@ REFINED_LOGITS = 16  # candidates per row whose logits a quantized lm_head's exa
 
 
 @dataclass
+class InputEmbeds:
+    """Input embeddings that replace the token embeddings of some rows of a batch (an image's tokens)."""
+
+    rows: torch.Tensor  # [R] row indices into the batch
+    values: torch.Tensor  # [R, hidden]
+
+
+@dataclass
 class ExpertWeights:
     """Mixture-of-experts MLP: a router over `len(experts)` SwiGLU experts, `top_k` of them per token."""
 
@@ -67,7 +75,7 @@ class ModelWeights:
 # The per-family hooks of the decoder layer. `_forward_fused` (the C kernels' layer: SiLU-gated MLP, two norms)
 # calls the first group; a family that overrides any of the second runs the PyTorch path (`runs_fused`), so a
 # hook can never be skipped silently.
-FUSED_PATH_HOOKS = ("_norm_qk_", "_embed", "_reduce", "_logits")
+FUSED_PATH_HOOKS = ("_norm_qk_", "_embed", "_input_embeddings", "_reduce", "_logits")
 PYTORCH_PATH_ONLY_HOOKS = ("_attention_output", "_mlp", "_mlp_output")
 
 
@@ -141,6 +149,12 @@ class LlamaModel:
             return self.comm.embed(self.weights.embed, input_ids)
         return self.weights.embed.index_select(0, input_ids)
 
+    def _input_embeddings(self, input_ids: torch.Tensor, embeds: InputEmbeds | None) -> torch.Tensor:
+        hidden = self._embed(input_ids)
+        if embeds is not None:  # after the family's own embedding scale: image embeddings are not scaled
+            hidden.index_copy_(0, embeds.rows, embeds.values.to(hidden.dtype))
+        return hidden
+
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """A row-parallel layer's output: summed over the tensor-parallel ranks (as is without TP)."""
         return partial if self.comm is None else self.comm.all_reduce_(partial)
@@ -185,21 +199,23 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
-                logit_rows: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+                logit_rows: torch.Tensor, lora: LoraBatch | None = None,
+                embeds: InputEmbeds | None = None) -> torch.Tensor:
         """Run one ragged batch; returns float32 logits for the token rows listed in `logit_rows`. `lora`: the
         LoRA adapters of the batch's rows (their deltas are added to the target linears' outputs)."""
         self._lora = lora
         try:
-            return self._forward(input_ids, positions, meta, k_cache, v_cache, logit_rows)
+            return self._forward(input_ids, positions, meta, k_cache, v_cache, logit_rows, embeds)
         finally:
             self._lora = None
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], logit_rows: torch.Tensor) -> torch.Tensor:
+                 k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], logit_rows: torch.Tensor,
+                 embeds: InputEmbeds | None) -> torch.Tensor:
         if self.kernels is not None:
-            return self._forward_fused(input_ids, positions, meta, k_cache, v_cache, logit_rows)
+            return self._forward_fused(input_ids, positions, meta, k_cache, v_cache, logit_rows, embeds)
         cfg = self.config
-        hidden = self._embed(input_ids)
+        hidden = self._input_embeddings(input_ids, embeds)
         n_tokens = input_ids.shape[0]
         # cos/sin looked up once per distinct table (one, or Gemma 3's global and local), not once per layer
         rotations = {id(r): r.lookup(positions) for r in {self.rotary, *self.layer_rotary}}
@@ -228,14 +244,14 @@ class LlamaModel:
 
     def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                        k_cache: list[torch.Tensor], v_cache: list[torch.Tensor],
-                       logit_rows: torch.Tensor) -> torch.Tensor:
+                       logit_rows: torch.Tensor, embeds: InputEmbeds | None = None) -> torch.Tensor:
         """Same math as `forward`'s PyTorch path; per layer four matmuls and four kernel calls. Matmul
         outputs go straight into the kernels in whatever dtype the matmul produced (bf16 for the quantized
         ones), and each kernel writes the dtype its consumer takes."""
         cfg, k = self.config, self.kernels
         layers = self.weights.layers
         n_tokens = input_ids.shape[0]
-        hidden = self._embed(input_ids)  # the fp32 residual stream, updated in place
+        hidden = self._input_embeddings(input_ids, embeds)  # the fp32 residual stream, updated in place
         buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
         def buffer(name: str, width: int, dtype: torch.dtype) -> torch.Tensor:

@@ -48,6 +48,8 @@ class Family:
     hf_facts: Callable[[dict[str, Any]], dict[str, Any]] = _no_facts
     # ModelConfig fields this family sets from GGUF metadata, over the shared reading
     gguf_facts: Callable[[GgufMetadata], dict[str, Any]] = _no_facts
+    # vision-language checkpoints: the loader of their vision tower in models/vision/registry.py (None: text only)
+    vision: str | None = None
 
 
 def no_hf_sliding_window(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,82 @@
+"""Images in prefill: each image's embeddings from the vision encoder, kept in a bounded cache by content
+digest (LightLLM's `--cache_capacity`: the same image in another request is not encoded again), and laid on
+the rows of a step that hold its placeholder tokens. A prefill chunk may begin or end inside an image: each
+row takes the embedding of its own position in the image's run."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from lightllm.engine.protocol import ImageInput
+from lightllm.engine.scheduler import ScheduledChunk
+from lightllm.models.decoder import InputEmbeds
+from lightllm.models.vision.base import VisionEncoder, VisionFacts
+
+
+class ImageEmbedder:
+    def __init__(self, encoder: VisionEncoder | None, model_name: str, capacity: int):
+        self.encoder = encoder
+        self.model_name = model_name
+        self.capacity = capacity
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # digest -> embeddings, least recent first
+        self.stats = {"encoded": 0, "cache_hits": 0}
+
+    @property
+    def facts(self) -> VisionFacts | None:
+        return self.encoder.facts if self.encoder is not None else None
+
+    def problem(self, prompt_ids: list[int], images: list[ImageInput]) -> str | None:
+        """Why a request's images cannot be served as sent, or None. The API lays them out right; this guards
+        the engine's own invariants for any sender."""
+        facts = self.facts
+        if facts is None:
+            return (f"model {self.model_name!r} does not take images (a text-only model)" if images
+                    else None)
+        end = 0
+        for image in images:
+            if image.length != facts.tokens_per_image:
+                return f"an image takes {facts.tokens_per_image} placeholder tokens, not {image.length}"
+            if image.offset < end or image.offset + image.length > len(prompt_ids):
+                return "images' placeholder runs must lie inside the prompt, in order and apart"
+            if any(t != facts.image_token_id for t in prompt_ids[image.offset:image.offset + image.length]):
+                return f"an image's placeholder run must hold token {facts.image_token_id} only"
+            end = image.offset + image.length
+        if prompt_ids.count(facts.image_token_id) != len(images) * facts.tokens_per_image:
+            return (f"the prompt holds image placeholder tokens ({facts.image_token_id}) that no image fills: "
+                    f"{len(images)} image(s) of {facts.tokens_per_image} tokens")
+        return None
+
+    def embeddings(self, image: ImageInput) -> torch.Tensor:
+        cached = self._cache.get(image.digest)
+        if cached is not None:
+            self._cache.move_to_end(image.digest)
+            self.stats["cache_hits"] += 1
+            return cached
+        assert self.encoder is not None  # problem() refused images for a text-only model
+        out = self.encoder.encode(image.data)
+        self.stats["encoded"] += 1
+        if self.capacity > 0:
+            self._cache[image.digest] = out
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return out
+
+    def input_embeds(self, plan: list[ScheduledChunk]) -> InputEmbeds | None:
+        """The step's image rows (rows follow the plan's chunks, as ModelRunner.build_metadata lays them out)."""
+        rows: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        row = 0
+        for chunk in plan:
+            start, end = chunk.start, chunk.start + chunk.num_tokens
+            for image in chunk.seq.images:
+                lo, hi = max(start, image.offset), min(end, image.offset + image.length)
+                if lo < hi:
+                    rows.append(torch.arange(row + lo - start, row + hi - start))
+                    values.append(self.embeddings(image)[lo - image.offset:hi - image.offset])
+            row += chunk.num_tokens
+        if not rows:
+            return None
+        device = values[0].device
+        return InputEmbeds(torch.cat(rows).to(device), torch.cat(values))

@@ -25,6 +25,7 @@ UNEXPRESSIBLE_RULES = {
     "a final message the template can continue": r"^continue_final_message needs the last message",
     "a tool's parameters that are a valid JSON Schema": r"^invalid 'parameters' schema for tool ",
     "tool-call arguments that are a JSON text": r"^tool call .* has arguments that are not valid JSON$",
+    "images only for a model that takes them (server state)": r"^model '.*' does not take images \(a text-only",
 }
 # Output-constraint fields (lightllm/server/structured.py): their contents must parse and compile, and one
 # constraint per request. Some of these rules could be written in the document (non-empty strings and

@@ -151,6 +151,15 @@ class ServerArgs:
     shutdown_timeout: float = arg(30.0, "on SIGTERM, seconds the requests in flight get to finish (new ones get 503)")
     max_engine_restarts: int = arg(3, "times a dead engine process is restarted before the server exits non-zero")
     log_level: str = arg("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
+    # images in chat, for vision-language models (server/multimodal.py)
+    allowed_local_media_path: str | None = arg(
+        None, "directory whose files requests may send as file:// image URLs (vLLM's flag); unset: file:// URLs "
+              "are refused")
+    max_image_pixels: int = arg(16_777_216, "largest image taken, in pixels (width x height); larger ones get 400")
+    limit_mm_per_prompt: int = arg(8, "most images in one request (vLLM's flag, here a plain count); more get 400")
+    cache_capacity: int = engine_arg(
+        "cache_capacity", "images whose vision-encoder output the engine keeps, by content, so the same image is "
+                          "encoded once (LightLLM's flag; 0: none)")
 
     def check(self) -> None:
         """Refuse combinations no single flag's type or choices catch (ValueError says why)."""
@@ -166,6 +175,10 @@ class ServerArgs:
             raise ValueError("--engine_threads must be at least 1")
         if self.dense_bf16_min_rows < 0:
             raise ValueError("--dense_bf16_min_rows must be >= 0 (0: no dense copy)")
+        if self.max_image_pixels < 1 or self.limit_mm_per_prompt < 0 or self.cache_capacity < 0:
+            raise ValueError("--max_image_pixels must be >= 1, --limit_mm_per_prompt and --cache_capacity >= 0")
+        if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):
+            raise ValueError(f"--allowed_local_media_path {self.allowed_local_media_path!r} is not a directory")
 
     def engine_config(self, model_path: str) -> EngineConfig:
         """What the engine process starts with: every field marked `engine`, under its EngineConfig name."""

@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from lightllm.engine.entry import engine_main
+from lightllm.engine.protocol import ImageInput
 from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineError, EngineFailed, EngineReady,
                                       EngineStats, FlushCache, SamplingParams, Shutdown, StepOutputs, TokenOutput)
 
@@ -143,7 +144,8 @@ class EngineClient:
     def alive(self) -> bool:
         return self.dead_reason is None and self.process is not None and self.process.is_alive()
 
-    async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
+    async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                       images: list[ImageInput] | None = None) -> AsyncIterator[TokenOutput]:
         """Yield the engine's outputs for one request; leaving early (client gone, stop string) aborts it."""
         if not self.alive:
             raise EngineDied(self.dead_reason or "engine is not running")
@@ -151,7 +153,7 @@ class EngineClient:
         self.queues[rid] = queue
         finished = False
         try:
-            await self.to_engine.send_pyobj(AddRequest(rid, prompt_ids, params))
+            await self.to_engine.send_pyobj(AddRequest(rid, prompt_ids, params, list(images or ())))
             while not finished:
                 out = await queue.get()
                 finished = out.finished

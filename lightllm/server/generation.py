@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from lightllm.engine.protocol import EngineError, SamplingParams
+from lightllm.engine.protocol import EngineError, ImageInput, SamplingParams
 from lightllm.server.errors import APIError
 from lightllm.server.holdback import partial_marker_len
 from lightllm.server.ids import new_id
@@ -74,13 +74,14 @@ class StopStringMatcher:
 
 async def generate_text(engine: Any, tokenizer: Any, prompt_ids: list[int], params: SamplingParams, *,
                         stop: list[str] | None = None, skip_special_tokens: bool = True,
-                        rid: str | None = None) -> AsyncIterator[GenerationChunk]:
+                        rid: str | None = None, images: list[ImageInput] | None = None
+                        ) -> AsyncIterator[GenerationChunk]:
     rid = rid or new_id("req-")
     detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
     matcher = StopStringMatcher(stop or [])
     completion_tokens = 0
     want_logprobs = params.logprobs is not None
-    async for out in engine.generate(rid, prompt_ids, params):
+    async for out in engine.generate(rid, prompt_ids, params, images):
         if out.error:
             raise GenerationError(out.error)
         chunk = GenerationChunk("", prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens)

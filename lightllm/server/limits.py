@@ -7,3 +7,5 @@ MAX_TOOLS = 128  # OpenAI's limit on tools
 MAX_TOOL_SCHEMA_BYTES = 64 << 10  # one tool's `parameters`, serialised (grammar compile time grows with it)
 MAX_N = 16
 MAX_STOP_SEQUENCES = 16
+# an image URL (server/multimodal.py): inline data, a local file, or http(s), which is refused (no fetching)
+IMAGE_URL_PATTERN = r"^(data:image/[A-Za-z0-9.+-]+;base64,|file://|https?://)"

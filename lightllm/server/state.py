@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 
-from lightllm.engine.protocol import SamplingParams, length_problem
+from lightllm.engine.protocol import ImageInput, SamplingParams, length_problem
 from lightllm.server.engine_client import EngineClient, EngineDied
 from lightllm.server.errors import APIError
 from lightllm.server.lifecycle import Lifecycle
@@ -82,11 +82,14 @@ class ServerState:
         return self.max_model_len - prompt_len if max_new_tokens is None else max_new_tokens
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, *, stop: list[str] | None = None,
-               skip_special_tokens: bool = True, rid: str | None = None) -> AsyncIterator[GenerationChunk]:
+               skip_special_tokens: bool = True, rid: str | None = None,
+               images: list[ImageInput] | None = None) -> AsyncIterator[GenerationChunk]:
+        """`images`: the prompt's images, their placeholder runs laid out (server/multimodal.py)."""
         if not params.ignore_eos:
             params.stop_token_ids = sorted(set(params.stop_token_ids) | set(self.eog_token_ids))
         return self._tracked(generate_text(self.engine, self.tokenizer, prompt_ids, params, stop=stop,
-                                           skip_special_tokens=skip_special_tokens, rid=rid), len(prompt_ids))
+                                           skip_special_tokens=skip_special_tokens, rid=rid, images=images),
+                             len(prompt_ids))
 
     async def _tracked(self, gen: AsyncIterator[GenerationChunk], prompt_len: int) -> AsyncIterator[GenerationChunk]:
         self.inflight += 1

@@ -18,6 +18,7 @@ from lightllm.server.openai.chat_output import ChatOutputParser
 from lightllm.server.openapi import STREAMING_OK
 from lightllm.server.reasoning.base import ReasoningDetector, ThinkTagDetector
 from lightllm.server.ids import new_id
+from lightllm.server.multimodal import RequestImage, check_count, image_token_text, load_image, place_images
 from lightllm.server.openai.common import chat_logprob_entries, merge_streams, now, sampling_params, sse, usage
 from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage
 from lightllm.server.state import ServerState, collect_all, until_disconnect
@@ -25,8 +26,8 @@ from lightllm.server.state import ServerState, collect_all, until_disconnect
 router = APIRouter()
 
 
-def _template_message(msg: ChatMessage) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()}
+def _template_message(msg: ChatMessage, image_text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role, "content": msg.text(image_text)}
     if msg.name:
         out["name"] = msg.name
     if msg.tool_call_id:
@@ -46,10 +47,12 @@ def _template_message(msg: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def render_prompt(state: ServerState, req: ChatCompletionRequest, tools: ToolContext | None) -> str:
+def render_prompt(state: ServerState, req: ChatCompletionRequest, tools: ToolContext | None,
+                  image_text: str = "") -> str:
+    """The chat text; each image part is `image_text` (the model's image token) where it stands."""
     import jinja2
 
-    messages = [_template_message(m) for m in req.messages]
+    messages = [_template_message(m, image_text) for m in req.messages]
     if tools is not None:
         messages = tools.adapt_messages(messages)
     kwargs = dict(req.chat_template_kwargs or {})
@@ -104,10 +107,16 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str
     tools = prepare_tool_context(req, state)
     # one output constraint: a forced tool call's grammar, response_format or a peer's structured-output field
     grammar = structured.openai_constraint(state, req, tools.grammar if tools is not None else None)
-    prompt = render_prompt(state, req, tools)
+    images, image_text = request_images(state, req)
+    prompt = render_prompt(state, req, tools, image_text)
     prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
-    prompt_ids, max_new = state.fit_length(prompt_ids, req.max_completion_tokens or req.max_tokens,
-                                           param="max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+    prompt_ids, image_inputs = place_images(prompt_ids, images, state.engine.info, "messages")
+    max_new_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    if images:  # never truncated (--long_truncation_mode could cut an image's run): too long is a 400
+        max_new = state.check_length(len(prompt_ids), req.max_completion_tokens or req.max_tokens, max_new_param)
+    else:
+        prompt_ids, max_new = state.fit_length(prompt_ids, req.max_completion_tokens or req.max_tokens,
+                                               param=max_new_param)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     reasoning = state.new_reasoning_detector() if req.separate_reasoning else None
     reasoning = reasoning.for_prompt(prompt) if reasoning is not None else None
@@ -122,11 +131,23 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str
     # Tool and reasoning markers are special tokens in some vocabularies: keep them while parsing.
     skip_special = req.skip_special_tokens and not output.needs_special_tokens
     streams = [state.stream(prompt_ids, sampling_params(req, max_new, logprobs, i, grammar, gate),
-                            stop=req.stop_list(), skip_special_tokens=skip_special, rid=new_id(rid_prefix))
+                            stop=req.stop_list(), skip_special_tokens=skip_special, rid=new_id(rid_prefix),
+                            images=image_inputs)
                for i in range(req.n)]
     if tools is not None and tools.mode == "required":
         streams = [tools.limit_repeats(s, reasoning) for s in streams]
     return PreparedChat(prompt_ids, streams, output, tools)
+
+
+def request_images(state: ServerState, req: ChatCompletionRequest) -> tuple[list[RequestImage], str]:
+    """The request's images in message order, each loaded and checked (400s: server/multimodal.py), and
+    the text that stands for an image in the chat text (the model's image token; "" without images)."""
+    urls = [(i, url) for i, msg in enumerate(req.messages) for url in msg.image_urls()]
+    if not urls:
+        return [], ""
+    image_text = image_token_text(state.engine.info, state.tokenizer, state.model_name, "messages")
+    check_count(len(urls), state.args, "messages")
+    return [load_image(url, state.args, f"messages[{i}].content") for i, url in urls], image_text
 
 
 def reasoning_gate(tokenizer: Any, reasoning: ReasoningDetector, grammar: GrammarSpec) -> ReasoningGate | None:

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from lightllm.server.limits import MAX_MESSAGES, MAX_N, MAX_STOP_SEQUENCES, MAX_TOOL_SCHEMA_BYTES, MAX_TOOLS
+from lightllm.server.limits import (IMAGE_URL_PATTERN, MAX_MESSAGES, MAX_N, MAX_STOP_SEQUENCES, MAX_TOOL_SCHEMA_BYTES,
+                                    MAX_TOOLS)
 from lightllm.server.openapi import integral_floats_as_ints
 
 
@@ -60,6 +61,20 @@ class TextPart(_Lenient):
     text: str
 
 
+class ImageURL(_Lenient):
+    # data:image/...;base64, inline, or file:// under --allowed_local_media_path; http(s) is refused (no fetching)
+    url: Annotated[str, Field(pattern=IMAGE_URL_PATTERN)]
+    detail: Literal["auto"] = "auto"  # the model's fixed resolution: no low/high choice to honour
+
+
+class ImageURLPart(_Lenient):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImageURLPart, Field(discriminator="type")]
+
+
 class FunctionCall(_Lenient):
     name: str
     arguments: str | dict[str, Any] = "{}"
@@ -73,17 +88,22 @@ class ToolCall(_Lenient):
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
-    def text(self) -> str:
+    def text(self, image_text: str = "") -> str:
+        """The content as text, each image as `image_text` (the model's image token) where it stands."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text if isinstance(part, TextPart) else image_text for part in self.content)
+
+    def image_urls(self) -> list[str]:
+        return [] if isinstance(self.content, str) or self.content is None else [
+            part.image_url.url for part in self.content if isinstance(part, ImageURLPart)]
 
 
 class FunctionDefinition(_Lenient):

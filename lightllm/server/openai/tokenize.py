@@ -10,7 +10,8 @@ from pydantic import ConfigDict, Field
 
 from lightllm.server.errors import APIError
 from lightllm.server.limits import MAX_TOOLS
-from lightllm.server.openai.chat import render_prompt
+from lightllm.server.multimodal import place_images
+from lightllm.server.openai.chat import render_prompt, request_images
 from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage, TokenId, Tool, _Lenient
 from lightllm.server.state import ServerState
 
@@ -50,12 +51,14 @@ async def tokenize(req: TokenizeRequest, request: Request):
                                      chat_template_kwargs=req.chat_template_kwargs)
         from lightllm.server.function_call import prepare_tool_context
 
-        text = render_prompt(state, chat, prepare_tool_context(chat, state))
+        images, image_text = request_images(state, chat)
+        text = render_prompt(state, chat, prepare_tool_context(chat, state), image_text)
         special = bool(req.add_special_tokens)
     else:
-        text = req.prompt
+        images, text = [], req.prompt
         special = req.add_special_tokens is not False
     ids = state.tokenizer.encode(text, add_special_tokens=special)
+    ids, _ = place_images(ids, images, state.engine.info, "messages")  # each image's tokens, as chat counts them
     return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
             "token_strs": state.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None}
 

@@ -1,0 +1,123 @@
+"""Images in requests (API process): image URLs → checked image files, and their places in the prompt.
+
+An image arrives as a `data:image/...;base64,` URL, or as a `file://` URL under `--allowed_local_media_path`;
+this server fetches nothing (http(s) URLs are refused). Each is decoded here with PIL, so a corrupt, truncated
+or unsupported file, one over `--max_image_pixels` or more than `--limit_mm_per_prompt` images get a 400 before
+the engine sees them. The chat text holds the model's image token where each image goes; `place_images` turns
+each into the model's run of placeholder tokens and tells the engine where the runs are (engine/protocol.py's
+ImageInput). No model code here: the model's image token and tokens per image come in its EngineReady."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from lightllm.engine.protocol import EngineReady, ImageInput
+from lightllm.server.args import ServerArgs
+from lightllm.server.errors import APIError
+
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")  # the image file formats taken (PIL's names)
+DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
+
+
+@dataclass(frozen=True)
+class RequestImage:
+    data: bytes  # the image file as sent
+    digest: str  # sha256 hex of `data`
+
+
+def load_image(url: str, args: ServerArgs, param: str) -> RequestImage:
+    """The image a URL names, checked; APIError 400 says what is wrong with it."""
+    if DATA_URL.match(url):
+        try:
+            data = base64.b64decode(url[url.index(",") + 1:], validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, "the image's data URL is not valid base64", param=param) from None
+    elif url.startswith("file://"):
+        data = _local_file(url, args, param)
+    elif url.startswith(("http://", "https://")):
+        raise APIError(400, "this server does not fetch image URLs (it has no network access): send the image "
+                            "inline as a data:image/...;base64, URL", param=param)
+    else:
+        raise APIError(400, "an image URL must be a data:image/...;base64, URL or a file:// URL", param=param)
+    check_image(data, args, param)
+    return RequestImage(data, hashlib.sha256(data).hexdigest())
+
+
+def _local_file(url: str, args: ServerArgs, param: str) -> bytes:
+    if not args.allowed_local_media_path:
+        raise APIError(400, "file:// image URLs are off: the server was started without "
+                            "--allowed_local_media_path", param=param)
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise APIError(400, "a file:// image URL names a file on this machine (file:///path)", param=param)
+    root = Path(args.allowed_local_media_path).resolve()
+    path = Path(unquote(parsed.path)).resolve()  # symbolic links resolved: no way out of the directory
+    if not path.is_relative_to(root):
+        raise APIError(400, "the image file is outside the directory --allowed_local_media_path allows",
+                       param=param)
+    try:
+        return path.read_bytes()
+    except OSError:
+        raise APIError(400, "the image file cannot be read (no such file, or not a file)", param=param) from None
+
+
+def check_image(data: bytes, args: ServerArgs, param: str) -> None:
+    """The file decodes, whole, as one of FORMATS and within --max_image_pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in FORMATS:
+                raise APIError(400, f"unsupported image format {image.format}; supported: {', '.join(FORMATS)}",
+                               param=param)
+            width, height = image.size
+            if width * height > args.max_image_pixels:  # checked from the header, before decoding the pixels
+                raise APIError(400, f"the image has {width}x{height} = {width * height} pixels, more than this "
+                                    f"server's --max_image_pixels {args.max_image_pixels}", param=param)
+            image.load()  # decodes every pixel: a truncated or corrupt file fails here
+    except APIError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise APIError(400, f"the image could not be decoded: {exc}", param=param) from None
+
+
+def check_count(count: int, args: ServerArgs, param: str) -> None:
+    if count > args.limit_mm_per_prompt:
+        raise APIError(400, f"the request has {count} images, more than this server's --limit_mm_per_prompt "
+                            f"{args.limit_mm_per_prompt}", param=param)
+
+
+def image_token_text(info: EngineReady, tokenizer, model_name: str, param: str) -> str:
+    """What an image is in the chat text: the model's image token (400 for a text-only model)."""
+    if info.image_token_id is None:
+        raise APIError(400, f"model {model_name!r} does not take images (a text-only model)", param=param)
+    return tokenizer.convert_ids_to_tokens(info.image_token_id)
+
+
+def place_images(prompt_ids: list[int], images: list[RequestImage], info: EngineReady,
+                 param: str) -> tuple[list[int], list[ImageInput]]:
+    """Each image token of the tokenized prompt → the model's run of placeholder tokens, in order."""
+    if not images:
+        return prompt_ids, []
+    token, length = info.image_token_id, info.tokens_per_image
+    found = prompt_ids.count(token)
+    if found != len(images):
+        raise APIError(400, f"the prompt text holds {found} image placeholders for {len(images)} images: the text "
+                            "must not contain the model's image token itself", param=param)
+    out: list[int] = []
+    inputs: list[ImageInput] = []
+    for t in prompt_ids:
+        if t == token:
+            image = images[len(inputs)]
+            inputs.append(ImageInput(image.data, image.digest, len(out), length))
+            out.extend([token] * length)
+        else:
+            out.append(t)
+    return out, inputs

@@ -1,0 +1,151 @@
+"""Images in chat end to end: a tiny random LLaVA (SmolLM2's tokenizer with an `<image>` token) behind a real
+server, driven with the openai SDK; greedy tokens equal transformers' `generate`, plain and streamed; every bad
+image input gets a 400 with the API's error object."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import requests
+import torch
+
+from tests.conftest import API_KEY, ServerProcess, embedded_model_path
+from tests.vlm_models import TOKENS_PER_IMAGE, build_tiny_llava, draw_png
+
+NEW_TOKENS = 8
+MAX_PIXELS = 120 * 100
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    from lightllm.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("vlm")
+    tokenizer = load_tokenizer(embedded_model_path())
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    model_dir = build_tiny_llava(root / "model", vocab_size=len(tokenizer), image_token_id=image_token,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    tokenizer.save_pretrained(model_dir)
+    media = root / "media"
+    media.mkdir()
+    server = ServerProcess(["--model_dir", str(model_dir), "--max_total_token_num", "4000", "--quant_type", "none",
+                            "--kv_cache_dtype", "fp32", "--allowed_local_media_path", str(media),
+                            "--max_image_pixels", str(MAX_PIXELS), "--limit_mm_per_prompt", "2"],
+                           root / "server.log")
+    yield server, model_dir, tokenizer, media
+    server.stop()
+
+
+def _expected(model_dir, tokenizer, messages: list[dict], pngs: list[bytes]) -> tuple[list[int], str]:
+    """transformers' greedy tokens for the chat with the images in place, and their text."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = []
+    for t in tokenizer.encode(text, add_special_tokens=False):
+        ids += [t] * TOKENS_PER_IMAGE if t == image else [t]
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pixels = AutoImageProcessor.from_pretrained(model_dir)(
+        images=[Image.open(io.BytesIO(p)).convert("RGB") for p in pngs], return_tensors="pt")["pixel_values"]
+    out = model.generate(torch.tensor([ids]), pixel_values=pixels, max_new_tokens=NEW_TOKENS,
+                         min_new_tokens=NEW_TOKENS, do_sample=False)
+    new = out[0, len(ids):].tolist()
+    return ids, tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
+
+
+GREEDY = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+
+
+def test_chat_with_an_image_equals_transformers(vlm):
+    server, model_dir, tokenizer, _ = vlm
+    png = draw_png(3)
+    content = [{"type": "text", "text": "What is in this picture?"},
+               {"type": "image_url", "image_url": {"url": data_url(png)}}]
+    ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "What is in this picture?<image>"}],
+                          [png])
+    reply = _client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                                    **GREEDY)
+    assert reply.choices[0].message.content == text
+    assert reply.usage.prompt_tokens == len(ids)
+    counted = requests.post(server.base_url + "/tokenize", json={"messages": [{"role": "user", "content": content}]},
+                            timeout=30).json()
+    assert counted["count"] == len(ids)
+
+
+def test_streamed_chat_with_two_images_equals_transformers(vlm):
+    server, model_dir, tokenizer, media = vlm
+    first, second = draw_png(4), draw_png(5, size=(100, 90))
+    (media / "second.png").write_bytes(second)
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(first)}},
+        {"type": "text", "text": "and"},
+        {"type": "image_url", "image_url": {"url": f"file://{media / 'second.png'}"}},
+        {"type": "text", "text": "differ how?"}]}]
+    _, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "<image>and<image>differ how?"}],
+                        [first, second])
+    stream = _client(server).chat.completions.create(model="m", messages=messages, stream=True, **GREEDY)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    # the same image again shares the prefix cache (its tokens stand for its content)
+    again = _client(server).chat.completions.create(model="m", messages=messages, **GREEDY)
+    assert again.choices[0].message.content == text
+    assert again.usage.prompt_tokens_details.cached_tokens > 2 * TOKENS_PER_IMAGE
+
+
+def _refusal(server, content, status: int = 400) -> str:
+    response = requests.post(server.base_url + "/v1/chat/completions", timeout=30,
+                             json={"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": content}]})
+    assert response.status_code == status, response.text
+    return response.json()["error"]["message"]
+
+
+def _image(url: str, **extra) -> dict:
+    return {"type": "image_url", "image_url": {"url": url, **extra}}
+
+
+def test_bad_images_are_refused_with_400(vlm, tmp_path):
+    server, _, _, media = vlm
+    png = draw_png(6)
+    assert "does not fetch image URLs" in _refusal(server, [_image("https://example.com/cat.png")])
+    assert "could not be decoded" in _refusal(server, [_image(data_url(png[: len(png) // 2]))])  # truncated
+    assert "could not be decoded" in _refusal(server, [_image(data_url(b"not an image at all"))])
+    assert "not valid base64" in _refusal(server, [_image("data:image/png;base64,%%%")])
+    big = draw_png(7, size=(200, 100))
+    assert f"--max_image_pixels {MAX_PIXELS}" in _refusal(server, [_image(data_url(big))])
+    assert "--limit_mm_per_prompt 2" in _refusal(server, [_image(data_url(png))] * 3)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png)
+    assert "outside the directory" in _refusal(server, [_image(f"file://{outside}")])
+    assert "outside the directory" in _refusal(server, [_image(f"file://{media}/../{outside.name}")])
+    assert "cannot be read" in _refusal(server, [_image(f"file://{media / 'missing.png'}")])
+    _refusal(server, [_image(data_url(png), detail="high")])  # a detail level the model cannot honour
+    _refusal(server, [_image("ftp://host/cat.png")])
+    assert "image placeholders" in _refusal(server, [{"type": "text", "text": "<image>"}, _image(data_url(png))])
+    tiff = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tiff, format="TIFF")
+    assert "unsupported image format TIFF" in _refusal(server, [_image(data_url(tiff.getvalue()))])
+
+
+def test_an_image_to_a_text_only_model_is_refused_naming_it(smol_server):
+    response = requests.post(smol_server.base_url + "/v1/chat/completions", headers=smol_server.headers, timeout=30,
+                             json={"model": "m", "messages": [{"role": "user", "content": [
+                                 _image(data_url(draw_png(1))), {"type": "text", "text": "hi"}]}]})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert "does not take images" in message and "SmolLM2" in message

@@ -134,6 +134,8 @@ def test_engine_refuses_malformed_image_layouts(llava_dir, tmp_path):
         "placeholder tokens (299) that no image fills": AddRequest("a", ids, params),
         "16 placeholder tokens, not 3": AddRequest("b", ids, params, [ImageInput(RED, digest(RED), 4, 3)]),
         "must hold token 299 only": AddRequest("c", ids, params, [ImageInput(RED, digest(RED), 0, 16)]),
+        # the encoder runs as the request arrives: an image it cannot take fails that request alone
+        "the image could not be processed": AddRequest("e", ids, params, [ImageInput(b"no image", "00", 4, 16)]),
     }
     for message, request in cases.items():
         out = engine.add_request(request)

@@ -170,7 +170,7 @@ class Engine:
         params = req.params
         if any(t < 0 or t >= vocab for t in list(params.logit_bias) + list(params.stop_token_ids)):
             return refuse(f"logit_bias / stop_token_ids name token ids outside the vocabulary (0..{vocab - 1})")
-        if (problem := self.images.problem(req.prompt_ids, req.images)) is not None:
+        if (problem := self.images.problem(req.prompt_ids, req.images) or self.images.prepare(req.images)):
             return refuse(problem)
         seq = Sequence(req.rid, list(req.prompt_ids), params, images=list(req.images))
         if params.lora is not None:

@@ -1,7 +1,8 @@
-"""Images in prefill: each image's embeddings from the vision encoder, kept in a bounded cache by content
-digest (LightLLM's `--cache_capacity`: the same image in another request is not encoded again), and laid on
-the rows of a step that hold its placeholder tokens. A prefill chunk may begin or end inside an image: each
-row takes the embedding of its own position in the image's run."""
+"""Images in prefill: each image's embeddings from the vision encoder (run when the request arrives), kept
+in a bounded cache by content digest (LightLLM's `--cache_capacity`: the same image in another request is
+not encoded again; one evicted before its request's prefill is encoded again then), and laid on the rows of
+a step that hold its placeholder tokens. A prefill chunk may begin or end inside an image: each row takes
+the embedding of its own position in the image's run."""
 
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ class ImageEmbedder:
         if prompt_ids.count(facts.image_token_id) != len(images) * facts.tokens_per_image:
             return (f"the prompt holds image placeholder tokens ({facts.image_token_id}) that no image fills: "
                     f"{len(images)} image(s) of {facts.tokens_per_image} tokens")
+        return None
+
+    def prepare(self, images: list[ImageInput]) -> str | None:
+        """Encode a new request's images now (into the cache), so an image the encoder cannot take fails its
+        own request, not the step it would run in; why it failed, or None."""
+        for image in images:
+            try:
+                self.embeddings(image)
+            except (OSError, ValueError, RuntimeError) as exc:  # PIL's decode errors are OSErrors
+                return f"the image could not be processed: {exc}"
         return None
 
     def embeddings(self, image: ImageInput) -> torch.Tensor:

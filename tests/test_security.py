@@ -22,7 +22,7 @@ KEY, ADMIN_KEY = "k-ordinary-7f3", "k-admin-91c"
 # Open under any key: probes, the API documents, the chat page's shell. Everything else needs a key.
 OPEN = {"/health", "/healthz", "/readiness", "/liveness", "/openapi.json", "/docs", "/docs/oauth2-redirect",
         "/redoc", "/"}
-ADMIN = {"/flush_cache"}
+ADMIN = {"/flush_cache", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
 METRICS = "/metrics"
 STATIC_MOUNTS = {"/webui": "/webui/index.html"}
 # the route families that must exist (so the walk below covers them)

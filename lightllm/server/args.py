@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-from lightllm.engine.protocol import EngineConfig
+from lightllm.engine.protocol import EngineConfig, parse_lora_modules
 from lightllm.server.function_call.registry import TOOL_PARSER_NAMES
 from lightllm.server.reasoning.registry import REASONING_PARSER_NAMES
 
@@ -151,6 +151,16 @@ class ServerArgs:
     shutdown_timeout: float = arg(30.0, "on SIGTERM, seconds the requests in flight get to finish (new ones get 503)")
     max_engine_restarts: int = arg(3, "times a dead engine process is restarted before the server exits non-zero")
     log_level: str = arg("INFO", "logging level (DEBUG, INFO, WARNING, ERROR)")
+    # LoRA adapters (README "LoRA adapters")
+    lora_modules: list[str] = engine_arg(
+        "lora_modules", "LoRA adapters served beside the base model, as NAME=PATH (PEFT folders: adapter_config.json + "
+                        "adapter_model.safetensors); a request selects one with model: NAME", nargs="*")
+    enable_lora: bool = arg(False, "serve LoRA adapters (implied by --lora_modules): /v1/load_lora_adapter and "
+                                   "/v1/unload_lora_adapter work, and a model name that is neither the base model's "
+                                   "nor an adapter's is refused with 404")
+    max_loras: int = engine_arg("max_loras", "LoRA adapters resident in memory at once; others are read again on "
+                                             "demand, the least recently used idle one evicted")
+    max_lora_rank: int = engine_arg("max_lora_rank", "largest LoRA rank accepted (adapters above it are refused)")
     # images in chat, for vision-language models (server/multimodal.py)
     allowed_local_media_path: str | None = arg(
         None, "directory whose files requests may send as file:// image URLs (vLLM's flag); unset: file:// URLs "
@@ -175,6 +185,9 @@ class ServerArgs:
             raise ValueError("--engine_threads must be at least 1")
         if self.dense_bf16_min_rows < 0:
             raise ValueError("--dense_bf16_min_rows must be >= 0 (0: no dense copy)")
+        parse_lora_modules(self.lora_modules)  # NAME=PATH, each name once
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("--max_loras and --max_lora_rank must be at least 1")
         if self.max_image_pixels < 1 or self.limit_mm_per_prompt < 0 or self.cache_capacity < 0:
             raise ValueError("--max_image_pixels must be >= 1, --limit_mm_per_prompt and --cache_capacity >= 0")
         if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):

@@ -23,7 +23,8 @@ import zmq.asyncio
 from lightllm.engine.entry import engine_main
 from lightllm.engine.protocol import ImageInput
 from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineError, EngineFailed, EngineReady,
-                                      EngineStats, FlushCache, SamplingParams, Shutdown, StepOutputs, TokenOutput)
+                                      EngineStats, FlushCache, LoadLora, LoraReply, SamplingParams, Shutdown,
+                                      StepOutputs, TokenOutput, UnloadLora)
 
 logger = logging.getLogger("lightllm.api")
 
@@ -55,6 +56,7 @@ class EngineClient:
         self._stopping = False
         self._flushes: dict[int, asyncio.Future] = {}  # flush_cache calls awaiting the engine's reply
         self._flush_count = 0
+        self._lora_calls: dict[int, asyncio.Future] = {}  # adapter load/unload calls awaiting the engine's reply
         self.failed_sends = 0  # messages to the engine that could not be sent (logged as they fail)
 
     def _bind(self) -> None:
@@ -94,6 +96,11 @@ class EngineClient:
     async def _receive_loop(self) -> None:
         while True:
             msg = await self.from_engine.recv_pyobj()
+            if isinstance(msg, LoraReply):
+                waiter = self._lora_calls.pop(msg.token, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(msg)
+                continue
             if isinstance(msg, CacheFlushed):
                 waiter = self._flushes.pop(msg.token, None)
                 if waiter is not None and not waiter.done():
@@ -177,6 +184,26 @@ class EngineClient:
             return await asyncio.wait_for(waiter, timeout)
         finally:
             self._flushes.pop(token, None)
+
+    async def lora_call(self, name: str, path: str | None, timeout: float = 120.0) -> LoraReply:
+        """Load the adapter folder `path` as `name` (unload `name` when `path` is None) in the engine. A done
+        change is also made to the configuration a restarted engine starts from, so it serves the same
+        adapters. Raises EngineDied when there is no engine to ask."""
+        if not self.alive:
+            raise EngineDied(self.dead_reason or "engine is not running")
+        self._flush_count += 1
+        token = self._flush_count
+        waiter = asyncio.get_running_loop().create_future()
+        self._lora_calls[token] = waiter
+        try:
+            await self.to_engine.send_pyobj(UnloadLora(token, name) if path is None else LoadLora(token, name, path))
+            reply = await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._lora_calls.pop(token, None)
+        if reply.error is None:
+            modules = [m for m in self.engine_config.lora_modules if m.partition("=")[0] != name]
+            self.engine_config.lora_modules = modules if path is None else modules + [f"{name}={path}"]
+        return reply
 
     def abort(self, rid: str) -> None:
         """Ask the engine to drop `rid`. Not a coroutine: it runs in a cancelled stream's cleanup, where an

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
+from lightllm.engine.protocol import parse_lora_modules
 from lightllm.server.args import ServerArgs
 from lightllm.server.auth import ADMIN, AuthMiddleware, AuthPolicy, install_openapi_security
 from lightllm.server.engine_client import EngineClient, EngineDied
@@ -55,7 +56,8 @@ def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = 
                                        max_model_len=info.max_model_len,
                                        eog_token_ids=sorted(set(end_of_generation_ids(tokenizer)) | set(info.eos_token_ids)),
                                        tool_call_parser=parsers.tool_call_parser,
-                                       reasoning_parser=parsers.reasoning_parser, lifecycle=lifecycle)
+                                       reasoning_parser=parsers.reasoning_parser, lifecycle=lifecycle,
+                                       lora_adapters=parse_lora_modules(args.lora_modules))
         lifecycle.inflight = lambda: app.state.server.inflight
         # xgrammar (the API's grammar checks) is imported by the first constrained request, not here: it brings
         # PyTorch, ~300 MB and seconds of CPU that a server answering only plain requests never needs
@@ -84,6 +86,7 @@ def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = 
         logger.info("CORS: browser pages from %s may call this server", ", ".join(args.allowed_origins))
 
     from lightllm.server import native
+    from lightllm.server import lora_routes
     from lightllm.server.anthropic import routes as anthropic_routes
     from lightllm.server.openai import chat, completions, tokenize
     from lightllm.server.openai import responses as responses_api
@@ -94,6 +97,7 @@ def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = 
     app.include_router(responses_api.router)
     app.include_router(tokenize.router)
     app.include_router(anthropic_routes.router)
+    app.include_router(lora_routes.router)
     _add_info_routes(app)
     _add_worker_info_routes(app, model_path)
     if not args.disable_webui:

@@ -63,6 +63,8 @@ class GenerateStreamParameters(GenerateParameters):
 class GenerateRequest(_Lenient):
     inputs: NonEmptyText | TokenIds
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    lora: str | None = Field(None, description="the LoRA adapter to run on (a name from /v1/models; the base "
+                                               "model's name or null: none); an unknown name answers 404")
 
 
 class GenerateStreamRequest(GenerateRequest):
@@ -89,7 +91,8 @@ def _prepare(state: ServerState, req: GenerateRequest) -> tuple[list[int], Sampl
         presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, seed=p.seed,
         ignore_eos=p.ignore_eos, stop_token_ids=list(p.stop_token_ids),
         logit_bias={int(k): float(v) for k, v in (p.logit_bias or {}).items()},
-        logprobs=0 if p.return_details else None, grammar=_constraint(state, p))
+        logprobs=0 if p.return_details else None, grammar=_constraint(state, p),
+        lora=state.adapter_for(req.lora, param="lora", strict=True))
     return prompt_ids, params, stops
 
 

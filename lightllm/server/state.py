@@ -39,9 +39,26 @@ class ServerState:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(shutdown_timeout=0))
+    lora_adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters served: name -> folder
     inflight: int = 0
     counters: dict[str, int] = field(default_factory=lambda: {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0,
                                                               "prefix_cache_hit_tokens": 0})
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.args.enable_lora or bool(self.args.lora_modules)
+
+    def adapter_for(self, name: str | None, param: str = "model", strict: bool = False) -> str | None:
+        """The LoRA adapter a request's model name selects (None: the base model). With LoRA on, or `strict`
+        (a field that only names adapters), any other name is a 404 model_not_found; with LoRA off the model
+        field is not checked (any name runs the one model, as before adapters existed)."""
+        if name is None or name == self.model_name:
+            return None
+        if name in self.lora_adapters:
+            return name
+        if strict or self.lora_enabled:
+            raise APIError(404, f"The model '{name}' does not exist", param=param, code="model_not_found")
+        return None
 
     def new_reasoning_detector(self) -> ReasoningDetector | None:
         return reasoning_detector(self.reasoning_parser) if self.reasoning_parser else None

@@ -104,6 +104,7 @@ class PreparedChat:
 def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str = "chatcmpl-") -> PreparedChat:
     """Validate, render and tokenize the request and start its generations (they run once iterated)."""
     state.check_capacity()
+    lora = state.adapter_for(req.model)
     tools = prepare_tool_context(req, state)
     # one output constraint: a forced tool call's grammar, response_format or a peer's structured-output field
     grammar = structured.openai_constraint(state, req, tools.grammar if tools is not None else None)
@@ -130,7 +131,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str
     output = ChatOutputParser(reasoning, tools)
     # Tool and reasoning markers are special tokens in some vocabularies: keep them while parsing.
     skip_special = req.skip_special_tokens and not output.needs_special_tokens
-    streams = [state.stream(prompt_ids, sampling_params(req, max_new, logprobs, i, grammar, gate),
+    streams = [state.stream(prompt_ids, sampling_params(req, max_new, logprobs, i, grammar, gate, lora),
                             stop=req.stop_list(), skip_special_tokens=skip_special, rid=new_id(rid_prefix),
                             images=image_inputs)
                for i in range(req.n)]

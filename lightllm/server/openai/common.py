@@ -13,7 +13,8 @@ from lightllm.server.openai.protocol import SamplingFields
 
 
 def sampling_params(req: SamplingFields, max_new_tokens: int, logprobs: int | None, index: int = 0,
-                    grammar: GrammarSpec | None = None, grammar_gate: ReasoningGate | None = None) -> SamplingParams:
+                    grammar: GrammarSpec | None = None, grammar_gate: ReasoningGate | None = None,
+                    lora: str | None = None) -> SamplingParams:
     temperature = 1.0 if req.temperature is None else req.temperature
     return SamplingParams(
         max_new_tokens=max_new_tokens, min_new_tokens=req.min_tokens,
@@ -24,7 +25,7 @@ def sampling_params(req: SamplingFields, max_new_tokens: int, logprobs: int | No
         seed=None if req.seed is None else req.seed + index, ignore_eos=req.ignore_eos,
         stop_token_ids=list(req.stop_token_ids or []),
         logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
-        logprobs=logprobs, grammar=grammar, grammar_gate=grammar_gate)
+        logprobs=logprobs, grammar=grammar, grammar_gate=grammar_gate, lora=lora)
 
 
 def now() -> int:

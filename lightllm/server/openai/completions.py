@@ -54,6 +54,7 @@ async def completions(req: CompletionRequest, request: Request):
     if req.best_of not in (None, 1, req.n):
         raise APIError(400, "best_of other than n is not supported", param="best_of", code="unsupported_parameter")
     grammar = structured.openai_constraint(state, req)
+    lora = state.adapter_for(req.model)
     prompts = []
     streams = []
     for ids in _prompts(state, req):
@@ -61,7 +62,7 @@ async def completions(req: CompletionRequest, request: Request):
                                         prompt_param="prompt")
         prompts.append(ids)
         for i in range(req.n):
-            streams.append(state.stream(ids, sampling_params(req, max_new, req.logprobs, i, grammar),
+            streams.append(state.stream(ids, sampling_params(req, max_new, req.logprobs, i, grammar, lora=lora),
                                         stop=req.stop_list(), skip_special_tokens=req.skip_special_tokens,
                                         rid=new_id("cmpl-")))
     response_id = new_id("cmpl-")

@@ -73,19 +73,24 @@ async def detokenize(req: DetokenizeRequest, request: Request):
     return {"prompt": state.tokenizer.decode(req.tokens)}
 
 
-def _model_card(state: ServerState) -> dict[str, Any]:
+def _model_card(state: ServerState, adapter: str | None = None) -> dict[str, Any]:
+    """The base model's card, or a LoRA adapter's (vLLM's shape: root its folder, parent the base model)."""
+    if adapter is not None:
+        return {"id": adapter, "object": "model", "created": int(time.time()), "owned_by": "lightllm",
+                "root": state.lora_adapters[adapter], "parent": state.model_name, "max_model_len": state.max_model_len}
     return {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "lightllm",
             "root": state.model_name, "parent": None, "max_model_len": state.max_model_len}
 
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [_model_card(request.app.state.server)]}
+    state: ServerState = request.app.state.server
+    return {"object": "list", "data": [_model_card(state)] + [_model_card(state, name) for name in state.lora_adapters]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request):
     state: ServerState = request.app.state.server
-    if model_id != state.model_name:
+    if model_id != state.model_name and model_id not in state.lora_adapters:
         raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
-    return _model_card(state)
+    return _model_card(state, None if model_id == state.model_name else model_id)

@@ -149,3 +149,36 @@ def test_an_image_to_a_text_only_model_is_refused_naming_it(smol_server):
     assert response.status_code == 400, response.text
     message = response.json()["error"]["message"]
     assert "does not take images" in message and "SmolLM2" in message
+
+
+def test_responses_and_anthropic_images_answer_as_chat_does(vlm):
+    server, _, _, _ = vlm
+    png = draw_png(8)
+    b64 = base64.b64encode(png).decode()
+    chat = _client(server).chat.completions.create(
+        model="m", max_tokens=NEW_TOKENS, temperature=0, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png)}}, {"type": "text", "text": "Describe it."}]}])
+    response = _client(server).responses.create(
+        model="m", max_output_tokens=NEW_TOKENS, temperature=0, input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": data_url(png), "detail": "auto"},
+            {"type": "input_text", "text": "Describe it."}]}])
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    blocks = [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}},
+              {"type": "text", "text": "Describe it."}]
+    body = {"model": "m", "max_tokens": NEW_TOKENS, "temperature": 0, "messages": [{"role": "user", "content": blocks}]}
+    message = requests.post(server.base_url + "/v1/messages", json=body, timeout=60)
+    assert message.status_code == 200, message.text
+    assert "".join(b["text"] for b in message.json()["content"] if b["type"] == "text") == \
+        chat.choices[0].message.content
+    counted = requests.post(server.base_url + "/v1/messages/count_tokens", json=body, timeout=60).json()
+    assert counted["input_tokens"] == chat.usage.prompt_tokens
+    # the same refusals as chat, in each route's own error shape
+    bad = requests.post(server.base_url + "/v1/responses", timeout=30, json={"model": "m", "input": [
+        {"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]})
+    assert bad.status_code == 400 and "does not fetch" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["param"] == "input"
+    body["messages"][0]["content"][0]["source"]["data"] = base64.b64encode(b"garbage").decode()
+    bad = requests.post(server.base_url + "/v1/messages", json=body, timeout=30)
+    assert bad.status_code == 400 and bad.json()["type"] == "error"
+    assert "could not be decoded" in bad.json()["error"]["message"]

@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lightllm.server.anthropic.protocol import (CountTokensRequest, MessagesRequest, TextBlock, ToolChoiceTool,
-                                                ToolResultBlock, ToolUseBlock)
+from lightllm.server.anthropic.protocol import (CountTokensRequest, ImageBlock, MessagesRequest, TextBlock,
+                                                ToolChoiceTool, ToolResultBlock, ToolUseBlock)
 from lightllm.server.errors import APIError
 from lightllm.server.openai.chat_output import ParsedMessage
 from lightllm.server.openai.protocol import ChatCompletionRequest
@@ -32,20 +32,29 @@ def _messages(req: CountTokensRequest) -> list[dict[str, Any]]:
                      for b in msg.content if isinstance(b, ToolUseBlock)]
             out.append({"role": "assistant", "content": text or None, "tool_calls": calls or None})
             continue
-        texts: list[str] = []
+        parts: list[dict[str, Any]] = []  # chat content parts of the user text (and images) so far
         for block in msg.content:
             if isinstance(block, TextBlock):
-                texts.append(block.text)
+                parts.append({"type": "text", "text": block.text})
+            elif isinstance(block, ImageBlock):
+                parts.append({"type": "image_url", "image_url": {"url": block.url()}})
             elif isinstance(block, ToolResultBlock):
-                if texts:  # text written before a result stays before it
-                    out.append({"role": "user", "content": "".join(texts)})
-                    texts = []
+                if parts:  # text written before a result stays before it
+                    out.append({"role": "user", "content": _user_content(parts)})
+                    parts = []
                 content = block.text()
                 out.append({"role": "tool", "tool_call_id": block.tool_use_id,
                             "content": f"Error: {content}" if block.is_error else content})
-        if texts or not any(isinstance(b, ToolResultBlock) for b in msg.content):
-            out.append({"role": "user", "content": "".join(texts)})
+        if parts or not any(isinstance(b, ToolResultBlock) for b in msg.content):
+            out.append({"role": "user", "content": _user_content(parts)})
     return out
+
+
+def _user_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """Text only: one string (as before images); with images, the parts in order."""
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts
 
 
 def _tool_fields(req: CountTokensRequest) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lightllm.server.limits import MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_TOOLS
+from lightllm.server.limits import IMAGE_URL_PATTERN, MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_TOOLS
 from lightllm.server.openai.protocol import ToolSchema, _Lenient
 
 
@@ -54,7 +54,29 @@ class RedactedThinkingBlock(_Lenient):
     data: str = ""
 
 
-UserBlock = Annotated[Union[TextBlock, ToolResultBlock], Field(discriminator="type")]
+class Base64ImageSource(_Lenient):
+    type: Literal["base64"]
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: str
+
+
+class URLImageSource(_Lenient):
+    type: Literal["url"]
+    url: Annotated[str, Field(pattern=IMAGE_URL_PATTERN)]  # as chat's image_url: http(s) is refused (no fetching)
+
+
+class ImageBlock(_Lenient):
+    type: Literal["image"]
+    source: Annotated[Union[Base64ImageSource, URLImageSource], Field(discriminator="type")]
+
+    def url(self) -> str:
+        """The image as a chat image URL (the chat route loads and checks it)."""
+        if isinstance(self.source, URLImageSource):
+            return self.source.url
+        return f"data:{self.source.media_type};base64,{self.source.data}"
+
+
+UserBlock = Annotated[Union[TextBlock, ImageBlock, ToolResultBlock], Field(discriminator="type")]
 AssistantBlock = Annotated[Union[TextBlock, ToolUseBlock, ThinkingBlock, RedactedThinkingBlock],
                            Field(discriminator="type")]
 

@@ -11,7 +11,8 @@ from lightllm.server.anthropic.protocol import AnthropicErrorResponse, CountToke
 from lightllm.server.anthropic.stream import message_events
 from lightllm.server.function_call import prepare_tool_context
 from lightllm.server.ids import new_id
-from lightllm.server.openai.chat import prepare_chat, render_prompt
+from lightllm.server.multimodal import place_images
+from lightllm.server.openai.chat import prepare_chat, render_prompt, request_images
 from lightllm.server.openapi import STREAMING_OK, error_responses
 from lightllm.server.state import ServerState, collect, until_disconnect
 
@@ -41,5 +42,8 @@ async def count_tokens(req: CountTokensRequest, request: Request):
     """Tokens of the rendered prompt (system, messages and tools), as /v1/messages would send them."""
     state: ServerState = request.app.state.server
     chat = to_chat_request(req)
-    prompt = render_prompt(state, chat, prepare_tool_context(chat, state))
-    return {"input_tokens": len(state.tokenizer.encode(prompt, add_special_tokens=False))}
+    images, image_text = request_images(state, chat)
+    prompt = render_prompt(state, chat, prepare_tool_context(chat, state), image_text)
+    ids, _ = place_images(state.tokenizer.encode(prompt, add_special_tokens=False), images, state.engine.info,
+                          "messages")  # each image's tokens, as /v1/messages counts them
+    return {"input_tokens": len(ids)}

@@ -40,14 +40,35 @@ def _part_text(part: Any, param: str) -> str:
         return part["refusal"]
     if kind in ("input_text", "output_text", "text", "refusal"):
         raise APIError(400, f"{param}: a {kind} part needs a string 'text'", param=param)
-    raise APIError(400, f"content part type {kind!r} is not supported: this server takes text parts only "
-                        "(input_text, output_text)", param=f"{param}.type", code="unsupported_value")
+    raise APIError(400, f"content part type {kind!r} is not supported: this server takes text parts (input_text, "
+                        "output_text) and, in messages, input_image", param=f"{param}.type", code="unsupported_value")
 
 
 def _content_text(content: str | list[Any], param: str) -> str:
     if isinstance(content, str):
         return content
     return "".join(_part_text(part, f"{param}[{i}]") for i, part in enumerate(content))
+
+
+def _is_image(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "input_image"
+
+
+def _image_part(part: dict[str, Any], param: str) -> dict[str, Any]:
+    """An input_image part as a chat image_url part (the chat route loads and checks the image)."""
+    url = part.get("image_url")
+    if not isinstance(url, str):
+        raise APIError(400, f"{param}: an input_image part needs an 'image_url' (file_id is not supported: this "
+                            "server keeps no files)", param=f"{param}.image_url")
+    return {"type": "image_url", "image_url": {"url": url, "detail": part.get("detail") or "auto"}}
+
+
+def _message_content(content: str | list[Any], param: str) -> str | list[dict[str, Any]]:
+    """A message's content for chat: its text, or chat content parts when it holds images."""
+    if isinstance(content, str) or not any(_is_image(part) for part in content):
+        return _content_text(content, param)
+    return [_image_part(part, f"{param}[{i}]") if _is_image(part)
+            else {"type": "text", "text": _part_text(part, f"{param}[{i}]")} for i, part in enumerate(content)]
 
 
 def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
@@ -72,7 +93,7 @@ def to_messages(items: list[dict[str, Any]], instructions: str | None) -> list[d
                                 "function_call_output, reasoning)", param=f"{param}.type", code="unsupported_value")
         item = _validate(model, {**raw, "type": kind}, param)
         if isinstance(item, InputMessage):
-            messages.append({"role": item.role, "content": _content_text(item.content, f"{param}.content")})
+            messages.append({"role": item.role, "content": _message_content(item.content, f"{param}.content")})
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
             last = messages[-1] if messages else None
@@ -160,4 +181,6 @@ def prepare(state: ServerState, chat_req: ChatCompletionRequest) -> PreparedChat
         return prepare_chat(state, chat_req, rid_prefix="resp-")
     except APIError as exc:
         exc.param = _PARAMS.get(exc.param, exc.param)
+        if exc.param is not None and exc.param.startswith("messages["):  # an image's (chat message indices differ)
+            exc.param = "input"
         raise

@@ -1,7 +1,7 @@
 """Pydantic request models for POST /v1/responses (OpenAI's Responses API).
 
 `input` items, `tools` and `tool_choice` arrive as plain dicts and are validated item by item in
-responses.py, so an unsupported type (an image part, a web_search tool) is refused by name instead of
+responses.py, so an unsupported type (a file part, a web_search tool) is refused by name instead of
 with a generic union error."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, WithJsonSchema
 
-from lightllm.server.limits import MAX_TOOLS
+from lightllm.server.limits import IMAGE_URL_PATTERN, MAX_TOOLS
 from lightllm.server.openai.protocol import _Lenient
 
 
@@ -79,10 +79,15 @@ _TEXT_PARTS = {"type": "array", "items": {"anyOf": [
      "properties": {"type": {"enum": ["input_text", "output_text", "text"]}, "text": {"type": "string"}}},
     {"type": "object", "required": ["type", "refusal"],
      "properties": {"type": {"const": "refusal"}, "refusal": {"type": "string"}}}]}}
+# an image in a message: chat's image_url rules (data: or file:// URL; http(s) is refused: no fetching)
+_IMAGE_PART = {"type": "object", "required": ["type", "image_url"], "properties": {
+    "type": {"const": "input_image"}, "image_url": {"type": "string", "pattern": IMAGE_URL_PATTERN},
+    "detail": {"enum": ["auto", None]}}}
+_MESSAGE_PARTS = {"type": "array", "items": {"anyOf": [*_TEXT_PARTS["items"]["anyOf"], _IMAGE_PART]}}
 _INPUT_ITEM = {"anyOf": [
     {"type": "object", "required": ["role", "content"], "properties": {
         "type": {"enum": ["message", None]}, "role": {"enum": ["user", "system", "developer", "assistant"]},
-        "content": {"anyOf": [{"type": "string"}, _TEXT_PARTS]}}},
+        "content": {"anyOf": [{"type": "string"}, _MESSAGE_PARTS]}}},
     {"type": "object", "required": ["type", "call_id", "name", "arguments"], "properties": {
         "type": {"const": "function_call"}, "call_id": {"type": "string"}, "name": {"type": "string"},
         "arguments": {"type": "string"}, "id": _STRING_OR_NULL}},

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.lora import LoraManager
@@ -19,6 +19,9 @@ from lightllm.engine.prefix_cache import PrefixCache, common_prefix_len
 from lightllm.engine.protocol import EngineError, TokenOutput
 from lightllm.engine.sequence import Sequence, SeqStatus
 from lightllm.engine.speculative import SpeculativeConfig
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,10 @@ class Scheduler:
         self.draft_stats = {"proposed": 0, "accepted": 0}  # speculative tokens, for /metrics and benchmarks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # prefill node of a PD deployment (engine/pd_node.py): a request stops after its first token and its
+        # KV waits here, out of the running batch, until it has been sent to a decode node
+        self.handoff = False
+        self.parked: dict[str, Sequence] = {}
         self.num_preemptions = 0
         self._failed: list[tuple[Sequence, EngineError]] = []  # dropped by schedule(); reported by process_results()
 
@@ -95,7 +102,7 @@ class Scheduler:
             if seq.rid == rid:
                 self._finish(seq, "abort")
                 return True
-        return False
+        return self.release_parked(rid, cache=False)
 
     # ------------------------------------------------------------------------------------ schedule
 
@@ -350,7 +357,45 @@ class Scheduler:
                 out.finished, out.finish_reason = True, reason
                 self._finish(seq, reason)
                 break
+        if self.handoff and seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)  # its decode runs on a decode node: park the prompt's KV for the transfer
+            self.parked[seq.rid] = seq
         return outputs
+
+    # ------------------------------------------------------------------------------------ PD handoff
+
+    def release_parked(self, rid: str, cache: bool = True) -> bool:
+        """Prefill node: free a parked request's KV (its prompt stays in the prefix cache when `cache`)."""
+        seq = self.parked.pop(rid, None)
+        if seq is None:
+            return False
+        seq.status = SeqStatus.FINISHED
+        self._release_kv(seq, cache=cache)
+        return True
+
+    def reserve(self, num_tokens: int) -> tuple[int, torch.Tensor] | None:
+        """Decode node: a table slot and `num_tokens` KV rows for a request whose prompt KV arrives from a
+        prefill node (evicting cached prefixes if need be), or None when there is no room."""
+        reserved = sum(self._future_need(s) for s in self.running)
+        evictable = self.prefix_cache.evictable() if self.prefix_cache else 0
+        if not self._has_room() or self.pool.num_free + evictable - reserved < num_tokens:
+            return None
+        if num_tokens > self.pool.num_free:
+            self.prefix_cache.evict(num_tokens - self.pool.num_free)
+        return self.table.alloc_slot(), self.pool.alloc(num_tokens)
+
+    def unreserve(self, slot: int, indices: torch.Tensor) -> None:
+        self.pool.free(indices)
+        self.table.free_slot(slot)
+
+    def adopt(self, seq: Sequence, slot: int, indices: torch.Tensor) -> None:
+        """Decode node: run `seq`, whose first `indices.numel()` positions' KV is in `indices` (received), from
+        its next token on."""
+        seq.slot = slot
+        self.table.table[slot, :indices.numel()] = indices
+        seq.num_computed = indices.numel()
+        seq.mark_admitted()
+        self.running.append(seq)
 
     def _trim_kv(self, seq: Sequence, keep: int, held: int) -> None:
         """Free the KV of positions [keep, held) (speculative tokens not kept); the sequence computed `keep`."""

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("loading %s", model_path)
     if args.node_rank > 0:
         sys.exit(run_node_ranks(args, model_path))
+    if args.run_mode in ("prefill", "decode"):
+        sys.exit(run_pd_node(args, model_path))
 
     import uvicorn
 
@@ -39,6 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     if not server.started and lifecycle.exit_code == 0:
         sys.exit(1)  # start-up failed (the log says why)
     sys.exit(lifecycle.exit_code)
+
+
+def run_pd_node(args: ServerArgs, model_path: str) -> int:
+    """A prefill or decode node: no HTTP, an engine that registers with the pd_master (engine/pd_node.py)."""
+    from lightllm.engine.pd_node import run_node
+
+    return run_node(args.engine_config(model_path), args.run_mode, f"tcp://{args.pd_master_ip}:{args.pd_master_port}",
+                    args.host, args.log_level)
 
 
 def run_node_ranks(args: ServerArgs, model_path: str) -> int:

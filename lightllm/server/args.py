@@ -170,6 +170,15 @@ class ServerArgs:
     cache_capacity: int = engine_arg(
         "cache_capacity", "images whose vision-encoder output the engine keeps, by content, so the same image is "
                           "encoded once (LightLLM's flag; 0: none)")
+    # prefill/decode disaggregation, LightLLM's flags (README "Scaling out"; server/pd/, engine/pd_node.py)
+    run_mode: str = arg(
+        "normal", "normal: one server; pd_master: the HTTP front of a prefill/decode deployment (same routes, no model "
+                  "weights: --model_dir gives the tokenizer and chat template); prefill / decode: an engine node, no "
+                  "HTTP, that registers with the pd_master (its --host is the address transfer partners reach it at)",
+        choices=["normal", "pd_master", "prefill", "decode"])
+    pd_master_ip: str = arg("127.0.0.1", "the pd_master's address: where it listens for nodes (pd_master), where "
+                                         "nodes find it (prefill, decode)")
+    pd_master_port: int = arg(1212, "the pd_master's port for node registration and messages")
 
     def check(self) -> None:
         """Refuse combinations no single flag's type or choices catch (ValueError says why)."""
@@ -192,6 +201,11 @@ class ServerArgs:
             raise ValueError("--max_image_pixels must be >= 1, --limit_mm_per_prompt and --cache_capacity >= 0")
         if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):
             raise ValueError(f"--allowed_local_media_path {self.allowed_local_media_path!r} is not a directory")
+        if self.run_mode != "normal" and (self.tp > 1 or self.nnodes > 1):
+            raise ValueError(f"--run_mode {self.run_mode} runs one process per node: --tp and --nnodes must be 1 "
+                             "(tensor-parallel prefill/decode nodes are not built yet)")
+        if self.run_mode != "normal" and (self.lora_modules or self.enable_lora):
+            raise ValueError(f"--run_mode {self.run_mode} does not serve LoRA adapters yet")
 
     def engine_config(self, model_path: str) -> EngineConfig:
         """What the engine process starts with: every field marked `engine`, under its EngineConfig name."""

@@ -35,8 +35,13 @@ def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = 
         from lightllm.tokenizer import end_of_generation_ids, load_tokenizer
 
         start = time.perf_counter()
-        engine = EngineClient(args.engine_config(model_path), args.log_level,
-                              max_restarts=args.max_engine_restarts, on_give_up=lifecycle.fail)
+        if args.run_mode == "pd_master":  # the HTTP front of a PD deployment: nodes register, no model here
+            from lightllm.server.pd.master import PDMasterClient
+
+            engine = PDMasterClient(args.pd_master_ip, args.pd_master_port)
+        else:
+            engine = EngineClient(args.engine_config(model_path), args.log_level,
+                                  max_restarts=args.max_engine_restarts, on_give_up=lifecycle.fail)
         tokenizer_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_path, args.chat_template,
                                                                args.trust_remote_code, args.tokenizer_mode))
         try:

@@ -1,0 +1,297 @@
+"""The pd_master's engine connection (`--run_mode pd_master`): the HTTP front's routes drive it exactly as they
+drive EngineClient (same `generate`, `abort`, `flush_cache`, `alive`, `info`, `stats`), but the work runs on
+prefill and decode nodes that register over zmq (engine/pd_node.py, messages in engine/pd_messages.py).
+
+A request: AddRequest → the prefill node with the fewest requests in flight; its first token streams back;
+on `KVReady` the decode node with the fewest requests in flight (then the most free KV) gets `ReceiveKV`; on
+its `KVAccepted` the prefill node gets `SendKV`, and the decode node's tokens stream back. A node silent for
+NODE_TIMEOUT_S (or unreachable) is dropped: the requests it took part in end with an `unavailable` error (503)
+and the master routes to it no more until it registers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from lightllm.engine.pd_messages import (HEARTBEAT_S, NODE_TIMEOUT_S, KVAccepted, KVReady, NodeRole, ReceiveKV,
+                                         RegisterNode, RegisterRefused, SendKV)
+from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineError, EngineReady, EngineStats,
+                                      FlushCache, ImageInput, SamplingParams, StepOutputs, TokenOutput)
+from lightllm.server.engine_client import EngineDied
+
+logger = logging.getLogger("lightllm.pd")
+
+
+@dataclass
+class Node:
+    reg: RegisterNode
+    last_seen: float
+    inflight: set[str] = field(default_factory=set)
+
+    @property
+    def role(self) -> NodeRole:
+        return self.reg.role
+
+    def load(self) -> tuple[int, int]:
+        stats = self.reg.stats
+        return len(self.inflight), (stats.kv_used - stats.kv_total) if stats else 0
+
+
+@dataclass
+class Flight:
+    """One request on its way through the nodes."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue[TokenOutput]
+    prefill: str
+    decode: str | None = None
+    tag: int = 0
+    ready: KVReady | None = None
+
+
+def _failed(rid: str, kind: str, message: str) -> TokenOutput:
+    return TokenOutput(rid, None, finished=True, finish_reason="abort", error=EngineError(kind, message))
+
+
+class PDMasterClient:
+    def __init__(self, ip: str, port: int):
+        self.address = f"tcp://{ip}:{port}"
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a node that is gone raises instead of vanishing
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.address)
+        self.nodes: dict[str, Node] = {}
+        self.flights: dict[str, Flight] = {}
+        self.info: EngineReady | None = None
+        self._first = asyncio.Event()
+        self._tags = itertools.count(1)
+        self._flushes: dict[int, tuple[asyncio.Future, set[str], list[int]]] = {}
+        self._flush_count = 0
+        self._tasks: list[asyncio.Task] = []
+        self.restarts = 0  # what /metrics reads of an engine connection; nodes restart on their own
+        self.failed_sends = 0
+
+    async def start(self) -> EngineReady:
+        """Listen for nodes; returns the first node's facts (the model's limits the routes need)."""
+        self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._watch())]
+        logger.info("pd_master: waiting for prefill and decode nodes at %s", self.address)
+        await self._first.wait()
+        return self.info
+
+    # ------------------------------------------------------------------------------------ nodes
+
+    def _of_role(self, role: NodeRole) -> list[Node]:
+        return [node for node in self.nodes.values() if node.role == role]
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._of_role("prefill")) and bool(self._of_role("decode"))
+
+    @property
+    def dead_reason(self) -> str | None:
+        missing = [role for role in ("prefill", "decode") if not self._of_role(role)]
+        return f"no {' and no '.join(missing)} node registered with the pd_master" if missing else None
+
+    @property
+    def stats(self) -> EngineStats | None:
+        seen = [node.reg.stats for node in self.nodes.values() if node.reg.stats is not None]
+        if not seen:
+            return None
+        return EngineStats(kv_total=sum(s.kv_total for s in seen), kv_used=sum(s.kv_used for s in seen),
+                           kv_cached=sum(s.kv_cached for s in seen), running=sum(s.running for s in seen),
+                           waiting=sum(s.waiting for s in seen))
+
+    def _register(self, reg: RegisterNode) -> None:
+        node = self.nodes.get(reg.node_id)
+        if node is not None:
+            node.reg.stats = reg.stats or node.reg.stats
+            node.last_seen = time.monotonic()
+            return
+        if self.info is not None:
+            mine, theirs = self.info, reg.ready
+            if (theirs.architecture, theirs.vocab_size, theirs.max_model_len) != \
+                    (mine.architecture, mine.vocab_size, mine.max_model_len):
+                reason = (f"node serves {theirs.model_name} ({theirs.architecture}, vocab {theirs.vocab_size}, "
+                          f"max_len {theirs.max_model_len}); this master's nodes serve {mine.model_name} "
+                          f"({mine.architecture}, vocab {mine.vocab_size}, max_len {mine.max_model_len})")
+                logger.error("refusing %s: %s", reg.node_id, reason)
+                self._send(reg.node_id, RegisterRefused(reason))
+                return
+        self.nodes[reg.node_id] = Node(reg, time.monotonic())
+        logger.info("%s node %s registered (KV %d tokens)", reg.role, reg.node_id, reg.ready.max_total_token_num)
+        if self.info is None:
+            self.info = reg.ready
+            self._first.set()
+
+    def _drop(self, node_id: str, reason: str) -> None:
+        node = self.nodes.pop(node_id, None)
+        if node is None:
+            return
+        logger.error("%s node %s dropped: %s; failing %d request(s)", node.role, node_id, reason, len(node.inflight))
+        for rid in list(node.inflight):
+            self._end(rid, _failed(rid, "unavailable", f"{node.role} node lost: {reason}; retry later"))
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            now = time.monotonic()
+            for node_id, node in list(self.nodes.items()):
+                if now - node.last_seen > NODE_TIMEOUT_S:
+                    self._drop(node_id, f"no heartbeat for {now - node.last_seen:.1f}s")
+
+    def _send(self, node_id: str, msg: object) -> bool:
+        try:
+            self.sock.send_multipart([node_id.encode(), pickle.dumps(msg)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # unreachable (its connection is gone) or its queue is full
+            self.failed_sends += 1
+            self._drop(node_id, f"cannot reach it ({exc})")
+            return False
+
+    # ------------------------------------------------------------------------------------ messages
+
+    async def _receive_loop(self) -> None:
+        while True:
+            identity, payload = await self.sock.recv_multipart()
+            msg = pickle.loads(payload)
+            node_id = identity.decode().removesuffix(".hb")
+            if isinstance(msg, RegisterNode):
+                self._register(msg)
+                continue
+            node = self.nodes.get(node_id)
+            if node is None:
+                continue  # a node dropped earlier: its messages mean nothing now (it re-registers)
+            node.last_seen = time.monotonic()
+            if isinstance(msg, StepOutputs):
+                node.reg.stats = msg.stats
+                for out in msg.outputs:
+                    if out.rid in self.flights:
+                        if out.finished:
+                            self._end(out.rid, out)
+                        else:
+                            self.flights[out.rid].queue.put_nowait(out)
+            elif isinstance(msg, KVReady):
+                self._to_decode(msg)
+            elif isinstance(msg, KVAccepted):
+                flight = self.flights.get(msg.rid)
+                if flight is not None and flight.decode in self.nodes:
+                    self._send(flight.prefill, SendKV(msg.rid, self.nodes[flight.decode].reg.peer, flight.tag))
+            elif isinstance(msg, CacheFlushed):
+                self._flushed(node_id, msg)
+
+    def _to_decode(self, ready: KVReady) -> None:
+        flight = self.flights.get(ready.rid)
+        if flight is None:  # ended meanwhile (client gone): the prefill node frees the KV
+            self._send_abort(ready.rid, None)
+            return
+        node = self._least_loaded("decode")
+        if node is None:
+            self._end(ready.rid, _failed(ready.rid, "unavailable", "no decode node registered; retry later"))
+            return
+        flight.decode, flight.tag, flight.ready = node.reg.node_id, next(self._tags), ready
+        node.inflight.add(ready.rid)
+        self._send(node.reg.node_id, ReceiveKV(ready.rid, flight.prompt_ids, flight.params, ready, flight.prefill,
+                                               flight.tag))
+
+    def _least_loaded(self, role: NodeRole) -> Node | None:
+        nodes = self._of_role(role)
+        return min(nodes, key=Node.load) if nodes else None
+
+    def _end(self, rid: str, final: TokenOutput) -> None:
+        """`rid` is over (finished, failed or aborted): deliver `final`, and the nodes still holding it drop it."""
+        flight = self.flights.pop(rid, None)
+        if flight is None:
+            return
+        for node_id in (flight.prefill, flight.decode):
+            if node_id in self.nodes:
+                self.nodes[node_id].inflight.discard(rid)
+        if final.error is not None:
+            self._send_abort(rid, flight)
+        flight.queue.put_nowait(final)
+
+    def _send_abort(self, rid: str, flight: Flight | None) -> None:
+        targets = [flight.prefill, flight.decode] if flight is not None else self._of_role_ids("prefill")
+        for node_id in targets:
+            if node_id in self.nodes:
+                self._send(node_id, AbortRequest(rid))
+
+    def _of_role_ids(self, role: NodeRole) -> list[str]:
+        return [node.reg.node_id for node in self._of_role(role)]
+
+    # ------------------------------------------------------------------------------------ routes' interface
+
+    async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                       images: list[ImageInput] | None = None) -> AsyncIterator[TokenOutput]:
+        """Yield the request's outputs (first token from a prefill node, the rest from a decode node)."""
+        if images or params.lora is not None:
+            what = "images" if images else "LoRA adapters"
+            yield _failed(rid, "client", f"{what} are not served in prefill/decode disaggregation (--run_mode "
+                                         "pd_master) yet")
+            return
+        prefill = self._least_loaded("prefill")
+        if prefill is None or not self.alive:
+            raise EngineDied(self.dead_reason or "no nodes")
+        queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
+        self.flights[rid] = Flight(list(prompt_ids), params, queue, prefill.reg.node_id)
+        prefill.inflight.add(rid)
+        finished = False
+        try:
+            if not self._send(prefill.reg.node_id, AddRequest(rid, list(prompt_ids), params)):
+                raise EngineDied("the prefill node is unreachable")
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, rid: str) -> None:
+        flight = self.flights.get(rid)
+        if flight is not None:
+            self._end(rid, _failed(rid, "client", "aborted"))
+
+    async def flush_cache(self, timeout: float = 30.0) -> int:
+        """Empty every node's prefix cache; returns the KV tokens freed in all."""
+        if not self.nodes:
+            raise EngineDied(self.dead_reason or "no nodes")
+        self._flush_count += 1
+        token = self._flush_count
+        waiter = asyncio.get_running_loop().create_future()
+        asked = set(self.nodes)
+        self._flushes[token] = (waiter, asked, [])
+        try:
+            for node_id in list(asked):
+                self._send(node_id, FlushCache(token))
+            return await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._flushes.pop(token, None)
+
+    def _flushed(self, node_id: str, msg: CacheFlushed) -> None:
+        entry = self._flushes.get(msg.token)
+        if entry is None:
+            return
+        waiter, asked, freed = entry
+        asked.discard(node_id)
+        freed.append(msg.freed_tokens)
+        if not asked and not waiter.done():
+            waiter.set_result(sum(freed))
+
+    async def shutdown(self) -> None:
+        """Stop listening; the nodes keep running and register with the next master at this address."""
+        for task in self._tasks:
+            task.cancel()
+        for rid in list(self.flights):
+            self._end(rid, _failed(rid, "unavailable", "the pd_master is shutting down"))
+        self.ctx.destroy(linger=0)

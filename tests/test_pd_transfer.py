@@ -1,0 +1,65 @@
+"""KV pages between two pools over torch.distributed point-to-point (engine/kv_transfer.py), in one process:
+the prefill side's and the decode side's transfer threads meet in their pair's gloo group."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from lightllm.engine.kv_cache import TokenKVPool
+from lightllm.engine.kv_transfer import KVTransfer, PairGroups, empty_pages, gather_pages, scatter_pages
+
+
+def _wait(transfer: KVTransfer, timeout: float = 60.0) -> list:
+    deadline = time.time() + timeout
+    done: list = []
+    while not done and time.time() < deadline:
+        done = transfer.poll()
+        time.sleep(0.01)
+    return done
+
+
+def test_pages_move_between_pools_as_stored():
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    src = TokenKVPool(64, 3, 2, 8, torch.float16, cpu)
+    dst = TokenKVPool(64, 3, 2, 8, torch.float16, cpu)
+    for layer in range(3):
+        src.k[layer].copy_(torch.randn(64, 2, 8))
+        src.v[layer].copy_(torch.randn(64, 2, 8))
+    held = src.alloc(10)  # the prompt's rows, scattered over the pool
+    decode = PairGroups("decode-a", "127.0.0.1", hosts_store=True, device=cpu)
+    prefill = PairGroups("prefill-a", "127.0.0.1", hosts_store=False, device=cpu)
+    sender, receiver = KVTransfer(prefill), KVTransfer(decode)
+    try:
+        reserved = dst.alloc(10)
+        inbox = empty_pages(dst, 10)
+        for tag in (1, 2):  # a second transfer reuses the pair's group
+            receiver.receive(f"r{tag}", inbox, "prefill-a", tag)
+            sender.send(f"r{tag}", gather_pages(src, held), decode.peer(), tag)
+            sent, received = _wait(sender), _wait(receiver)
+            assert [d.error for d in sent] == [None] and [d.error for d in received] == [None]
+            scatter_pages(dst, reserved, received[0].buf)
+            for layer in range(3):
+                assert torch.equal(dst.k[layer][reserved], src.k[layer][held])
+                assert torch.equal(dst.v[layer][reserved], src.v[layer][held])
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
+def test_a_receive_whose_sender_never_comes_fails_instead_of_hanging(monkeypatch):
+    from lightllm.engine import kv_transfer
+    from datetime import timedelta
+
+    monkeypatch.setattr(kv_transfer, "GROUP_TIMEOUT", timedelta(seconds=2))
+    cpu = torch.device("cpu")
+    pool = TokenKVPool(8, 1, 1, 4, torch.float32, cpu)
+    receiver = KVTransfer(PairGroups("decode-b", "127.0.0.1", hosts_store=True, device=cpu))
+    try:
+        receiver.receive("lost", empty_pages(pool, 4), "prefill-gone", 1)
+        done = _wait(receiver, timeout=30)
+        assert len(done) == 1 and done[0].rid == "lost" and "prefill-gone" in done[0].error
+    finally:
+        receiver.stop()

@@ -19,6 +19,7 @@ from tests.conftest import REPO, ServerProcess, build_tiny_model, embedded_model
 
 PROMPTS = ["def fibonacci(n):", "The three primary colours are", "Q: What is the capital of Italy?\nA:"]
 CHAT = [{"role": "user", "content": "Name three rivers of Europe."}]
+RIVER = {"type": "object", "properties": {"river": {"type": "string"}}, "required": ["river"]}
 COMMON = ["--max_total_token_num", "3000", "--max_req_total_len", "512", "--quant_type", "none"]
 
 
@@ -94,7 +95,8 @@ def sse(response) -> list:
 
 
 def run_all(base_url: str) -> dict:
-    """Greedy outputs of every request shape: token ids (/generate), completions and chat, plain and streamed."""
+    """Outputs of every request shape: greedy token ids (/generate), completions and chat, plain and streamed, one
+    sampled with a seed and one constrained to JSON."""
     results: dict = {}
     for i, prompt in enumerate(PROMPTS):
         body = {"inputs": prompt, "parameters": {"do_sample": False, "max_new_tokens": 20, "ignore_eos": True,
@@ -106,6 +108,18 @@ def run_all(base_url: str) -> dict:
                           timeout=120)
         assert r.status_code == 200, r.text
         results[f"completion{i}"] = r.json()["choices"][0]["text"]
+    # sampled with a seed: the decode node goes on with the generator state the prefill node left
+    r = requests.post(base_url + "/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 12, "temperature": 1.0,
+                                                          "seed": 7}, timeout=120)
+    assert r.status_code == 200, r.text
+    results["seeded"] = r.json()["choices"][0]["text"]
+    # constrained: the decode node's grammar state starts after the prefill node's first token
+    r = requests.post(base_url + "/v1/chat/completions", json={"messages": CHAT, "max_tokens": 24, "temperature": 0,
+                                                               "response_format": {"type": "json_schema", "json_schema": {
+                                                                   "name": "river", "schema": RIVER}}},
+                      timeout=120)
+    assert r.status_code == 200, r.text
+    results["json"] = r.json()["choices"][0]["message"]["content"]
     r = requests.post(base_url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0,
                                                           "stream": True}, stream=True, timeout=120)
     results["completion_stream"] = "".join(e["choices"][0]["text"] for e in sse(r)[:-1] if e["choices"])
@@ -138,6 +152,7 @@ def test_master_prefill_decode_match_single_server_and_survive_a_dead_decode_nod
     finally:
         single.stop()
     assert expected["completion_stream"] == expected["completion0"] and expected["chat_stream"] == expected["chat"]
+    assert expected["json"].startswith('{"river"')
 
     port = free_port()
     master = Master(model_dir, port, tmp_path / "master.log")

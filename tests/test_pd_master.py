@@ -178,3 +178,28 @@ def test_a_node_serving_another_model_is_refused_and_images_or_adapters_are_refu
 def test_messages_pickle_without_torch():
     ready = KVReady("r", 1, 3, 0, b"\x00\x01")
     assert pickle.loads(pickle.dumps(ready)) == ready
+
+
+def test_a_prefill_node_lost_after_the_handoff_leaves_the_decoding_request_alone(monkeypatch):
+    monkeypatch.setattr(master_module, "NODE_TIMEOUT_S", 0.6)
+    monkeypatch.setattr(master_module, "HEARTBEAT_S", 0.1)
+
+    async def run():
+        master, ctx, prefill, (decode,) = await _setup()
+        try:
+            stream = asyncio.create_task(_collect(master.generate("r", [5, 6, 7], SamplingParams())))
+            await _prefill_first_token(prefill, 1)
+            msg = await decode.recv()
+            await decode.send(KVAccepted(msg.rid))
+            await prefill.recv()  # SendKV
+            await decode.send(StepOutputs([TokenOutput("r", 9)], STATS))  # decoding: the KV arrived
+            for _ in range(10):  # the prefill node falls silent and is dropped; the decode node beats
+                await decode.register()
+                await asyncio.sleep(0.1)
+            assert "prefill-1" not in master.nodes and not stream.done()
+            await decode.send(StepOutputs([TokenOutput("r", 2, finished=True, finish_reason="stop")], STATS))
+            outs = await asyncio.wait_for(stream, 5)
+            assert [o.token_id for o in outs] == [7, 9, 2] and outs[-1].error is None
+        finally:
+            await _teardown(master, ctx)
+    asyncio.run(run())

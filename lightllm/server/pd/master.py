@@ -176,11 +176,16 @@ class PDMasterClient:
             if isinstance(msg, StepOutputs):
                 node.reg.stats = msg.stats
                 for out in msg.outputs:
-                    if out.rid in self.flights:
-                        if out.finished:
-                            self._end(out.rid, out)
-                        else:
-                            self.flights[out.rid].queue.put_nowait(out)
+                    flight = self.flights.get(out.rid)
+                    if flight is None:
+                        continue
+                    if node_id == flight.decode and flight.prefill in self.nodes:
+                        # the KV arrived: the prefill node's part is over (its death no longer concerns this one)
+                        self.nodes[flight.prefill].inflight.discard(out.rid)
+                    if out.finished:
+                        self._end(out.rid, out)
+                    else:
+                        flight.queue.put_nowait(out)
             elif isinstance(msg, KVReady):
                 self._to_decode(msg)
             elif isinstance(msg, KVAccepted):

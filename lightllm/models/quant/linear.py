@@ -103,12 +103,17 @@ class GgufLinear:
         self.bias = bias
         self.input_dtype = torch.float32
         self._kernels = kernels
-        # (first output column, kernel bound to that part's blocks)
-        self._runs: list[tuple[int, Callable]] = []
-        start = 0
-        for part in self.parts:
-            self._runs.append((start, kernels.gguf_matmul_bound(part.type_code, part.raw, part.k)))
-            start += part.shape[0]
+        self._bound: list[tuple[int, Callable]] | None = None
+
+    @property
+    def _runs(self) -> list[tuple[int, Callable]]:
+        """(first output column, kernel bound to that part's blocks), bound on the first call: a layer whose
+        tiles come from the tile cache is never called, and binding would read every block of the file."""
+        if self._bound is None:
+            starts = [sum(p.shape[0] for p in self.parts[:i]) for i in range(len(self.parts))]
+            self._bound = [(start, self._kernels.gguf_matmul_bound(part.type_code, part.raw, part.k))
+                           for start, part in zip(starts, self.parts)]
+        return self._bound
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.dequantize()

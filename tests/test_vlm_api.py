@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import pytest
 import requests
@@ -182,3 +183,23 @@ def test_responses_and_anthropic_images_answer_as_chat_does(vlm):
     bad = requests.post(server.base_url + "/v1/messages", json=body, timeout=30)
     assert bad.status_code == 400 and bad.json()["type"] == "error"
     assert "could not be decoded" in bad.json()["error"]["message"]
+
+
+def test_native_generate_takes_multimodal_params_images(vlm):
+    server, model_dir, tokenizer, _ = vlm
+    png = draw_png(9)
+    _, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "<image>What is it?"}], [png])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "<image>What is it?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    body = {"inputs": prompt, "parameters": {"do_sample": False, "max_new_tokens": NEW_TOKENS, "ignore_eos": True},
+            "multimodal_params": {"images": [{"type": "base64", "data": base64.b64encode(png).decode()}]}}
+    reply = requests.post(server.base_url + "/generate", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["generated_text"] == [text]
+    stream = requests.post(server.base_url + "/generate_stream", json=body, timeout=60, stream=True)
+    last = json.loads([line for line in stream.iter_lines() if line.startswith(b"data:")][-1][len(b"data:"):])
+    assert last["finished"] and last["generated_text"] == text
+    body["multimodal_params"]["images"] *= 2  # two images, one placeholder
+    assert requests.post(server.base_url + "/generate", json=body, timeout=30).status_code == 400
+    body["multimodal_params"]["images"] = [{"type": "url", "data": "https://x/y.png"}]
+    assert requests.post(server.base_url + "/generate", json=body, timeout=30).status_code == 400

@@ -35,17 +35,24 @@ class RequestImage:
 def load_image(url: str, args: ServerArgs, param: str) -> RequestImage:
     """The image a URL names, checked; APIError 400 says what is wrong with it."""
     if DATA_URL.match(url):
-        try:
-            data = base64.b64decode(url[url.index(",") + 1:], validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, "the image's data URL is not valid base64", param=param) from None
-    elif url.startswith("file://"):
+        return load_base64_image(url[url.index(",") + 1:], args, param)
+    if url.startswith("file://"):
         data = _local_file(url, args, param)
     elif url.startswith(("http://", "https://")):
         raise APIError(400, "this server does not fetch image URLs (it has no network access): send the image "
                             "inline as a data:image/...;base64, URL", param=param)
     else:
         raise APIError(400, "an image URL must be a data:image/...;base64, URL or a file:// URL", param=param)
+    check_image(data, args, param)
+    return RequestImage(data, hashlib.sha256(data).hexdigest())
+
+
+def load_base64_image(text: str, args: ServerArgs, param: str) -> RequestImage:
+    """An image file sent as base64 (a data URL's payload, LightLLM's `{"type": "base64", "data": ...}`)."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "the image is not valid base64", param=param) from None
     check_image(data, args, param)
     return RequestImage(data, hashlib.sha256(data).hexdigest())
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import Field, ValidationError
 
-from lightllm.engine.protocol import GrammarSpec, SamplingParams
+from lightllm.engine.protocol import GrammarSpec, ImageInput, SamplingParams
 from lightllm.server import structured
 from lightllm.server.errors import APIError, stream_error_event
 from lightllm.server.ids import new_id
 from lightllm.server.limits import MAX_N, MAX_STOP_SEQUENCES
+from lightllm.server.multimodal import check_count, image_token_text, load_base64_image, place_images
 from lightllm.server.openai.protocol import LogitBias, NonEmptyText, Seed, TokenId, TokenIds, _Lenient
 from lightllm.server.openapi import json_body
 from lightllm.server.state import ServerState, collect_all, until_disconnect
@@ -60,9 +61,20 @@ class GenerateStreamParameters(GenerateParameters):
     n: int = Field(1, ge=1, le=1)  # one sequence per stream
 
 
+class NativeImage(_Lenient):
+    type: Literal["base64"]  # LightLLM's other source types fetch (url) or name server files: not taken here
+    data: str  # the image file, base64
+
+
+class MultimodalParams(_Lenient):
+    images: list[NativeImage] = Field(default_factory=list)
+
+
 class GenerateRequest(_Lenient):
     inputs: NonEmptyText | TokenIds
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    # LightLLM's images: the text `inputs` holds the model's image token (e.g. <image>) where each one goes
+    multimodal_params: MultimodalParams | None = None
     lora: str | None = Field(None, description="the LoRA adapter to run on (a name from /v1/models; the base "
                                                "model's name or null: none); an unknown name answers 404")
 
@@ -71,19 +83,24 @@ class GenerateStreamRequest(GenerateRequest):
     parameters: GenerateStreamParameters = Field(default_factory=GenerateStreamParameters)
 
 
-def _prepare(state: ServerState, req: GenerateRequest) -> tuple[list[int], SamplingParams, list[str]]:
+def _prepare(state: ServerState,
+             req: GenerateRequest) -> tuple[list[int], SamplingParams, list[str], list[ImageInput]]:
     p = req.parameters
     # empty inputs fail validation; a text that encodes to nothing fails the length check below
     if isinstance(req.inputs, str):
         prompt_ids = state.tokenizer.encode(req.inputs, add_special_tokens=p.add_special_tokens)
     else:
         prompt_ids = list(req.inputs)
+    prompt_ids, images = _place_images(state, req, prompt_ids)
     stops = [p.stop_sequences] if isinstance(p.stop_sequences, str) else list(p.stop_sequences or [])
     if len(stops) > MAX_STOP_SEQUENCES:
         raise APIError(400, f"at most {MAX_STOP_SEQUENCES} stop_sequences are allowed",
                        param="parameters.stop_sequences")
-    prompt_ids, max_new = state.fit_length(prompt_ids, p.max_new_tokens, param="parameters.max_new_tokens",
-                                           prompt_param="inputs")
+    if images:  # never truncated (--long_truncation_mode could cut an image's run): too long is a 400
+        max_new = state.check_length(len(prompt_ids), p.max_new_tokens, "parameters.max_new_tokens", "inputs")
+    else:
+        prompt_ids, max_new = state.fit_length(prompt_ids, p.max_new_tokens, param="parameters.max_new_tokens",
+                                               prompt_param="inputs")
     greedy = not p.do_sample or p.temperature < 1e-5
     params = SamplingParams(
         max_new_tokens=max_new, min_new_tokens=p.min_new_tokens, temperature=0.0 if greedy else p.temperature,
@@ -93,7 +110,23 @@ def _prepare(state: ServerState, req: GenerateRequest) -> tuple[list[int], Sampl
         logit_bias={int(k): float(v) for k, v in (p.logit_bias or {}).items()},
         logprobs=0 if p.return_details else None, grammar=_constraint(state, p),
         lora=state.adapter_for(req.lora, param="lora", strict=True))
-    return prompt_ids, params, stops
+    return prompt_ids, params, stops, images
+
+
+def _place_images(state: ServerState, req: GenerateRequest,
+                  prompt_ids: list[int]) -> tuple[list[int], list[ImageInput]]:
+    """LightLLM's multimodal_params.images, checked like chat's, in their placeholder runs."""
+    sent = req.multimodal_params.images if req.multimodal_params is not None else []
+    if not sent:
+        return prompt_ids, []
+    param = "multimodal_params.images"
+    image_token_text(state.engine.info, state.tokenizer, state.model_name, param)  # a text-only model: 400
+    if not isinstance(req.inputs, str):
+        raise APIError(400, "images need text inputs holding the model's image token where each image goes",
+                       param="inputs")
+    check_count(len(sent), state.args, param)
+    images = [load_base64_image(image.data, state.args, f"{param}[{i}]") for i, image in enumerate(sent)]
+    return place_images(prompt_ids, images, state.engine.info, "inputs")
 
 
 def _constraint(state: ServerState, p: GenerateParameters) -> GrammarSpec | None:
@@ -132,11 +165,11 @@ async def generate(request: Request) -> dict[str, Any]:
     req = await _parse_body(request)
     state: ServerState = request.app.state.server
     state.check_capacity()
-    prompt_ids, params, stops = _prepare(state, req)
+    prompt_ids, params, stops, images = _prepare(state, req)
     p = req.parameters
 
-    streams = [state.stream(prompt_ids, _with_seed(params, i), stop=stops, skip_special_tokens=p.skip_special_tokens)
-               for i in range(p.n)]
+    streams = [state.stream(prompt_ids, _with_seed(params, i), stop=stops, skip_special_tokens=p.skip_special_tokens,
+                            images=images) for i in range(p.n)]
     results = await until_disconnect(request, collect_all(streams))
     texts = [text for text, _ in results]
     last = [chunks[-1] for _, chunks in results]
@@ -159,13 +192,13 @@ async def generate_stream(request: Request) -> StreamingResponse:
     req = await _parse_body(request, GenerateStreamRequest)
     state: ServerState = request.app.state.server
     state.check_capacity()
-    prompt_ids, params, stops = _prepare(state, req)
+    prompt_ids, params, stops, images = _prepare(state, req)
     params.logprobs = 0
     special = set(state.tokenizer.all_special_ids)
 
     async def events():
         gen = state.stream(prompt_ids, params, stop=stops, skip_special_tokens=req.parameters.skip_special_tokens,
-                           rid=new_id("gen-"))
+                           rid=new_id("gen-"), images=images)
         text_so_far = []
         try:
             async for chunk in gen:

@@ -1,6 +1,6 @@
 """LLaVA through the engine: a tiny random checkpoint's logits equal transformers' in fp32 for prompts with one and
-two images, alone and batched, with chunked prefill cutting through the images' tokens; the prefix cache tells
-images apart and the encoder cache encodes an image once."""
+two images, alone and batched with each other and a text-only prompt, with chunked prefill cutting through the
+images' tokens; the prefix cache tells images apart and the encoder cache encodes an image once."""
 
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ def _reference(model_dir, ids: list[int], images: list[bytes]) -> tuple[list[int
     from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    pixels = AutoImageProcessor.from_pretrained(model_dir)(
+    pixels = {"pixel_values": AutoImageProcessor.from_pretrained(model_dir)(
         images=[Image.open(io.BytesIO(b)).convert("RGB") for b in images], return_tensors="pt")["pixel_values"]
-    out = model.generate(torch.tensor([ids]), pixel_values=pixels, max_new_tokens=STEPS, min_new_tokens=STEPS,
+    } if images else {}
+    out = model.generate(torch.tensor([ids]), **pixels, max_new_tokens=STEPS, min_new_tokens=STEPS,
                          do_sample=False, output_logits=True, return_dict_in_generate=True)
     return out.sequences[0, len(ids):].tolist(), [step[0].float() for step in out.logits]
 
@@ -93,6 +94,7 @@ RED, BLUE = draw_png(1), draw_png(2)
 PROMPTS = {
     "one": _prompt([[1, 33, 71, 5], RED, [12, 80, 44]]),
     "two": _prompt([[1, 9], BLUE, [17, 23, 5], RED, [61, 3, 40, 7]]),
+    "text": _prompt([[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]),  # text-only, batched with the others
 }
 
 

@@ -47,8 +47,9 @@ def run_mixed(base, adapters, requests, **engine_kwargs):
     engine, each request's generated ids and the logits each sampling step saw."""
     modules = [f"a{i}={path}" for i, path in enumerate(adapters)]
     engine_kwargs.setdefault("quant_type", "none")
+    engine_kwargs.setdefault("chunked_prefill_size", 4)
     engine = Engine(EngineConfig(model_path=str(base), max_total_token_num=1024, kv_cache_dtype="fp32",
-                                 spec_ngram_tokens=0, chunked_prefill_size=4, lora_modules=modules,
+                                 spec_ngram_tokens=0, lora_modules=modules,
                                  max_loras=len(adapters), **engine_kwargs))
     recorded: dict[str, list[torch.Tensor]] = {}
     sampler = engine.runner.sampler
@@ -83,8 +84,21 @@ def assert_matches_merged(base, adapters, requests, outputs, recorded):
         torch.testing.assert_close(torch.stack(recorded[str(i)]), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_three_adapters_and_base_in_one_batch_match_peft_merged(case, family_models, model_path_kind):
+# Every family on the fused C path (gathered rows through the BGMV kernel); the PyTorch path (segments, no
+# kernels) on Llama by default and on the other two families in the slow suite.
+PATHS = [("fused_kernels", case) for case in sorted(CASES)] + [("pytorch", "llama")] + [
+    pytest.param(("pytorch", case), marks=pytest.mark.slow) for case in ("qwen2", "qwen3")]
+
+
+@pytest.mark.parametrize("path_case", PATHS, ids=lambda pc: f"{pc[0]}-{pc[1]}")
+def test_three_adapters_and_base_in_one_batch_match_peft_merged(path_case, family_models, monkeypatch):
+    from lightllm.kernels import cpu as cpu_kernels
+
+    path, case = path_case
+    if path == "pytorch":
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    elif cpu_kernels.load() is None:
+        pytest.skip("no C compiler: fused CPU kernels unavailable")
     base, adapters = family_models[case]
     # the same prompt under two adapters and the base: no KV may be shared between them
     requests = [(PROMPTS[0], 0), (PROMPTS[1], 1), (PROMPTS[2], 2), (PROMPTS[3], None), (PROMPTS[0], 2),
@@ -172,7 +186,8 @@ def test_prefix_cache_is_per_adapter(family_models):
     assert cached[2] == len(prompt) - 1  # the whole prompt but its last token (that one is recomputed)
     for lora, ids in zip(runs, outputs):
         reference = merged_model(base, None if lora is None else adapters[int(lora[1])])
-        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)[0, len(prompt):]
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=STEPS, min_new_tokens=STEPS,
+                                      do_sample=False)[0, len(prompt):]
         assert ids == expected.tolist()
     assert outputs[1] != outputs[0] or outputs[3] != outputs[0]  # the adapters do change the output
 
@@ -200,5 +215,16 @@ def test_one_resident_adapter_two_alternating(family_models):
     assert engine.lora.evictions >= 1 and len(engine.lora.resident) == 1
     for i, lora in enumerate(order):
         reference = merged_model(base, adapters[int(lora[1])])
-        expected = reference.generate(torch.tensor([PROMPTS[i]]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+        expected = reference.generate(torch.tensor([PROMPTS[i]]), max_new_tokens=STEPS, min_new_tokens=STEPS,
+                                      do_sample=False)
         assert results[str(i)] == expected[0, len(PROMPTS[i]):].tolist()
+
+
+def test_long_prefill_segment_and_decoding_rows_in_one_step(family_models):
+    """A 40-token prompt prefilled in 32-token chunks (a segment: its own matmuls) while other requests decode
+    (their rows gathered per row into one kernel call): both ways in the same steps, each row its own model's."""
+    base, adapters = family_models["llama"]
+    long_prompt = [(7 * i + 3) % 250 + 3 for i in range(40)]
+    requests = [(PROMPTS[1], 0), (PROMPTS[2], 1), (long_prompt, 2), (long_prompt, None)]
+    _, outputs, recorded = run_mixed(base, adapters, requests, chunked_prefill_size=32)
+    assert_matches_merged(base, adapters, requests, outputs, recorded)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
+import time
 
 import openai
 import pytest
@@ -14,6 +17,7 @@ import torch
 
 from tests.conftest import API_KEY, ServerProcess, build_tiny_model, embedded_model_path
 from tests.lora_helpers import build_adapter, merged_model
+from tests.test_reliability_e2e import engine_pid, wait_health
 
 PROMPT = [504, 3458, 314, 260, 1345, 30, 19, 5678]
 NEW_TOKENS = 8
@@ -183,7 +187,8 @@ def test_bad_adapters_are_refused_with_400_and_the_server_keeps_serving(lora_set
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert reason in error["message"] and error["code"] == "invalid_lora_adapter"
-    for body in ({"lora_name": "has space", "lora_path": "x"}, {"lora_name": "x"}, {"lora_name": BASE, "lora_path": "x"}):
+    for body in ({"lora_name": "has space", "lora_path": "x"}, {"lora_name": "x"},
+                 {"lora_name": BASE, "lora_path": "x"}):
         assert requests.post(url, json=body, headers=server.headers, timeout=30).status_code == 400
     assert {m.id for m in _client(server).models.list().data} == {BASE, "a0", "a1"}
     assert _completion_ids(server, BASE) == expected[BASE]
@@ -206,6 +211,28 @@ def test_unloading_lets_requests_in_flight_finish(lora_setup):
     finish = [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason]
     assert finish == ["length"]
     assert len("".join(c.choices[0].text for c in [first, *rest] if c.choices)) > 0
+
+
+def test_a_restarted_engine_serves_the_loaded_adapters(lora_setup):
+    """The engine process dies: the one that replaces it registers the start adapters and the loaded ones."""
+    server, adapters, _, expected, _ = lora_setup
+    loaded = requests.post(server.base_url + "/v1/load_lora_adapter", headers=server.headers, timeout=60,
+                           json={"lora_name": "a2", "lora_path": str(adapters["a2"])})
+    assert loaded.status_code == 200, loaded.text
+    old = engine_pid(server)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.time() + 120
+    while True:  # a new engine process, then ready again
+        assert time.time() < deadline, "the engine was not restarted"
+        try:
+            if engine_pid(server) != old:
+                break
+        except AssertionError:  # none between the old one's death and the new one's start
+            pass
+        time.sleep(0.2)
+    wait_health(server, 200, timeout=120)
+    for name in ("a2", "a1", BASE):
+        assert _completion_ids(server, name) == expected[name], name
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Builds and loads the fused CPU kernels (`cpu_kernels.c`, `gguf_matmul.c`, `tiled_matmul.c`) and wraps them for torch tensors.
+"""Builds and loads the fused CPU kernels (`cpu_kernels.c`, `gguf_matmul.c`, `tiled_matmul.c`, `lora_bgmv.c`) and
+wraps them for torch tensors.
 
 The C file is compiled on first use with the system C compiler for this host's instruction set
 (`-march=native`) and cached under ~/.cache/lightllm/kernels, keyed by the source, the flags and the CPU's
@@ -26,7 +27,8 @@ from lightllm.host import cache_dir, cpu_flags
 
 logger = logging.getLogger("lightllm.kernels")
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "gguf_matmul.c", "tiled_matmul.c")]
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("cpu_kernels.c", "gguf_matmul.c", "tiled_matmul.c", "lora_bgmv.c")]
 _HEADERS = [Path(__file__).with_name("cpu_common.h")]
 # -fno-trapping-math / -fno-math-errno let floorf and the exp polynomial vectorise; no -ffast-math, so
 # float semantics (ordering, NaN) are otherwise kept.
@@ -57,6 +59,7 @@ _SIGNATURES = {
     "lk_tiled_matmul": [_ptr, _ptr, _int, _i64, _ptr, _i64, _int],
     "lk_tiled_fast": [],
     "lk_tiled_rows": [_ptr, _ptr, _i64, _ptr],
+    "lk_lora_bgmv": [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr],
 }
 
 
@@ -244,6 +247,20 @@ class CpuKernels:
         self._ok(self._lib.lk_row_dots(rows.data_ptr(), x.data_ptr(), rows.shape[0], rows.shape[1], rows.shape[2],
                                        out.data_ptr()), "row_dots")
         return out
+
+    def lora_bgmv(self, x: torch.Tensor, y: torch.Tensor, a_ptrs: torch.Tensor, bt_ptrs: torch.Tensor,
+                  ranks: torch.Tensor, row_index: torch.Tensor, offsets: torch.Tensor) -> None:
+        """y[t] += (A_g @ x[t]) @ Bt_g for the rows t of each adapter g, row_index[offsets[g]:offsets[g + 1]]
+        (lora_bgmv.c): x [T, in] and y [T, out] float32; per adapter the addresses of its float32 contiguous
+        A [R_g, in] and Bt [R_g, out] (the caller keeps those tensors alive) and R_g (0: no pair); int64."""
+        _check(x, y)
+        _check_index(a_ptrs, bt_ptrs, ranks, row_index, offsets)
+        n = ranks.shape[0]
+        if x.dtype != torch.float32 or y.dtype != torch.float32 or x.shape[0] != y.shape[0] or offsets.shape[0] != n + 1:
+            raise KernelError("lora_bgmv takes float32 x [T, in], y [T, out] and offsets [adapters + 1]")
+        self._ok(self._lib.lk_lora_bgmv(x.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], y.shape[1],
+                                        a_ptrs.data_ptr(), bt_ptrs.data_ptr(), ranks.data_ptr(), n,
+                                        row_index.data_ptr(), offsets.data_ptr()), "lora_bgmv")
 
     def gguf_matmul_bound(self, type_code: int, blocks: torch.Tensor,
                           k: int) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":

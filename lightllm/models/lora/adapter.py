@@ -34,13 +34,14 @@ class AdapterError(ValueError):
 
 @dataclass
 class LowRankPair:
-    """delta = (x @ a.T) @ b.T for one fused linear: a [R, in], b [out, R] with the scalings folded in."""
+    """delta = (x @ a.T) @ bt for one fused linear: a [R, in], bt [R, out] (B transposed, the scalings folded in),
+    both float32 and contiguous."""
 
     a: torch.Tensor
-    b: torch.Tensor
+    bt: torch.Tensor
 
 
-@dataclass
+@dataclass(eq=False)  # identity: batches and caches key by the adapter object
 class LoraAdapter:
     name: str
     path: str
@@ -49,7 +50,7 @@ class LoraAdapter:
     layers: list[dict[str, LowRankPair]]  # per decoder layer: fused target -> its pair (absent: no delta)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for p in layer.values() for t in (p.a, p.b))
+        return sum(t.numel() * t.element_size() for layer in self.layers for p in layer.values() for t in (p.a, p.bt))
 
 
 def part_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -140,7 +141,8 @@ def load_adapter(name: str, path: str, config: ModelConfig, max_rank: int, moe_l
         if r > max_rank:
             raise AdapterError(f"{name}: rank {r} of layer {layer} {module} exceeds --max_lora_rank {max_rank}")
         max_seen = max(max_seen, r)
-        key = f"model.layers.{layer}.{'self_attn' if module.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{module}"
+        block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        key = f"model.layers.{layer}.{block}.{module}"
         r_cfg = _pattern_value(rank_pattern, key, cfg.get("r", r))
         if r_cfg != r:
             raise AdapterError(f"{name}: layer {layer} {module} has rank {r}, its config says {r_cfg}")
@@ -173,4 +175,4 @@ def _join(target: str, parts: list[tuple[int, torch.Tensor, torch.Tensor]],
         b_full[col_starts[part]:col_starts[part] + b.shape[0], r0:r0 + r] = b
         r0 += r
     a_full = torch.cat([a for _, a, _ in sorted(parts, key=lambda p: p[0])]).contiguous()
-    return LowRankPair(a_full, b_full.contiguous())
+    return LowRankPair(a_full, b_full.t().contiguous())

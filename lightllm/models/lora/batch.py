@@ -1,63 +1,123 @@
-"""The low-rank products of one step whose token rows use different adapters (S-LoRA / Punica's SGMV idea).
+"""The low-rank products of one step whose token rows use different adapters (S-LoRA / Punica).
 
-Rows are grouped by adapter (a chunk's tokens are contiguous; one request's rows always share its adapter);
-per group and fused linear, one shrink matmul (rows x in @ in x R) and one expand matmul (rows x R @ R x out),
-added to the base linear's output in float32. Rows without an adapter cost nothing, and the base matmul runs
-once over all rows in whatever form its weights are stored. Each row's delta depends on that row only.
+Two ways, chosen per adapter by how many rows it has in the step:
+- SGMV (segments): an adapter with at least SEGMENT_MIN_ROWS rows (a prefill chunk) runs as two matmuls over
+  its rows (shrink x @ A.T, expand @ Bt): large GEMMs, efficient through PyTorch's BLAS.
+- BGMV (gathered per row): the rows of all the other adapters (decoding streams, a few rows each) go through
+  one kernel call per linear (kernels/lora_bgmv.c) in which each row reads its own adapter's pair. A matmul
+  pair per adapter and linear would cost 2 x adapters x linears x layers calls per step (1,920 for 8 adapters on
+  a 30-layer model), each dearer than its arithmetic at these sizes. Without the C kernels these rows run as
+  segments too.
+The deltas are added to the base linear's output in float32, whatever form the base weights take; rows without an
+adapter cost nothing. Each row's delta depends on that row only.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from lightllm.models.lora.adapter import LoraAdapter
+from lightllm.kernels import cpu as cpu_kernels
+from lightllm.models.lora.adapter import FUSED_TARGETS, LoraAdapter
+
+SEGMENT_MIN_ROWS = 16  # an adapter with this many rows in the step runs as its own matmuls
+_POINTER_TABLES = 8  # adapter sets whose per-linear pointer tables are kept (decoding steps repeat their set)
+
+# (layer, target) -> (A addresses, Bt addresses, ranks) per adapter set; the key holds the adapters, so their
+# tensors stay alive (and their addresses valid) while an entry exists.
+_tables: "OrderedDict[tuple[LoraAdapter, ...], dict[tuple[int, str], tuple[torch.Tensor, ...]]]" = OrderedDict()
+
+
+def _pointer_tables(adapters: tuple[LoraAdapter, ...]) -> dict[tuple[int, str], tuple[torch.Tensor, ...]]:
+    tables = _tables.get(adapters)
+    if tables is not None:
+        _tables.move_to_end(adapters)
+        return tables
+    tables = {}
+    for layer in range(len(adapters[0].layers)):
+        for target in FUSED_TARGETS:
+            pairs = [adapter.layers[layer].get(target) for adapter in adapters]
+            tables[(layer, target)] = tuple(torch.tensor(values, dtype=torch.int64) for values in (
+                [p.a.data_ptr() if p else 0 for p in pairs], [p.bt.data_ptr() if p else 0 for p in pairs],
+                [p.a.shape[0] if p else 0 for p in pairs]))
+    _tables[adapters] = tables
+    while len(_tables) > _POINTER_TABLES:
+        _tables.popitem(last=False)
+    return tables
 
 
 @dataclass
 class LoraBatch:
-    """(adapter, its rows: a slice when contiguous, else an index tensor) for each adapter in the step."""
+    """The step's adapters: segments (adapter, its rows as a slice or an index tensor) and the gathered rows."""
 
-    groups: list[tuple[LoraAdapter, slice | torch.Tensor]]
+    segments: list[tuple[LoraAdapter, slice | torch.Tensor]]
+    gathered: tuple[LoraAdapter, ...] = ()  # adapters of the BGMV rows
+    row_index: torch.Tensor | None = None  # their rows, grouped by adapter (CSR with `offsets`)
+    offsets: torch.Tensor | None = None  # [len(gathered) + 1]
+    kernels: object = None
 
     @classmethod
     def from_runs(cls, runs: list[tuple[LoraAdapter | None, int, int]]) -> "LoraBatch | None":
-        """From the step's (adapter or None, first row, row count) runs in row order; None when no row has an
-        adapter (the step then runs exactly as without LoRA)."""
-        rows: dict[int, tuple[LoraAdapter, list[tuple[int, int]]]] = {}
+        """From the step's (adapter or None, first row, row count) runs covering its rows in order; None when no
+        row has an adapter (the step then runs exactly as without LoRA)."""
+        spans: dict[int, tuple[LoraAdapter, list[tuple[int, int]]]] = {}
         for adapter, start, n in runs:
             if adapter is not None and n:
-                rows.setdefault(id(adapter), (adapter, []))[1].append((start, start + n))
-        if not rows:
+                spans.setdefault(id(adapter), (adapter, []))[1].append((start, start + n))
+        if not spans:
             return None
-        groups: list[tuple[LoraAdapter, slice | torch.Tensor]] = []
-        for adapter, spans in rows.values():
-            merged: list[list[int]] = []
-            for start, end in spans:
-                if merged and merged[-1][1] == start:
-                    merged[-1][1] = end
-                else:
-                    merged.append([start, end])
-            if len(merged) == 1:
-                groups.append((adapter, slice(merged[0][0], merged[0][1])))
+        kernels = cpu_kernels.load()
+        batch = cls([], kernels=kernels)
+        gathered: list[LoraAdapter] = []
+        row_index: list[int] = []
+        offsets = [0]
+        for adapter, ranges in spans.values():
+            rows = sum(end - start for start, end in ranges)
+            if kernels is not None and rows < SEGMENT_MIN_ROWS:
+                for start, end in ranges:
+                    row_index.extend(range(start, end))
+                offsets.append(len(row_index))
+                gathered.append(adapter)
             else:
-                groups.append((adapter, torch.cat([torch.arange(s, e) for s, e in merged])))
-        return cls(groups)
+                batch.segments.append((adapter, _rows(ranges)))
+        if gathered:
+            batch.gathered = tuple(gathered)
+            batch.row_index = torch.tensor(row_index, dtype=torch.int64)
+            batch.offsets = torch.tensor(offsets, dtype=torch.int64)
+        return batch
 
     def add_(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` (the base linear's [T, out] output for input `x` [T, in]) plus each row's adapter delta; float32
-        when a delta was added (in place when `out` is float32 already)."""
-        for adapter, rows in self.groups:
+        when a delta was added (in place when `out` is float32 and contiguous already)."""
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            out = out.float().contiguous()
+        for adapter, rows in self.segments:
             pair = adapter.layers[layer].get(target)
             if pair is None:
                 continue
-            if out.dtype != torch.float32:
-                out = out.float()
             xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-            delta = torch.mm(torch.mm(xs.float(), pair.a.t()), pair.b.t())
+            delta = torch.mm(torch.mm(xs.float(), pair.a.t()), pair.bt)
             if isinstance(rows, slice):
                 out[rows] += delta
             else:
                 out.index_add_(0, rows, delta)
+        if self.gathered:
+            a_ptrs, bt_ptrs, ranks = _pointer_tables(self.gathered)[(layer, target)]
+            xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+            self.kernels.lora_bgmv(xf, out, a_ptrs, bt_ptrs, ranks, self.row_index, self.offsets)
         return out
+
+
+def _rows(ranges: list[tuple[int, int]]) -> slice | torch.Tensor:
+    """Row ranges merged: one slice when contiguous, else the row indices."""
+    merged: list[list[int]] = []
+    for start, end in ranges:
+        if merged and merged[-1][1] == start:
+            merged[-1][1] = end
+        else:
+            merged.append([start, end])
+    if len(merged) == 1:
+        return slice(merged[0][0], merged[0][1])
+    return torch.cat([torch.arange(s, e) for s, e in merged])

@@ -1,0 +1,129 @@
+"""LoRA serving cost (issue 26): 16 streams spread over 8 adapters vs the same 16 streams on the base model,
+same prompts, in one engine (in process, no HTTP). Prints output tokens/s of each, their ratio, and the time
+the adapters' low-rank products took per step (models/lora/batch.py), alternating base and LoRA rounds so the
+load of a shared machine falls on both.
+
+    python benchmarks/lora_speed.py [--model smollm2] [--rank 16] [--adapters 8] [--streams 16] [--rounds 3]
+
+The adapters are random (PEFT's folder format, written here for the model's shapes): speed does not depend on
+their values. By default they target all seven projections (q/k/v/o/gate/up/down), the most work an adapter
+can add; --targets q_proj,v_proj is PEFT's default for Llama models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lightllm.engine.engine import Engine
+from lightllm.engine.protocol import AddRequest, EngineConfig, SamplingParams
+from lightllm.models.lora import batch as lora_batch
+from lightllm.models.lora.adapter import part_shapes
+
+
+def write_adapter(folder: Path, config, rank: int, seed: int, targets: list[str]) -> Path:
+    """A PEFT LoRA folder for the `targets` projections of `config`'s layers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_layers):
+        for module, (fan_in, fan_out) in part_shapes(config).items():
+            if module not in targets:
+                continue
+            block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 0.02
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.02
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets,
+        "bias": "none"}))
+    return folder
+
+
+def run_round(engine: Engine, prompts: list[list[int]], loras: list[str | None], new_tokens: int) -> dict:
+    for i, (prompt, lora) in enumerate(zip(prompts, loras)):
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True, lora=lora)
+        assert engine.add_request(AddRequest(f"r{time.monotonic_ns()}-{i}", prompt, params)) is None
+    lora_batch.spent = 0.0
+    steps, tokens = 0, 0
+    start = time.perf_counter()
+    while engine.scheduler.has_work():
+        outputs = engine.step()
+        steps += 1
+        tokens += sum(1 for out in outputs if out.token_id is not None)
+    wall = time.perf_counter() - start
+    return {"tok_s": tokens / wall, "steps": steps, "wall_s": wall, "lora_ms_per_step": 1000 * lora_batch.spent / steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                    help="the adapters' target modules (PEFT's default for Llama is q_proj,v_proj)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from lightllm.engine.model_setup import model_config_for
+    from lightllm.models.loading.catalog import resolve_model
+
+    model_path = resolve_model(args.model)
+    config = model_config_for(EngineConfig(model_path=model_path))
+    # time spent in the adapters' products, summed over a round
+    original = lora_batch.LoraBatch.add_
+
+    def timed_add(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *a, **kw)
+        finally:
+            lora_batch.spent += time.perf_counter() - t0
+
+    lora_batch.LoraBatch.add_ = timed_add
+    targets = args.targets.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [f"lora{i}" for i in range(args.adapters)]
+        modules = [f"{name}={write_adapter(Path(tmp) / name, config, args.rank, i, targets)}"
+                   for i, name in enumerate(names)]
+        engine = Engine(EngineConfig(model_path=model_path, lora_modules=modules, max_loras=args.adapters,
+                                     max_lora_rank=args.rank, max_total_token_num=16384,
+                                     running_max_req_size=max(args.streams, 16)))
+        rng = random.Random(0)
+        results: dict[str, list[dict]] = {"base": [], "lora": []}
+        for r in range(args.rounds + 1):  # round 0 warms up (kernels, allocator) and is not counted
+            prompts = [[rng.randrange(100, config.vocab_size - 100) for _ in range(args.prompt_len)]
+                       for _ in range(args.streams)]
+            for kind in ("base", "lora") if r % 2 == 0 else ("lora", "base"):
+                loras = [None if kind == "base" else names[i % len(names)] for i in range(args.streams)]
+                result = run_round(engine, prompts, loras, args.new_tokens)
+                if r:
+                    results[kind].append(result)
+                    print(f"round {r} {kind}: {result['tok_s']:.1f} tok/s, {result['steps']} steps, "
+                          f"adapter products {result['lora_ms_per_step']:.2f} ms/step", flush=True)
+    best = {kind: max(x["tok_s"] for x in runs) for kind, runs in results.items()}
+    mean = {kind: sum(x["tok_s"] for x in runs) / len(runs) for kind, runs in results.items()}
+    step_ms = {kind: 1000 * sum(x["wall_s"] for x in runs) / sum(x["steps"] for x in runs)
+               for kind, runs in results.items()}
+    lora_ms = sum(x["lora_ms_per_step"] for x in results["lora"]) / len(results["lora"])
+    print(json.dumps({"model": args.model, "rank": args.rank, "targets": targets, "threads": args.threads,
+                      "adapters": args.adapters, "streams": args.streams,
+                      "best_tok_s": best, "mean_tok_s": mean, "ratio_best": best["lora"] / best["base"],
+                      "ratio_mean": mean["lora"] / mean["base"], "step_ms": step_ms,
+                      "adapter_products_ms_per_step": lora_ms}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+/* LoRA adapter products of a batch whose rows use different adapters, one call per fused linear (Punica's
+ * BGMV: every row gets its own adapter's pair, whatever the mix). For each row t of adapter g:
+ *     v = A_g x_t            (A_g: [R_g, in], row-major)
+ *     y_t += v^T Bt_g        (Bt_g: [R_g, out], row-major: B's transpose, scalings folded in)
+ * The rows come grouped by adapter (row_index, offsets: CSR), and each adapter's weights are read once for all of
+ * its rows (decode is bound by reading weights). A matmul pair per adapter and linear instead would cost a call
+ * and its dispatch per adapter, linear and layer. Float32 throughout; a row's result depends on that row only
+ * (the same operations in the same order whatever else is in the batch). Threads over adapters (OpenMP, the
+ * runtime PyTorch loaded). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <omp.h>
+
+#include "cpu_common.h"
+
+#define LORA_MAX_RANK 4096
+
+static inline float lora_dot(const float *a, const float *x, int64_t n) {
+#if defined(__AVX512F__) && !defined(LK_PORTABLE)
+    __m512 acc = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(x + c), acc);
+    if (c < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - c)) - 1u);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + c), _mm512_maskz_loadu_ps(m, x + c), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float lanes[8] = {0};
+    for (int64_t c = 0; c < n; c++) lanes[c % 8] = fmaf(a[c], x[c], lanes[c % 8]);
+    return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+#endif
+}
+
+/* x [T, in] and y [T, out] float32. Per adapter g: a_ptrs[g], bt_ptrs[g] (addresses of A_g, Bt_g) and ranks[g]
+ * (0: no pair for this linear, its rows are left alone); its rows are row_index[offsets[g] .. offsets[g + 1]). */
+int lk_lora_bgmv(const float *x, float *y, int64_t T, int64_t in, int64_t out, const int64_t *a_ptrs,
+                 const int64_t *bt_ptrs, const int64_t *ranks, int64_t n_adapters, const int64_t *row_index,
+                 const int64_t *offsets) {
+    for (int64_t g = 0; g < n_adapters; g++) {
+        if (ranks[g] < 0 || ranks[g] > LORA_MAX_RANK || offsets[g] > offsets[g + 1]) return 1;
+        for (int64_t j = offsets[g]; j < offsets[g + 1]; j++)
+            if (row_index[j] < 0 || row_index[j] >= T) return 2;
+    }
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) if (n_adapters > 1)
+    for (int64_t g = 0; g < n_adapters; g++) {
+        const int64_t R = ranks[g], n = offsets[g + 1] - offsets[g];
+        if (R == 0 || n == 0) continue;
+        const float *A = (const float *)(intptr_t)a_ptrs[g], *Bt = (const float *)(intptr_t)bt_ptrs[g];
+        const int64_t *rows = row_index + offsets[g];
+        float *v = malloc((size_t)(n * R) * sizeof(float)); /* v[j * R + r] for the adapter's j-th row */
+        if (v == NULL) {
+            failed = 1;
+            continue;
+        }
+        for (int64_t r = 0; r < R; r++) {
+            const float *a = A + r * in;
+            for (int64_t j = 0; j < n; j++) v[j * R + r] = lora_dot(a, x + rows[j] * in, in);
+        }
+        for (int64_t r = 0; r < R; r++) {
+            const float *b = Bt + r * out;
+            for (int64_t j = 0; j < n; j++) {
+                const float s = v[j * R + r];
+                float *yt = y + rows[j] * out;
+#pragma omp simd
+                for (int64_t o = 0; o < out; o++) yt[o] = fmaf(s, b[o], yt[o]);
+            }
+        }
+        free(v);
+    }
+    return failed ? 3 : 0;
+}

@@ -5,6 +5,7 @@ images' tokens; the prefix cache tells images apart and the encoder cache encode
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 import torch
@@ -66,17 +67,20 @@ def _run(engine: Engine, requests: dict[str, tuple[list[int], list[bytes]]], tog
                                                                              ignore_eos=True), _inputs(ids, images)))
             assert refused is None, refused.error
             if not together:
-                while engine.scheduler.has_work():
-                    for out in engine.step():
-                        tokens.setdefault(out.rid, []).append(out.token_id)
-                        cached[out.rid] = out.cached_tokens
-        while engine.scheduler.has_work():
-            for out in engine.step():
-                tokens.setdefault(out.rid, []).append(out.token_id)
-                cached[out.rid] = out.cached_tokens
+                _drain(engine, tokens, cached)
+        _drain(engine, tokens, cached)
     finally:
         engine.runner.sampler = sampler
     return tokens, logits, cached
+
+
+def _drain(engine: Engine, tokens: dict[str, list[int]], cached: dict[str, int]) -> None:
+    """Step until every request is done, as the engine loop does: requests join once their images are encoded."""
+    while engine.scheduler.has_work() or engine.encoding:
+        assert engine.admit_encoded() == []
+        for out in engine.step() if engine.scheduler.has_work() else []:
+            tokens.setdefault(out.rid, []).append(out.token_id)
+            cached[out.rid] = out.cached_tokens
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +140,17 @@ def test_engine_refuses_malformed_image_layouts(llava_dir, tmp_path):
         "placeholder tokens (299) that no image fills": AddRequest("a", ids, params),
         "16 placeholder tokens, not 3": AddRequest("b", ids, params, [ImageInput(RED, digest(RED), 4, 3)]),
         "must hold token 299 only": AddRequest("c", ids, params, [ImageInput(RED, digest(RED), 0, 16)]),
-        # the encoder runs as the request arrives: an image it cannot take fails that request alone
-        "the image could not be processed": AddRequest("e", ids, params, [ImageInput(b"no image", "00", 4, 16)]),
     }
     for message, request in cases.items():
         out = engine.add_request(request)
         assert out is not None and out.error.kind == "client" and message in out.error.message, (message, out)
+    # the encoder runs on its thread as the request arrives: an image it cannot take fails that request alone
+    assert engine.add_request(AddRequest("e", ids, params, [ImageInput(b"no image", "00", 4, 16)])) is None
+    while engine.encoding:
+        time.sleep(0.01)
+        refused = engine.admit_encoded()
+    assert [r.rid for r in refused] == ["e"] and "the image could not be processed" in refused[0].error.message
+    assert refused[0].error.kind == "client" and not engine.scheduler.has_work()
     text_dir = build_tiny_model(tmp_path / "text", "llama", vocab_size=300)
     text_engine = _engine(text_dir)
     out = text_engine.add_request(AddRequest("d", ids, params, _inputs(ids, images)))

@@ -54,6 +54,7 @@ class Engine:
             broadcaster = StepBroadcaster()
         self.grammars = None
         self.compiling: dict[str, tuple[Sequence, Future]] = {}  # requests waiting for their grammar
+        self.encoding: dict[str, tuple[Sequence, Future]] = {}  # requests waiting for their images' encoding
         if cfg.grammar_backend != "none":
             # builds its tokenizer info in a thread, overlapping the weight loading below
             self.grammars = GrammarFactory(cfg.model_path, model_cfg.vocab_size)
@@ -170,7 +171,7 @@ class Engine:
         params = req.params
         if any(t < 0 or t >= vocab for t in list(params.logit_bias) + list(params.stop_token_ids)):
             return refuse(f"logit_bias / stop_token_ids name token ids outside the vocabulary (0..{vocab - 1})")
-        if (problem := self.images.problem(req.prompt_ids, req.images) or self.images.prepare(req.images)):
+        if (problem := self.images.problem(req.prompt_ids, req.images)) is not None:
             return refuse(problem)
         seq = Sequence(req.rid, list(req.prompt_ids), params, images=list(req.images))
         if params.lora is not None:
@@ -185,7 +186,7 @@ class Engine:
                 if any(t < 0 or t >= vocab for t in params.grammar.token_ids):
                     return refuse(f"allowed_token_ids name token ids outside the vocabulary (0..{vocab - 1})")
                 seq.grammar = AllowedTokens(params.grammar.token_ids, vocab)
-                self.scheduler.add(seq)
+                self._enqueue(seq)
                 return None
             try:
                 compiled = self._grammar_factory().compile(params.grammar)
@@ -195,8 +196,33 @@ class Engine:
                 self.compiling[req.rid] = (seq, compiled)
                 return None
             return self._admit_constrained(seq, compiled)
-        self.scheduler.add(seq)
+        self._enqueue(seq)
         return None
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Into the scheduler; a request with images first waits outside it while the vision encoder runs on its
+        own thread (engine/image_embedder.py), so the running requests' steps go on meanwhile."""
+        if seq.images:
+            self.encoding[seq.rid] = (seq, self.images.prepare_async(seq.images))
+        else:
+            self.scheduler.add(seq)
+
+    def admit_encoded(self) -> list[TokenOutput]:
+        """Queue the waiting requests whose images are encoded; the refusals of those whose images failed."""
+        outputs = []
+        for rid, (seq, encoded) in list(self.encoding.items()):
+            if not encoded.done():
+                continue
+            del self.encoding[rid]
+            failure = encoded.exception()
+            problem = f"the vision encoder failed: {failure}" if failure is not None else encoded.result()
+            if problem is None:
+                self.scheduler.add(seq)
+            else:
+                outputs.append(TokenOutput(rid, None, finished=True, finish_reason="abort",
+                                           prompt_tokens=len(seq.prompt_ids),
+                                           error=EngineError("server" if failure else "client", problem)))
+        return outputs
 
     def _grammar_factory(self):
         if self.grammars is None:
@@ -219,7 +245,7 @@ class Engine:
                 seq.grammar = GatedGrammar(seq.grammar, seq.params.grammar_gate)
         except (ValueError, RuntimeError) as exc:
             return self._grammar_refusal(seq, exc)
-        self.scheduler.add(seq)
+        self._enqueue(seq)
         return None
 
     def admit_compiled(self) -> list[TokenOutput]:
@@ -237,7 +263,7 @@ class Engine:
         return outputs
 
     def abort(self, rid: str) -> None:
-        if self.compiling.pop(rid, None) is None:
+        if self.compiling.pop(rid, None) is None and self.encoding.pop(rid, None) is None:
             self.scheduler.abort(rid)
 
     def step(self) -> list[TokenOutput]:
@@ -287,7 +313,7 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
             release_free_heap()
             busy = False
         # requests waiting for a grammar: look again every few ms (compilation runs on its own thread)
-        timeout = 0 if engine.scheduler.has_work() else (5 if engine.compiling else None)
+        timeout = 0 if engine.scheduler.has_work() else (5 if engine.compiling or engine.encoding else None)
         outputs: list[TokenOutput] = []
         changed = False
         while poller.poll(timeout):
@@ -321,6 +347,10 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
             timeout = 0
         if engine.compiling:
             refused = engine.admit_compiled()
+            outputs.extend(refused)
+            changed = changed or bool(refused)
+        if engine.encoding:
+            refused = engine.admit_encoded()
             outputs.extend(refused)
             changed = changed or bool(refused)
         if engine.scheduler.has_work():

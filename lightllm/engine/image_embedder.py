@@ -1,12 +1,14 @@
-"""Images in prefill: each image's embeddings from the vision encoder (run when the request arrives), kept
-in a bounded cache by content digest (LightLLM's `--cache_capacity`: the same image in another request is
+"""Images in prefill: each image's embeddings from the vision encoder (run on its own thread when the request
+arrives, while the running requests' steps go on), kept in a bounded cache by content digest (LightLLM's `--cache_capacity`: the same image in another request is
 not encoded again; one evicted before its request's prefill is encoded again then), and laid on the rows of
 a step that hold its placeholder tokens. A prefill chunk may begin or end inside an image: each row takes
 the embedding of its own position in the image's run."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -22,6 +24,8 @@ class ImageEmbedder:
         self.model_name = model_name
         self.capacity = capacity
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # digest -> embeddings, least recent first
+        self._lock = threading.Lock()  # the cache is shared by the engine loop and the encoding thread
+        self._thread: ThreadPoolExecutor | None = None  # started by the first image
         self.stats = {"encoded": 0, "cache_hits": 0}
 
     @property
@@ -49,9 +53,15 @@ class ImageEmbedder:
                     f"{len(images)} image(s) of {facts.tokens_per_image} tokens")
         return None
 
+    def prepare_async(self, images: list[ImageInput]) -> Future:
+        """`prepare` on the encoding thread; the future's result is prepare's."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-encoder")
+        return self._thread.submit(self.prepare, images)
+
     def prepare(self, images: list[ImageInput]) -> str | None:
-        """Encode a new request's images now (into the cache), so an image the encoder cannot take fails its
-        own request, not the step it would run in; why it failed, or None."""
+        """Encode a new request's images before it is scheduled (into the cache), so an image the encoder cannot
+        take fails its own request, not the step it would run in; why it failed, or None."""
         for image in images:
             try:
                 self.embeddings(image)
@@ -60,18 +70,20 @@ class ImageEmbedder:
         return None
 
     def embeddings(self, image: ImageInput) -> torch.Tensor:
-        cached = self._cache.get(image.digest)
-        if cached is not None:
-            self._cache.move_to_end(image.digest)
-            self.stats["cache_hits"] += 1
-            return cached
+        with self._lock:
+            cached = self._cache.get(image.digest)
+            if cached is not None:
+                self._cache.move_to_end(image.digest)
+                self.stats["cache_hits"] += 1
+                return cached
         assert self.encoder is not None  # problem() refused images for a text-only model
-        out = self.encoder.encode(image.data)
-        self.stats["encoded"] += 1
-        if self.capacity > 0:
-            self._cache[image.digest] = out
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
+        out = self.encoder.encode(image.data)  # outside the lock: the engine loop reads cached images meanwhile
+        with self._lock:
+            self.stats["encoded"] += 1
+            if self.capacity > 0:
+                self._cache[image.digest] = out
+                while len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)
         return out
 
     def input_embeds(self, plan: list[ScheduledChunk]) -> InputEmbeds | None:

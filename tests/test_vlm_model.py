@@ -156,3 +156,17 @@ def test_engine_refuses_malformed_image_layouts(llava_dir, tmp_path):
     out = text_engine.add_request(AddRequest("d", ids, params, _inputs(ids, images)))
     assert out is not None and "does not take images" in out.error.message and "'text'" in out.error.message
     assert text_engine.ready_message().image_token_id is None
+
+
+def test_cache_keys_tell_images_apart_and_cost_nothing_without_images():
+    from lightllm.engine.sequence import Sequence
+
+    ids, images = PROMPTS["one"]
+    red = Sequence("r", ids, SamplingParams(), images=_inputs(ids, images))
+    blue = Sequence("b", ids, SamplingParams(), images=_inputs(ids, [BLUE]))
+    text = Sequence("t", ids, SamplingParams())
+    offset = ids.index(IMAGE)
+    assert red.prompt_content[:offset] == blue.prompt_content[:offset] == ids[:offset]
+    assert red.prompt_content[offset] != blue.prompt_content[offset] and red.prompt_content[offset] < 0
+    assert red.prompt_content == red.cache_key(len(ids)) != ids
+    assert text.prompt_content is text.prompt_ids  # no copy for a text-only prompt

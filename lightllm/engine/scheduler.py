@@ -229,7 +229,7 @@ class Scheduler:
                 continue  # another adapter's K/V is not shareable
             if other.num_computed >= len(other.prompt_ids) or other.num_computed > cached:
                 continue  # done prefilling, or what it computed is not in the cache (diverged): no point waiting
-            shared = common_prefix_len(other.prompt_ids, seq.prompt_ids)
+            shared = common_prefix_len(other.prompt_content, seq.prompt_content)  # images told apart
             if shared >= MIN_SHARED_PREFIX and shared > cached and other.num_computed < shared:
                 seq.prefix_waits += 1
                 return True

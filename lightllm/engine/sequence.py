@@ -59,12 +59,24 @@ class Sequence:
 
     def cache_key(self, end: int) -> list[int]:
         """The prefix-cache key of the first `end` tokens: their ids in the request's adapter namespace."""
+        ids = self._content_ids(end)
+        return ids if self.lora_uid == 0 else namespaced(ids, self.lora_uid)
+
+    def _content_ids(self, end: int) -> list[int]:
+        """The first `end` token ids (a copy), each image's tokens standing for its content, not for the
+        placeholder token."""
         ids = self.token_ids[:end]
-        for image in self.images:  # an image's tokens stand for its content, not for the placeholder token
+        for image in self.images:
             if image.offset < end:
                 run = min(end, image.offset + image.length) - image.offset
                 ids[image.offset:image.offset + run] = [image.cache_token] * run
-        return ids if self.lora_uid == 0 else namespaced(ids, self.lora_uid)
+        return ids
+
+    @property
+    def prompt_content(self) -> list[int]:
+        """The prompt as the prefix cache tells prompts apart within one adapter (its own list, not a copy,
+        when it holds no image)."""
+        return self._content_ids(len(self.prompt_ids)) if self.images else self.prompt_ids
 
     @property
     def output_ids(self) -> tuple[int, ...]:

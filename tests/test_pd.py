@@ -26,11 +26,11 @@ COMMON = ["--max_total_token_num", "3000", "--max_req_total_len", "512", "--quan
 class Node:
     """A prefill or decode node (no HTTP): started, logged, killed or stopped with its process group."""
 
-    def __init__(self, role: str, model_dir: Path, master_port: int, log: Path):
+    def __init__(self, role: str, model_dir: Path | str, master_port: int, log: Path, flags: list[str] = COMMON):
         self.log_path = log
         self.log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "lightllm.server.api_server", "--run_mode", role,
-                                      "--model_dir", str(model_dir), *COMMON, "--pd_master_port", str(master_port),
+                                      "--model_dir", str(model_dir), *flags, "--pd_master_port", str(master_port),
                                       "--engine_threads", "1"],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -43,7 +43,7 @@ class Node:
 
 
 class Master:
-    def __init__(self, model_dir: Path, master_port: int, log: Path):
+    def __init__(self, model_dir: Path | str, master_port: int, log: Path):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
@@ -168,6 +168,11 @@ def test_master_prefill_decode_match_single_server_and_survive_a_dead_decode_nod
         master.wait_status("/readiness", {200}, 120, nodes)
 
         assert run_all(master.base_url) == expected
+        # the prefill node's prefix cache: the same prompt again is served from it (usage says how much)
+        body = {"prompt": PROMPTS[2] * 8, "max_tokens": 2, "temperature": 0}
+        first, again = (requests.post(master.base_url + "/v1/completions", json=body, timeout=60) for _ in range(2))
+        assert first.status_code == again.status_code == 200, again.text
+        assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 32
 
         # a decode node killed mid-stream: the stream ends with a 503 error event, not a hang
         body = {"messages": CHAT, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
@@ -218,3 +223,30 @@ def test_run_mode_flags_parse():
     args = parse_args(["--run_mode", "decode", "--pd_master_ip", "10.0.0.1", "--pd_master_port", "1300"])
     assert (args.run_mode, args.pd_master_ip, args.pd_master_port) == ("decode", "10.0.0.1", 1300)
     assert parse_args([]).run_mode == "normal"
+
+
+@pytest.mark.slow
+@pytest.mark.qwen
+def test_documented_programs_through_the_master_on_qwen(tmp_path):
+    """The four documented client programs, unchanged, through a pd_master with Qwen2.5-Coder-0.5B nodes."""
+    from scripts.check_documented_programs import PROGRAMS, _judge
+
+    fetched = subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_qwen25_coder.py")], capture_output=True,
+                             text=True)
+    if fetched.returncode != 0:
+        pytest.skip(f"Qwen2.5-Coder GGUF could not be fetched: {fetched.stderr[-500:]}")
+    path = fetched.stdout.strip().splitlines()[-1]
+    flags = ["--max_total_token_num", "8000", "--max_req_total_len", "4096"]
+    port = free_port()
+    master = Master(path, port, tmp_path / "master.log")
+    nodes = [Node(role, path, port, tmp_path / f"{role}.log", flags) for role in ("prefill", "decode")]
+    try:
+        master.wait_status("/readiness", {200}, 600, nodes)
+        for name, program in PROGRAMS.items():
+            out = subprocess.run([sys.executable, "-c", program, master.base_url], capture_output=True, text=True,
+                                 timeout=600)
+            assert out.returncode == 0 and _judge(name, out.stdout), (name, out.stdout[-2000:], out.stderr[-2000:])
+    finally:
+        master.stop()
+        for node in nodes:
+            node.kill()

@@ -26,6 +26,9 @@ UNEXPRESSIBLE_RULES = {
     "a tool's parameters that are a valid JSON Schema": r"^invalid 'parameters' schema for tool ",
     "tool-call arguments that are a JSON text": r"^tool call .* has arguments that are not valid JSON$",
     "images only for a model that takes them (server state)": r"^model '.*' does not take images \(a text-only",
+    "adapter routes only on a server that serves LoRA adapters (server state)": r"^LoRA adapters are off: start ",
+    "an adapter folder on the server that fits the model (server state)": r"^cannot load LoRA adapter '.*': ",
+    "an adapter name not served yet (server state)": r"^the name '.*' is already served$",
 }
 # Output-constraint fields (lightllm/server/structured.py): their contents must parse and compile, and one
 # constraint per request. Some of these rules could be written in the document (non-empty strings and

@@ -228,3 +228,26 @@ def test_long_prefill_segment_and_decoding_rows_in_one_step(family_models):
     requests = [(PROMPTS[1], 0), (PROMPTS[2], 1), (long_prompt, 2), (long_prompt, None)]
     _, outputs, recorded = run_mixed(base, adapters, requests, chunked_prefill_size=32)
     assert_matches_merged(base, adapters, requests, outputs, recorded)
+
+
+def test_residency_waits_for_a_busy_slot_and_evicts_the_least_recently_used(family_models):
+    from lightllm.engine.lora import LoraManager
+    from lightllm.engine.model_setup import model_config_for
+
+    base, adapters = family_models["llama"]
+    manager = LoraManager(model_config_for(EngineConfig(model_path=str(base))), max_loras=2, max_rank=64)
+    for i, path in enumerate(adapters):
+        manager.register(f"a{i}", str(path))
+    assert list(manager.resident) == ["a0", "a1"]  # a2 is registered (checked) but not resident
+    assert manager.acquire("a2", busy={"a0", "a1"}) is None  # both slots in use: the request waits
+    manager.acquire("a0", busy=set())  # a0 becomes the most recently used
+    a2 = manager.acquire("a2", busy=set())
+    assert a2 is not None and list(manager.resident) == ["a0", "a2"] and manager.evictions == 1
+    uid = manager.uid("a2")
+    manager.unregister("a2")
+    with pytest.raises(KeyError):
+        manager.acquire("a2", busy=set())
+    manager.register("a2", str(adapters[2]))
+    assert manager.uid("a2") != uid  # a new registration: a new prefix-cache namespace
+    with pytest.raises(AdapterError, match="already loaded"):
+        manager.register("a2", str(adapters[2]))

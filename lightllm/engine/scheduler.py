@@ -198,16 +198,22 @@ class Scheduler:
         busy = {s.lora_name for s in self.running if s.lora_name is not None}
         try:
             adapter = self.lora.acquire(seq.lora_name, busy)
-        except (KeyError, ValueError) as exc:
-            reason = f"LoRA adapter {seq.lora_name!r} is not loaded" if isinstance(exc, KeyError) else str(exc)
-            self.waiting.remove(seq)
-            self._finish(seq, "abort")
-            self._failed.append((seq, EngineError("client", reason)))
-            return False
+        except KeyError:
+            if seq.lora is not None:  # preempted after it started: it finishes on the weights it holds
+                return True
+            return self._refuse_adapter(seq, f"LoRA adapter {seq.lora_name!r} is not loaded")
+        except ValueError as exc:  # AdapterError: its folder no longer reads
+            return self._refuse_adapter(seq, str(exc))
         if adapter is None:
             return False
         seq.lora = adapter
         return True
+
+    def _refuse_adapter(self, seq: Sequence, reason: str) -> bool:
+        self.waiting.remove(seq)
+        self._finish(seq, "abort")
+        self._failed.append((seq, EngineError("client", reason)))
+        return False
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """Prompt-lookup draft for a decoding sequence, within the step budget and its length limits (every

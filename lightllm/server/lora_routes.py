@@ -60,7 +60,8 @@ async def load_lora_adapter(req: LoadLoraAdapterRequest, request: Request):
                        code="lora_name_in_use")
     reply = await _call(state, req.lora_name, req.lora_path)
     if reply.error is not None:
-        raise APIError(400, reply.error, param="lora_path", code="invalid_lora_adapter")
+        raise APIError(400, f"cannot load LoRA adapter {req.lora_name!r}: {reply.error}", param="lora_path",
+                       code="invalid_lora_adapter")
     state.lora_adapters[req.lora_name] = req.lora_path
     return {"message": f"Success: LoRA adapter '{req.lora_name}' added successfully.", "lora_name": req.lora_name}
 

@@ -170,3 +170,19 @@ def test_cache_keys_tell_images_apart_and_cost_nothing_without_images():
     assert red.prompt_content[offset] != blue.prompt_content[offset] and red.prompt_content[offset] < 0
     assert red.prompt_content == red.cache_key(len(ids)) != ids
     assert text.prompt_content is text.prompt_ids  # no copy for a text-only prompt
+
+
+def test_a_gguf_vision_projector_is_refused_saying_what_it_is(tmp_path):
+    import gguf
+
+    from lightllm.models.loading.loader import load_model_config
+
+    path = tmp_path / "mmproj-model-f16.gguf"
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_tensor("v.patch_embd.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="vision projector .*mmproj"):
+        load_model_config(path)

@@ -12,7 +12,8 @@ TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH) ** 2
 
 def build_tiny_llava(path: Path, vocab_size: int = 300, image_token_id: int = 299, **text_overrides) -> Path:
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
 
     text = LlamaConfig(**{**dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

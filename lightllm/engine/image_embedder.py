@@ -1,8 +1,8 @@
 """Images in prefill: each image's embeddings from the vision encoder (run on its own thread when the request
-arrives, while the running requests' steps go on), kept in a bounded cache by content digest (LightLLM's `--cache_capacity`: the same image in another request is
-not encoded again; one evicted before its request's prefill is encoded again then), and laid on the rows of
-a step that hold its placeholder tokens. A prefill chunk may begin or end inside an image: each row takes
-the embedding of its own position in the image's run."""
+arrives, while the running requests' steps go on), kept in a bounded cache by content digest (LightLLM's
+`--cache_capacity`: the same image in another request is not encoded again; one evicted before its request's
+prefill is encoded again then), and laid on the rows of a step that hold its placeholder tokens. A prefill
+chunk may begin or end inside an image: each row takes the embedding of its own position in the image's run."""
 
 from __future__ import annotations
 

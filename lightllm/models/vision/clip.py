@@ -69,8 +69,8 @@ class ClipTower:
     def hidden_state(self, pixels: torch.Tensor, layer: int) -> torch.Tensor:
         """The encoder's hidden states after `layer` layers (0: the normed embeddings; transformers'
         `hidden_states[layer]`), [images, 1 + patches, hidden]; the layers above it are not run."""
-        patches = F.conv2d(pixels.to(self.t["embeddings.patch_embedding.weight"].dtype),
-                           self.t["embeddings.patch_embedding.weight"], stride=self.config.patch_size)
+        weight = self.t["embeddings.patch_embedding.weight"]
+        patches = F.conv2d(pixels.to(weight.device, weight.dtype), weight, stride=self.config.patch_size)
         patches = patches.flatten(2).transpose(1, 2)  # [images, patches, hidden]
         cls = self.t["embeddings.class_embedding"].expand(patches.shape[0], 1, -1)
         h = torch.cat([cls, patches], dim=1) + self.t["embeddings.position_embedding.weight"]

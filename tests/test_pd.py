@@ -174,6 +174,18 @@ def test_master_prefill_decode_match_single_server_and_survive_a_dead_decode_nod
         assert first.status_code == again.status_code == 200, again.text
         assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 32
 
+        # a client that leaves mid-stream: both nodes drop the request and hold no KV for it
+        body = {"prompt": PROMPTS[1], "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+        with requests.post(master.base_url + "/v1/completions", json=body, stream=True, timeout=60) as r:
+            next(line for line in r.iter_lines() if line.startswith(b"data: "))
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            load = requests.get(master.base_url + "/token_load", timeout=5).json()
+            if load["running"] == load["waiting"] == load["kv_used_by_requests"] == 0:
+                break
+            time.sleep(0.2)
+        assert load["running"] == load["waiting"] == load["kv_used_by_requests"] == 0, load
+
         # a decode node killed mid-stream: the stream ends with a 503 error event, not a hang
         body = {"messages": CHAT, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
         started = time.time()

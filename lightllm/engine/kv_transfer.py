@@ -153,6 +153,9 @@ class KVTransfer:
         self._jobs.put(guarded)
 
     def _run(self) -> None:
+        device = self.groups.device
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # NCCL works on the thread's current device
         while (job := self._jobs.get()) is not None:
             self._done.put(job())
 

@@ -255,6 +255,8 @@ class Scheduler:
         return self.prefix_cache.match_len(seq.cache_key(seq.total_len - 1))
 
     def _future_need(self, seq: Sequence) -> int:
+        if self.handoff:  # a prefill node computes the prompt only: its output's KV lives on a decode node
+            return seq.num_pending
         return seq.num_pending + min(seq.remaining_new_tokens, self.new_token_estimate)
 
     def _has_room(self) -> bool:
@@ -265,10 +267,10 @@ class Scheduler:
         """`uncached`: prompt tokens the prefix cache cannot serve."""
         if not self._has_room():
             return False
-        if not self.running:
+        if not self.running and not self.parked:  # KV parked for a transfer is freed soon: wait for it
             return True  # alone it always runs; one that cannot fit the pool at all fails in schedule()
         available = self.pool.num_free + (self.prefix_cache.evictable() if self.prefix_cache else 0)
-        need = uncached + min(seq.remaining_new_tokens, self.new_token_estimate)
+        need = uncached + (0 if self.handoff else min(seq.remaining_new_tokens, self.new_token_estimate))
         reserved = sum(self._future_need(s) for s in self.running)
         return available - reserved >= need
 

@@ -173,6 +173,15 @@ def test_master_prefill_decode_match_single_server_and_survive_a_dead_decode_nod
         first, again = (requests.post(master.base_url + "/v1/completions", json=body, timeout=60) for _ in range(2))
         assert first.status_code == again.status_code == 200, again.text
         assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 32
+        flushed = requests.post(master.base_url + "/flush_cache", timeout=30)  # every node's prefix cache
+        assert flushed.status_code == 200 and flushed.json()["freed_tokens"] >= 32, flushed.text
+        # the other routes run on the master as on a single server
+        info = requests.get(master.base_url + "/get_server_info", timeout=10).json()
+        assert info["run_mode"] == "pd_master" and info["max_model_len"] == 512
+        assert requests.get(master.base_url + "/metrics", timeout=10).status_code == 200
+        r = requests.post(master.base_url + "/v1/messages", json={"model": "m", "max_tokens": 8, "messages": CHAT,
+                                                                  "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["content"], r.text
 
         # a client that leaves mid-stream: both nodes drop the request and hold no KV for it
         body = {"prompt": PROMPTS[1], "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}

@@ -9,6 +9,11 @@ same random LLaVA checkpoint, fp32 on CPU.
 Each image is new (a different seed), so neither the encoder cache nor the prefix cache serves it; one
 warm-up request first. Prints one JSON line with both sides' TTFT per request (seconds). The script starts
 and stops the server it measures.
+
+    python benchmarks/vlm_ttft.py --size clip-l --interference
+
+instead streams one text-only chat (greedy, ignore_eos) and sends an image request while it runs: the text
+stream's inter-token gaps before the image arrives and while it is encoded and prefilled, and the longest.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ QUESTION = "What is in this picture?"
 
 
 def build(path: Path, size: str) -> Path:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
 
     from lightllm.tokenizer import load_tokenizer
     from lightllm.models.loading.catalog import smollm2_path
@@ -73,42 +79,90 @@ def png(seed: int) -> bytes:
     return draw_png(seed, size=(448, 448))
 
 
-def ours(model_dir: Path, seeds: list[int]) -> list[float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(model_dir / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "lightllm.server.api_server", "--model_dir", str(model_dir),
-                             "--port", str(port), "--max_total_token_num", "4096", "--quant_type", "none"],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+class Server:
+    """Our server on the checkpoint, on loopback, stopped at the end."""
+
+    def __init__(self, model_dir: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.log = open(model_dir / "server.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "lightllm.server.api_server", "--model_dir",
+                                      str(model_dir), "--port", str(port), "--max_total_token_num", "4096",
+                                      "--quant_type", "none", "--spec_ngram_tokens", "0"],
+                                     cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 600
         while time.time() < deadline:
             try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
             except requests.RequestException:
                 time.sleep(0.5)
+        raise RuntimeError("the server did not start")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(30)
+        self.log.close()
+
+    def stream(self, content, max_tokens: int) -> list[float]:
+        """Arrival times of the streamed tokens (the first chunk carries only the role)."""
+        body = {"model": "m", "stream": True, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": content}]}
+        times = []
+        with requests.post(self.url + "/v1/chat/completions", json=body, stream=True, timeout=900) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if line.startswith(b"data: {") and b'"content": ""' not in line and b'"content"' in line:
+                    times.append(time.perf_counter())
+        return times
+
+
+def image_content(seed: int) -> list[dict]:
+    image = "data:image/png;base64," + base64.b64encode(png(seed)).decode()
+    return [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": QUESTION}]
+
+
+def ours(model_dir: Path, seeds: list[int]) -> list[float]:
+    server = Server(model_dir)
+    try:
         times = []
         for seed in seeds:
-            image = "data:image/png;base64," + base64.b64encode(png(seed)).decode()
-            body = {"model": "m", "stream": True, "max_tokens": 2, "temperature": 0,
-                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                                              {"type": "text", "text": QUESTION}]}]}
             start = time.perf_counter()
-            with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as response:
-                response.raise_for_status()
-                for line in response.iter_lines():
-                    # the first chunk carries only the role; the first token's chunk has content
-                    if line.startswith(b"data: {") and b'"content": ""' not in line and b'"content"' in line:
-                        break
+            server.stream(image_content(seed), max_tokens=1)
             times.append(time.perf_counter() - start)
         return times
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-        log.close()
+        server.stop()
+
+
+def interference(model_dir: Path) -> dict:
+    """A text stream's token gaps before and while an image request is served."""
+    import statistics
+    import threading
+
+    server = Server(model_dir)
+    try:
+        server.stream(image_content(1), max_tokens=1)  # warm-up
+        text_times: list[float] = []
+        thread = threading.Thread(target=lambda: text_times.extend(server.stream("Tell me a long story.", 1500)))
+        thread.start()
+        time.sleep(8)
+        sent = time.perf_counter()
+        image_ttft = server.stream(image_content(2), max_tokens=1)[0] - sent
+        answered = time.perf_counter()
+        thread.join()
+    finally:
+        server.stop()
+    gaps = [(b, b - a) for a, b in zip(text_times, text_times[1:])]
+    before = [g for t, g in gaps if t < sent]
+    during = [g for t, g in gaps if sent <= t <= answered]
+    return {"image_ttft_s": round(image_ttft, 2),
+            "text_gap_ms_before": {"p50": round(1000 * statistics.median(before), 1), "n": len(before)},
+            "text_gap_ms_during_image": {"p50": round(1000 * statistics.median(during), 1) if during else None,
+                                         "max": round(1000 * max(during), 1) if during else None,
+                                         "n": len(during)}}
 
 
 def theirs(model_dir: Path, seeds: list[int]) -> list[float]:
@@ -140,14 +194,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--requests", type=int, default=3)
+    parser.add_argument("--interference", action="store_true", help="a text stream's gaps while an image is served")
     args = parser.parse_args()
     seeds = list(range(100, 101 + args.requests))  # the first is the warm-up
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build(Path(tmp) / "llava", args.size)
+        if args.interference:
+            print(json.dumps({"size": args.size, **interference(model_dir)}))
+            return
         ours_s = ours(model_dir, seeds)[1:]
         theirs_s = theirs(model_dir, seeds)[1:]
     print(json.dumps({"size": args.size, "image": "448x448 PNG", "ours_ttft_s": [round(t, 3) for t in ours_s],
-                      "transformers_ttft_s": [round(t, 3) for t in theirs_s], "torch_threads": torch.get_num_threads()}))
+                      "transformers_ttft_s": [round(t, 3) for t in theirs_s],
+                      "torch_threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":

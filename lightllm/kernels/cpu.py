@@ -59,7 +59,7 @@ _SIGNATURES = {
     "lk_tiled_matmul": [_ptr, _ptr, _int, _i64, _ptr, _i64, _int],
     "lk_tiled_fast": [],
     "lk_tiled_rows": [_ptr, _ptr, _i64, _ptr],
-    "lk_lora_bgmv": [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr],
+    "lk_lora_bgmv": [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr],
 }
 
 
@@ -249,17 +249,21 @@ class CpuKernels:
         return out
 
     def lora_bgmv(self, x: torch.Tensor, y: torch.Tensor, a_ptrs: torch.Tensor, bt_ptrs: torch.Tensor,
-                  ranks: torch.Tensor, row_index: torch.Tensor, offsets: torch.Tensor) -> None:
-        """y[t] += (A_g @ x[t]) @ Bt_g for the rows t of each adapter g, row_index[offsets[g]:offsets[g + 1]]
-        (lora_bgmv.c): x [T, in] and y [T, out] float32; per adapter the addresses of its float32 contiguous
-        A [R_g, in] and Bt [R_g, out] (the caller keeps those tensors alive) and R_g (0: no pair); int64."""
+                  meta_ptrs: torch.Tensor, ranks: torch.Tensor, row_index: torch.Tensor,
+                  offsets: torch.Tensor) -> None:
+        """y[t] += each part's (A_g @ x[t]) @ Bt_part for the rows t of each adapter g, row_index[offsets[g]:
+        offsets[g + 1]] (lora_bgmv.c): x [T, in] and y [T, out] float32; per adapter the addresses of its float32
+        contiguous A [R_g, in], its parts' Bt (flat) and its int64 part table (models/lora/adapter.py's
+        LowRankPair; the caller keeps those tensors alive) and R_g (0: no pair); int64 tensors."""
         _check(x, y)
-        _check_index(a_ptrs, bt_ptrs, ranks, row_index, offsets)
+        _check_index(a_ptrs, bt_ptrs, meta_ptrs, ranks, row_index, offsets)
         n = ranks.shape[0]
-        if x.dtype != torch.float32 or y.dtype != torch.float32 or x.shape[0] != y.shape[0] or offsets.shape[0] != n + 1:
+        if (x.dtype != torch.float32 or y.dtype != torch.float32 or x.shape[0] != y.shape[0]
+                or offsets.shape[0] != n + 1):
             raise KernelError("lora_bgmv takes float32 x [T, in], y [T, out] and offsets [adapters + 1]")
         self._ok(self._lib.lk_lora_bgmv(x.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], y.shape[1],
-                                        a_ptrs.data_ptr(), bt_ptrs.data_ptr(), ranks.data_ptr(), n,
+                                        a_ptrs.data_ptr(), bt_ptrs.data_ptr(), meta_ptrs.data_ptr(), ranks.data_ptr(),
+                                        n,
                                         row_index.data_ptr(), offsets.data_ptr()), "lora_bgmv")
 
     def gguf_matmul_bound(self, type_code: int, blocks: torch.Tensor,

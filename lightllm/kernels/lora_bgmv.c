@@ -1,7 +1,8 @@
 /* LoRA adapter products of a batch whose rows use different adapters, one call per fused linear (Punica's
  * BGMV: every row gets its own adapter's pair, whatever the mix). For each row t of adapter g:
- *     v = A_g x_t            (A_g: [R_g, in], row-major)
- *     y_t += v^T Bt_g        (Bt_g: [R_g, out], row-major: B's transpose, scalings folded in)
+ *     v = A_g x_t                          (A_g: [R_g, in], row-major; every part's ranks stacked)
+ *     y_t[c:c + w] += v[part] Bt_part      per part (q, k, v of a fused qkv): its ranks r, columns c .. c + w,
+ *                                          Bt_part [r, w] row-major (B's transpose, scaling folded in)
  * The rows come grouped by adapter (row_index, offsets: CSR), and each adapter's weights are read once for all of
  * its rows (decode is bound by reading weights). A matmul pair per adapter and linear instead would cost a call
  * and its dispatch per adapter, linear and layer. Float32 throughout; a row's result depends on that row only
@@ -32,15 +33,24 @@ static inline float lora_dot(const float *a, const float *x, int64_t n) {
 #endif
 }
 
-/* x [T, in] and y [T, out] float32. Per adapter g: a_ptrs[g], bt_ptrs[g] (addresses of A_g, Bt_g) and ranks[g]
+/* x [T, in] and y [T, out] float32. Per adapter g: a_ptrs[g], bt_ptrs[g] (addresses of A_g and of its parts'
+ * Bt one after the other), meta_ptrs[g] (int64: parts, then rank, first column, width per part) and ranks[g]
  * (0: no pair for this linear, its rows are left alone); its rows are row_index[offsets[g] .. offsets[g + 1]). */
 int lk_lora_bgmv(const float *x, float *y, int64_t T, int64_t in, int64_t out, const int64_t *a_ptrs,
-                 const int64_t *bt_ptrs, const int64_t *ranks, int64_t n_adapters, const int64_t *row_index,
-                 const int64_t *offsets) {
+                 const int64_t *bt_ptrs, const int64_t *meta_ptrs, const int64_t *ranks, int64_t n_adapters,
+                 const int64_t *row_index, const int64_t *offsets) {
     for (int64_t g = 0; g < n_adapters; g++) {
         if (ranks[g] < 0 || ranks[g] > LORA_MAX_RANK || offsets[g] > offsets[g + 1]) return 1;
         for (int64_t j = offsets[g]; j < offsets[g + 1]; j++)
             if (row_index[j] < 0 || row_index[j] >= T) return 2;
+        if (ranks[g] == 0) continue;
+        const int64_t *meta = (const int64_t *)(intptr_t)meta_ptrs[g];
+        int64_t total = 0;
+        for (int64_t p = 0; p < meta[0]; p++) {
+            if (meta[2 + 3 * p] < 0 || meta[2 + 3 * p] + meta[3 + 3 * p] > out) return 4;
+            total += meta[1 + 3 * p];
+        }
+        if (total != ranks[g]) return 4;
     }
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) if (n_adapters > 1)
@@ -48,6 +58,7 @@ int lk_lora_bgmv(const float *x, float *y, int64_t T, int64_t in, int64_t out, c
         const int64_t R = ranks[g], n = offsets[g + 1] - offsets[g];
         if (R == 0 || n == 0) continue;
         const float *A = (const float *)(intptr_t)a_ptrs[g], *Bt = (const float *)(intptr_t)bt_ptrs[g];
+        const int64_t *meta = (const int64_t *)(intptr_t)meta_ptrs[g];
         const int64_t *rows = row_index + offsets[g];
         float *v = malloc((size_t)(n * R) * sizeof(float)); /* v[j * R + r] for the adapter's j-th row */
         if (v == NULL) {
@@ -58,14 +69,20 @@ int lk_lora_bgmv(const float *x, float *y, int64_t T, int64_t in, int64_t out, c
             const float *a = A + r * in;
             for (int64_t j = 0; j < n; j++) v[j * R + r] = lora_dot(a, x + rows[j] * in, in);
         }
-        for (int64_t r = 0; r < R; r++) {
-            const float *b = Bt + r * out;
-            for (int64_t j = 0; j < n; j++) {
-                const float s = v[j * R + r];
-                float *yt = y + rows[j] * out;
+        int64_t r0 = 0;
+        for (int64_t p = 0; p < meta[0]; p++) {
+            const int64_t rp = meta[1 + 3 * p], col = meta[2 + 3 * p], w = meta[3 + 3 * p];
+            for (int64_t r = 0; r < rp; r++) {
+                const float *b = Bt + r * w;
+                for (int64_t j = 0; j < n; j++) {
+                    const float s = v[j * R + r0 + r];
+                    float *yt = y + rows[j] * out + col;
 #pragma omp simd
-                for (int64_t o = 0; o < out; o++) yt[o] = fmaf(s, b[o], yt[o]);
+                    for (int64_t o = 0; o < w; o++) yt[o] = fmaf(s, b[o], yt[o]);
+                }
             }
+            Bt += rp * w;
+            r0 += rp;
         }
         free(v);
     }

@@ -2,9 +2,9 @@
 base model, as float low-rank pairs laid out for the decoder's fused linears.
 
 The decoder runs q/k/v as one `qkv` matmul and gate/up as one `gate_up` matmul, so an adapter's per-module
-pairs are joined per fused linear: A = [A_q; A_k; A_v] (ranks stacked) and B block-structured, each part's
-rows holding its own B times its scaling in its own columns. Then one shrink (x @ A.T) and one expand
-(@ B.T) give every part's delta in place: the same sum as PEFT's per-module `scaling * B(A(x))`.
+pairs are joined per fused linear: A = [A_q; A_k; A_v] (ranks stacked: one shrink x @ A.T for all parts), and
+each part's B (times its scaling, transposed) expands its own ranks into its own columns of the output: the
+same sum as PEFT's per-module `scaling * B(A(x))`, with no zero blocks stored or multiplied.
 """
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ class AdapterError(ValueError):
 
 @dataclass
 class LowRankPair:
-    """delta = (x @ a.T) @ bt for one fused linear: a [R, in], bt [R, out] (B transposed, the scalings folded in),
-    both float32 and contiguous."""
+    """One fused linear's low-rank pair: v = x @ a.T (a [R, in], every part's ranks stacked), then for each part
+    (rank r, first output column c, width w) out[:, c:c + w] += v[:, its ranks] @ bt_part, bt_part [r, w] being
+    its B transposed with the scaling folded in. `bt` holds the parts' bt_part one after the other (flat) and
+    `meta` [1 + 3 * parts] = (parts, then r, c, w per part): the C kernel's view; all contiguous."""
 
     a: torch.Tensor
     bt: torch.Tensor
+    meta: torch.Tensor
+    parts: list[tuple[int, int, int, torch.Tensor]]  # (first rank, first column, rank, bt_part view)
 
 
 @dataclass(eq=False)  # identity: batches and caches key by the adapter object
@@ -167,12 +171,13 @@ def _join(target: str, parts: list[tuple[int, torch.Tensor, torch.Tensor]],
     for module in modules:
         col_starts.append(col)
         col += shapes[module][1]
-    total_rank = sum(a.shape[0] for _, a, _ in parts)
-    b_full = torch.zeros(col, total_rank)
-    r0 = 0
-    for part, a, b in sorted(parts, key=lambda p: p[0]):
-        r = a.shape[0]
-        b_full[col_starts[part]:col_starts[part] + b.shape[0], r0:r0 + r] = b
-        r0 += r
-    a_full = torch.cat([a for _, a, _ in sorted(parts, key=lambda p: p[0])]).contiguous()
-    return LowRankPair(a_full, b_full.t().contiguous())
+    ordered = sorted(parts, key=lambda p: p[0])
+    bt = torch.cat([b.t().contiguous().reshape(-1) for _, _, b in ordered])
+    meta, views, r0, at = [len(ordered)], [], 0, 0
+    for part, a, b in ordered:
+        r, width = a.shape[0], b.shape[0]
+        meta += [r, col_starts[part], width]
+        views.append((r0, col_starts[part], r, bt[at:at + r * width].view(r, width)))
+        r0, at = r0 + r, at + r * width
+    a_full = torch.cat([a for _, a, _ in ordered]).contiguous()
+    return LowRankPair(a_full, bt, torch.tensor(meta, dtype=torch.int64), views)

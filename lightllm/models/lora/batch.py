@@ -41,7 +41,7 @@ def _pointer_tables(adapters: tuple[LoraAdapter, ...]) -> dict[tuple[int, str], 
             pairs = [adapter.layers[layer].get(target) for adapter in adapters]
             tables[(layer, target)] = tuple(torch.tensor(values, dtype=torch.int64) for values in (
                 [p.a.data_ptr() if p else 0 for p in pairs], [p.bt.data_ptr() if p else 0 for p in pairs],
-                [p.a.shape[0] if p else 0 for p in pairs]))
+                [p.meta.data_ptr() if p else 0 for p in pairs], [p.a.shape[0] if p else 0 for p in pairs]))
     _tables[adapters] = tables
     while len(_tables) > _POINTER_TABLES:
         _tables.popitem(last=False)
@@ -98,15 +98,17 @@ class LoraBatch:
             if pair is None:
                 continue
             xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-            delta = torch.mm(torch.mm(xs.float(), pair.a.t()), pair.bt)
-            if isinstance(rows, slice):
-                out[rows] += delta
-            else:
-                out.index_add_(0, rows, delta)
+            v = torch.mm(xs.float(), pair.a.t())
+            for r0, col, r, bt in pair.parts:
+                delta = torch.mm(v[:, r0:r0 + r], bt)
+                if isinstance(rows, slice):
+                    out[rows, col:col + bt.shape[1]] += delta
+                else:
+                    out[:, col:col + bt.shape[1]].index_add_(0, rows, delta)
         if self.gathered:
-            a_ptrs, bt_ptrs, ranks = _pointer_tables(self.gathered)[(layer, target)]
+            a_ptrs, bt_ptrs, meta_ptrs, ranks = _pointer_tables(self.gathered)[(layer, target)]
             xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-            self.kernels.lora_bgmv(xf, out, a_ptrs, bt_ptrs, ranks, self.row_index, self.offsets)
+            self.kernels.lora_bgmv(xf, out, a_ptrs, bt_ptrs, meta_ptrs, ranks, self.row_index, self.offsets)
         return out
 
 

@@ -90,9 +90,10 @@ def test_disconnect_during_prefill_and_during_constrained_stream_frees_kv(server
     body = {"messages": [{"role": "user", "content": long_prompt}], "max_tokens": 50, "stream": True}
     response = requests.post(url, json=body, stream=True, timeout=120)
     lines = response.iter_lines()  # (keep the iterator: dropping it closes the connection)
-    next(lines)  # the role chunk is out; the prompt is still being computed
-    time.sleep(0.3)
-    load = server.token_load()
+    next(lines)  # the role chunk is out (the API sends it at once); the prompt is still being computed
+    deadline = time.monotonic() + 20  # the engine reports its load with its steps' outputs: wait for a step
+    while (load := server.token_load())["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert load["running"] == 1 and load["kv_used_by_requests"] > 0 and load["inflight"] == 1
     response.close()
     assert server.wait_idle()["kv_used_by_requests"] == 0

@@ -56,7 +56,8 @@ class Engine:
         self.compiling: dict[str, tuple[Sequence, Future]] = {}  # requests waiting for their grammar
         self.encoding: dict[str, tuple[Sequence, Future]] = {}  # requests waiting for their images' encoding
         if cfg.grammar_backend != "none":
-            # builds its tokenizer info in a thread, overlapping the weight loading below
+            # builds its tokenizer info on a thread the first constrained request starts: the build holds the
+            # GIL for seconds (transformers' import), which would stall the first steps of every server
             self.grammars = GrammarFactory(cfg.model_path, model_cfg.vocab_size)
         self.max_model_len = min(model_cfg.max_position_embeddings, cfg.max_req_total_len)
         self.quant_type = resolve_quant_type(cfg.quant_type, cfg.model_path, self.device)
@@ -294,8 +295,7 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
     outbox.connect(out_addr)
     try:
         start = time.perf_counter()
-        # Ready without waiting for the grammar thread: only constrained requests need it (they wait for it),
-        # and it runs at a lower CPU priority (engine/grammar.py).
+        # Ready before the grammar engine is built: the first constrained request starts it (engine/grammar.py).
         engine = Engine(cfg, log_level)
         logger.info("model loaded in %.1fs (quant_type=%s, kv_cache_dtype=%s, fused CPU kernels %s)",
                     time.perf_counter() - start, engine.quant_type, str(engine.kv_dtype).replace("torch.", ""),

@@ -120,7 +120,8 @@ class AllowedTokens:
 
 
 class GrammarFactory:
-    """Builds the tokenizer info (in a thread, at start), compiles specs on a worker thread with an LRU cache,
+    """Builds the tokenizer info (in a thread that the first constrained request starts: a server that never
+    constrains output never pays its seconds of GIL-holding imports or its ~90 MB), compiles specs on a worker thread with an LRU cache,
     and makes per-request matchers. Used from the engine's loop thread only (the worker only compiles)."""
 
     def __init__(self, model_path: str, vocab_size: int, cache_limit_bytes: int = CACHE_LIMIT_BYTES):
@@ -135,13 +136,16 @@ class GrammarFactory:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
         self.stats = {"compiled": 0, "cache_hits": 0}
         self._thread = threading.Thread(target=self._build, name="grammar-init", daemon=True)
-        self._thread.start()
+
+    def start(self) -> None:
+        """Begin building the tokenizer info (idempotent; whatever needs the grammar engine calls it too)."""
+        if self._thread.ident is None:
+            self._thread.start()
 
     def _build(self) -> None:
         try:
-            # only constrained requests need this: a lower CPU priority (Linux nice is per thread), so it yields
-            # to the weight loading and the first requests, yet is not starved on a loaded machine (where the
-            # first constrained request waits for it)
+            # a lower CPU priority (Linux nice is per thread), so it yields to the running requests' steps, yet
+            # is not starved on a loaded machine (the constrained request that started it waits for it)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + 5)
         except (AttributeError, OSError):
             pass
@@ -163,11 +167,13 @@ class GrammarFactory:
         return not self._thread.is_alive() and self._error is not None
 
     def wait(self) -> None:
+        self.start()
         self._thread.join()
         if self._error is not None:
             logger.warning("grammar engine unavailable: %s", self._error)
 
     def compiler(self):
+        self.start()
         self._thread.join()
         if self._error is not None:
             raise RuntimeError(f"grammar engine unavailable: {self._error}")
@@ -178,6 +184,7 @@ class GrammarFactory:
         the worker thread (one compilation per key however many requests wait for it). Call `collect()`
         from the loop to move finished compilations into the cache. Never waits for the tokenizer info: while
         it is still being built the worker waits for it, not the engine loop; once it failed, this raises."""
+        self.start()
         if not self._thread.is_alive():
             self.compiler()  # raises when the grammar engine could not be built
         key = spec.cache_key()

@@ -27,13 +27,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.run_mode in ("prefill", "decode"):
         sys.exit(run_pd_node(args, model_path))
 
+    engine = None
+    if args.run_mode != "pd_master":  # (a master has no engine of its own)
+        from lightllm.server.engine_client import EngineClient
+
+        # the engine imports PyTorch and loads the weights while this process imports its routes and tokenizer
+        engine = EngineClient(args.engine_config(model_path), args.log_level, max_restarts=args.max_engine_restarts)
+        engine.spawn()
+
     import uvicorn
 
     from lightllm.server.http_app import create_app
     from lightllm.server.lifecycle import DrainingServer, Lifecycle
 
     lifecycle = Lifecycle(shutdown_timeout=args.shutdown_timeout)
-    app = create_app(args, model_path, lifecycle)
+    app = create_app(args, model_path, lifecycle, engine)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, lifecycle)

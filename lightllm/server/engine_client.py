@@ -71,18 +71,28 @@ class EngineClient:
             sock.close(linger=0)
         self._bind()
 
-    async def start(self) -> EngineReady:
-        self.info = await self._launch()
-        self._recv_task = asyncio.create_task(self._receive_loop())
-        self._watch_task = asyncio.create_task(self._supervise())
-        return self.info
-
-    async def _launch(self) -> EngineReady:
+    def spawn(self) -> None:
+        """Start the engine process without waiting for it: the API server calls this before it imports its
+        routes, so the engine imports PyTorch and loads the weights meanwhile. `start()` then waits for it."""
         ctx = multiprocessing.get_context("spawn")
         self.process = ctx.Process(target=engine_main, name="lightllm-engine",
                                    args=(self.engine_config, self.in_addr, self.out_addr, self.log_level),
                                    daemon=True)
         self.process.start()
+
+    async def start(self) -> EngineReady:
+        if self.process is None:
+            self.spawn()
+        self.info = await self._until_ready()
+        self._recv_task = asyncio.create_task(self._receive_loop())
+        self._watch_task = asyncio.create_task(self._supervise())
+        return self.info
+
+    async def _launch(self) -> EngineReady:
+        self.spawn()
+        return await self._until_ready()
+
+    async def _until_ready(self) -> EngineReady:
         while True:
             if await self.from_engine.poll(500):
                 msg = await self.from_engine.recv_pyobj()

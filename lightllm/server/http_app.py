@@ -27,8 +27,12 @@ from lightllm.server.state import ServerState, engine_unavailable
 logger = logging.getLogger("lightllm.api")
 
 
-def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = None) -> FastAPI:
+def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = None,
+               engine: EngineClient | None = None) -> FastAPI:
+    """`engine`: a client whose process the caller already spawned (api_server does, before importing this
+    module); else the app starts its own at start-up."""
     lifecycle = lifecycle or Lifecycle(shutdown_timeout=args.shutdown_timeout)
+    spawned = engine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -40,8 +44,9 @@ def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = 
 
             engine = PDMasterClient(args.pd_master_ip, args.pd_master_port)
         else:
-            engine = EngineClient(args.engine_config(model_path), args.log_level,
-                                  max_restarts=args.max_engine_restarts, on_give_up=lifecycle.fail)
+            engine = spawned or EngineClient(args.engine_config(model_path), args.log_level,
+                                             max_restarts=args.max_engine_restarts)
+            engine.on_give_up = lifecycle.fail
         tokenizer_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_path, args.chat_template,
                                                                args.trust_remote_code, args.tokenizer_mode))
         try:

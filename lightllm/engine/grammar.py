@@ -121,8 +121,8 @@ class AllowedTokens:
 
 class GrammarFactory:
     """Builds the tokenizer info (in a thread that the first constrained request starts: a server that never
-    constrains output never pays its seconds of GIL-holding imports or its ~90 MB), compiles specs on a worker thread with an LRU cache,
-    and makes per-request matchers. Used from the engine's loop thread only (the worker only compiles)."""
+    constrains output never pays its seconds of GIL-holding imports or its ~90 MB), compiles specs on a worker
+    thread with an LRU cache, and makes per-request matchers. Used from the engine's loop thread only (the worker only compiles)."""
 
     def __init__(self, model_path: str, vocab_size: int, cache_limit_bytes: int = CACHE_LIMIT_BYTES):
         self.model_path = model_path

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,25 @@ def test_master_prefill_decode_match_single_server_and_survive_a_dead_decode_nod
             "inputs": PROMPTS[0], "parameters": {"do_sample": False, "max_new_tokens": 20, "ignore_eos": True,
                                                  "return_details": True}}, timeout=60)
         assert r.status_code == 200 and [t["id"] for t in r.json()["tokens"][0]] == expected["ids0"]
+
+        # a second decode node shares the load: concurrent requests go to both (the one with fewer in flight)
+        nodes.append(Node("decode", model_dir, port, tmp_path / "decode3.log"))
+        deadline = time.time() + 120
+        while "registering with the master" not in nodes[3].log_path.read_text() and time.time() < deadline:
+            assert nodes[3].proc.poll() is None, nodes[3].log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1.0)  # its registration reaches the master
+
+        def generate(i: int) -> list[int]:
+            r = requests.post(master.base_url + "/generate", json={
+                "inputs": PROMPTS[i % 3], "parameters": {"do_sample": False, "max_new_tokens": 20, "ignore_eos": True,
+                                                         "return_details": True}}, timeout=120)
+            assert r.status_code == 200, r.text
+            return [t["id"] for t in r.json()["tokens"][0]]
+
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(generate, range(4))) == [expected[f"ids{i % 3}"] for i in range(4)]
+        assert "KV transfer group with prefill" in nodes[3].log_path.read_text()  # it received KV
     finally:
         master.stop()
         for node in nodes:

@@ -203,3 +203,27 @@ def test_a_prefill_node_lost_after_the_handoff_leaves_the_decoding_request_alone
         finally:
             await _teardown(master, ctx)
     asyncio.run(run())
+
+
+def test_a_request_aborted_while_its_receive_is_set_up_still_completes_the_transfer():
+    """A posted receive cannot be cancelled: the prefill node keeps the KV and sends it once the decode node has
+    accepted, and the decode node (told to abort) drops the pages; nothing waits for a timeout."""
+    async def run():
+        master, ctx, prefill, (decode,) = await _setup()
+        try:
+            gen = master.generate("r", [5, 6, 7], SamplingParams())
+            first = asyncio.create_task(gen.__anext__())
+            await _prefill_first_token(prefill, 1)
+            assert (await asyncio.wait_for(first, 5)).token_id == 7
+            receive = await decode.recv()
+            assert isinstance(receive, ReceiveKV)
+            await gen.aclose()  # the client leaves
+            abort = await decode.recv()
+            assert isinstance(abort, AbortRequest) and abort.rid == "r"
+            await decode.send(KVAccepted("r"))  # it had already posted the receive
+            send = await prefill.recv()
+            assert isinstance(send, SendKV) and send.rid == "r" and send.tag == receive.tag
+            assert not master.unwinding and not master.flights
+        finally:
+            await _teardown(master, ctx)
+    asyncio.run(run())

@@ -57,6 +57,7 @@ class Flight:
     decode: str | None = None
     tag: int = 0
     ready: KVReady | None = None
+    sent: bool = False  # SendKV went to the prefill node
 
 
 def _failed(rid: str, kind: str, message: str) -> TokenOutput:
@@ -73,6 +74,10 @@ class PDMasterClient:
         self.sock.bind(self.address)
         self.nodes: dict[str, Node] = {}
         self.flights: dict[str, Flight] = {}
+        # Requests that ended while their decode node was setting up the receive: a posted receive cannot be
+        # cancelled, so the transfer still happens (the decode node drops the pages) or the decode node's
+        # refusal comes back; then the prefill node is told to free its KV.
+        self.unwinding: dict[str, Flight] = {}
         self.info: EngineReady | None = None
         self._first = asyncio.Event()
         self._tags = itertools.count(1)
@@ -141,6 +146,10 @@ class PDMasterClient:
         logger.error("%s node %s dropped: %s; failing %d request(s)", node.role, node_id, reason, len(node.inflight))
         for rid in list(node.inflight):
             self._end(rid, _failed(rid, "unavailable", f"{node.role} node lost: {reason}; retry later"))
+        for rid, flight in list(self.unwinding.items()):
+            if node_id in (flight.prefill, flight.decode):
+                del self.unwinding[rid]
+                self._send_abort(rid, flight)
 
     async def _watch(self) -> None:
         while True:
@@ -178,19 +187,22 @@ class PDMasterClient:
                 for out in msg.outputs:
                     flight = self.flights.get(out.rid)
                     if flight is None:
+                        if out.finished and out.rid in self.unwinding:  # the decode node refused or failed it
+                            self._send_abort(out.rid, self.unwinding.pop(out.rid))
                         continue
                     if node_id == flight.decode and flight.prefill in self.nodes:
                         # the KV arrived: the prefill node's part is over (its death no longer concerns this one)
                         self.nodes[flight.prefill].inflight.discard(out.rid)
                     if out.finished:
-                        self._end(out.rid, out)
+                        self._end(out.rid, out, decode_done=node_id == flight.decode)
                     else:
                         flight.queue.put_nowait(out)
             elif isinstance(msg, KVReady):
                 self._to_decode(msg)
             elif isinstance(msg, KVAccepted):
-                flight = self.flights.get(msg.rid)
+                flight = self.flights.get(msg.rid) or self.unwinding.pop(msg.rid, None)
                 if flight is not None and flight.decode in self.nodes:
+                    flight.sent = True
                     self._send(flight.prefill, SendKV(msg.rid, self.nodes[flight.decode].reg.peer, flight.tag))
             elif isinstance(msg, CacheFlushed):
                 self._flushed(node_id, msg)
@@ -213,8 +225,9 @@ class PDMasterClient:
         nodes = self._of_role(role)
         return min(nodes, key=Node.load) if nodes else None
 
-    def _end(self, rid: str, final: TokenOutput) -> None:
-        """`rid` is over (finished, failed or aborted): deliver `final`, and the nodes still holding it drop it."""
+    def _end(self, rid: str, final: TokenOutput, decode_done: bool = False) -> None:
+        """`rid` is over (finished, failed or aborted): deliver `final`, and the nodes still holding it drop it.
+        `decode_done`: `final` came from its decode node (which then has no receive pending for it)."""
         flight = self.flights.pop(rid, None)
         if flight is None:
             return
@@ -222,7 +235,11 @@ class PDMasterClient:
             if node_id in self.nodes:
                 self.nodes[node_id].inflight.discard(rid)
         if final.error is not None:
-            self._send_abort(rid, flight)
+            if flight.decode is not None and not flight.sent and not decode_done and flight.decode in self.nodes:
+                self.unwinding[rid] = flight  # the prefill node keeps the KV until the receive is served
+                self._send(flight.decode, AbortRequest(rid))
+            else:
+                self._send_abort(rid, flight)
         flight.queue.put_nowait(final)
 
     def _send_abort(self, rid: str, flight: Flight | None) -> None:

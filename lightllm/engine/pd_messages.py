@@ -86,4 +86,5 @@ class SendKV:
 
 
 HEARTBEAT_S = 0.5  # a node re-sends its registration this often
-NODE_TIMEOUT_S = 3.0  # a node silent this long is taken for dead
+# a node silent this long is taken for dead (a few seconds of CPU starvation on a loaded host are not death)
+NODE_TIMEOUT_S = 5.0

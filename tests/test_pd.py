@@ -239,6 +239,12 @@ def test_master_prefill_decode_match_single_server_and_survive_a_dead_decode_nod
         with ThreadPoolExecutor(4) as pool:
             assert list(pool.map(generate, range(4))) == [expected[f"ids{i % 3}"] for i in range(4)]
         assert "KV transfer group with prefill" in nodes[3].log_path.read_text()  # it received KV
+
+        # a restarted master: the running nodes register with it by their heartbeats
+        master.stop()
+        master = Master(model_dir, port, tmp_path / "master2.log")
+        master.wait_status("/readiness", {200}, 120, [nodes[0], nodes[2], nodes[3]])
+        assert generate(0) == expected["ids0"]
     finally:
         master.stop()
         for node in nodes:

@@ -1,7 +1,7 @@
 """LoRA serving cost (issue 26): 16 streams spread over 8 adapters vs the same 16 streams on the base model,
-same prompts, in one engine (in process, no HTTP). Prints output tokens/s of each, their ratio, and the time
-the adapters' low-rank products took per step (models/lora/batch.py), alternating base and LoRA rounds so the
-load of a shared machine falls on both.
+same prompts (in process, no HTTP). Two engines alike, stepped in turn (one step of each, so the load of a
+shared machine falls on both alike); prints output tokens/s of each, their ratio per round, and the time the
+adapters' low-rank products took in the prefill step and per decode step (models/lora/batch.py).
 
     python benchmarks/lora_speed.py [--model smollm2] [--rank 16] [--adapters 8] [--streams 16] [--rounds 3]
 
@@ -48,19 +48,39 @@ def write_adapter(folder: Path, config, rank: int, seed: int, targets: list[str]
     return folder
 
 
-def run_round(engine: Engine, prompts: list[list[int]], loras: list[str | None], new_tokens: int) -> dict:
+def add_requests(engine: Engine, prompts: list[list[int]], loras: list[str | None], new_tokens: int) -> None:
     for i, (prompt, lora) in enumerate(zip(prompts, loras)):
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True, lora=lora)
         assert engine.add_request(AddRequest(f"r{time.monotonic_ns()}-{i}", prompt, params)) is None
-    lora_batch.spent = 0.0
-    steps, tokens = 0, 0
-    start = time.perf_counter()
-    while engine.scheduler.has_work():
-        outputs = engine.step()
-        steps += 1
-        tokens += sum(1 for out in outputs if out.token_id is not None)
-    wall = time.perf_counter() - start
-    return {"tok_s": tokens / wall, "steps": steps, "wall_s": wall, "lora_ms_per_step": 1000 * lora_batch.spent / steps}
+
+
+def run_paired(engines: dict[str, Engine]) -> dict[str, dict]:
+    """Step the engines in turn until all are idle, timing each engine's steps (a step of one, then a step of
+    the other: the machine's load, which changes by the second on a shared box, falls on both alike)."""
+    stats = {kind: {"steps": 0, "tokens": 0, "wall_s": 0.0, "lora_s": 0.0, "prefill_s": 0.0, "prefill_lora_s": 0.0}
+             for kind in engines}
+    while any(e.scheduler.has_work() for e in engines.values()):
+        for kind, engine in engines.items():
+            if not engine.scheduler.has_work():
+                continue
+            lora_batch.spent = 0.0
+            t0 = time.perf_counter()
+            outputs = engine.step()
+            elapsed = time.perf_counter() - t0
+            st = stats[kind]
+            st["steps"] += 1
+            st["wall_s"] += elapsed
+            st["lora_s"] += lora_batch.spent
+            if st["steps"] == 1:  # the prompts' prefill (all of them fit one step)
+                st["prefill_s"], st["prefill_lora_s"] = elapsed, lora_batch.spent
+            st["tokens"] += sum(1 for out in outputs if out.token_id is not None)
+    for st in stats.values():
+        decode_steps = max(st["steps"] - 1, 1)
+        st.update(tok_s=st["tokens"] / st["wall_s"], prefill_step_ms=1000 * st["prefill_s"],
+                  prefill_lora_ms=1000 * st["prefill_lora_s"],
+                  decode_step_ms=1000 * (st["wall_s"] - st["prefill_s"]) / decode_steps,
+                  decode_lora_ms=1000 * (st["lora_s"] - st["prefill_lora_s"]) / decode_steps)
+    return stats
 
 
 def main() -> None:
@@ -98,31 +118,36 @@ def main() -> None:
         names = [f"lora{i}" for i in range(args.adapters)]
         modules = [f"{name}={write_adapter(Path(tmp) / name, config, args.rank, i, targets)}"
                    for i, name in enumerate(names)]
-        engine = Engine(EngineConfig(model_path=model_path, lora_modules=modules, max_loras=args.adapters,
-                                     max_lora_rank=args.rank, max_total_token_num=16384,
-                                     running_max_req_size=max(args.streams, 16)))
+        # two engines alike (both hold the adapters): one serves the streams on the base model, one on the adapters
+        engines = {kind: Engine(EngineConfig(model_path=model_path, lora_modules=modules, max_loras=args.adapters,
+                                             max_lora_rank=args.rank, max_total_token_num=16384,
+                                             running_max_req_size=max(args.streams, 16)))
+                   for kind in ("base", "lora")}
         rng = random.Random(0)
         results: dict[str, list[dict]] = {"base": [], "lora": []}
         for r in range(args.rounds + 1):  # round 0 warms up (kernels, allocator) and is not counted
             prompts = [[rng.randrange(100, config.vocab_size - 100) for _ in range(args.prompt_len)]
                        for _ in range(args.streams)]
-            for kind in ("base", "lora") if r % 2 == 0 else ("lora", "base"):
-                loras = [None if kind == "base" else names[i % len(names)] for i in range(args.streams)]
-                result = run_round(engine, prompts, loras, args.new_tokens)
-                if r:
-                    results[kind].append(result)
-                    print(f"round {r} {kind}: {result['tok_s']:.1f} tok/s, {result['steps']} steps, "
-                          f"adapter products {result['lora_ms_per_step']:.2f} ms/step", flush=True)
-    best = {kind: max(x["tok_s"] for x in runs) for kind, runs in results.items()}
-    mean = {kind: sum(x["tok_s"] for x in runs) / len(runs) for kind, runs in results.items()}
-    step_ms = {kind: 1000 * sum(x["wall_s"] for x in runs) / sum(x["steps"] for x in runs)
+            add_requests(engines["base"], prompts, [None] * args.streams, args.new_tokens)
+            add_requests(engines["lora"], prompts, [names[i % len(names)] for i in range(args.streams)],
+                         args.new_tokens)
+            stats = run_paired(engines)
+            if not r:
+                continue
+            for kind, result in stats.items():
+                results[kind].append(result)
+                print(f"round {r} {kind}: {result['tok_s']:.1f} tok/s, {result['steps']} steps; prefill step "
+                      f"{result['prefill_step_ms']:.0f} ms (adapter products {result['prefill_lora_ms']:.0f}); "
+                      f"decode step {result['decode_step_ms']:.1f} ms (adapter products "
+                      f"{result['decode_lora_ms']:.1f})", flush=True)
+    summary = {kind: {key: round(sum(x[key] for x in runs) / len(runs), 2) for key in
+                      ("tok_s", "prefill_step_ms", "prefill_lora_ms", "decode_step_ms", "decode_lora_ms")}
                for kind, runs in results.items()}
-    lora_ms = sum(x["lora_ms_per_step"] for x in results["lora"]) / len(results["lora"])
+    ratios = [lo["tok_s"] / ba["tok_s"] for lo, ba in zip(results["lora"], results["base"])]
     print(json.dumps({"model": args.model, "rank": args.rank, "targets": targets, "threads": args.threads,
-                      "adapters": args.adapters, "streams": args.streams,
-                      "best_tok_s": best, "mean_tok_s": mean, "ratio_best": best["lora"] / best["base"],
-                      "ratio_mean": mean["lora"] / mean["base"], "step_ms": step_ms,
-                      "adapter_products_ms_per_step": lora_ms}, indent=1))
+                      "adapters": args.adapters, "streams": args.streams, "mean": summary,
+                      "ratio_per_round": [round(x, 3) for x in ratios],
+                      "ratio_mean": round(sum(ratios) / len(ratios), 3)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -47,17 +47,44 @@ def test_a_request_that_ends_on_its_first_token_is_not_parked():
 
 def test_decode_node_reserves_adopts_and_decodes_from_the_next_token():
     s = make_scheduler(40)
-    slot, rows = s.reserve(20)
-    assert rows.numel() == 20 and s.pool.num_used == 20
-    assert s.reserve(30) is None  # no room: the node answers 503
     r = seq("a", 20, max_new_tokens=3)
     r.append_token(FILLER)  # the prefill node's first token
-    s.adopt(r, slot, rows)
+    rows, skip = s.reserve(r, 20)
+    assert rows.numel() == 20 and skip == 0 and s.pool.num_used == 20
+    assert torch.equal(s.table.table[r.slot, :20], rows)
+    assert s.reserve(seq("b", 30), 30) is None  # no room: the node answers 503
+    s.adopt(r, 20)
     plan, outputs = step(s)
     assert [(c.seq.rid, c.start, c.num_tokens) for c in plan] == [("a", 20, 1)]  # the first token's KV, no prompt
-    assert torch.equal(s.table.table[slot, :20], rows)
     step(s)
     assert r.status is SeqStatus.FINISHED and r.num_output_tokens == 3 and s.pool.num_used == 0
-    slot, rows = s.reserve(10)
-    s.unreserve(slot, rows)
+    other = seq("c", 10)
+    other.append_token(FILLER)
+    rows, _ = s.reserve(other, 10)
+    s.unreserve(other, rows)
     assert s.pool.num_used == 0 and s.table.num_free_slots == 8
+
+
+def test_decode_node_takes_a_prefix_it_holds_from_its_own_cache():
+    s = make_scheduler(64, prefix_cache=True)
+    first = seq("a", 20, max_new_tokens=2)
+    first.append_token(FILLER)
+    rows, skip = s.reserve(first, 20)
+    s.adopt(first, 20)
+    while s.has_work():
+        step(s)
+    assert s.prefix_cache.evictable() == s.pool.num_used > 20  # prompt and output cached
+    again = seq("b", list(range(100, 120)) + [5, 6, 7], max_new_tokens=2)  # the same 20 tokens, then others
+    again.append_token(FILLER)
+    rows, skip = s.reserve(again, 23)
+    assert skip == 20 and rows.numel() == 3  # only the new tokens move
+    assert s.prefix_cache.evictable() < s.pool.num_used  # the cached prefix is locked while it is in use
+    s.unreserve(again, rows)  # a failed receive: the lock goes, the cache keeps the prefix
+    assert s.prefix_cache.evictable() == s.pool.num_used
+    rows, skip = s.reserve(again, 23)
+    s.adopt(again, 23)
+    plan, _ = step(s)
+    assert [(c.seq.rid, c.start) for c in plan] == [("b", 23)]
+    while s.has_work():
+        step(s)
+    assert s.prefix_cache.evictable() == s.pool.num_used  # nothing leaked

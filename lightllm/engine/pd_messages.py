@@ -71,18 +71,22 @@ class ReceiveKV:
 
 @dataclass
 class KVAccepted:
-    """Decode node → master: room reserved for `rid` and the receive posted."""
+    """Decode node → master: room reserved for `rid` and the receive posted. The first `skip` prompt tokens' KV
+    was in the decode node's prefix cache already: only the rest moves."""
 
     rid: str
+    skip: int = 0
 
 
 @dataclass
 class SendKV:
-    """Master → prefill node: send `rid`'s KV to `target` (then the prefill node frees it)."""
+    """Master → prefill node: send `rid`'s KV from position `skip` on to `target` (then the prefill node frees
+    it)."""
 
     rid: str
     target: KVPeer
     tag: int
+    skip: int = 0
 
 
 HEARTBEAT_S = 0.5  # a node re-sends its registration this often

@@ -9,8 +9,9 @@ dead node and a node re-registers after a master restart.
   the master names the decode node (`SendKV`), then it is gathered, freed (the prompt stays in the prefix
   cache) and sent on the transfer thread.
 - decode: `ReceiveKV` reserves a slot and KV rows (or answers an `unavailable` error: the master turns it into
-  503 + Retry-After), the transfer thread receives the pages, and the request joins the running batch with its
-  first token as the next input, its seeded generator and grammar state carried over.
+  503 + Retry-After); a prompt prefix this node's own prefix cache holds is not moved again (`KVAccepted.skip`).
+  The transfer thread receives the pages, and the request joins the running batch with its first token as the
+  next input, its seeded generator and grammar state carried over.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class PDNode:
         self.sock.connect(master_addr)
         self.master_addr = master_addr
         self.registration = RegisterNode(self.node_id, role, engine.ready_message(), self.groups.peer())
-        self.receiving: dict[str, tuple[ReceiveKV, int, torch.Tensor]] = {}  # decode: rid -> (order, slot, rows)
+        self.receiving: dict[str, tuple[ReceiveKV, Sequence, torch.Tensor]] = {}  # decode: rid -> (order, seq, rows)
         self._aborted: set[str] = set()  # decode: receives in flight whose request was aborted
         self.refused: str | None = None
         self._stop = threading.Event()
@@ -95,18 +96,26 @@ class PDNode:
             if seq is None:  # aborted meanwhile: the decode node's receive fails and it says so
                 logger.warning("SendKV for %s, which holds no KV here", msg.rid)
                 return True
-            buf = gather_pages(engine.pool, engine.table.table[seq.slot, :seq.num_computed])
+            buf = gather_pages(engine.pool, engine.table.table[seq.slot, msg.skip:seq.num_computed])
             engine.scheduler.release_parked(msg.rid)  # the buffer holds the pages now
             self.transfer.send(msg.rid, buf, msg.target, msg.tag)
         elif isinstance(msg, ReceiveKV) and self.role == "decode":
-            reserved = engine.scheduler.reserve(msg.ready.num_tokens)
+            try:
+                seq = self._sequence(msg)
+            except Exception as exc:  # a grammar that does not compile here: this request fails, not the node
+                logger.exception("could not continue request %s", msg.rid)
+                outputs.append(_error(msg.rid, "server", f"could not continue the request: {exc}"))
+                return True
+            reserved = engine.scheduler.reserve(seq, msg.ready.num_tokens)
             if reserved is None:
                 outputs.append(_error(msg.rid, "unavailable", "the decode node has no free KV cache; retry later"))
                 return True
-            slot, rows = reserved
-            self.receiving[msg.rid] = (msg, slot, rows)
+            rows, skip = reserved
+            logger.debug("%s: receiving %d KV tokens from %s (%d more from this node's prefix cache)", msg.rid,
+                         rows.numel(), msg.source, skip)
+            self.receiving[msg.rid] = (msg, seq, rows)
             self.transfer.receive(msg.rid, empty_pages(engine.pool, rows.numel()), msg.source, msg.tag)
-            self.sock.send_pyobj(KVAccepted(msg.rid))
+            self.sock.send_pyobj(KVAccepted(msg.rid, skip))
         elif isinstance(msg, AbortRequest):
             engine.abort(msg.rid)  # a parked prefill's KV is freed too; a receive in flight ends on its own
             if msg.rid in self.receiving:
@@ -135,23 +144,16 @@ class PDNode:
         return bool(done)
 
     def _received(self, item: TransferDone, outputs: list[TokenOutput]) -> None:
-        msg, slot, rows = self.receiving.pop(item.rid)
+        msg, seq, rows = self.receiving.pop(item.rid)
         scheduler = self.engine.scheduler
         if item.rid in self._aborted or item.error is not None:
             self._aborted.discard(item.rid)
-            scheduler.unreserve(slot, rows)
+            scheduler.unreserve(seq, rows)
             if item.error is not None:
                 outputs.append(_error(item.rid, "unavailable", item.error))
             return
         scatter_pages(self.engine.pool, rows, item.buf)
-        try:
-            seq = self._sequence(msg)
-        except Exception as exc:  # a grammar that no longer compiles here: this request fails, not the node
-            logger.exception("could not continue request %s", msg.rid)
-            scheduler.unreserve(slot, rows)
-            outputs.append(_error(msg.rid, "server", f"could not continue the request: {exc}"))
-            return
-        scheduler.adopt(seq, slot, rows)
+        scheduler.adopt(seq, msg.ready.num_tokens)
 
     def _sequence(self, msg: ReceiveKV) -> Sequence:
         """The request as the prefill node left it: prompt + first token, generator and grammar state."""

@@ -381,27 +381,49 @@ class Scheduler:
         self._release_kv(seq, cache=cache)
         return True
 
-    def reserve(self, num_tokens: int) -> tuple[int, torch.Tensor] | None:
-        """Decode node: a table slot and `num_tokens` KV rows for a request whose prompt KV arrives from a
-        prefill node (evicting cached prefixes if need be), or None when there is no room."""
+    def reserve(self, seq: Sequence, num_tokens: int) -> tuple[torch.Tensor, int] | None:
+        """Decode node: room for `seq`, whose first `num_tokens` positions' KV was computed on a prefill node: a
+        table slot, the prefix this node's cache already holds (locked for `seq`) and new rows for the rest
+        (evicting cached prefixes if need be). Returns (the new rows, how many positions the cache serves), or
+        None when there is no room."""
+        if not self._has_room():
+            return None
+        skip = 0
+        cached = None
+        if self.prefix_cache is not None:
+            cached = self.prefix_cache.acquire(seq.rid, seq.cache_key(num_tokens - 1))
+            skip = cached.numel() if cached is not None else 0
+        need = num_tokens - skip
         reserved = sum(self._future_need(s) for s in self.running)
         evictable = self.prefix_cache.evictable() if self.prefix_cache else 0
-        if not self._has_room() or self.pool.num_free + evictable - reserved < num_tokens:
+        if self.pool.num_free + evictable - reserved < need:
+            self._unlock(seq)
             return None
-        if num_tokens > self.pool.num_free:
-            self.prefix_cache.evict(num_tokens - self.pool.num_free)
-        return self.table.alloc_slot(), self.pool.alloc(num_tokens)
+        if need > self.pool.num_free:
+            self.prefix_cache.evict(need - self.pool.num_free)
+        seq.slot = self.table.alloc_slot()
+        rows = self.pool.alloc(need)
+        if skip:
+            self.table.table[seq.slot, :skip] = cached
+        self.table.table[seq.slot, skip:num_tokens] = rows
+        return rows, skip
 
-    def unreserve(self, slot: int, indices: torch.Tensor) -> None:
-        self.pool.free(indices)
-        self.table.free_slot(slot)
+    def unreserve(self, seq: Sequence, rows: torch.Tensor) -> None:
+        """Give back what `reserve` took (the receive failed or the request was aborted)."""
+        self._unlock(seq)
+        self.pool.free(rows)
+        self.table.free_slot(seq.slot)
+        seq.slot = None
 
-    def adopt(self, seq: Sequence, slot: int, indices: torch.Tensor) -> None:
-        """Decode node: run `seq`, whose first `indices.numel()` positions' KV is in `indices` (received), from
-        its next token on."""
-        seq.slot = slot
-        self.table.table[slot, :indices.numel()] = indices
-        seq.num_computed = indices.numel()
+    def _unlock(self, seq: Sequence) -> None:
+        """Release `seq`'s lock on the cached prefix it acquired (nothing inserted, nothing to free)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.release(seq.rid, [], self.table.table[0, :0], insert=False)
+
+    def adopt(self, seq: Sequence, num_tokens: int) -> None:
+        """Decode node: run `seq`, reserved with its first `num_tokens` positions' KV now in place, from its next
+        token on."""
+        seq.num_computed = num_tokens
         seq.mark_admitted()
         self.running.append(seq)
 

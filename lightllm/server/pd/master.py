@@ -203,7 +203,8 @@ class PDMasterClient:
                 flight = self.flights.get(msg.rid) or self.unwinding.pop(msg.rid, None)
                 if flight is not None and flight.decode in self.nodes:
                     flight.sent = True
-                    self._send(flight.prefill, SendKV(msg.rid, self.nodes[flight.decode].reg.peer, flight.tag))
+                    self._send(flight.prefill, SendKV(msg.rid, self.nodes[flight.decode].reg.peer, flight.tag,
+                                                      msg.skip))
             elif isinstance(msg, CacheFlushed):
                 self._flushed(node_id, msg)
 

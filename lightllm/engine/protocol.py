@@ -6,6 +6,7 @@ Plain dataclasses with no torch types, so the API side imports nothing heavy.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -181,13 +182,16 @@ class AddRequest:
     images: list[ImageInput] = field(default_factory=list)  # in prompt order, their token runs apart
 
 
+LORA_NAME_PATTERN = r"^[A-Za-z0-9_.:@+/-]+$"  # an adapter's name (the same in JSON Schema's and Python's regex)
+
+
 def parse_lora_modules(specs: list[str]) -> dict[str, str]:
     """--lora_modules' NAME=PATH items as {name: path} (ValueError says which item is malformed)."""
     modules: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"--lora_modules item {spec!r} is not NAME=PATH")
+        if not sep or not re.match(LORA_NAME_PATTERN, name.strip()) or not path.strip():
+            raise ValueError(f"--lora_modules item {spec!r} is not NAME=PATH (NAME: letters, digits and . _ : @ + / -)")
         if name in modules:
             raise ValueError(f"--lora_modules names {name!r} twice")
         modules[name.strip()] = path.strip()

@@ -8,6 +8,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from lightllm.engine.protocol import LORA_NAME_PATTERN
 from lightllm.server.auth import ADMIN
 from lightllm.server.engine_client import EngineDied
 from lightllm.server.errors import APIError
@@ -15,8 +16,9 @@ from lightllm.server.state import ServerState, engine_unavailable
 
 router = APIRouter()
 
-AdapterName = Field(min_length=1, max_length=256, pattern=r"^[^\s=]+$",
-                    description="the name requests select the adapter by (model: NAME); no spaces or '='")
+AdapterName = Field(min_length=1, max_length=256, pattern=LORA_NAME_PATTERN,
+                    description="the name requests select the adapter by (model: NAME): letters, digits and "
+                                ". _ : @ + / -")
 
 
 class LoadLoraAdapterRequest(BaseModel):

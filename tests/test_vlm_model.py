@@ -133,7 +133,12 @@ def test_images_change_the_answer_and_the_prefix_cache_tells_them_apart(llava_di
 def test_engine_refuses_malformed_image_layouts(llava_dir, tmp_path):
     from tests.conftest import build_tiny_model
 
+    from lightllm.engine.memory import tensor_bytes
+
     engine = _engine(llava_dir)
+    # the start-up memory breakdown counts the vision tower's weights with the language model's
+    tower = tensor_bytes(engine.images.encoder)
+    assert tower > 0 and engine.memory.weights == tensor_bytes(engine.model.weights) + tower
     ids, images = PROMPTS["one"]
     params = SamplingParams(max_new_tokens=2)
     cases = {

@@ -62,6 +62,9 @@ class Engine:
         self.max_model_len = min(model_cfg.max_position_embeddings, cfg.max_req_total_len)
         self.quant_type = resolve_quant_type(cfg.quant_type, cfg.model_path, self.device)
         self.model, self.kv_dtype = build_model(cfg, model_cfg, 0, self.device)
+        # the vision tower (vision-language models) loads before the KV budget takes what memory is left
+        self.images = ImageEmbedder(build_vision(cfg, model_cfg, self.device, self.dtype), model_cfg.name,
+                                    cfg.cache_capacity)
         rank_cfg = self.model.config  # this rank's heads
         elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         self.kv_budget = kv_budget_for(cfg, self.max_model_len, rank_cfg.kv_bytes_per_token(elem), self.device)
@@ -86,7 +89,7 @@ class Engine:
             new_token_estimate=cfg.router_max_new_token_len, prefix_cache=self.prefix_cache,
             speculative=SpeculativeConfig(cfg.spec_ngram_tokens, cfg.spec_max_decodes), lora=self.lora)
         self.memory = MemoryBreakdown(
-            weights=tensor_bytes(self.model.weights), kv_cache=tensor_bytes([self.pool.k, self.pool.v, self.table.table]),
+            weights=tensor_bytes([self.model.weights, self.images.encoder]), kv_cache=tensor_bytes([self.pool.k, self.pool.v, self.table.table]),
             activations=activation_bytes(rank_cfg, batch_max_tokens, cfg.running_max_req_size), runtime=runtime_bytes)
         logger.info("KV cache: %s", self.kv_budget.rule)
         logger.info("memory: %s", self.memory.describe())

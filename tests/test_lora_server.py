@@ -86,6 +86,7 @@ def test_model_selects_the_adapter_on_every_route(lora_setup):
         out = client.completions.create(model=name, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0,
                                         extra_body={"ignore_eos": True})
         assert out.choices[0].text == tokenizer.decode(expected[name]), name
+        assert out.model == name  # the response names the adapter (the base model's name for the base)
         assert _completion_ids(server, name) == expected[name]  # native /generate with its `lora` field
     # chat, Responses and Anthropic Messages reach the adapter too: the same rendered prompt gives the same
     # tokens through chat as through completions with the chat template applied
@@ -95,12 +96,13 @@ def test_model_selects_the_adapter_on_every_route(lora_setup):
         chat = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
                                               extra_body={"ignore_eos": True})
         replies[name] = chat.choices[0].message.content
+        assert chat.model == name
         resp = client.responses.create(model=name, input="Say something", max_output_tokens=6, temperature=0)
-        assert resp.output_text == replies[name]
+        assert resp.output_text == replies[name] and resp.model == name
         anth = requests.post(server.base_url + "/v1/messages", headers={"x-api-key": API_KEY},
                              json={"model": name, "max_tokens": 6, "temperature": 0, "messages": messages}, timeout=60)
         assert anth.status_code == 200, anth.text
-        assert anth.json()["content"][0]["text"] == replies[name]
+        assert anth.json()["content"][0]["text"] == replies[name] and anth.json()["model"] == name
     assert replies["a0"] != replies["a1"]
 
 

@@ -252,8 +252,8 @@ def _run(prepared, **request) -> tuple[list[dict], list[dict]]:
     from lightllm.server.openai.responses.objects import base_body
     from lightllm.server.openai.responses.protocol import ResponsesRequest
 
-    base = base_body(ResponsesRequest(input="hi", tools=[WEATHER], **request), SimpleNamespace(model_name="m"),
-                      "resp_1", 1)
+    base = base_body(ResponsesRequest(input="hi", tools=[WEATHER], **request),
+                     SimpleNamespace(model_name="m", served_name=lambda model: "m"), "resp_1", 1)
     stored: list[dict] = []
 
     async def collect():

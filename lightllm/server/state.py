@@ -60,6 +60,11 @@ class ServerState:
             raise APIError(404, f"The model '{name}' does not exist", param=param, code="model_not_found")
         return None
 
+    def served_name(self, model: str | None) -> str:
+        """The `model` a response carries: the adapter's name for a request that selected one (vLLM's way), else
+        the base model's."""
+        return model if model is not None and model in self.lora_adapters else self.model_name
+
     def new_reasoning_detector(self) -> ReasoningDetector | None:
         return reasoning_detector(self.reasoning_parser) if self.reasoning_parser else None
 

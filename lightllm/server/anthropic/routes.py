@@ -27,12 +27,12 @@ async def create_message(req: MessagesRequest, request: Request):
     msg_id = new_id("msg_")
     stream, output = prepared.streams[0], prepared.output
     if req.stream:
-        return StreamingResponse(message_events(msg_id, state.model_name, len(prepared.prompt_ids), stream,
+        return StreamingResponse(message_events(msg_id, state.served_name(req.model), len(prepared.prompt_ids), stream,
                                                 output.stream()), media_type="text/event-stream")
     text, chunks = await until_disconnect(request, collect(stream))
     last = chunks[-1]
     parsed = output.parse(text)
-    return message(msg_id, state.model_name, content_blocks(parsed, output.reasoning is not None),
+    return message(msg_id, state.served_name(req.model), content_blocks(parsed, output.reasoning is not None),
                    stop_reason(last.finish_reason, last.stop_string, bool(parsed.tool_calls)), last.stop_string,
                    len(prepared.prompt_ids), last.completion_tokens)
 

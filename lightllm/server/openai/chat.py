@@ -189,7 +189,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         if req.logprobs:
             logprobs_body = {"content": chat_logprob_entries([t for c in chunks for t in c.tokens]), "refusal": None}
         choices.append({"index": index, "message": message, "logprobs": logprobs_body, "finish_reason": finish_reason})
-    return {"id": response_id, "object": "chat.completion", "created": now(), "model": state.model_name,
+    return {"id": response_id, "object": "chat.completion", "created": now(), "model": state.served_name(req.model),
             "choices": choices, "usage": usage(len(prompt_ids), completion_tokens, cached),
             "system_fingerprint": None}
 
@@ -203,7 +203,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, response_id: s
     def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None,
               logprobs: dict[str, Any] | None = None) -> str:
         body: dict[str, Any] = {"id": response_id, "object": "chat.completion.chunk", "created": created,
-                                "model": state.model_name, "system_fingerprint": None,
+                                "model": state.served_name(req.model), "system_fingerprint": None,
                                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                              "finish_reason": finish_reason}]}
         if include_usage:  # usage so far on every chunk with continuous_usage_stats (vLLM's option)
@@ -236,7 +236,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, response_id: s
                 yield chunk(index, {}, finish_reason=reason)
         if include_usage:
             yield sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                       "model": state.model_name, "system_fingerprint": None, "choices": [],
+                       "model": state.served_name(req.model), "system_fingerprint": None, "choices": [],
                        "usage": usage(prompt_len, sum(completion_tokens.values()), cached)})
     except Exception as exc:  # the stream has begun: the error travels as its last event
         yield sse(stream_error_event(exc, response_id))

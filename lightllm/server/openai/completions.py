@@ -83,7 +83,7 @@ async def completions(req: CompletionRequest, request: Request):
         choices.append({"index": index, "text": prefix + text,
                         "logprobs": _logprobs_body(chunks, len(prefix)) if req.logprobs is not None else None,
                         "finish_reason": chunks[-1].finish_reason})
-    return {"id": response_id, "object": "text_completion", "created": now(), "model": state.model_name,
+    return {"id": response_id, "object": "text_completion", "created": now(), "model": state.served_name(req.model),
             "choices": choices, "usage": usage(prompt_tokens, completion_tokens, _cached_total(cached, req.n)),
             "system_fingerprint": None}
 
@@ -110,7 +110,7 @@ async def _stream(state: ServerState, req: CompletionRequest, response_id: str, 
             if not gen.text and not gen.finished and not gen.tokens:
                 continue
             body: dict[str, Any] = {"id": response_id, "object": "text_completion", "created": created,
-                                    "model": state.model_name, "system_fingerprint": None,
+                                    "model": state.served_name(req.model), "system_fingerprint": None,
                                     "choices": [{"index": index, "text": gen.text,
                                                  "logprobs": _logprobs_body([gen]) if req.logprobs is not None else None,
                                                  "finish_reason": gen.finish_reason if gen.finished else None}]}
@@ -119,7 +119,8 @@ async def _stream(state: ServerState, req: CompletionRequest, response_id: str, 
                                  if continuous_usage else None)
             yield sse(body)
         if include_usage:
-            yield sse({"id": response_id, "object": "text_completion", "created": created, "model": state.model_name,
+            yield sse({"id": response_id, "object": "text_completion", "created": created,
+                       "model": state.served_name(req.model),
                        "system_fingerprint": None, "choices": [],
                        "usage": usage(prompt_tokens, sum(completion_tokens.values()), _cached_total(cached, req.n))})
     except Exception as exc:  # the stream has begun: the error travels as its last event

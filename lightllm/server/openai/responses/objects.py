@@ -29,7 +29,7 @@ def base_body(req: ResponsesRequest, state: ServerState, response_id: str, creat
         "id": response_id, "object": "response", "created_at": created, "status": "in_progress",
         "background": False, "error": None, "incomplete_details": None, "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens, "max_tool_calls": req.max_tool_calls,
-        "metadata": req.metadata or {}, "model": state.model_name,
+        "metadata": req.metadata or {}, "model": state.served_name(req.model),
         "output": [], "parallel_tool_calls": req.parallel_tool_calls,
         "previous_response_id": req.previous_response_id,
         "reasoning": {"effort": req.reasoning.effort if req.reasoning else None,

@@ -203,3 +203,18 @@ def test_native_generate_takes_multimodal_params_images(vlm):
     assert requests.post(server.base_url + "/generate", json=body, timeout=30).status_code == 400
     body["multimodal_params"]["images"] = [{"type": "url", "data": "https://x/y.png"}]
     assert requests.post(server.base_url + "/generate", json=body, timeout=30).status_code == 400
+
+
+def test_images_across_a_conversation_equal_transformers(vlm):
+    server, model_dir, tokenizer, _ = vlm
+    first, second = draw_png(10), draw_png(11)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(first)}},
+                                             {"type": "text", "text": "What is this?"}]},
+                {"role": "assistant", "content": "A picture."},
+                {"role": "user", "content": [{"type": "text", "text": "And this one:"},
+                                             {"type": "image_url", "image_url": {"url": data_url(second)}}]}]
+    ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "<image>What is this?"},
+                                                 {"role": "assistant", "content": "A picture."},
+                                                 {"role": "user", "content": "And this one:<image>"}], [first, second])
+    reply = _client(server).chat.completions.create(model="m", messages=messages, **GREEDY)
+    assert reply.choices[0].message.content == text and reply.usage.prompt_tokens == len(ids)

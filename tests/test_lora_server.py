@@ -135,6 +135,11 @@ def test_two_adapters_alternating_with_one_resident(lora_setup):
     for name, ids in zip(order, results):
         assert ids == expected[name], name
     assert server.wait_idle()["running"] == 0
+    metrics = requests.get(server.base_url + "/metrics", headers=server.headers, timeout=10).text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("lightllm_lora_")}
+    assert values["lightllm_lora_resident_adapters"] == 1 and values["lightllm_lora_resident_bytes"] > 0
+    assert values["lightllm_lora_evictions_total"] >= 1 and values["lightllm_lora_loads_total"] >= 3
 
 
 def test_prefix_cache_is_not_shared_between_adapters(lora_setup):

@@ -154,7 +154,10 @@ class Engine:
                            draft_tokens=self.scheduler.draft_stats["proposed"],
                            draft_accepted=self.scheduler.draft_stats["accepted"],
                            grammar_compiled=self.grammars.stats["compiled"] if self.grammars else 0,
-                           grammar_cache_hits=self.grammars.stats["cache_hits"] if self.grammars else 0)
+                           grammar_cache_hits=self.grammars.stats["cache_hits"] if self.grammars else 0,
+                           lora_resident=len(self.lora.resident),
+                           lora_resident_bytes=sum(a.nbytes for a in self.lora.resident.values()),
+                           lora_loads=self.lora.loads, lora_evictions=self.lora.evictions)
 
     # ------------------------------------------------------------------------------------ requests
 

@@ -51,7 +51,7 @@ class LoraManager:
         if len(self.resident) < self.max_loras:
             self.resident[name] = adapter
         logger.info("LoRA adapter %s registered from %s (rank %d, modules %s, %.1f MB)", name, path, adapter.rank,
-                    ",".join(adapter.target_modules), adapter.nbytes() / 1e6)
+                    ",".join(adapter.target_modules), adapter.nbytes / 1e6)
         return adapter
 
     def unregister(self, name: str) -> None:

@@ -283,6 +283,10 @@ class EngineStats:
     draft_accepted: int = 0  # of those, verified and kept
     grammar_compiled: int = 0  # grammars compiled since start (constrained decoding)
     grammar_cache_hits: int = 0  # constrained requests served by an already compiled (or compiling) grammar
+    lora_resident: int = 0  # LoRA adapters held in memory (at most --max_loras)
+    lora_resident_bytes: int = 0  # their float32 weights
+    lora_loads: int = 0  # adapter folders read since start (registrations and reloads after eviction)
+    lora_evictions: int = 0  # resident adapters dropped for another (least recently used)
 
     @property
     def kv_held_by_requests(self) -> int:

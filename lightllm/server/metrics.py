@@ -31,6 +31,11 @@ def render_metrics(state: Any) -> tuple[bytes, str]:
         # constrained decoding: grammars compiled, and requests that reused a compiled (or compiling) one
         "lightllm_grammar_compiled_total": stats.grammar_compiled if stats else 0,
         "lightllm_grammar_cache_hits_total": stats.grammar_cache_hits if stats else 0,
+        # LoRA adapters: resident now (and their bytes), folders read, evictions under --max_loras
+        "lightllm_lora_resident_adapters": stats.lora_resident if stats else 0,
+        "lightllm_lora_resident_bytes": stats.lora_resident_bytes if stats else 0,
+        "lightllm_lora_loads_total": stats.lora_loads if stats else 0,
+        "lightllm_lora_evictions_total": stats.lora_evictions if stats else 0,
     }
     # the engine's start-up memory breakdown (engine/memory.py): weights, kv_cache, activations, runtime, total
     gauges.update({f"lightllm_memory_{part}_bytes": value for part, value in state.engine.info.memory.items()})

@@ -9,6 +9,7 @@ same sum as PEFT's per-module `scaling * B(A(x))`, with no zero blocks stored or
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -53,7 +54,9 @@ class LoraAdapter:
     target_modules: list[str]
     layers: list[dict[str, LowRankPair]]  # per decoder layer: fused target -> its pair (absent: no delta)
 
+    @functools.cached_property
     def nbytes(self) -> int:
+        """Bytes of its float32 weights (what /metrics reports per step: computed once)."""
         return sum(t.numel() * t.element_size() for layer in self.layers for p in layer.values() for t in (p.a, p.bt))
 
 

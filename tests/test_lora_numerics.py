@@ -251,3 +251,16 @@ def test_residency_waits_for_a_busy_slot_and_evicts_the_least_recently_used(fami
     assert manager.uid("a2") != uid  # a new registration: a new prefix-cache namespace
     with pytest.raises(AdapterError, match="already loaded"):
         manager.register("a2", str(adapters[2]))
+
+
+def test_lora_flags_are_checked_at_start():
+    from lightllm.server.args import parse_args
+
+    args = parse_args(["--lora_modules", "sql=/a", "chat=/b", "--max_loras", "2", "--max_lora_rank", "32"])
+    config = args.engine_config("/m")
+    assert config.lora_modules == ["sql=/a", "chat=/b"] and config.max_loras == 2 and config.max_lora_rank == 32
+    for argv, reason in ((["--lora_modules", "sql"], "is not NAME=PATH"), (["--lora_modules", "a b=/x"], "NAME=PATH"),
+                         (["--lora_modules", "a=/x", "a=/y"], "names 'a' twice"),
+                         (["--max_loras", "0"], "must be at least 1")):
+        with pytest.raises(SystemExit, match=reason):
+            parse_args(argv)

@@ -190,11 +190,12 @@ def parse_lora_modules(specs: list[str]) -> dict[str, str]:
     modules: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep or not re.match(LORA_NAME_PATTERN, name.strip()) or not path.strip():
+        name, path = name.strip(), path.strip()
+        if not sep or not re.match(LORA_NAME_PATTERN, name) or not path:
             raise ValueError(f"--lora_modules item {spec!r} is not NAME=PATH (NAME: letters, digits and . _ : @ + / -)")
         if name in modules:
             raise ValueError(f"--lora_modules names {name!r} twice")
-        modules[name.strip()] = path.strip()
+        modules[name] = path
     return modules
 
 

@@ -3,6 +3,7 @@ weights (peft starts B at zero, which would make every adapter the base model), 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -31,8 +32,10 @@ def build_adapter(base_dir: Path, out_dir: Path, seed: int, r: int = 8, alpha: f
     return out_dir
 
 
+@functools.lru_cache(maxsize=16)
 def merged_model(base_dir: Path, adapter_dir: Path | None):
-    """The reference: the base model with the adapter merged into its weights by peft (None: the base)."""
+    """The reference: the base model with the adapter merged into its weights by peft (None: the base); built
+    once per test process (the tests only run it)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

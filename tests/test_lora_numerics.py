@@ -264,3 +264,24 @@ def test_lora_flags_are_checked_at_start():
                          (["--max_loras", "0"], "must be at least 1")):
         with pytest.raises(SystemExit, match=reason):
             parse_args(argv)
+
+
+def test_unloading_ends_waiting_requests_and_lets_running_ones_finish(family_models):
+    base, adapters = family_models["llama"]
+    engine = _engine(base, adapters[:2], max_loras=1)
+    long = SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True, lora="a0")
+    assert engine.add_request(AddRequest("running", PROMPTS[0], long)) is None
+    engine.step()  # a0's request runs; a1's must wait for the one slot
+    assert engine.add_request(AddRequest("waiting", PROMPTS[1], _params("a1"))) is None
+    engine.step()
+    assert [s.rid for s in engine.scheduler.waiting] == ["waiting"]
+    engine.lora.unregister("a1")
+    engine.lora.unregister("a0")
+    outputs: dict[str, list] = {}
+    while engine.scheduler.has_work():
+        for out in engine.step():
+            outputs.setdefault(out.rid, []).append(out)
+    assert outputs["waiting"][-1].error is not None and "not loaded" in outputs["waiting"][-1].error.message
+    assert outputs["waiting"][-1].error.kind == "client"
+    finished = [o for o in outputs["running"] if o.token_id is not None]
+    assert len(finished) == 18 and outputs["running"][-1].finish_reason == "length"  # 2 tokens came before

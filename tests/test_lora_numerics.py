@@ -261,7 +261,8 @@ def test_lora_flags_are_checked_at_start():
     assert config.lora_modules == ["sql=/a", "chat=/b"] and config.max_loras == 2 and config.max_lora_rank == 32
     for argv, reason in ((["--lora_modules", "sql"], "is not NAME=PATH"), (["--lora_modules", "a b=/x"], "NAME=PATH"),
                          (["--lora_modules", "a=/x", "a=/y"], "names 'a' twice"),
-                         (["--max_loras", "0"], "must be at least 1")):
+                         (["--max_loras", "0"], "must be at least 1"),
+                         (["--enable_lora", "--tp", "2"], "not supported with --tp > 1")):
         with pytest.raises(SystemExit, match=reason):
             parse_args(argv)
 

@@ -197,6 +197,8 @@ class ServerArgs:
         parse_lora_modules(self.lora_modules)  # NAME=PATH, each name once
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError("--max_loras and --max_lora_rank must be at least 1")
+        if (self.lora_modules or self.enable_lora) and self.tp > 1:
+            raise ValueError("LoRA adapters (--lora_modules, --enable_lora) are not supported with --tp > 1 yet")
         if self.max_image_pixels < 1 or self.limit_mm_per_prompt < 0 or self.cache_capacity < 0:
             raise ValueError("--max_image_pixels must be >= 1, --limit_mm_per_prompt and --cache_capacity >= 0")
         if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):

@@ -17,7 +17,7 @@ ARGS = ["--model_dir", "smollm2", "--running_max_req_size", "4", "--max_req_tota
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("memory")
-    proc = ServerProcess(ARGS, tmp / "server.log", env={"LIGHTLLM_TILE_CACHE_DIR": str(tmp / "tiles")})
+    proc = ServerProcess([*ARGS, "--tile_cache_dir", str(tmp / "tiles")], tmp / "server.log")
     proc.tile_dir = tmp / "tiles"  # its own: the first start packs the tiles and caches them there
     yield proc
     proc.stop()
@@ -58,7 +58,7 @@ def test_a_second_start_maps_the_cached_tiles_and_answers_alike(server, tmp_path
     tiles = list(server.tile_dir.glob("*/tiles.bin"))
     assert len(tiles) == 1, "the first start wrote no tile cache"
     mtime = tiles[0].stat().st_mtime_ns
-    again = ServerProcess(ARGS, tmp_path / "again.log", env={"LIGHTLLM_TILE_CACHE_DIR": str(server.tile_dir)})
+    again = ServerProcess([*ARGS, "--tile_cache_dir", str(server.tile_dir)], tmp_path / "again.log")
     try:
         assert _greedy(again.base_url) == first
     finally:

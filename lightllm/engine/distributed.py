@@ -27,7 +27,6 @@ from datetime import timedelta
 import torch
 
 from lightllm.engine.protocol import EngineConfig, Shutdown
-from lightllm.kernels import cpu as cpu_kernels
 
 logger = logging.getLogger("lightllm.tp")
 
@@ -99,11 +98,11 @@ def run_worker(cfg: EngineConfig, rank: int) -> None:
     """A worker rank: load the shard, size the KV cache as rank 0 says, then run every step rank 0 sends."""
     import torch.distributed as dist
 
-    from lightllm.engine.model_setup import build_model, model_config_for, pick_device
+    from lightllm.engine.model_setup import build_model, configure_process, model_config_for, pick_device
     from lightllm.engine.kv_cache import TokenKVPool
 
     torch.set_num_threads(threads_per_rank(cfg))
-    cpu_kernels.configure(cfg.cpu_kernels)
+    configure_process(cfg)
     device = pick_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())

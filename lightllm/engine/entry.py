@@ -7,7 +7,7 @@ from lightllm.engine.protocol import EngineConfig
 
 def engine_main(cfg: EngineConfig, *args) -> None:
     from lightllm.engine.engine import run_engine
-    from lightllm.kernels import cpu as cpu_kernels
+    from lightllm.engine.model_setup import configure_process
 
-    cpu_kernels.configure(cfg.cpu_kernels)  # --cpu_kernels / --no-cpu_kernels, before the model loads
+    configure_process(cfg)  # --cpu_kernels, --tile_cache: before the model loads
     run_engine(cfg, *args)

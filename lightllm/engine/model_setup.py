@@ -16,13 +16,22 @@ from lightllm.models.decoder import LlamaModel
 from lightllm.models.families.registry import family_named, model_class_for
 from lightllm.models.loading.loader import load_model_config, load_model_weights, resolve_quant_type
 from lightllm.models.loading.sharding import TPComm, TPShard, shard_config
+from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.quant import policy as quant_policy
+from lightllm.models.quant import tile_cache
 from lightllm.models.quant.factory import dense_copy_bytes
 from lightllm.models.quant.policy import LinearPolicy
 from lightllm.models.vision.base import VisionEncoder
 from lightllm.models.vision.registry import load_vision
 
 logger = logging.getLogger("lightllm.engine")
+
+def configure_process(cfg: EngineConfig) -> None:
+    """This process's share of the server's flags that modules read at load time (before the model loads):
+    --cpu_kernels, --tile_cache, --tile_cache_dir."""
+    cpu_kernels.configure(cfg.cpu_kernels)
+    tile_cache.configure(cfg.tile_cache, cfg.tile_cache_dir)
+
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}

@@ -238,9 +238,9 @@ class PDNode:
 def run_node(cfg: EngineConfig, role: NodeRole, master_addr: str, host: str, log_level: str = "INFO") -> int:
     """Entry point of a prefill or decode node: returns the process's exit status."""
     from lightllm.engine.distributed import threads_per_rank
-    from lightllm.kernels import cpu as cpu_kernels
+    from lightllm.engine.model_setup import configure_process
 
-    cpu_kernels.configure(cfg.cpu_kernels)
+    configure_process(cfg)
     torch.set_num_threads(threads_per_rank(cfg))
     start = time.perf_counter()
     engine = Engine(cfg, log_level)

@@ -47,6 +47,8 @@ class EngineConfig:
     # applied where the engine process and worker ranks start (entry.py, distributed.py); an Engine built in
     # another process keeps that process's kernel setting
     cpu_kernels: bool = True  # the fused C kernels on CPU (False: the PyTorch path)
+    tile_cache: bool = True  # packed tiles cached on disk (models/quant/tile_cache.py)
+    tile_cache_dir: str | None = None  # where (None: the cache directory's tiles/)
     engine_threads: int | None = None  # cores divided among this machine's ranks (None: all of them)
     cache_capacity: int = 200  # images whose vision-encoder output is kept (LightLLM's flag; 0: none)
     # LoRA adapters (engine/lora.py): NAME=PATH folders served at start, adapters resident at once, largest rank

@@ -108,6 +108,15 @@ class ServerArgs:
         help="fused C kernels on CPU (compiled on first use); --no-cpu_kernels: the pure-PyTorch path. Default: on, "
              "off when the environment sets LIGHTLLM_CPU_KERNELS=0", engine="cpu_kernels",
         default_factory=lambda: os.environ.get("LIGHTLLM_CPU_KERNELS", "1").strip().lower() not in _OFF)
+    tile_cache: bool = arg(
+        help="keep the weights' packed tiles on disk, keyed by the model file's sha256 (a start after the first reads "
+             "them instead of packing); --no-tile_cache: pack at every start. Default: on, off when the "
+             "environment sets LIGHTLLM_TILE_CACHE=0", engine="tile_cache",
+        default_factory=lambda: os.environ.get("LIGHTLLM_TILE_CACHE", "1").strip().lower() not in _OFF)
+    tile_cache_dir: str | None = arg(
+        help="directory of the packed-tile cache (default: $LIGHTLLM_TILE_CACHE_DIR, else "
+             "~/.cache/lightllm/tiles)", engine="tile_cache_dir",
+        default_factory=lambda: os.environ.get("LIGHTLLM_TILE_CACHE_DIR"))
     engine_threads: int | None = arg(
         help="CPU cores the engine uses, divided among this machine's --tp ranks (default: all of them, or "
              "$LIGHTLLM_ENGINE_THREADS); give each of several servers on one machine its share",

@@ -5,8 +5,9 @@ a quiet 2-core box). The tiles of one model file are always the same, so the loa
 the file's sha256, the tensor-parallel shard and the source of the code that decides them (the loaders and the
 tile layout: an edit there packs again); TiledLinear.from_layer asks the session for each layer's parts in
 load order. The first start packs and writes them (`$LIGHTLLM_CACHE_DIR/tiles/<key>/`, beside the compiled
-kernels, or `$LIGHTLLM_TILE_CACHE_DIR/<key>/`); later starts read that file. LIGHTLLM_TILE_CACHE=0 turns it
-off.
+kernels, or `--tile_cache_dir DIR/<key>/`); later starts read that file. `--no-tile_cache` turns it off. The
+server's flags reach this module through configure() in the engine process; processes that load a model
+directly keep LIGHTLLM_TILE_CACHE=0 and LIGHTLLM_TILE_CACHE_DIR as their switches (the flags' defaults).
 """
 
 from __future__ import annotations
@@ -36,8 +37,23 @@ _SOURCES = ("quant/tiled.py", "quant/weights.py", "quant/gguf_blocks.py", "quant
 _DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
 
 
+_settings: tuple[bool, str | None] | None = None  # (on, directory) once configure() ran; else the environment
+
+
+def configure(on: bool, directory: str | None) -> None:
+    """The server's --tile_cache / --tile_cache_dir for this process (before the model loads)."""
+    global _settings
+    _settings = (on, directory)
+
+
 def enabled() -> bool:
+    if _settings is not None:
+        return _settings[0]
     return os.environ.get("LIGHTLLM_TILE_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _root() -> str | None:
+    return _settings[1] if _settings is not None else os.environ.get("LIGHTLLM_TILE_CACHE_DIR")
 
 
 def code_key() -> str:
@@ -161,7 +177,7 @@ def session(file_digest: str | None, tag: str = "tp1r0") -> Iterator[_Session | 
         yield None
         return
     name = f"{file_digest[:16]}-{code_key()}-{tag}"
-    root = os.environ.get("LIGHTLLM_TILE_CACHE_DIR")
+    root = _root()
     current = _Session(Path(root) / name if root else cache_dir("tiles", name))
     _active = current
     try:

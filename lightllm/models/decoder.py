@@ -75,7 +75,7 @@ class ModelWeights:
 # The per-family hooks of the decoder layer. `_forward_fused` (the C kernels' layer: SiLU-gated MLP, two norms)
 # calls the first group; a family that overrides any of the second runs the PyTorch path (`runs_fused`), so a
 # hook can never be skipped silently.
-FUSED_PATH_HOOKS = ("_norm_qk_", "_embed", "_input_embeddings", "_reduce", "_logits")
+FUSED_PATH_HOOKS = ("_norm_qk_", "_embed", "_input_embeddings", "_reduce", "_logits", "_lora_add")
 PYTORCH_PATH_ONLY_HOOKS = ("_attention_output", "_mlp", "_mlp_output")
 
 

@@ -214,6 +214,11 @@ class Engine:
         else:
             self.scheduler.add(seq)
 
+    def admit_waiting(self) -> list[TokenOutput]:
+        """Queue the requests that were waiting outside the scheduler (for their grammar to compile or their
+        images to be encoded) and are now ready; the refusals of those whose preparation failed."""
+        return (self.admit_compiled() if self.compiling else []) + (self.admit_encoded() if self.encoding else [])
+
     def admit_encoded(self) -> list[TokenOutput]:
         """Queue the waiting requests whose images are encoded; the refusals of those whose images failed."""
         outputs = []
@@ -351,14 +356,9 @@ def run_engine(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: str = 
             else:  # a message this engine does not know: say so instead of dropping it silently
                 logger.error("ignoring unknown message %s from the API process", type(msg).__name__)
             timeout = 0
-        if engine.compiling:
-            refused = engine.admit_compiled()
-            outputs.extend(refused)
-            changed = changed or bool(refused)
-        if engine.encoding:
-            refused = engine.admit_encoded()
-            outputs.extend(refused)
-            changed = changed or bool(refused)
+        refused = engine.admit_waiting()
+        outputs.extend(refused)
+        changed = changed or bool(refused)
         if engine.scheduler.has_work():
             outputs.extend(engine.step())
             changed = busy = True

@@ -209,10 +209,9 @@ class PDNode:
                         return self._stopped()
                     timeout = 0
                 changed = self.finish_transfers(outputs) or changed
-                if engine.compiling:
-                    refused = engine.admit_compiled()
-                    outputs.extend(refused)
-                    changed = changed or bool(refused)
+                refused = engine.admit_waiting()
+                outputs.extend(refused)
+                changed = changed or bool(refused)
                 if engine.scheduler.has_work():
                     outputs.extend(engine.step())
                     changed = busy = True

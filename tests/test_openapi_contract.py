@@ -121,6 +121,35 @@ CASES = [
     ("/v1/messages", {"messages": USER, "max_tokens": 2.0, "top_k": 1.0}, True),
     ("/v1/messages/count_tokens", {"messages": USER, "tools": [], "tool_choice": {"type": "none"}}, True),
     ("/v1/messages/count_tokens", {"messages": USER, "tool_choice": {"type": "tool", "name": "f"}}, False),
+    # continue_final_message needs add_generation_prompt false, which defaults to true (found by reading the routes'
+    # refusals after a fuzzing run)
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}], "max_tokens": 2,
+                              "continue_final_message": True}, False),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}], "max_tokens": 2,
+                              "continue_final_message": True, "add_generation_prompt": False}, True),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "echo": True, "stream": True}, False),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "echo": True, "stream": False}, True),
+    # at most 16 stop sequences (server/limits.py), in the document too
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stop": [f"@{i}@" for i in range(16)]}, True),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 2, "stop": [f"@{i}@" for i in range(17)]}, False),
+    ("/generate", {"inputs": "hi",
+                   "parameters": {"max_new_tokens": 2, "stop_sequences": [f"@{i}@" for i in range(17)]}},
+     False),
+    ("/generate", {"inputs": "hi",
+                   "parameters": {"max_new_tokens": 2, "stop_sequences": [f"@{i}@" for i in range(16)]}},
+     True),
+    # images go with text inputs, which hold the image token
+    ("/generate", {"inputs": [1, 2], "parameters": {"max_new_tokens": 2},
+                   "multimodal_params": {"images": [{"type": "base64", "data": "AA=="}]}}, False),
+    ("/generate", {"inputs": [1, 2], "parameters": {"max_new_tokens": 2}, "multimodal_params": {"images": []}}, True),
+    # a JSON text format or a forced tool call, not both
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2, "tools": [{"type": "function", "name": "f"}],
+                       "tool_choice": "required", "text": {"format": {"type": "json_object"}}}, False),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2, "tools": [{"type": "function", "name": "f"}],
+                       "tool_choice": {"type": "function", "name": "f"},
+                       "text": {"format": {"type": "json_schema", "schema": {}}}}, False),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2, "tools": [{"type": "function", "name": "f"}],
+                       "tool_choice": "auto", "text": {"format": {"type": "json_object"}}}, True),
 ]
 
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from lightllm.engine.protocol import GrammarSpec, ImageInput, SamplingParams
 from lightllm.server import structured
@@ -17,7 +17,8 @@ from lightllm.server.errors import APIError, stream_error_event
 from lightllm.server.ids import new_id
 from lightllm.server.limits import MAX_N, MAX_STOP_SEQUENCES
 from lightllm.server.multimodal import check_count, image_token_text, load_base64_image, place_images
-from lightllm.server.openai.protocol import LogitBias, NonEmptyText, Seed, TokenId, TokenIds, _Lenient
+from lightllm.server.openai.protocol import (LogitBias, NonEmptyText, Seed, StopList, TokenId, TokenIds,
+                                            _Lenient)
 from lightllm.server.openapi import json_body
 from lightllm.server.state import ServerState, collect_all, until_disconnect
 
@@ -38,7 +39,7 @@ class GenerateParameters(_Lenient):  # unknown keys ignored, ours strictly typed
     max_new_tokens: int = Field(16, ge=1)
     min_new_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_sequences: list[str] | str | None = None
+    stop_sequences: StopList | str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     best_of: int | None = None
     skip_special_tokens: bool = True
@@ -71,6 +72,12 @@ class MultimodalParams(_Lenient):
 
 
 class GenerateRequest(_Lenient):
+    # _place_images' rule, in the document too: images go with text inputs (token ids hold no image token)
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["multimodal_params"], "properties": {"multimodal_params": {
+            "type": "object", "required": ["images"], "properties": {"images": {"minItems": 1}}}}},
+        "then": {"properties": {"inputs": {"type": "string"}}}})
+
     inputs: NonEmptyText | TokenIds
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     # LightLLM's images: the text `inputs` holds the model's image token (e.g. <image>) where each one goes

@@ -182,6 +182,11 @@ class ConstraintFields(_Lenient):
     allowed_token_ids: list[TokenId] | None = None  # vLLM
 
 
+# A list of stop sequences: the routes check the limit themselves (their own messages); the document states it
+StopList = Annotated[list[str], WithJsonSchema({"type": "array", "items": {"type": "string"},
+                                                "maxItems": MAX_STOP_SEQUENCES})]
+
+
 class SamplingFields(ConstraintFields):
     """Fields shared by chat and text completions."""
 
@@ -191,7 +196,7 @@ class SamplingFields(ConstraintFields):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | StopList | None = None
     max_tokens: int | None = Field(None, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -237,14 +242,17 @@ class ChatCompletionRequest(SamplingFields):
     separate_reasoning: bool = True
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
 
-    # Rules across fields, in the document too: _check_logprobs's, and function_call/context.py's "a tool_choice
-    # other than none needs tools"
+    # Rules across fields, in the document too: _check_logprobs's, function_call/context.py's "a tool_choice
+    # other than none needs tools", and chat.py's "continue_final_message needs add_generation_prompt false"
+    # (which defaults to true, so it must be sent)
     model_config = ConfigDict(json_schema_extra={"allOf": [
         {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
          "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}},
         {"if": {"required": ["tool_choice"],
                 "properties": {"tool_choice": {"not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}}},
          "then": {"required": ["tools"], "properties": {"tools": {"type": "array"}}}},
+        {"if": {"required": ["continue_final_message"], "properties": {"continue_final_message": {"const": True}}},
+         "then": {"required": ["add_generation_prompt"], "properties": {"add_generation_prompt": {"const": False}}}},
     ]})
 
     @model_validator(mode="after")
@@ -257,6 +265,11 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1)]
+    # completions.py refuses echo with stream, and the document says so
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["echo"], "properties": {"echo": {"const": True}}},
+        "then": {"properties": {"stream": {"const": False}}}})
+
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     # not supported: only empty or null (completions.py refuses a suffix), and the document says so

@@ -109,6 +109,11 @@ _REQUEST_RULES = {"allOf": [
     {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"anyOf": [{"const": "required"},
                                                                                   {"type": "object"}]}}},
      "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}},
+    # A JSON text format or a forced tool call, not both (convert.py's to_chat_request).
+    {"if": {"required": ["text"], "properties": {"text": {"type": "object", "required": ["format"], "properties": {
+        "format": {"type": "object", "required": ["type"],
+                   "properties": {"type": {"enum": ["json_object", "json_schema"]}}}}}}},
+     "then": {"properties": {"tool_choice": {"not": {"anyOf": [{"const": "required"}, {"type": "object"}]}}}}},
     # Without instructions the input holds a message, a call or a call's output (reasoning is not rendered).
     {"if": {"required": ["instructions"], "properties": {"instructions": {"type": "string", "minLength": 1}}},
      "else": {"properties": {"input": {"anyOf": [{"type": "string"}, {"type": "array", "contains": {

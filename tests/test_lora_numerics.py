@@ -147,6 +147,29 @@ def test_bad_adapters_are_refused_with_the_reason(family_models, tmp_path):
     assert set(ALL_MODULES) == set(load_adapter("ok", str(adapters[0]), config, 64).target_modules)
 
 
+@pytest.mark.parametrize("field,value,message", [("lora_alpha", [], "lora_alpha must be a number"),
+                                                 ("r", "8", "r must be a number"),
+                                                 ("use_rslora", "yes", "use_rslora must be true or false"),
+                                                 ("alpha_pattern", {"q_proj": "x"}, "alpha_pattern must map"),
+                                                 ("rank_pattern", {"(": 4}, "not a regular expression")])
+def test_a_hand_edited_config_of_the_wrong_type_is_refused_with_the_field(family_models, tmp_path, field, value,
+                                                                          message):
+    """(A TypeError or re.error there would escape the engine loop on a dynamic load.)"""
+    import json
+    import shutil
+
+    from lightllm.engine.model_setup import model_config_for
+
+    base, adapters = family_models["llama"]
+    folder = tmp_path / "edited"
+    shutil.copytree(adapters[0], folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg[field] = value
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=message):
+        load_adapter("edited", str(folder), model_config_for(EngineConfig(model_path=str(base))), max_rank=64)
+
+
 def _engine(base, adapters, max_loras, **kwargs):
     return Engine(EngineConfig(model_path=str(base), max_total_token_num=1024, kv_cache_dtype="fp32",
                                quant_type="none", spec_ngram_tokens=0,

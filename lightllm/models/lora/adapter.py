@@ -93,7 +93,31 @@ def read_config(folder: Path) -> dict:
             raise AdapterError(f"{path}: {key}={cfg.get(key)!r} is not supported (only plain LoRA)")
     if cfg.get("modules_to_save"):
         raise AdapterError(f"{path}: modules_to_save {cfg['modules_to_save']} is not supported (whole-module copies)")
+    _check_types(cfg, path)
     return cfg
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(cfg: dict, path: Path) -> None:
+    """The fields the loader computes with have the types PEFT writes (a hand-edited config must be refused
+    with a message, not fail later with a TypeError or re.error)."""
+    for key in ("r", "lora_alpha"):
+        if key in cfg and not _is_number(cfg[key]):
+            raise AdapterError(f"{path}: {key} must be a number, not {cfg[key]!r}")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise AdapterError(f"{path}: use_rslora must be true or false")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = cfg.get(key) or {}
+        if not isinstance(patterns, dict) or not all(_is_number(v) for v in patterns.values()):
+            raise AdapterError(f"{path}: {key} must map module patterns to numbers")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise AdapterError(f"{path}: {key} pattern {pattern!r} is not a regular expression ({exc})") from None
 
 
 def load_adapter(name: str, path: str, config: ModelConfig, max_rank: int, moe_layers: bool = False) -> LoraAdapter:

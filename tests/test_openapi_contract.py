@@ -83,6 +83,12 @@ USER = [{"role": "user", "content": "hi"}]
 # (route, body, whether the document calls it valid): each of the refusals schemathesis' coverage phase
 # once found, and its neighbours. The server must accept exactly the bodies the document calls valid.
 CASES = [
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 2, "stream_options": {"include_usage": True}}, False),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 2, "stream": True,
+                              "stream_options": {"include_usage": True}}, True),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 2, "stream_options": None}, True),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": False, "stream_options": {}}, False),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True, "stream_options": {}}, True),
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 2, "n": 1.0}, True),  # a JSON-Schema integer
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 2.0, "stop_token_ids": [1.0]}, True),
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 2, "n": 1.5}, False),

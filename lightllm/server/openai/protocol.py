@@ -187,6 +187,11 @@ StopList = Annotated[list[str], WithJsonSchema({"type": "array", "items": {"type
                                                 "maxItems": MAX_STOP_SEQUENCES})]
 
 
+# SamplingFields' "stream_options only with stream: true" (OpenAI's and vLLM's rule), as the document states it
+STREAM_OPTIONS_RULE = {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+                       "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
+
+
 class SamplingFields(ConstraintFields):
     """Fields shared by chat and text completions."""
 
@@ -218,6 +223,12 @@ class SamplingFields(ConstraintFields):
         if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -253,6 +264,7 @@ class ChatCompletionRequest(SamplingFields):
          "then": {"required": ["tools"], "properties": {"tools": {"type": "array"}}}},
         {"if": {"required": ["continue_final_message"], "properties": {"continue_final_message": {"const": True}}},
          "then": {"required": ["add_generation_prompt"], "properties": {"add_generation_prompt": {"const": False}}}},
+        STREAM_OPTIONS_RULE,
     ]})
 
     @model_validator(mode="after")
@@ -265,10 +277,12 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1)]
-    # completions.py refuses echo with stream, and the document says so
-    model_config = ConfigDict(json_schema_extra={
-        "if": {"required": ["echo"], "properties": {"echo": {"const": True}}},
-        "then": {"properties": {"stream": {"const": False}}}})
+    # completions.py refuses echo with stream, and the document says so (and SamplingFields' stream_options rule)
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"required": ["echo"], "properties": {"echo": {"const": True}}},
+         "then": {"properties": {"stream": {"const": False}}}},
+        STREAM_OPTIONS_RULE,
+    ]})
 
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)

@@ -57,3 +57,10 @@ def test_min_tokens_ban_still_forbids_eos_under_a_huge_negative_bias_elsewhere()
     seq = _seq([0], min_new_tokens=2, temperature=1.0, logit_bias={t: -100.0 for t in range(VOCAB - 1)})
     tokens = {Sampler(VOCAB, [EOS], torch.device("cpu"))(logits.clone(), [seq])[0].token_id for _ in range(10)}
     assert EOS not in tokens
+
+
+def test_a_row_its_constraint_leaves_empty_ends_on_eos_instead_of_failing_the_step():
+    dead_end = _seq([1], allowed=(), temperature=1.0)
+    other = _seq([2], temperature=0.0)
+    out = Sampler(VOCAB, [EOS], torch.device("cpu"))(_logits(2), [dead_end, other])
+    assert out[0].token_id == EOS and out[1].token_id == VOCAB - 1

@@ -223,6 +223,16 @@ def test_bad_constraints_are_400_naming_the_field(smol_server, stream):
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (params, r.text)
 
 
+def test_a_constraint_no_token_can_start_is_400_and_the_step_goes_on(smol_server):
+    """SmolLM2's tokenizer drops control characters, so no token can start "\x14": refused at admission (the
+    fuzzing run found it failing the whole step with NaN probabilities)."""
+    body = {"prompt": ["hi", "there"], "max_tokens": 3, "guided_regex": "\x14", "repetition_penalty": 6.5e69}
+    r = requests.post(smol_server.base_url + "/v1/completions", json=body, headers=HEADERS, timeout=60)
+    assert r.status_code == 400 and "no token of this model's vocabulary" in r.json()["error"]["message"], r.text
+    (text,) = _completion(smol_server, {"guided_regex": "[ab]{2}"})  # and the server goes on serving
+    assert re.fullmatch("[ab]{2}", text), text
+
+
 def test_unending_grammar_stops_at_max_tokens_and_cache_is_reused(smol_server):
     """Also: no speculative drafts for a constrained request, though this greedy, repetitive single stream is
     what prompt-lookup drafting picks up."""

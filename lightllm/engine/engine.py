@@ -253,6 +253,8 @@ class Engine:
         """Queue a request whose grammar compilation is done (its refusal when it failed)."""
         try:
             seq.grammar = self.grammars.matcher(seq.params.grammar, compiled.result())
+            if not seq.grammar.can_start():
+                raise ValueError("no token of this model's vocabulary can start text that the constraint accepts")
             if seq.params.grammar_gate is not None:  # a thinking model: the grammar starts after the thinking
                 seq.grammar = GatedGrammar(seq.grammar, seq.params.grammar_gate)
         except (ValueError, RuntimeError) as exc:

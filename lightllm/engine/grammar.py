@@ -91,6 +91,12 @@ class GrammarMatcher:
         self.matcher.fill_next_token_bitmask(self.bitmask, 0)
         self._xgr.apply_token_bitmask_inplace(row.unsqueeze(0), self.bitmask.to(row.device))
 
+    def can_start(self) -> bool:
+        """Whether some token of the vocabulary may come first (a regex of characters no token holds, such as a
+        control character the tokenizer drops, allows none); the state does not change."""
+        self.matcher.fill_next_token_bitmask(self.bitmask, 0)
+        return bool(self.bitmask.any())
+
     def accept_token(self, token_id: int) -> None:
         if not self.matcher.is_terminated() and not self.matcher.accept_token(token_id):
             logger.warning("grammar rejected token %d", token_id)
@@ -111,6 +117,9 @@ class AllowedTokens:
         if self.banned.device != row.device:
             self.banned = self.banned.to(row.device)
         row.masked_fill_(self.banned[: row.shape[0]], float("-inf"))
+
+    def can_start(self) -> bool:
+        return not bool(self.banned.all())
 
     def accept_token(self, token_id: int) -> None:
         pass

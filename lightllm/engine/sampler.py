@@ -7,11 +7,15 @@ default), so they do not depend on the sampling knobs.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lightllm.engine.scheduler import SampledToken
 from lightllm.engine.sequence import Sequence
 from lightllm.kernels import cpu as cpu_kernels
+
+logger = logging.getLogger("lightllm.engine")
 
 
 def _finite_(row: torch.Tensor) -> torch.Tensor:
@@ -85,6 +89,11 @@ class Sampler:
             if seq.grammar is not None:
                 seq.grammar.apply_mask(row)
             _finite_(row)  # a NaN a mask left must not reach softmax
+            if self.eos_token_ids.numel() and bool((row == float("-inf")).all()):
+                # a grammar at a dead end (admission refuses one that cannot start): end the request rather
+                # than fail the whole step on an empty distribution
+                logger.warning("request %s: its constraint allows no token here; ending it", seq.rid)
+                row[self.eos_token_ids[0]] = 0.0
         return logits
 
     @staticmethod

@@ -46,8 +46,9 @@ CONSTRAINT_RULES = {
     "no whitespace pattern (JSON is compact)": r"whitespace_pattern` is not supported \(JSON is compact",
     "constraint size limits": r"^`[\w.\[\]]+` (is larger than \d+ bytes|lists more than \d+ tokens)$",
 }
+# DOTALL: the values a message quotes (tool names, field values) are generated text and may hold newlines
 _ALLOWED = re.compile("|".join(f"(?:{pattern})" for pattern in [*UNEXPRESSIBLE_RULES.values(),
-                                                                 *CONSTRAINT_RULES.values()]))
+                                                                 *CONSTRAINT_RULES.values()]), re.DOTALL)
 
 
 @schemathesis.check

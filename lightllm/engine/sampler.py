@@ -88,12 +88,12 @@ class Sampler:
                     row[torch.tensor(p.stop_token_ids, device=row.device)] = float("-inf")
             if seq.grammar is not None:
                 seq.grammar.apply_mask(row)
-            _finite_(row)  # a NaN a mask left must not reach softmax
-            if self.eos_token_ids.numel() and bool((row == float("-inf")).all()):
                 # a grammar at a dead end (admission refuses one that cannot start): end the request rather
-                # than fail the whole step on an empty distribution
-                logger.warning("request %s: its constraint allows no token here; ending it", seq.rid)
-                row[self.eos_token_ids[0]] = 0.0
+                # than fail the whole step on an empty distribution (only a grammar can forbid every token)
+                if self.eos_token_ids.numel() and bool(torch.isneginf(row).all()):
+                    logger.warning("request %s: its constraint allows no token here; ending it", seq.rid)
+                    row[self.eos_token_ids[0]] = 0.0
+            _finite_(row)  # a NaN a mask left must not reach softmax
         return logits
 
     @staticmethod

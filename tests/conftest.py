@@ -154,22 +154,10 @@ def build_tiny_model(path: Path, arch: str, **overrides) -> Path:
     return path
 
 
-def run_engine_recording_logits(model_dir, prompts, steps: int = 9, cached_tokens: dict | None = None,
-                                **engine_kwargs):
-    """Greedy-run prompts through an Engine (the first one alone for a step, then batched), recording the
-    logits each sampling step saw. Returns (engine, generated ids per rid, logits per rid); fills
-    `cached_tokens` (when given) with each request's prefix-cache hit count."""
-    import torch
-
-    from lightllm.engine.engine import Engine
-    from lightllm.engine.protocol import AddRequest, EngineConfig, SamplingParams
-
-    engine_kwargs.setdefault("max_total_token_num", 1024)
-    engine_kwargs.setdefault("kv_cache_dtype", "fp32")  # exact comparisons; fp16 KV has its own quality test
-    engine_kwargs.setdefault("quant_type", "none")  # the checkpoint's own weights unless a test asks
-    engine_kwargs.setdefault("spec_ngram_tokens", 0)  # one token per step, so each step's logits are recorded
-    engine = Engine(EngineConfig(model_path=str(model_dir), **engine_kwargs))
-    recorded: dict[str, list[torch.Tensor]] = {}
+def record_logits(engine) -> dict[str, list]:
+    """From now on, each request's logits rows (tensors) as the sampler receives them, by request id (filled as
+    the engine steps)."""
+    recorded: dict[str, list] = {}
     sampler = engine.runner.sampler
 
     def recording_sampler(logits, seqs):
@@ -178,6 +166,23 @@ def run_engine_recording_logits(model_dir, prompts, steps: int = 9, cached_token
         return sampler(logits, seqs)
 
     engine.runner.sampler = recording_sampler
+    return recorded
+
+
+def run_engine_recording_logits(model_dir, prompts, steps: int = 9, cached_tokens: dict | None = None,
+                                **engine_kwargs):
+    """Greedy-run prompts through an Engine (the first one alone for a step, then batched), recording the
+    logits each sampling step saw. Returns (engine, generated ids per rid, logits per rid); fills
+    `cached_tokens` (when given) with each request's prefix-cache hit count."""
+    from lightllm.engine.engine import Engine
+    from lightllm.engine.protocol import AddRequest, EngineConfig, SamplingParams
+
+    engine_kwargs.setdefault("max_total_token_num", 1024)
+    engine_kwargs.setdefault("kv_cache_dtype", "fp32")  # exact comparisons; fp16 KV has its own quality test
+    engine_kwargs.setdefault("quant_type", "none")  # the checkpoint's own weights unless a test asks
+    engine_kwargs.setdefault("spec_ngram_tokens", 0)  # one token per step, so each step's logits are recorded
+    engine = Engine(EngineConfig(model_path=str(model_dir), **engine_kwargs))
+    recorded = record_logits(engine)
     outputs: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         engine.add_request(AddRequest(str(i), prompt, SamplingParams(max_new_tokens=steps, temperature=0.0,

@@ -10,7 +10,7 @@ import torch
 from lightllm.engine.engine import Engine
 from lightllm.engine.protocol import AddRequest, EngineConfig, SamplingParams
 from lightllm.models.lora.adapter import AdapterError, load_adapter
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, record_logits
 from tests.lora_helpers import ALL_MODULES, build_adapter, merged_model
 
 # family -> (tiny model overrides, three adapters' settings)
@@ -51,15 +51,7 @@ def run_mixed(base, adapters, requests, **engine_kwargs):
     engine = Engine(EngineConfig(model_path=str(base), max_total_token_num=1024, kv_cache_dtype="fp32",
                                  spec_ngram_tokens=0, lora_modules=modules,
                                  max_loras=len(adapters), **engine_kwargs))
-    recorded: dict[str, list[torch.Tensor]] = {}
-    sampler = engine.runner.sampler
-
-    def recording_sampler(logits, seqs):
-        for row, seq in zip(logits, seqs):
-            recorded.setdefault(seq.rid, []).append(row.clone())
-        return sampler(logits, seqs)
-
-    engine.runner.sampler = recording_sampler
+    recorded = record_logits(engine)
     for i, (prompt, which) in enumerate(requests):
         params = SamplingParams(max_new_tokens=STEPS, temperature=0.0, ignore_eos=True,
                                 lora=None if which is None else f"a{which}")

@@ -105,8 +105,8 @@ PROMPTS = {
 def test_logits_equal_transformers_with_chunked_prefill_through_images(llava_dir, model_path_kind):
     # 7-token chunks: every image's 16 tokens are cut across chunks; both requests in one batch
     engine = _engine(llava_dir, chunked_prefill_size=7, batch_max_tokens=14)
-    assert engine.ready_message().image_token_id == IMAGE
-    assert engine.ready_message().tokens_per_image == TOKENS_PER_IMAGE
+    layout = engine.ready_message().image_layout
+    assert (layout.image_marker, layout.placeholder_id, layout.tokens_per_image) == ((IMAGE,), IMAGE, TOKENS_PER_IMAGE)
     tokens, logits, _ = _run(engine, PROMPTS)
     for rid, (ids, images) in PROMPTS.items():
         ref_tokens, ref_logits = _reference(llava_dir, ids, images)
@@ -160,7 +160,7 @@ def test_engine_refuses_malformed_image_layouts(llava_dir, tmp_path):
     text_engine = _engine(text_dir)
     out = text_engine.add_request(AddRequest("d", ids, params, _inputs(ids, images)))
     assert out is not None and "does not take images" in out.error.message and "'text'" in out.error.message
-    assert text_engine.ready_message().image_token_id is None
+    assert text_engine.ready_message().image_layout is None
 
 
 def test_cache_keys_tell_images_apart_and_cost_nothing_without_images():

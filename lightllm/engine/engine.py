@@ -20,7 +20,7 @@ from lightllm.engine.memory import (MemoryBreakdown, activation_bytes, process_r
 from lightllm.engine.model_setup import (build_model, build_vision, kv_budget_for, model_config_for, pick_device,
                                         pick_dtype)
 from lightllm.models.loading.loader import resolve_quant_type
-from lightllm.models.loading.sharding import shard_config
+from lightllm.models.loading.sharding import TPShard, shard_config
 from lightllm.engine.model_runner import ModelRunner
 from lightllm.engine.prefix_cache import PrefixCache
 from lightllm.engine.reasoning_gate import GatedGrammar
@@ -77,7 +77,7 @@ class Engine:
                                 self.kv_dtype, self.device)
         self.table = ReqToTokenTable(cfg.running_max_req_size, self.max_model_len, self.device)
         self.prefix_cache = None if cfg.disable_dynamic_prompt_cache else PrefixCache(self.pool)
-        self.lora = self._start_lora(cfg, rank_cfg)
+        self.lora = self._start_lora(cfg, model_cfg)
         batch_max_tokens = cfg.batch_max_tokens or max(cfg.chunked_prefill_size, 2048)
         if cfg.disable_chunked_prefill:
             batch_max_tokens = max(batch_max_tokens, self.max_model_len)
@@ -87,36 +87,36 @@ class Engine:
             chunked_prefill=not cfg.disable_chunked_prefill, running_max_req_size=cfg.running_max_req_size,
             max_model_len=self.max_model_len, eos_token_ids=model_cfg.eos_token_ids,
             new_token_estimate=cfg.router_max_new_token_len, prefix_cache=self.prefix_cache,
-            speculative=SpeculativeConfig(cfg.spec_ngram_tokens, cfg.spec_max_decodes), lora=self.lora)
+            speculative=SpeculativeConfig(cfg.spec_ngram_tokens, cfg.spec_max_decodes), lora=self.lora,
+            whole_image_runs=self.model.bidirectional_images)
         self.memory = MemoryBreakdown(
             weights=tensor_bytes([self.model.weights, self.images.encoder]), kv_cache=tensor_bytes([self.pool.k, self.pool.v, self.table.table]),
             activations=activation_bytes(rank_cfg, batch_max_tokens, cfg.running_max_req_size), runtime=runtime_bytes)
         logger.info("KV cache: %s", self.kv_budget.rule)
         logger.info("memory: %s", self.memory.describe())
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, self.device)
-        self.images = ImageEmbedder(build_vision(cfg, model_cfg, self.device, self.dtype), model_cfg.name,
-                                    cfg.cache_capacity)
         self.runner = ModelRunner(self.model, self.pool, self.table, self.sampler, broadcaster, self.images)
+        self.runner.lora_outbox = self.lora.outbox  # tp > 1: the other ranks mirror the adapters
+        self.runner.sync_lora()
         self.faults = FaultInjector.from_env()
 
-    def _start_lora(self, cfg: EngineConfig, rank_cfg) -> LoraManager:
-        """The adapter registry with --lora_modules registered (a bad adapter fails the start, naming it)."""
+    def _start_lora(self, cfg: EngineConfig, model_cfg) -> LoraManager:
+        """The adapter registry with --lora_modules registered (a bad adapter fails the start, naming it);
+        under tensor parallelism this rank holds its shard of each adapter (models/lora/adapter.py)."""
         modules = parse_lora_modules(cfg.lora_modules)
-        if modules and cfg.tp > 1:
-            raise ValueError("LoRA adapters are not supported with --tp > 1 yet")
         moe = any(lw.gate_up is None for lw in self.model.weights.layers)
-        manager = LoraManager(rank_cfg, cfg.max_loras, cfg.max_lora_rank, moe_layers=moe)
+        manager = LoraManager(model_cfg, cfg.max_loras, cfg.max_lora_rank, moe_layers=moe,
+                              shard=TPShard(0, cfg.tp) if cfg.tp > 1 else None)
         for name, path in modules.items():
             manager.register(name, path)
         return manager
 
     def load_lora(self, msg: LoadLora) -> LoraReply:
-        if self.cfg.tp > 1:
-            return LoraReply(msg.token, "LoRA adapters are not supported with --tp > 1 yet")
         try:
             self.lora.register(msg.name, msg.path)
         except ValueError as exc:  # AdapterError: what does not fit, or the name is taken
             return LoraReply(msg.token, str(exc))
+        self.runner.sync_lora()
         return LoraReply(msg.token)
 
     def unload_lora(self, msg: UnloadLora) -> LoraReply:
@@ -138,14 +138,12 @@ class Engine:
             self.runner.broadcaster = None
 
     def ready_message(self) -> EngineReady:
-        facts = self.images.facts
         return EngineReady(model_name=self.model_config.name, architecture=self.model_config.architecture,
                            dtype=str(self.dtype).replace("torch.", ""), device=str(self.device),
                            max_total_token_num=self.kv_tokens, max_model_len=self.max_model_len,
                            vocab_size=self.model_config.vocab_size, eos_token_ids=self.model_config.eos_token_ids,
                            memory=self.memory.as_dict(), kv_cache_rule=self.kv_budget.rule,
-                           image_token_id=facts.image_token_id if facts else None,
-                           tokens_per_image=facts.tokens_per_image if facts else 0)
+                           image_layout=self.images.layout)
 
     def stats(self) -> EngineStats:
         cached = self.prefix_cache.evictable() if self.prefix_cache else 0

@@ -15,7 +15,8 @@ import torch
 from lightllm.engine.protocol import ImageInput
 from lightllm.engine.scheduler import ScheduledChunk
 from lightllm.models.decoder import InputEmbeds
-from lightllm.models.vision.base import VisionEncoder, VisionFacts
+from lightllm.models.vision.base import VisionEncoder
+from lightllm.models.vision.layout import ImageLayout
 
 
 class ImageEmbedder:
@@ -29,28 +30,28 @@ class ImageEmbedder:
         self.stats = {"encoded": 0, "cache_hits": 0}
 
     @property
-    def facts(self) -> VisionFacts | None:
-        return self.encoder.facts if self.encoder is not None else None
+    def layout(self) -> ImageLayout | None:
+        return self.encoder.layout if self.encoder is not None else None
 
     def problem(self, prompt_ids: list[int], images: list[ImageInput]) -> str | None:
         """Why a request's images cannot be served as sent, or None. The API lays them out right; this guards
-        the engine's own invariants for any sender."""
-        facts = self.facts
-        if facts is None:
+        the engine's own invariants for any sender (a run's length against the image's size is checked when
+        the image is encoded: `prepare`)."""
+        layout = self.layout
+        if layout is None:
             return (f"model {self.model_name!r} does not take images (a text-only model)" if images
                     else None)
-        end = 0
+        token, end = layout.placeholder_id, 0
         for image in images:
-            if image.length != facts.tokens_per_image:
-                return f"an image takes {facts.tokens_per_image} placeholder tokens, not {image.length}"
-            if image.offset < end or image.offset + image.length > len(prompt_ids):
+            if layout.tokens_per_image and image.length != layout.tokens_per_image:
+                return f"an image takes {layout.tokens_per_image} placeholder tokens, not {image.length}"
+            if image.length < 1 or image.offset < end or image.offset + image.length > len(prompt_ids):
                 return "images' placeholder runs must lie inside the prompt, in order and apart"
-            if any(t != facts.image_token_id for t in prompt_ids[image.offset:image.offset + image.length]):
-                return f"an image's placeholder run must hold token {facts.image_token_id} only"
+            if any(t != token for t in prompt_ids[image.offset:image.offset + image.length]):
+                return f"an image's placeholder run must hold token {token} only"
             end = image.offset + image.length
-        if prompt_ids.count(facts.image_token_id) != len(images) * facts.tokens_per_image:
-            return (f"the prompt holds image placeholder tokens ({facts.image_token_id}) that no image fills: "
-                    f"{len(images)} image(s) of {facts.tokens_per_image} tokens")
+        if prompt_ids.count(token) != sum(image.length for image in images):
+            return f"the prompt holds image placeholder tokens ({token}) that no image fills"
         return None
 
     def prepare_async(self, images: list[ImageInput]) -> Future:
@@ -64,9 +65,11 @@ class ImageEmbedder:
         take fails its own request, not the step it would run in; why it failed, or None."""
         for image in images:
             try:
-                self.embeddings(image)
+                rows = self.embeddings(image).shape[0]
             except (OSError, ValueError, RuntimeError) as exc:  # PIL's decode errors are OSErrors
                 return f"the image could not be processed: {exc}"
+            if rows != image.length:  # a dynamic-resolution image laid out for another size
+                return f"the image takes {rows} placeholder tokens, not {image.length}"
         return None
 
     def embeddings(self, image: ImageInput) -> torch.Tensor:

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lightllm.models.vision.layout import ImageLayout
+
 
 @dataclass
 class EngineConfig:
@@ -51,6 +53,7 @@ class EngineConfig:
     tile_cache_dir: str | None = None  # where (None: the cache directory's tiles/)
     engine_threads: int | None = None  # cores divided among this machine's ranks (None: all of them)
     cache_capacity: int = 200  # images whose vision-encoder output is kept (LightLLM's flag; 0: none)
+    mmproj: str | None = None  # llama.cpp's vision projector GGUF for a GGUF language model (models/vision/mmproj.py)
     # LoRA adapters (engine/lora.py): NAME=PATH folders served at start, adapters resident at once, largest rank
     lora_modules: list[str] = field(default_factory=list)
     max_loras: int = 4
@@ -166,7 +169,7 @@ class ImageInput:
     data: bytes
     digest: str  # sha256 of `data`: tells images apart in the prefix cache and the encoder cache
     offset: int  # the first placeholder token's prompt position
-    length: int  # placeholder tokens (the model's tokens per image)
+    length: int  # placeholder tokens (ImageLayout.tokens_for the image's size)
 
     @property
     def cache_token(self) -> int:
@@ -316,9 +319,8 @@ class EngineReady:
     # start-up memory breakdown in bytes (engine/memory.py): weights, kv_cache, activations, runtime, total
     memory: dict[str, int] = field(default_factory=dict)
     kv_cache_rule: str = ""  # how the KV pool's size was reached
-    # a vision-language model: each image in the prompt text is this token, which becomes `tokens_per_image`
-    image_token_id: int | None = None
-    tokens_per_image: int = 0
+    # a vision-language model: where its images go in a prompt (None: a text-only model)
+    image_layout: ImageLayout | None = None
 
 
 @dataclass

@@ -3,9 +3,12 @@
 An image arrives as a `data:image/...;base64,` URL, or as a `file://` URL under `--allowed_local_media_path`;
 this server fetches nothing (http(s) URLs are refused). Each is decoded here with PIL, so a corrupt, truncated
 or unsupported file, one over `--max_image_pixels` or more than `--limit_mm_per_prompt` images get a 400 before
-the engine sees them. The chat text holds the model's image token where each image goes; `place_images` turns
-each into the model's run of placeholder tokens and tells the engine where the runs are (engine/protocol.py's
-ImageInput). No model code here: the model's image token and tokens per image come in its EngineReady."""
+the engine sees them. The chat text holds the model's image marker where each image goes; `encode_with_images`
+expands each marker into the model's run of placeholder tokens (as many as the image's size gives), as
+transformers' processors expand the text before tokenizing, and tells the engine where the runs are
+(engine/protocol.py's ImageInput). No model code here: the model's image layout (models/vision/layout.py) comes
+in its EngineReady.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +19,16 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import unquote, urlparse
 
 from lightllm.engine.protocol import EngineReady, ImageInput
+from lightllm.models.vision.layout import LayoutText
 from lightllm.server.args import ServerArgs
 from lightllm.server.errors import APIError
+
+if TYPE_CHECKING:
+    from lightllm.server.state import ServerState
 
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")  # the image file formats taken (PIL's names)
 DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
@@ -30,6 +38,8 @@ DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 class RequestImage:
     data: bytes  # the image file as sent
     digest: str  # sha256 hex of `data`
+    width: int
+    height: int
 
 
 def load_image(url: str, args: ServerArgs, param: str) -> RequestImage:
@@ -43,8 +53,7 @@ def load_image(url: str, args: ServerArgs, param: str) -> RequestImage:
                             "inline as a data:image/...;base64, URL", param=param)
     else:
         raise APIError(400, "an image URL must be a data:image/...;base64, URL or a file:// URL", param=param)
-    check_image(data, args, param)
-    return RequestImage(data, hashlib.sha256(data).hexdigest())
+    return RequestImage(data, hashlib.sha256(data).hexdigest(), *check_image(data, args, param))
 
 
 def load_base64_image(text: str, args: ServerArgs, param: str) -> RequestImage:
@@ -53,8 +62,7 @@ def load_base64_image(text: str, args: ServerArgs, param: str) -> RequestImage:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, "the image is not valid base64", param=param) from None
-    check_image(data, args, param)
-    return RequestImage(data, hashlib.sha256(data).hexdigest())
+    return RequestImage(data, hashlib.sha256(data).hexdigest(), *check_image(data, args, param))
 
 
 def _local_file(url: str, args: ServerArgs, param: str) -> bytes:
@@ -75,8 +83,8 @@ def _local_file(url: str, args: ServerArgs, param: str) -> bytes:
         raise APIError(400, "the image file cannot be read (no such file, or not a file)", param=param) from None
 
 
-def check_image(data: bytes, args: ServerArgs, param: str) -> None:
-    """The file decodes, whole, as one of FORMATS and within --max_image_pixels."""
+def check_image(data: bytes, args: ServerArgs, param: str) -> tuple[int, int]:
+    """The file decodes, whole, as one of FORMATS and within --max_image_pixels; its (width, height)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -93,6 +101,7 @@ def check_image(data: bytes, args: ServerArgs, param: str) -> None:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise APIError(400, f"the image could not be decoded: {exc}", param=param) from None
+    return width, height
 
 
 def check_count(count: int, args: ServerArgs, param: str) -> None:
@@ -101,30 +110,46 @@ def check_count(count: int, args: ServerArgs, param: str) -> None:
                             f"{args.limit_mm_per_prompt}", param=param)
 
 
-def image_token_text(info: EngineReady, tokenizer, model_name: str, param: str) -> str:
-    """What an image is in the chat text: the model's image token (400 for a text-only model)."""
-    if info.image_token_id is None:
+def layout_text(info: EngineReady, tokenizer, model_name: str, param: str) -> LayoutText:
+    """The model's image layout as text (400 for a text-only model)."""
+    if info.image_layout is None:
         raise APIError(400, f"model {model_name!r} does not take images (a text-only model)", param=param)
-    return tokenizer.convert_ids_to_tokens(info.image_token_id)
+    return info.image_layout.text(tokenizer.convert_ids_to_tokens)
 
 
-def place_images(prompt_ids: list[int], images: list[RequestImage], info: EngineReady,
-                 param: str) -> tuple[list[int], list[ImageInput]]:
-    """Each image token of the tokenized prompt → the model's run of placeholder tokens, in order."""
+def encode_with_images(state: ServerState, text: str, images: list[RequestImage], encode: Callable[[str], list[int]],
+                       param: str) -> tuple[list[int], list[ImageInput]]:
+    """The prompt's token ids (`encode`d) with each image marker of `text` expanded into its image's
+    placeholder run, in order, and where the runs are. The text must hold exactly one marker per image."""
     if not images:
-        return prompt_ids, []
-    token, length = info.image_token_id, info.tokens_per_image
-    found = prompt_ids.count(token)
-    if found != len(images):
-        raise APIError(400, f"the prompt text holds {found} image placeholders for {len(images)} images: the text "
-                            "must not contain the model's image token itself", param=param)
-    out: list[int] = []
+        return encode(text), []
+    names = layout_text(state.engine.info, state.tokenizer, state.model_name, param)
+    layout = state.engine.info.image_layout
+    pieces = text.split(names.image_text)
+    if len(pieces) - 1 != len(images):
+        raise APIError(400, f"the prompt text holds {len(pieces) - 1} image markers for {len(images)} images: the "
+                            f"text must not contain the model's image marker {names.image_text!r} itself",
+                       param=param)
+    counts: list[int] = []
+    for i, image in enumerate(images):
+        try:
+            counts.append(layout.tokens_for(image.width, image.height))
+        except ValueError as exc:
+            raise APIError(400, f"image {i} cannot be taken: {exc}", param=param) from None
+    expanded = [pieces[0]]
+    for count, piece in zip(counts, pieces[1:]):
+        expanded += [names.before, names.placeholder_text * count, names.after, piece]
+    ids = encode("".join(expanded))
+    runs = [i for i, t in enumerate(ids) if t == layout.placeholder_id]
+    if len(runs) != sum(counts):
+        raise APIError(400, "the prompt text holds the model's image placeholder token "
+                            f"{names.placeholder_text!r} itself", param=param)
     inputs: list[ImageInput] = []
-    for t in prompt_ids:
-        if t == token:
-            image = images[len(inputs)]
-            inputs.append(ImageInput(image.data, image.digest, len(out), length))
-            out.extend([token] * length)
-        else:
-            out.append(t)
-    return out, inputs
+    taken = 0
+    for image, count in zip(images, counts):
+        start = runs[taken]
+        if runs[taken + count - 1] != start + count - 1:  # the run is not contiguous
+            raise APIError(400, "an image's placeholder run is broken by the text around it", param=param)
+        inputs.append(ImageInput(image.data, image.digest, start, count))
+        taken += count
+    return ids, inputs

@@ -16,7 +16,7 @@ from lightllm.server import structured
 from lightllm.server.errors import APIError, stream_error_event
 from lightllm.server.ids import new_id
 from lightllm.server.limits import MAX_N, MAX_STOP_SEQUENCES
-from lightllm.server.multimodal import check_count, image_token_text, load_base64_image, place_images
+from lightllm.server.multimodal import check_count, encode_with_images, layout_text, load_base64_image
 from lightllm.server.openai.protocol import (LogitBias, NonEmptyText, Seed, StopList, TokenId, TokenIds,
                                             _Lenient)
 from lightllm.server.openapi import json_body
@@ -72,7 +72,7 @@ class MultimodalParams(_Lenient):
 
 
 class GenerateRequest(_Lenient):
-    # _place_images' rule, in the document too: images go with text inputs (token ids hold no image token)
+    # _encode_inputs' rule, in the document too: images go with text inputs (token ids hold no image marker)
     model_config = ConfigDict(json_schema_extra={
         "if": {"required": ["multimodal_params"], "properties": {"multimodal_params": {
             "type": "object", "required": ["images"], "properties": {"images": {"minItems": 1}}}}},
@@ -80,7 +80,7 @@ class GenerateRequest(_Lenient):
 
     inputs: NonEmptyText | TokenIds
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    # LightLLM's images: the text `inputs` holds the model's image token (e.g. <image>) where each one goes
+    # LightLLM's images: the text `inputs` holds the model's image marker (e.g. <image>) where each one goes
     multimodal_params: MultimodalParams | None = None
     lora: str | None = Field(None, description="the LoRA adapter to run on (a name from /v1/models; the base "
                                                "model's name or null: none); an unknown name answers 404")
@@ -94,11 +94,7 @@ def _prepare(state: ServerState,
              req: GenerateRequest) -> tuple[list[int], SamplingParams, list[str], list[ImageInput]]:
     p = req.parameters
     # empty inputs fail validation; a text that encodes to nothing fails the length check below
-    if isinstance(req.inputs, str):
-        prompt_ids = state.tokenizer.encode(req.inputs, add_special_tokens=p.add_special_tokens)
-    else:
-        prompt_ids = list(req.inputs)
-    prompt_ids, images = _place_images(state, req, prompt_ids)
+    prompt_ids, images = _encode_inputs(state, req)
     stops = [p.stop_sequences] if isinstance(p.stop_sequences, str) else list(p.stop_sequences or [])
     if len(stops) > MAX_STOP_SEQUENCES:
         raise APIError(400, f"at most {MAX_STOP_SEQUENCES} stop_sequences are allowed",
@@ -120,20 +116,24 @@ def _prepare(state: ServerState,
     return prompt_ids, params, stops, images
 
 
-def _place_images(state: ServerState, req: GenerateRequest,
-                  prompt_ids: list[int]) -> tuple[list[int], list[ImageInput]]:
-    """LightLLM's multimodal_params.images, checked like chat's, in their placeholder runs."""
+def _encode_inputs(state: ServerState, req: GenerateRequest) -> tuple[list[int], list[ImageInput]]:
+    """The prompt's token ids, with LightLLM's multimodal_params.images (checked like chat's) in their
+    placeholder runs where the text holds the model's image marker."""
     sent = req.multimodal_params.images if req.multimodal_params is not None else []
     if not sent:
-        return prompt_ids, []
+        if isinstance(req.inputs, str):
+            return state.tokenizer.encode(req.inputs, add_special_tokens=req.parameters.add_special_tokens), []
+        return list(req.inputs), []
     param = "multimodal_params.images"
-    image_token_text(state.engine.info, state.tokenizer, state.model_name, param)  # a text-only model: 400
+    layout_text(state.engine.info, state.tokenizer, state.model_name, param)  # a text-only model: 400
     if not isinstance(req.inputs, str):
-        raise APIError(400, "images need text inputs holding the model's image token where each image goes",
+        raise APIError(400, "images need text inputs holding the model's image marker where each image goes",
                        param="inputs")
     check_count(len(sent), state.args, param)
     images = [load_base64_image(image.data, state.args, f"{param}[{i}]") for i, image in enumerate(sent)]
-    return place_images(prompt_ids, images, state.engine.info, "inputs")
+    special = req.parameters.add_special_tokens
+    return encode_with_images(state, req.inputs, images,
+                              lambda text: state.tokenizer.encode(text, add_special_tokens=special), "inputs")
 
 
 def _constraint(state: ServerState, p: GenerateParameters) -> GrammarSpec | None:

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from lightllm.models.loading.hf import _safetensors_files
-from lightllm.models.vision.base import VisionEncoder, VisionFacts
+from lightllm.models.vision.base import VisionEncoder
 from lightllm.models.vision.clip import ACTIVATIONS, ClipConfig, ClipTower
+from lightllm.models.vision.layout import ImageLayout
 from lightllm.models.vision.preprocess import ImagePreprocessor
 
 # checkpoint prefixes of the tower and the projector (transformers 5 saves the first form, older
@@ -51,7 +52,9 @@ class LlavaVision(VisionEncoder):
         self.projector = projector
         self.preprocess = preprocess
         tokens = self.clip.config.num_patches + (1 if self.strategy == "full" else 0)
-        self.facts = VisionFacts(int(cfg.get("image_token_index", cfg.get("image_token_id", 32000))), tokens)
+        image_token = int(cfg.get("image_token_index", cfg.get("image_token_id", 32000)))
+        # the image token stands for the image in the chat text and becomes a run of itself (LlavaProcessor)
+        self.layout = ImageLayout(image_marker=(image_token,), placeholder_id=image_token, tokens_per_image=tokens)
 
     @torch.inference_mode()
     def encode(self, image: bytes) -> torch.Tensor:

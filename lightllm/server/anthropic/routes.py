@@ -11,7 +11,7 @@ from lightllm.server.anthropic.protocol import AnthropicErrorResponse, CountToke
 from lightllm.server.anthropic.stream import message_events
 from lightllm.server.function_call import prepare_tool_context
 from lightllm.server.ids import new_id
-from lightllm.server.multimodal import place_images
+from lightllm.server.multimodal import encode_with_images
 from lightllm.server.openai.chat import prepare_chat, render_prompt, request_images
 from lightllm.server.openapi import STREAMING_OK, error_responses
 from lightllm.server.state import ServerState, collect, until_disconnect
@@ -44,6 +44,6 @@ async def count_tokens(req: CountTokensRequest, request: Request):
     chat = to_chat_request(req)
     images, image_text = request_images(state, chat)
     prompt = render_prompt(state, chat, prepare_tool_context(chat, state), image_text)
-    ids, _ = place_images(state.tokenizer.encode(prompt, add_special_tokens=False), images, state.engine.info,
-                          "messages")  # each image's tokens, as /v1/messages counts them
+    ids, _ = encode_with_images(state, prompt, images, lambda text: state.tokenizer.encode(
+        text, add_special_tokens=False), "messages")  # each image's tokens, as /v1/messages counts them
     return {"input_tokens": len(ids)}

@@ -18,7 +18,7 @@ from lightllm.server.openai.chat_output import ChatOutputParser
 from lightllm.server.openapi import STREAMING_OK
 from lightllm.server.reasoning.base import ReasoningDetector, ThinkTagDetector
 from lightllm.server.ids import new_id
-from lightllm.server.multimodal import RequestImage, check_count, image_token_text, load_image, place_images
+from lightllm.server.multimodal import RequestImage, check_count, encode_with_images, layout_text, load_image
 from lightllm.server.openai.common import chat_logprob_entries, merge_streams, now, sampling_params, sse, usage
 from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage
 from lightllm.server.state import ServerState, collect_all, until_disconnect
@@ -49,7 +49,7 @@ def _template_message(msg: ChatMessage, image_text: str) -> dict[str, Any]:
 
 def render_prompt(state: ServerState, req: ChatCompletionRequest, tools: ToolContext | None,
                   image_text: str = "") -> str:
-    """The chat text; each image part is `image_text` (the model's image token) where it stands."""
+    """The chat text; each image part is `image_text` (the model's image marker) where it stands."""
     import jinja2
 
     messages = [_template_message(m, image_text) for m in req.messages]
@@ -110,8 +110,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str
     grammar = structured.openai_constraint(state, req, tools.grammar if tools is not None else None)
     images, image_text = request_images(state, req)
     prompt = render_prompt(state, req, tools, image_text)
-    prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
-    prompt_ids, image_inputs = place_images(prompt_ids, images, state.engine.info, "messages")
+    prompt_ids, image_inputs = encode_with_images(
+        state, prompt, images, lambda text: state.tokenizer.encode(text, add_special_tokens=False), "messages")
     max_new_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     if images:  # never truncated (--long_truncation_mode could cut an image's run): too long is a 400
         max_new = state.check_length(len(prompt_ids), req.max_completion_tokens or req.max_tokens, max_new_param)
@@ -142,11 +142,11 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, rid_prefix: str
 
 def request_images(state: ServerState, req: ChatCompletionRequest) -> tuple[list[RequestImage], str]:
     """The request's images in message order, each loaded and checked (400s: server/multimodal.py), and
-    the text that stands for an image in the chat text (the model's image token; "" without images)."""
+    the text that stands for an image in the chat text (the model's image marker; "" without images)."""
     urls = [(i, url) for i, msg in enumerate(req.messages) for url in msg.image_urls()]
     if not urls:
         return [], ""
-    image_text = image_token_text(state.engine.info, state.tokenizer, state.model_name, "messages")
+    image_text = layout_text(state.engine.info, state.tokenizer, state.model_name, "messages").image_text
     check_count(len(urls), state.args, "messages")
     return [load_image(url, state.args, f"messages[{i}].content") for i, url in urls], image_text
 

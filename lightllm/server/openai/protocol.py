@@ -94,7 +94,7 @@ class ChatMessage(_Lenient):
     tool_call_id: str | None = None
 
     def text(self, image_text: str = "") -> str:
-        """The content as text, each image as `image_text` (the model's image token) where it stands."""
+        """The content as text, each image as `image_text` (the model's image marker) where it stands."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):

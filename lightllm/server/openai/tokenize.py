@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field
 
 from lightllm.server.errors import APIError
 from lightllm.server.limits import MAX_TOOLS
-from lightllm.server.multimodal import place_images
+from lightllm.server.multimodal import encode_with_images
 from lightllm.server.openai.chat import render_prompt, request_images
 from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage, TokenId, Tool, _Lenient
 from lightllm.server.state import ServerState
@@ -57,8 +57,9 @@ async def tokenize(req: TokenizeRequest, request: Request):
     else:
         images, text = [], req.prompt
         special = req.add_special_tokens is not False
-    ids = state.tokenizer.encode(text, add_special_tokens=special)
-    ids, _ = place_images(ids, images, state.engine.info, "messages")  # each image's tokens, as chat counts them
+    # each image's tokens, as chat counts them
+    ids, _ = encode_with_images(state, text, images, lambda s: state.tokenizer.encode(s, add_special_tokens=special),
+                                "messages")
     return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
             "token_strs": state.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None}
 

@@ -3,7 +3,10 @@ CPU's feature flags. Torch-free, so the API process can import it cheaply."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,3 +28,16 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def die_with_parent() -> None:
+    """Linux: this process is killed when the process that started it exits, however it exits (a SIGKILL'd
+    parent runs no cleanup of its own). It must be called by the child, at start; the parent is the thread that
+    started it, so children are started from long-lived threads."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)

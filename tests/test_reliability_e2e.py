@@ -163,6 +163,28 @@ def test_engine_that_keeps_dying_stops_the_server_non_zero(tmp_path):
         srv.stop()
 
 
+def test_engine_dies_with_an_api_process_killed_outright(tmp_path):
+    srv = ServerProcess(["--model_dir", "smollm2", "--max_total_token_num", "2000"], tmp_path / "orphan.log")
+    try:
+        engine = engine_pid(srv)
+        os.kill(srv.proc.pid, signal.SIGKILL)  # no cleanup runs in the API process
+        srv.proc.wait(10)
+        deadline = time.time() + 15
+        while os.path.exists(f"/proc/{engine}") and time.time() < deadline:
+            with open(f"/proc/{engine}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":  # exited, waiting for its reaper
+                    break
+            time.sleep(0.1)
+        else:
+            assert not os.path.exists(f"/proc/{engine}"), "the engine outlived its API process"
+    finally:
+        try:
+            os.killpg(srv.proc.pid, signal.SIGKILL)  # whatever is left of its session
+        except ProcessLookupError:
+            pass
+        srv.stop()
+
+
 @pytest.mark.slow
 def test_short_soak():
     """benchmarks/soak.py for two minutes (the documented run is 15): no 5xx, no KV held, flat memory."""

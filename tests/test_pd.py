@@ -252,7 +252,8 @@ def test_master_prefill_decode_match_single_server_and_survive_a_dead_decode_nod
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--run_mode", "decode", "--tp", "2"], "--tp and --nnodes must be 1"),
+    (["--run_mode", "decode", "--tp", "2", "--nnodes", "2"], "--nnodes must be 1"),
+    (["--run_mode", "pd_master", "--tp", "2"], "--tp is a prefill/decode node's flag"),
     (["--run_mode", "pd_master", "--enable_lora"], "does not serve LoRA adapters"),
     (["--run_mode", "prefill", "--lora_modules", "a=/x"], "does not serve LoRA adapters"),
 ])

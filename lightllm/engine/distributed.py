@@ -14,19 +14,18 @@ collective, so a dead engine leaves nothing behind.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import pickle
-import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 
 from lightllm.engine.protocol import EngineConfig, Shutdown
+from lightllm.host import die_with_parent
 
 logger = logging.getLogger("lightllm.tp")
 
@@ -42,6 +41,11 @@ class StepInputs:
     positions: torch.Tensor
     meta: object  # AttentionMetadata, self-contained (no reference to rank 0's req_to_token table)
     logit_rows: torch.Tensor
+    # LoRA (engine/lora.py): adapter loads/drops every rank applies first, then the step's (adapter key or
+    # None, first row, rows) runs; None: no row has an adapter
+    lora_ops: list = field(default_factory=list)
+    lora_runs: list | None = None
+    embeds: object | None = None  # InputEmbeds: the step's image rows, from rank 0's vision encoder
 
 
 def local_ranks(cfg: EngineConfig, node_rank: int) -> range:
@@ -88,10 +92,11 @@ class StepBroadcaster:
         self.send(Shutdown())
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _on(embeds: object | None, device: torch.device) -> object | None:
+    """A step's InputEmbeds on this rank's device."""
+    if embeds is None:
+        return None
+    return type(embeds)(embeds.rows.to(device), embeds.values.to(device))
 
 
 def run_worker(cfg: EngineConfig, rank: int) -> None:
@@ -100,6 +105,8 @@ def run_worker(cfg: EngineConfig, rank: int) -> None:
 
     from lightllm.engine.model_setup import build_model, configure_process, model_config_for, pick_device
     from lightllm.engine.kv_cache import TokenKVPool
+    from lightllm.engine.lora import LoraReplica, LoraSync  # (this module runs as __main__ here)
+    from lightllm.models.loading.sharding import TPShard
 
     torch.set_num_threads(threads_per_rank(cfg))
     configure_process(cfg)
@@ -108,7 +115,9 @@ def run_worker(cfg: EngineConfig, rank: int) -> None:
         torch.cuda.set_device(rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
     init_group(cfg, rank, device)
-    model, kv_dtype = build_model(cfg, model_config_for(cfg), rank, device)
+    full_config = model_config_for(cfg)
+    model, kv_dtype = build_model(cfg, full_config, rank, device)
+    lora = LoraReplica(full_config, TPShard(rank, cfg.tp))  # mirrors rank 0's adapters
     sizes = [None]
     dist.broadcast_object_list(sizes, src=0)  # the KV token budget rank 0 chose
     pool = TokenKVPool(sizes[0], model.config.num_layers, model.config.num_kv_heads, model.config.head_dim,
@@ -120,13 +129,20 @@ def run_worker(cfg: EngineConfig, rank: int) -> None:
         step: StepInputs | Shutdown = message[0]
         if isinstance(step, Shutdown):
             break
+        if isinstance(step, LoraSync):
+            lora.apply(step.lora_ops)
+            continue
+        if not isinstance(step, StepInputs):  # other work every rank does in turn (engine/kv_transfer.py's PD shards)
+            step.on_worker(rank, pool, device)
+            continue
+        lora.apply(step.lora_ops)
         model.forward(step.input_ids.to(device), step.positions.to(device), step.meta, pool.k, pool.v,
-                      step.logit_rows.to(device))
+                      step.logit_rows.to(device), lora.batch(step.lora_runs), embeds=_on(step.embeds, device))
     dist.destroy_process_group()
 
 
 def worker_entry() -> None:
-    _die_with_parent()
+    die_with_parent()
     cfg, rank, log_level = pickle.loads(sys.stdin.buffer.read())
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     try:
@@ -144,4 +160,8 @@ def worker_entry() -> None:
 
 
 if __name__ == "__main__":
-    worker_entry()
+    # run the imported module's code, not this __main__ copy: the messages rank 0 pickles unpickle as the
+    # imported module's classes, and isinstance checks against __main__'s would never match
+    from lightllm.engine.distributed import worker_entry as _entry
+
+    _entry()

@@ -4,6 +4,13 @@ Each (prefill, decode) pair forms its own two-rank group (gloo on CPU, NCCL on C
 0), met through a TCPStore the decode node hosts: nodes join and leave at any time, which one world group of
 fixed size cannot do. A group is formed on the pair's first transfer and kept.
 
+Tensor-parallel nodes (`--tp N` on both, the same N): each rank's pool holds its own KV heads, so tp rank r of
+the prefill node sends its shard to tp rank r of the decode node, on the pair group of those two ranks (store
+prefix `pair/<prefill id>/tp<r>`, all met at the decode node's rank-0 store). Rank 0 drives its workers with
+`ShardSend` / `ShardReceive` / `ShardCommit`, broadcast in the tp group between steps like the step inputs
+(engine/distributed.py), so every rank gathers before the rows are reused and scatters before the request runs;
+the commit's all-reduce tells rank 0 whether every shard arrived.
+
 What moves is the pool's own rows (engine/kv_cache.py: per layer `[tokens, kv_heads, head_dim]` in the KV
 dtype): the request's token rows are gathered into one buffer `[2 * layers, tokens, kv_heads, head_dim]`
 (k then v per layer) and sent as raw bytes, then written into the rows the decode node reserved. No change
@@ -70,10 +77,11 @@ class TransferDone:
 class PairGroups:
     """This node's two-rank groups, one per partner. A decode node hosts the store its partners meet at."""
 
-    def __init__(self, node_id: str, host: str, hosts_store: bool, device: torch.device):
+    def __init__(self, node_id: str, host: str, hosts_store: bool, device: torch.device, tp_rank: int = 0):
         self.node_id = node_id
         self.host = host
         self.device = device
+        self.tp_rank = tp_rank  # which shard this process moves (its partner is the same tp rank of the other node)
         self.store: dist.TCPStore | None = None
         self.port = 0
         if hosts_store:  # port 0: the system picks a free one, announced in the node's registration
@@ -89,9 +97,11 @@ class PairGroups:
         key = prefill_id if rank == 1 else decode.node_id
         if key in self._groups:
             return self._groups[key]
-        store = self.store if rank == 1 else dist.TCPStore(decode.host, decode.port, is_master=False,
-                                                            timeout=GROUP_TIMEOUT)
-        pair_store = dist.PrefixStore(f"pair/{prefill_id}", store)
+        if rank == 1 and self.store is not None:
+            store = self.store
+        else:  # the prefill side, or a decode node's worker rank: a client of the decode node's rank-0 store
+            store = dist.TCPStore(decode.host, decode.port, is_master=False, timeout=GROUP_TIMEOUT)
+        pair_store = dist.PrefixStore(f"pair/{prefill_id}/tp{self.tp_rank}", store)
         if self.device.type == "cuda":
             group = dist.ProcessGroupNCCL(pair_store, rank, 2)
         else:
@@ -99,7 +109,8 @@ class PairGroups:
             opts._timeout = GROUP_TIMEOUT
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
             group = dist.ProcessGroupGloo(pair_store, rank, 2, opts)
-        logger.info("KV transfer group with %s formed (%s)", key, "nccl" if self.device.type == "cuda" else "gloo")
+        logger.info("KV transfer group with %s formed (%s, tp rank %d)", key,
+                    "nccl" if self.device.type == "cuda" else "gloo", self.tp_rank)
         self._groups[key] = group
         return group
 
@@ -116,6 +127,7 @@ class KVTransfer:
         self._jobs: queue.Queue[Callable[[], TransferDone] | None] = queue.Queue()
         self._done: queue.Queue[TransferDone] = queue.Queue()
         self.pending = 0
+        self._early: list[TransferDone] = []  # finished while wait() looked for another
         self._thread = threading.Thread(target=self._run, name="kv-transfer", daemon=True)
         self._thread.start()
 
@@ -127,10 +139,11 @@ class KVTransfer:
             return TransferDone(rid, buf)
         self._queue(job, rid, buf, target.node_id)
 
-    def receive(self, rid: str, buf: torch.Tensor, source: str, tag: int) -> None:
-        """Decode side (rank 1): receive into `buf` from the prefill node `source`."""
+    def receive(self, rid: str, buf: torch.Tensor, source: str, tag: int, store: KVPeer | None = None) -> None:
+        """Decode side (rank 1): receive into `buf` from the prefill node `source` (`store`: where the pair
+        meets, the decode node's rank-0 store; default this process's own)."""
         def job() -> TransferDone:
-            group = self.groups.group(source, self.groups.peer(), rank=1)
+            group = self.groups.group(source, store or self.groups.peer(), rank=1)
             self._wait(group.recv([buf.view(torch.uint8)], 0, tag), source)
             return TransferDone(rid, buf)
         self._queue(job, rid, buf, source)
@@ -160,14 +173,110 @@ class KVTransfer:
             self._done.put(job())
 
     def poll(self) -> list[TransferDone]:
-        done = []
+        done, self._early = self._early, []  # already counted off `pending` by wait()
         while True:
             try:
                 done.append(self._done.get_nowait())
             except queue.Empty:
                 break
-        self.pending -= len(done)
+            self.pending -= 1
         return done
+
+    def wait(self, rid: str) -> TransferDone:
+        """Block until the transfer of `rid` finished (the others that finish meanwhile stay for poll/wait)."""
+        while True:
+            for i, item in enumerate(self._early):
+                if item.rid == rid:
+                    return self._early.pop(i)
+            item = self._done.get()
+            self.pending -= 1
+            self._early.append(item)
 
     def stop(self) -> None:
         self._jobs.put(None)
+
+
+# ---------------------------------------------------------------------------------- tensor-parallel nodes
+
+
+class _WorkerShard:
+    """A worker rank's side of its node's transfers: its own pair groups and transfer thread."""
+
+    def __init__(self, node_id: str, host: str, rank: int, device: torch.device):
+        self.transfer = KVTransfer(PairGroups(node_id, host, hosts_store=False, device=device, tp_rank=rank))
+
+    def collect_sends(self) -> None:
+        for item in self.transfer.poll():  # a failed send: the decode node's receive fails and it says so
+            if item.error is not None:
+                logger.warning("%s: %s", item.rid, item.error)
+
+
+_worker_shard: _WorkerShard | None = None
+
+
+def _shard(node_id: str, host: str, rank: int, device: torch.device) -> _WorkerShard:
+    global _worker_shard
+    if _worker_shard is None:
+        _worker_shard = _WorkerShard(node_id, host, rank, device)
+    return _worker_shard
+
+
+@dataclass
+class ShardSend:
+    """Prefill node, rank 0 → its workers: send your shard of `rows` (the request's KV rows) to `target`."""
+
+    node_id: str
+    host: str
+    rid: str
+    rows: torch.Tensor
+    target: KVPeer
+    tag: int
+
+    def on_worker(self, rank: int, pool: TokenKVPool, device: torch.device) -> None:
+        shard = _shard(self.node_id, self.host, rank, device)
+        shard.collect_sends()
+        shard.transfer.send(self.rid, gather_pages(pool, self.rows), self.target, self.tag)
+
+
+@dataclass
+class ShardReceive:
+    """Decode node, rank 0 → its workers: post the receive of your shard of `num_tokens` KV rows from `source`."""
+
+    node_id: str
+    host: str
+    rid: str
+    num_tokens: int
+    source: str
+    tag: int
+    store: KVPeer  # the decode node's rank-0 store, where the pair groups meet
+
+    def on_worker(self, rank: int, pool: TokenKVPool, device: torch.device) -> None:
+        shard = _shard(self.node_id, self.host, rank, device)
+        shard.transfer.receive(self.rid, empty_pages(pool, self.num_tokens), self.source, self.tag, self.store)
+
+
+@dataclass
+class ShardCommit:
+    """Decode node, rank 0 → its workers, once rank 0's own receive of `rid` ended: wait for yours, write it into
+    `rows` when `ok` (rank 0's part arrived and the request still wants it), then all-reduce whether every shard
+    arrived (`shards_arrived`)."""
+
+    node_id: str
+    host: str
+    rid: str
+    rows: torch.Tensor
+    ok: bool
+
+    def on_worker(self, rank: int, pool: TokenKVPool, device: torch.device) -> None:
+        item = _shard(self.node_id, self.host, rank, device).transfer.wait(self.rid)
+        ok = self.ok and item.error is None
+        if ok:
+            scatter_pages(pool, self.rows, item.buf)
+        shards_arrived(ok, device)
+
+
+def shards_arrived(ok: bool, device: torch.device) -> bool:
+    """Every rank of the node says whether its shard arrived; True when all did (a collective of the tp group)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

@@ -37,6 +37,7 @@ class RegisterNode:
     ready: EngineReady
     peer: KVPeer
     stats: EngineStats | None = None
+    tp: int = 1  # ranks the node's KV is sharded over (by KV heads): a transfer pairs nodes of the same tp
 
 
 @dataclass
@@ -76,6 +77,14 @@ class KVAccepted:
 
     rid: str
     skip: int = 0
+
+
+@dataclass
+class KVRefused:
+    """Decode node → master: no room for `rid`'s KV now (nothing reserved). The master holds the request until a
+    decode node reports room, up to --pd_hold_timeout, then ends it with 503 + Retry-After."""
+
+    rid: str
 
 
 @dataclass

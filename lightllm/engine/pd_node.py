@@ -8,15 +8,19 @@ dead node and a node re-registers after a master restart.
 - prefill: every request stops after its first token; its prompt KV stays parked (Scheduler.parked) until
   the master names the decode node (`SendKV`), then it is gathered, freed (the prompt stays in the prefix
   cache) and sent on the transfer thread.
-- decode: `ReceiveKV` reserves a slot and KV rows (or answers an `unavailable` error: the master turns it into
-  503 + Retry-After); a prompt prefix this node's own prefix cache holds is not moved again (`KVAccepted.skip`).
+- decode: `ReceiveKV` reserves a slot and KV rows (or answers `KVRefused`: the master holds the request until a
+  decode node has room, up to --pd_hold_timeout, then 503 + Retry-After); a prompt prefix this node's own prefix cache holds is not moved again (`KVAccepted.skip`).
   The transfer thread receives the pages, and the request joins the running batch with its first token as the
   next input, its seeded generator and grammar state carried over.
+
+With `--tp N` the node is N ranks (engine/distributed.py); rank 0 runs this loop and has every worker rank move
+its own KV shard to / from the same tp rank of the partner node (engine/kv_transfer.py's Shard* messages).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -26,10 +30,11 @@ import zmq
 
 from lightllm.engine.engine import Engine
 from lightllm.engine.grammar import AllowedTokens
-from lightllm.engine.kv_transfer import KVTransfer, PairGroups, TransferDone, empty_pages, gather_pages, scatter_pages
+from lightllm.engine.kv_transfer import (KVTransfer, PairGroups, ShardCommit, ShardReceive, ShardSend, TransferDone,
+                                         empty_pages, gather_pages, scatter_pages, shards_arrived)
 from lightllm.engine.memory import release_free_heap
-from lightllm.engine.pd_messages import (HEARTBEAT_S, KVAccepted, KVReady, NodeRole, ReceiveKV, RegisterNode,
-                                         RegisterRefused, SendKV)
+from lightllm.engine.pd_messages import (HEARTBEAT_S, KVAccepted, KVReady, KVRefused, NodeRole, ReceiveKV,
+                                         RegisterNode, RegisterRefused, SendKV)
 from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineConfig, EngineError, FlushCache,
                                       Shutdown, StepOutputs, TokenOutput)
 from lightllm.engine.reasoning_gate import GatedGrammar
@@ -56,7 +61,9 @@ class PDNode:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(master_addr)
         self.master_addr = master_addr
-        self.registration = RegisterNode(self.node_id, role, engine.ready_message(), self.groups.peer())
+        self.host = host
+        self.registration = RegisterNode(self.node_id, role, engine.ready_message(), self.groups.peer(),
+                                         tp=engine.cfg.tp)
         self.receiving: dict[str, tuple[ReceiveKV, Sequence, torch.Tensor]] = {}  # decode: rid -> (order, seq, rows)
         self._aborted: set[str] = set()  # decode: receives in flight whose request was aborted
         self.refused: str | None = None
@@ -96,7 +103,9 @@ class PDNode:
             if seq is None:  # aborted meanwhile: the decode node's receive fails and it says so
                 logger.warning("SendKV for %s, which holds no KV here", msg.rid)
                 return True
-            buf = gather_pages(engine.pool, engine.table.table[seq.slot, msg.skip:seq.num_computed])
+            rows = engine.table.table[seq.slot, msg.skip:seq.num_computed]
+            buf = gather_pages(engine.pool, rows)
+            self._to_workers(ShardSend(self.node_id, self.host, msg.rid, rows.cpu().clone(), msg.target, msg.tag))
             engine.scheduler.release_parked(msg.rid)  # the buffer holds the pages now
             self.transfer.send(msg.rid, buf, msg.target, msg.tag)
         elif isinstance(msg, ReceiveKV) and self.role == "decode":
@@ -107,13 +116,15 @@ class PDNode:
                 outputs.append(_error(msg.rid, "server", f"could not continue the request: {exc}"))
                 return True
             reserved = engine.scheduler.reserve(seq, msg.ready.num_tokens)
-            if reserved is None:
-                outputs.append(_error(msg.rid, "unavailable", "the decode node has no free KV cache; retry later"))
+            if reserved is None:  # the master holds the request until a decode node has room
+                self.sock.send_pyobj(KVRefused(msg.rid))
                 return True
             rows, skip = reserved
             logger.debug("%s: receiving %d KV tokens from %s (%d more from this node's prefix cache)", msg.rid,
                          rows.numel(), msg.source, skip)
             self.receiving[msg.rid] = (msg, seq, rows)
+            self._to_workers(ShardReceive(self.node_id, self.host, msg.rid, rows.numel(), msg.source, msg.tag,
+                                          self.groups.peer()))
             self.transfer.receive(msg.rid, empty_pages(engine.pool, rows.numel()), msg.source, msg.tag)
             self.sock.send_pyobj(KVAccepted(msg.rid, skip))
         elif isinstance(msg, AbortRequest):
@@ -134,6 +145,14 @@ class PDNode:
 
     # ------------------------------------------------------------------------------------ transfers
 
+    def _to_workers(self, msg: ShardSend | ShardReceive | ShardCommit) -> bool:
+        """Have this node's other tp ranks do their part (between steps, as they run them); False at tp=1."""
+        broadcaster = self.engine.runner.broadcaster
+        if broadcaster is None:
+            return False
+        broadcaster.send(msg)
+        return True
+
     def finish_transfers(self, outputs: list[TokenOutput]) -> bool:
         done = self.transfer.poll()
         for item in done:
@@ -146,6 +165,10 @@ class PDNode:
     def _received(self, item: TransferDone, outputs: list[TokenOutput]) -> None:
         msg, seq, rows = self.receiving.pop(item.rid)
         scheduler = self.engine.scheduler
+        wanted = item.rid not in self._aborted and item.error is None
+        if self._to_workers(ShardCommit(self.node_id, self.host, item.rid, rows.cpu().clone(), wanted)):
+            if not shards_arrived(wanted, self.engine.device) and wanted:
+                item.error = "a tensor-parallel rank's KV shard did not arrive (its log says why)"
         if item.rid in self._aborted or item.error is not None:
             self._aborted.discard(item.rid)
             scheduler.unreserve(seq, rows)
@@ -241,6 +264,8 @@ def run_node(cfg: EngineConfig, role: NodeRole, master_addr: str, host: str, log
 
     configure_process(cfg)
     torch.set_num_threads(threads_per_rank(cfg))
+    if cfg.tp > 1:  # the fused kernels' OpenMP pool too (as run_engine does), so the ranks do not oversubscribe
+        os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(cfg))
     start = time.perf_counter()
     engine = Engine(cfg, log_level)
     logger.info("%s node: model loaded in %.1fs", role, time.perf_counter() - start)

@@ -179,6 +179,9 @@ class ServerArgs:
     cache_capacity: int = engine_arg(
         "cache_capacity", "images whose vision-encoder output the engine keeps, by content, so the same image is "
                           "encoded once (LightLLM's flag; 0: none)")
+    mmproj: str | None = engine_arg(
+        "mmproj", "llama.cpp's vision projector GGUF (a LLaVA 1.5 CLIP tower and MLP projector) for a GGUF language "
+                  "model whose vocabulary has <image> (llama.cpp's flag): that model then takes images")
     # prefill/decode disaggregation, LightLLM's flags (README "Scaling out"; server/pd/, engine/pd_node.py)
     run_mode: str = arg(
         "normal", "normal: one server; pd_master: the HTTP front of a prefill/decode deployment (same routes, no model "
@@ -188,6 +191,8 @@ class ServerArgs:
     pd_master_ip: str = arg("127.0.0.1", "the pd_master's address: where it listens for nodes (pd_master), where "
                                          "nodes find it (prefill, decode)")
     pd_master_port: int = arg(1212, "the pd_master's port for node registration and messages")
+    pd_hold_timeout: float = arg(5.0, "pd_master: seconds a request whose prompt KV no decode node has room for "
+                                      "waits for one to report room before it gets 503 + Retry-After (0: at once)")
 
     def check(self) -> None:
         """Refuse combinations no single flag's type or choices catch (ValueError says why)."""
@@ -206,15 +211,17 @@ class ServerArgs:
         parse_lora_modules(self.lora_modules)  # NAME=PATH, each name once
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError("--max_loras and --max_lora_rank must be at least 1")
-        if (self.lora_modules or self.enable_lora) and self.tp > 1:
-            raise ValueError("LoRA adapters (--lora_modules, --enable_lora) are not supported with --tp > 1 yet")
         if self.max_image_pixels < 1 or self.limit_mm_per_prompt < 0 or self.cache_capacity < 0:
             raise ValueError("--max_image_pixels must be >= 1, --limit_mm_per_prompt and --cache_capacity >= 0")
         if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):
             raise ValueError(f"--allowed_local_media_path {self.allowed_local_media_path!r} is not a directory")
-        if self.run_mode != "normal" and (self.tp > 1 or self.nnodes > 1):
-            raise ValueError(f"--run_mode {self.run_mode} runs one process per node: --tp and --nnodes must be 1 "
-                             "(tensor-parallel prefill/decode nodes are not built yet)")
+        if self.run_mode != "normal" and self.nnodes > 1:
+            raise ValueError(f"--run_mode {self.run_mode}: a prefill/decode node runs on one machine (--nnodes must "
+                             "be 1; --tp splits it over that machine's ranks)")
+        if self.pd_hold_timeout < 0:
+            raise ValueError("--pd_hold_timeout must be >= 0 (seconds)")
+        if self.run_mode == "pd_master" and self.tp > 1:
+            raise ValueError("--run_mode pd_master holds no model: --tp is a prefill/decode node's flag")
         if self.run_mode != "normal" and (self.lora_modules or self.enable_lora):
             raise ValueError(f"--run_mode {self.run_mode} does not serve LoRA adapters yet")
 

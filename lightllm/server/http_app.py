@@ -42,7 +42,7 @@ def create_app(args: ServerArgs, model_path: str, lifecycle: Lifecycle | None = 
         if args.run_mode == "pd_master":  # the HTTP front of a PD deployment: nodes register, no model here
             from lightllm.server.pd.master import PDMasterClient
 
-            engine = PDMasterClient(args.pd_master_ip, args.pd_master_port)
+            engine = PDMasterClient(args.pd_master_ip, args.pd_master_port, args.pd_hold_timeout)
         else:
             engine = spawned or EngineClient(args.engine_config(model_path), args.log_level,
                                              max_restarts=args.max_engine_restarts)
@@ -233,7 +233,8 @@ def _add_info_routes(app: FastAPI) -> None:
                 "kv_cached": stats.kv_cached if stats else 0,
                 "kv_used_by_requests": held, "current_load": held / total,
                 "running": stats.running if stats else 0, "waiting": stats.waiting if stats else 0,
-                "inflight": state.inflight}
+                "inflight": state.inflight,
+                **({"pd_nodes": state.engine.kv_by_role()} if state.args.run_mode == "pd_master" else {})}
 
     @app.get("/metrics", response_class=Response, responses={200: {
         "description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}})

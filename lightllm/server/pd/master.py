@@ -3,8 +3,11 @@ drive EngineClient (same `generate`, `abort`, `flush_cache`, `alive`, `info`, `s
 prefill and decode nodes that register over zmq (engine/pd_node.py, messages in engine/pd_messages.py).
 
 A request: AddRequest → the prefill node with the fewest requests in flight; its first token streams back;
-on `KVReady` the decode node with the fewest requests in flight (then the most free KV) gets `ReceiveKV`; on
-its `KVAccepted` the prefill node gets `SendKV`, and the decode node's tokens stream back. A node silent for
+on `KVReady` the decode node with the fewest requests in flight (then the most free KV) among those whose last
+report shows room for the prompt's KV gets `ReceiveKV`; on its `KVAccepted` the prefill node gets `SendKV`, and
+the decode node's tokens stream back. When no decode node has room (or one answers `KVRefused`), the request is
+held (its KV stays parked on the prefill node) and placed as soon as a decode node reports room; after
+--pd_hold_timeout seconds it ends with an `unavailable` error (503 + Retry-After). A node silent for
 NODE_TIMEOUT_S (or unreachable) is dropped: the requests it took part in end with an `unavailable` error (503)
 and the master routes to it no more until it registers again.
 """
@@ -16,14 +19,14 @@ import itertools
 import logging
 import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 import zmq
 import zmq.asyncio
 
-from lightllm.engine.pd_messages import (HEARTBEAT_S, NODE_TIMEOUT_S, KVAccepted, KVReady, NodeRole, ReceiveKV,
-                                         RegisterNode, RegisterRefused, SendKV)
+from lightllm.engine.pd_messages import (HEARTBEAT_S, NODE_TIMEOUT_S, KVAccepted, KVReady, KVRefused, NodeRole,
+                                         ReceiveKV, RegisterNode, RegisterRefused, SendKV)
 from lightllm.engine.protocol import (AbortRequest, AddRequest, CacheFlushed, EngineError, EngineReady, EngineStats,
                                       FlushCache, ImageInput, SamplingParams, StepOutputs, TokenOutput)
 from lightllm.server.engine_client import EngineDied
@@ -36,10 +39,16 @@ class Node:
     reg: RegisterNode
     last_seen: float
     inflight: set[str] = field(default_factory=set)
+    updates: int = 0  # StepOutputs received: a node that refused a request is asked again after its next report
 
     @property
     def role(self) -> NodeRole:
         return self.reg.role
+
+    def room(self) -> int | None:
+        """KV tokens free or evictable at the node's last report (None: it has not reported yet)."""
+        stats = self.reg.stats
+        return None if stats is None else stats.kv_total - stats.kv_used + stats.kv_cached
 
     def load(self) -> tuple[int, int]:
         stats = self.reg.stats
@@ -58,6 +67,8 @@ class Flight:
     tag: int = 0
     ready: KVReady | None = None
     sent: bool = False  # SendKV went to the prefill node
+    held_until: float | None = None  # waiting for a decode node with room until then (monotonic)
+    refused: dict[str, int] = field(default_factory=dict)  # decode node id -> its `updates` when it refused
 
 
 def _failed(rid: str, kind: str, message: str) -> TokenOutput:
@@ -65,7 +76,7 @@ def _failed(rid: str, kind: str, message: str) -> TokenOutput:
 
 
 class PDMasterClient:
-    def __init__(self, ip: str, port: int):
+    def __init__(self, ip: str, port: int, hold_timeout: float = 5.0):
         self.address = f"tcp://{ip}:{port}"
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -78,7 +89,10 @@ class PDMasterClient:
         # cancelled, so the transfer still happens (the decode node drops the pages) or the decode node's
         # refusal comes back; then the prefill node is told to free its KV.
         self.unwinding: dict[str, Flight] = {}
-        self.info: EngineReady | None = None
+        self._info: EngineReady | None = None  # the first node's facts (the model's limits the routes need)
+        self._kv_total = 0  # KV tokens of all nodes registered now (the last such sum while none is)
+        self.hold_timeout = hold_timeout
+        self.held: dict[str, None] = {}  # requests waiting for a decode node with room, oldest first
         self._first = asyncio.Event()
         self._tags = itertools.count(1)
         self._flushes: dict[int, tuple[asyncio.Future, set[str], list[int]]] = {}
@@ -92,7 +106,27 @@ class PDMasterClient:
         self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._watch())]
         logger.info("pd_master: waiting for prefill and decode nodes at %s", self.address)
         await self._first.wait()
-        return self.info
+        return self._info
+
+    @property
+    def info(self) -> EngineReady | None:
+        """The first node's facts, with the KV size (max_total_token_num) of every node registered now."""
+        if self._info is None:
+            return None
+        if self.nodes:
+            self._kv_total = sum(node.reg.ready.max_total_token_num for node in self.nodes.values())
+        return replace(self._info, max_total_token_num=self._kv_total)
+
+    def kv_by_role(self) -> dict[str, dict[str, int]]:
+        """Per role: nodes registered, their KV tokens in all, used and prefix-cached at their last reports."""
+        out = {}
+        for role in ("prefill", "decode"):
+            nodes = self._of_role(role)
+            seen = [node.reg.stats for node in nodes if node.reg.stats is not None]
+            out[role] = {"nodes": len(nodes), "kv_total": sum(n.reg.ready.max_total_token_num for n in nodes),
+                         "kv_used": sum(s.kv_used for s in seen), "kv_cached": sum(s.kv_cached for s in seen)}
+        out["decode"]["held_requests"] = len(self.held)
+        return out
 
     # ------------------------------------------------------------------------------------ nodes
 
@@ -123,8 +157,8 @@ class PDMasterClient:
             node.reg.stats = reg.stats or node.reg.stats
             node.last_seen = time.monotonic()
             return
-        if self.info is not None:
-            mine, theirs = self.info, reg.ready
+        if self._info is not None:
+            mine, theirs = self._info, reg.ready
             if (theirs.architecture, theirs.vocab_size, theirs.max_model_len) != \
                     (mine.architecture, mine.vocab_size, mine.max_model_len):
                 reason = (f"node serves {theirs.model_name} ({theirs.architecture}, vocab {theirs.vocab_size}, "
@@ -133,11 +167,23 @@ class PDMasterClient:
                 logger.error("refusing %s: %s", reg.node_id, reason)
                 self._send(reg.node_id, RegisterRefused(reason))
                 return
+        other = "decode" if reg.role == "prefill" else "prefill"
+        partners = {node.reg.tp for node in self._of_role(other)}
+        if partners and partners != {reg.tp}:  # each tp rank moves its own KV shard to the same rank of the other
+            reason = (f"{reg.role} node runs --tp {reg.tp}; this master's {other} nodes run --tp "
+                      f"{', '.join(map(str, sorted(partners)))}: prefill and decode nodes must shard the KV alike "
+                      "(the same --tp)")
+            logger.error("refusing %s: %s", reg.node_id, reason)
+            self._send(reg.node_id, RegisterRefused(reason))
+            return
         self.nodes[reg.node_id] = Node(reg, time.monotonic())
-        logger.info("%s node %s registered (KV %d tokens)", reg.role, reg.node_id, reg.ready.max_total_token_num)
-        if self.info is None:
-            self.info = reg.ready
+        logger.info("%s node %s registered (KV %d tokens, tp %d)", reg.role, reg.node_id,
+                    reg.ready.max_total_token_num, reg.tp)
+        if self._info is None:
+            self._info = reg.ready
             self._first.set()
+        if reg.role == "decode":
+            self._place_held()
 
     def _drop(self, node_id: str, reason: str) -> None:
         node = self.nodes.pop(node_id, None)
@@ -158,6 +204,14 @@ class PDMasterClient:
             for node_id, node in list(self.nodes.items()):
                 if now - node.last_seen > NODE_TIMEOUT_S:
                     self._drop(node_id, f"no heartbeat for {now - node.last_seen:.1f}s")
+            self._place_held()
+            for rid in list(self.held):
+                flight = self.flights.get(rid)
+                if flight is not None and flight.held_until is not None and now > flight.held_until:
+                    del self.held[rid]
+                    self._end(rid, _failed(rid, "unavailable", (
+                        f"no decode node had free KV cache for this request's {flight.ready.num_tokens} tokens "
+                        f"within --pd_hold_timeout {self.hold_timeout:g}s; retry later")))
 
     def _send(self, node_id: str, msg: object) -> bool:
         try:
@@ -184,6 +238,7 @@ class PDMasterClient:
             node.last_seen = time.monotonic()
             if isinstance(msg, StepOutputs):
                 node.reg.stats = msg.stats
+                node.updates += 1
                 for out in msg.outputs:
                     flight = self.flights.get(out.rid)
                     if flight is None:
@@ -197,6 +252,10 @@ class PDMasterClient:
                         self._end(out.rid, out, decode_done=node_id == flight.decode)
                     else:
                         flight.queue.put_nowait(out)
+                if node.role == "decode" and self.held:
+                    self._place_held()
+            elif isinstance(msg, KVRefused):
+                self._refused(node, msg.rid)
             elif isinstance(msg, KVReady):
                 self._to_decode(msg)
             elif isinstance(msg, KVAccepted):
@@ -213,14 +272,56 @@ class PDMasterClient:
         if flight is None:  # ended meanwhile (client gone): the prefill node frees the KV
             self._send_abort(ready.rid, None)
             return
-        node = self._least_loaded("decode")
-        if node is None:
-            self._end(ready.rid, _failed(ready.rid, "unavailable", "no decode node registered; retry later"))
-            return
-        flight.decode, flight.tag, flight.ready = node.reg.node_id, next(self._tags), ready
-        node.inflight.add(ready.rid)
-        self._send(node.reg.node_id, ReceiveKV(ready.rid, flight.prompt_ids, flight.params, ready, flight.prefill,
+        flight.ready = ready
+        if not self._place(ready.rid, flight):
+            self._hold(ready.rid, flight)
+
+    def _place(self, rid: str, flight: Flight) -> bool:
+        """Send `rid`'s KV to the least loaded decode node with room for it; False when none has room."""
+        need = flight.ready.num_tokens
+        nodes = [node for node in self._of_role("decode")
+                 if (room := node.room()) is None or room >= need
+                 if node.updates > flight.refused.get(node.reg.node_id, -1)]
+        if not nodes:
+            return False
+        node = min(nodes, key=Node.load)
+        flight.decode, flight.tag = node.reg.node_id, next(self._tags)
+        node.inflight.add(rid)
+        self._send(node.reg.node_id, ReceiveKV(rid, flight.prompt_ids, flight.params, flight.ready, flight.prefill,
                                                flight.tag))
+        return True
+
+    def _hold(self, rid: str, flight: Flight) -> None:
+        """No decode node has room for `rid` now: wait for one (up to hold_timeout), the KV parked on the prefill
+        node meanwhile."""
+        if flight.held_until is None:
+            flight.held_until = time.monotonic() + self.hold_timeout
+            logger.info("%s held: no decode node has room for %d KV tokens", rid, flight.ready.num_tokens)
+        if self.hold_timeout <= 0:
+            self._end(rid, _failed(rid, "unavailable", "no decode node has free KV cache for this request; retry "
+                                                       "later"))
+            return
+        self.held[rid] = None
+
+    def _place_held(self) -> None:
+        for rid in list(self.held):
+            flight = self.flights.get(rid)
+            if flight is None or flight.decode is not None:  # ended meanwhile (client gone, prefill node lost)
+                del self.held[rid]
+            elif self._place(rid, flight):
+                del self.held[rid]
+
+    def _refused(self, node: Node, rid: str) -> None:
+        """A decode node had no room for `rid` after all (reserved nothing): hold it again."""
+        node.inflight.discard(rid)
+        flight = self.flights.get(rid)
+        if flight is None:
+            if rid in self.unwinding:  # ended while the decode node looked: the prefill node frees the KV
+                self._send_abort(rid, self.unwinding.pop(rid))
+            return
+        flight.refused[node.reg.node_id] = node.updates
+        flight.decode = None
+        self._hold(rid, flight)
 
     def _least_loaded(self, role: NodeRole) -> Node | None:
         nodes = self._of_role(role)

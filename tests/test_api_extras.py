@@ -38,6 +38,22 @@ def test_tokenize_and_detokenize_round_trip(smol_server):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
+def test_tokenize_counts_a_continued_final_message_as_chat_runs_it(smol_server):
+    base = smol_server.base_url
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    body = {"messages": messages, "add_generation_prompt": False, "continue_final_message": True}
+    counted = requests.post(base + "/tokenize", json=body, headers=HEADERS, timeout=10).json()
+    usage = requests.post(base + "/v1/chat/completions", headers=HEADERS, timeout=60,
+                          json={**body, "max_tokens": 1}).json()["usage"]
+    assert usage["prompt_tokens"] == counted["count"]
+    closed = requests.post(base + "/tokenize", json={"messages": messages, "add_generation_prompt": False},
+                           headers=HEADERS, timeout=10).json()
+    assert closed["count"] > counted["count"]  # without it the template closes the assistant turn
+    both = requests.post(base + "/tokenize", json={"messages": messages, "continue_final_message": True},
+                         headers=HEADERS, timeout=10)
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
+
+
 def test_model_lookup(client):
     model = client.models.list().data[0].id
     assert client.models.retrieve(model).id == model

@@ -133,6 +133,9 @@ CASES = [
                               "continue_final_message": True}, False),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}], "max_tokens": 2,
                               "continue_final_message": True, "add_generation_prompt": False}, True),
+    ("/tokenize", {"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True}, False),
+    ("/tokenize", {"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True,
+                   "add_generation_prompt": False}, True),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "echo": True, "stream": True}, False),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "echo": True, "stream": False}, True),
     # at most 16 stop sequences (server/limits.py), in the document too

@@ -187,6 +187,10 @@ StopList = Annotated[list[str], WithJsonSchema({"type": "array", "items": {"type
                                                 "maxItems": MAX_STOP_SEQUENCES})]
 
 
+# chat.py's "continue_final_message needs add_generation_prompt false" (which defaults to true, so it must be sent)
+CONTINUE_FINAL_MESSAGE_RULE = {
+    "if": {"required": ["continue_final_message"], "properties": {"continue_final_message": {"const": True}}},
+    "then": {"required": ["add_generation_prompt"], "properties": {"add_generation_prompt": {"const": False}}}}
 # SamplingFields' "stream_options only with stream: true" (OpenAI's and vLLM's rule), as the document states it
 STREAM_OPTIONS_RULE = {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
                        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
@@ -262,8 +266,7 @@ class ChatCompletionRequest(SamplingFields):
         {"if": {"required": ["tool_choice"],
                 "properties": {"tool_choice": {"not": {"anyOf": [{"type": "null"}, {"const": "none"}]}}}},
          "then": {"required": ["tools"], "properties": {"tools": {"type": "array"}}}},
-        {"if": {"required": ["continue_final_message"], "properties": {"continue_final_message": {"const": True}}},
-         "then": {"required": ["add_generation_prompt"], "properties": {"add_generation_prompt": {"const": False}}}},
+        CONTINUE_FINAL_MESSAGE_RULE,
         STREAM_OPTIONS_RULE,
     ]})
 

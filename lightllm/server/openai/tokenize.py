@@ -12,7 +12,8 @@ from lightllm.server.errors import APIError
 from lightllm.server.limits import MAX_TOOLS
 from lightllm.server.multimodal import encode_with_images
 from lightllm.server.openai.chat import render_prompt, request_images
-from lightllm.server.openai.protocol import ChatCompletionRequest, ChatMessage, TokenId, Tool, _Lenient
+from lightllm.server.openai.protocol import (CONTINUE_FINAL_MESSAGE_RULE, ChatCompletionRequest, ChatMessage, TokenId,
+                                             Tool, _Lenient)
 from lightllm.server.state import ServerState
 
 router = APIRouter()
@@ -21,15 +22,18 @@ router = APIRouter()
 class TokenizeRequest(_Lenient):
     """Either `prompt` (text) or `messages` (rendered with the chat template first), as vLLM takes them."""
 
-    model_config = ConfigDict(json_schema_extra={"anyOf": [  # exactly one of them, as the route checks
-        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
-        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}}]})
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"anyOf": [  # exactly one of them, as the route checks
+            {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+            {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}}]},
+        CONTINUE_FINAL_MESSAGE_RULE]})
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)  # as chat completions take them
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # as chat completions take it: the count of a prefilled reply
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template has them)
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
@@ -48,6 +52,7 @@ async def tokenize(req: TokenizeRequest, request: Request):
     if req.messages is not None:
         chat = ChatCompletionRequest(messages=req.messages, tools=req.tools,
                                      add_generation_prompt=req.add_generation_prompt,
+                                     continue_final_message=req.continue_final_message,
                                      chat_template_kwargs=req.chat_template_kwargs)
         from lightllm.server.function_call import prepare_tool_context
 

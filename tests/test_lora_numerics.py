@@ -10,7 +10,7 @@ import torch
 from lightllm.engine.engine import Engine
 from lightllm.engine.protocol import AddRequest, EngineConfig, SamplingParams
 from lightllm.models.lora.adapter import AdapterError, load_adapter
-from tests.conftest import build_tiny_model, record_logits
+from tests.conftest import build_tiny_model, free_port, record_logits
 from tests.lora_helpers import ALL_MODULES, build_adapter, merged_model
 
 # family -> (tiny model overrides, three adapters' settings)
@@ -276,8 +276,7 @@ def test_lora_flags_are_checked_at_start():
     assert config.lora_modules == ["sql=/a", "chat=/b"] and config.max_loras == 2 and config.max_lora_rank == 32
     for argv, reason in ((["--lora_modules", "sql"], "is not NAME=PATH"), (["--lora_modules", "a b=/x"], "NAME=PATH"),
                          (["--lora_modules", "a=/x", "a=/y"], "names 'a' twice"),
-                         (["--max_loras", "0"], "must be at least 1"),
-                         (["--enable_lora", "--tp", "2"], "not supported with --tp > 1")):
+                         (["--max_loras", "0"], "must be at least 1")):
         with pytest.raises(SystemExit, match=reason):
             parse_args(argv)
 
@@ -301,3 +300,41 @@ def test_unloading_ends_waiting_requests_and_lets_running_ones_finish(family_mod
     assert outputs["waiting"][-1].error.kind == "client"
     finished = [o for o in outputs["running"] if o.token_id is not None]
     assert len(finished) == 18 and outputs["running"][-1].finish_reason == "length"  # 2 tokens came before
+
+
+def test_tp2_adapters_match_peft_merged_through_loads_and_evictions(family_models):
+    """--tp 2 (gloo): each rank holds its shard of every adapter (B's rows of its q/k/v heads and gate/up slice,
+    A's columns of its o/down inputs, whose partial deltas the all-reduce sums). Three adapters (all modules;
+    q/v; o/up/down) and the base in one batch equal peft's merged models; then a dynamic load and a request
+    that evicts the least recently used adapter and reads another back: the other rank follows every load and
+    drop (a row on a stale or missing adapter there would change the logits or fail the step)."""
+    base, adapters = family_models["llama"]
+    engine = Engine(EngineConfig(model_path=str(base), max_total_token_num=1024, kv_cache_dtype="fp32",
+                                 quant_type="none", spec_ngram_tokens=0, chunked_prefill_size=4, tp=2,
+                                 nccl_port=free_port(), lora_modules=[f"a{i}={path}" for i, path in enumerate(adapters[:2])],
+                                 max_loras=2))
+    try:
+        assert engine.model.config.num_heads == 2  # this rank holds half the heads
+        pair = engine.lora.resident["a0"].layers[0]["o"]
+        assert pair.a.shape[1] == engine.model.config.num_heads * engine.model.config.head_dim  # A's columns cut
+        recorded = record_logits(engine)
+        from lightllm.engine.protocol import LoadLora
+
+        assert engine.load_lora(LoadLora(1, "a2", str(adapters[2]))).error is None  # registered, not resident
+        rounds = [[(PROMPTS[0], 0), (PROMPTS[1], 1), (PROMPTS[3], None), (PROMPTS[0], 1)],
+                  [(PROMPTS[2], 2), (PROMPTS[1], 2), (PROMPTS[0], None)],  # a2 read in place of a0
+                  [(PROMPTS[3], 0), (PROMPTS[2], 2)]]  # a0 read again in place of a1
+        for n, requests in enumerate(rounds):
+            for i, (prompt, which) in enumerate(requests):
+                assert engine.add_request(AddRequest(f"{n}.{i}", prompt, _params(None if which is None else f"a{which}"))) is None
+            outputs = {rid: ids for rid, (ids, _) in _drain(engine).items()}
+            for i, (prompt, which) in enumerate(requests):
+                reference = merged_model(base, None if which is None else adapters[which])
+                full = torch.tensor([prompt + outputs[f"{n}.{i}"]])
+                with torch.no_grad():
+                    expected = reference(full).logits[0][len(prompt) - 1:len(prompt) - 1 + STEPS]
+                torch.testing.assert_close(torch.stack(recorded[f"{n}.{i}"]), expected, atol=1e-4, rtol=1e-4)
+        assert engine.lora.evictions == 2 and sorted(engine.lora.resident) == ["a0", "a2"]
+    finally:
+        engine.shutdown()
+    assert all(proc.poll() is not None for proc in engine.workers)

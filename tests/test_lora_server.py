@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 
-from tests.conftest import API_KEY, ServerProcess, build_tiny_model, embedded_model_path
+from tests.conftest import API_KEY, ServerProcess, build_tiny_model, embedded_model_path, free_port
 from tests.lora_helpers import build_adapter, merged_model
 from tests.test_reliability_e2e import engine_pid, wait_health
 
@@ -240,6 +240,36 @@ def test_a_restarted_engine_serves_the_loaded_adapters(lora_setup):
     wait_health(server, 200, timeout=120)
     for name in ("a2", "a1", BASE):
         assert _completion_ids(server, name) == expected[name], name
+
+
+def test_tp2_server_gives_the_tp1_servers_tokens_with_adapters(lora_setup, tmp_path):
+    """--tp 2 with --lora_modules (each rank holds its shard of each adapter): the greedy tokens of the base and
+    each adapter equal the --tp 1 server's, through the openai SDK and /generate; with --max_loras 1 and
+    requests for two adapters at once (evicted and read again on both ranks in step), and after a dynamic load."""
+    tp1, adapters, _, expected, _ = lora_setup
+    base = adapters["a0"].parent / "base"
+    tp2 = ServerProcess(["--model_dir", str(base), "--model_name", BASE, "--quant_type", "none",
+                         "--max_total_token_num", "4000", "--api_key", API_KEY, "--max_loras", "1",
+                         "--max_lora_rank", "16", "--lora_modules", f"a0={adapters['a0']}", f"a1={adapters['a1']}",
+                         "--tp", "2", "--nccl_port", str(free_port())], tmp_path / "tp2.log")
+    try:
+        assert requests.get(tp2.base_url + "/get_server_info", headers=tp2.headers, timeout=10).json()["tp"] == 2
+        for name in (BASE, "a0", "a1"):
+            texts = [_client(server).completions.create(model=name, prompt=PROMPT, max_tokens=NEW_TOKENS,
+                                                        temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+                     for server in (tp1, tp2)]
+            assert texts[0] == texts[1], name
+        order = ["a0", "a1", BASE, "a1", "a0"]
+        with concurrent.futures.ThreadPoolExecutor(len(order)) as pool:
+            results = list(pool.map(lambda name: _completion_ids(tp2, name), order))
+        assert results == [expected[name] for name in order]  # what the tp 1 server gives (its tests check)
+        for server in (tp1, tp2):  # a2 loaded on both (the tp 1 server may hold it from an earlier test)
+            loaded = requests.post(server.base_url + "/v1/load_lora_adapter", headers=server.headers, timeout=60,
+                                   json={"lora_name": "a2", "lora_path": str(adapters["a2"])})
+            assert loaded.status_code == 200 or loaded.json()["error"]["code"] == "lora_name_in_use", loaded.text
+        assert _completion_ids(tp2, "a2") == _completion_ids(tp1, "a2") == expected["a2"]
+    finally:
+        tp2.stop()
 
 
 @pytest.mark.slow

@@ -5,17 +5,26 @@ A request names its adapter; the scheduler admits it only once that adapter is r
 it from its folder when there is room or when the least recently used resident adapter has no running
 request. Otherwise the request waits, never running on another adapter. A running request holds its adapter
 object, so unloading or evicting that name never changes a request in flight.
+
+Under tensor parallelism rank 0 alone decides (this manager); every other rank mirrors it (`LoraReplica`).
+Each read of a folder is one adapter object with its own key; rank 0 sends the other ranks each read's
+checked weights (they cut their own shard) and, once rank 0's object is gone (evicted or unloaded, and no
+request or cached batch holds it any more), that the key is dropped. These ride on the step broadcast,
+ahead of the step's rows, which name their adapters by key: every rank runs a row on the same read.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from lightllm.models.config import ModelConfig
-from lightllm.models.lora.adapter import AdapterError, LoraAdapter, load_adapter
+from lightllm.models.loading.sharding import TPShard
+from lightllm.models.lora.adapter import AdapterError, AdapterWeights, LoraAdapter, read_adapter, shard_adapter
+from lightllm.models.lora.batch import LoraBatch
 
 logger = logging.getLogger("lightllm.engine")
 
@@ -28,11 +37,72 @@ class Registered:
     uid: int  # prefix-cache namespace: a new one per registration, so reloaded weights never share KV
 
 
+# what rank 0 sends the other ranks: ("load", key, weights) or ("drop", key, None), in order
+LoraOp = tuple[str, int, AdapterWeights | None]
+
+
+@dataclass
+class LoraSync:
+    """Loads/drops sent to the other ranks between steps (at start, a dynamic load), applied like a step's
+    `lora_ops` (engine/distributed.py)."""
+
+    lora_ops: list[LoraOp]
+
+
+class LoraOutbox:
+    """Rank 0's adapter loads and drops not yet sent to the other ranks."""
+
+    def __init__(self) -> None:
+        self.pending: list[LoraOp] = []
+
+    def loaded(self, adapter: LoraAdapter, weights: AdapterWeights) -> None:
+        self.pending.append(("load", adapter.key, weights))
+        weakref.finalize(adapter, self._dropped, adapter.key)  # holds the key, not the adapter
+
+    def _dropped(self, key: int) -> None:
+        for i, (op, k, _) in enumerate(self.pending):
+            if op == "load" and k == key:  # never sent: the other ranks need not hear of it
+                del self.pending[i]
+                return
+        self.pending.append(("drop", key, None))
+
+    def take(self) -> list[LoraOp]:
+        ops, self.pending = self.pending, []
+        return ops
+
+
+class LoraReplica:
+    """A worker rank's adapters: its shard of each read rank 0 holds, by key."""
+
+    def __init__(self, config: ModelConfig, shard: TPShard):
+        self.config = config  # the whole model's
+        self.shard = shard
+        self.adapters: dict[int, LoraAdapter] = {}
+
+    def apply(self, ops: list[LoraOp]) -> None:
+        for op, key, weights in ops:
+            if op == "load":
+                self.adapters[key] = shard_adapter(weights, self.config, self.shard)
+            else:
+                self.adapters.pop(key, None)
+
+    def batch(self, runs: list[tuple[int | None, int, int]] | None) -> LoraBatch | None:
+        """The step's LoraBatch from its (adapter key or None, first row, rows) runs (a key rank 0 sent)."""
+        if not runs:
+            return None
+        return LoraBatch.from_runs([(None if key is None else self.adapters[key], start, n) for key, start, n in runs])
+
+
 class LoraManager:
-    def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, moe_layers: bool = False):
+    def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, moe_layers: bool = False,
+                 shard: TPShard | None = None):
+        """`config`: the whole model's; `shard`: rank 0's place under tensor parallelism (None without): the
+        adapters it holds are its shards, and `outbox` collects what the other ranks must mirror."""
         if max_loras < 1 or max_rank < 1:
             raise ValueError("--max_loras and --max_lora_rank must be at least 1")
         self.config = config
+        self.shard = shard
+        self.outbox = LoraOutbox() if shard is not None and shard.world > 1 else None
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.moe_layers = moe_layers
@@ -83,8 +153,11 @@ class LoraManager:
         return adapter
 
     def _read(self, name: str, path: str) -> LoraAdapter:
-        adapter = load_adapter(name, path, self.config, self.max_rank, self.moe_layers)
+        weights = read_adapter(name, path, self.config, self.max_rank, self.moe_layers)
+        adapter = shard_adapter(weights, self.config, self.shard)
         self.loads += 1
+        if self.outbox is not None:
+            self.outbox.loaded(adapter, weights)
         return adapter
 
 
@@ -97,4 +170,4 @@ def namespaced(ids: list[int], uid: int) -> list[int]:
     return [t + offset for t in ids]
 
 
-__all__ = ["AdapterError", "LoraManager", "namespaced"]
+__all__ = ["AdapterError", "LoraManager", "LoraOutbox", "LoraReplica", "namespaced"]

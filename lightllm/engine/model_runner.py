@@ -7,6 +7,7 @@ import torch
 from lightllm.engine.distributed import StepBroadcaster, StepInputs
 from lightllm.engine.image_embedder import ImageEmbedder
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
+from lightllm.engine.lora import LoraSync
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import SampledToken, ScheduledChunk
 from lightllm.engine.speculative import accept_draft
@@ -29,6 +30,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = model.device
         self.windows = model.attention_windows  # each distinct window the layers use (None: global)
+        self.lora_outbox = None  # LoraOutbox under tensor parallelism with LoRA: what the other ranks must mirror
 
     def build_metadata(self, plan: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         ids: list[int] = []
@@ -97,12 +99,29 @@ class ModelRunner:
             row += chunk.num_tokens
         return LoraBatch.from_runs(runs)
 
+    def sync_lora(self) -> None:
+        """Send the other ranks the adapter loads/drops made outside a step (at start, a dynamic load)."""
+        if self.broadcaster is not None and self.lora_outbox is not None and self.lora_outbox.pending:
+            self.broadcaster.send(LoraSync(self.lora_outbox.take()))
+
+    def _lora_for_ranks(self, plan: list[ScheduledChunk], lora: LoraBatch | None) -> tuple[list, list | None]:
+        """The adapter loads/drops the other ranks apply before this step, and its rows' adapters by key."""
+        ops = self.lora_outbox.take() if self.lora_outbox is not None else []
+        if lora is None:
+            return ops, None
+        runs, row = [], 0
+        for chunk in plan:
+            runs.append((None if chunk.seq.lora is None else chunk.seq.lora.key, row, chunk.num_tokens))
+            row += chunk.num_tokens
+        return ops, runs
+
     def execute(self, plan: list[ScheduledChunk]) -> dict[str, SampledToken]:
         input_ids, positions, meta, logit_rows = self.build_metadata(plan)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        lora = self.lora_batch(plan)
         if self.broadcaster is not None:
-            self.broadcaster.send(StepInputs(input_ids, positions, meta, rows))
-        logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows, self.lora_batch(plan),
+            self.broadcaster.send(StepInputs(input_ids, positions, meta, rows, *self._lora_for_ranks(plan, lora)))
+        logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows, lora,
                                     embeds=self.images.input_embeds(plan) if self.images is not None else None)
         sampling = [c for c in plan if c.samples]
         if not sampling:

@@ -9,7 +9,9 @@ same sum as PEFT's per-module `scaling * B(A(x))`, with no zero blocks stored or
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import json
 import math
 import re
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lightllm.models.config import ModelConfig
+from lightllm.models.loading.sharding import TPShard, shard_config
 
 # PEFT module name -> (fused linear of the decoder, part index within it)
 MODULE_PARTS: dict[str, tuple[str, int]] = {
@@ -46,6 +49,22 @@ class LowRankPair:
     parts: list[tuple[int, int, int, torch.Tensor]]  # (first rank, first column, rank, bt_part view)
 
 
+_keys = itertools.count(1)
+
+
+@dataclass
+class AdapterWeights:
+    """An adapter as read from its folder and checked against the whole model: per (layer, PEFT module) its A
+    [r, in] and its B [out, r] with the scaling folded in. What tensor-parallel ranks are sent to cut their
+    own shard from (`shard_adapter`)."""
+
+    name: str
+    path: str
+    rank: int  # the largest rank of its modules
+    target_modules: list[str]
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass(eq=False)  # identity: batches and caches key by the adapter object
 class LoraAdapter:
     name: str
@@ -53,6 +72,8 @@ class LoraAdapter:
     rank: int  # the largest rank of its modules
     target_modules: list[str]
     layers: list[dict[str, LowRankPair]]  # per decoder layer: fused target -> its pair (absent: no delta)
+    # one per read of a folder: under tensor parallelism every rank holds this read's shard under this key
+    key: int = dataclasses.field(default_factory=lambda: next(_keys))
 
     @functools.cached_property
     def nbytes(self) -> int:
@@ -123,6 +144,12 @@ def _check_types(cfg: dict, path: Path) -> None:
 def load_adapter(name: str, path: str, config: ModelConfig, max_rank: int, moe_layers: bool = False) -> LoraAdapter:
     """Read and check the adapter at `path` for the model `config`; AdapterError says what does not fit:
     rank above `max_rank`, a target module the model lacks, shapes of another architecture."""
+    return shard_adapter(read_adapter(name, path, config, max_rank, moe_layers), config, None)
+
+
+def read_adapter(name: str, path: str, config: ModelConfig, max_rank: int,
+                 moe_layers: bool = False) -> AdapterWeights:
+    """`load_adapter`'s reading and checking (against the whole model's `config`), before any sharding."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -157,7 +184,7 @@ def load_adapter(name: str, path: str, config: ModelConfig, max_rank: int, moe_l
     alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     rslora = bool(cfg.get("use_rslora", False))
-    layers: list[dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]] = [{} for _ in range(config.num_layers)]
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     max_seen = 0
     for (layer, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
@@ -179,11 +206,31 @@ def load_adapter(name: str, path: str, config: ModelConfig, max_rank: int, moe_l
             raise AdapterError(f"{name}: layer {layer} {module} has rank {r}, its config says {r_cfg}")
         a_ = _pattern_value(alpha_pattern, key, alpha)
         scaling = a_ / math.sqrt(r) if rslora else a_ / r
+        modules[(layer, module)] = (a, b * scaling)
+    return AdapterWeights(name, str(folder), max_seen, sorted({module for _, module in pairs}), modules)
+
+
+def shard_adapter(weights: AdapterWeights, config: ModelConfig, shard: TPShard | None) -> LoraAdapter:
+    """The adapter laid out for one rank's fused linears (`config`: the whole model's; `shard` None: no tensor
+    parallelism). Each module is cut like its base linear: a column-parallel one (q/k/v per head, gate/up per
+    intermediate slice) keeps the rows of B of this rank's outputs, A whole; a row-parallel one (o, down)
+    keeps the columns of A of this rank's inputs, B whole, and its partial delta joins the partial output
+    that the layer's all-reduce sums (sum over ranks of x_s A_s^T B^T = x A^T B^T)."""
+    world = shard.world if shard is not None else 1
+    shapes = part_shapes(shard_config(config, world))
+    layers: list[dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]] = [{} for _ in range(config.num_layers)]
+    for (layer, module), (a, b) in sorted(weights.modules.items()):
+        if shard is not None and world > 1:
+            if module in ("o_proj", "down_proj"):
+                start, end = shard.span(a.shape[1])
+                a = a[:, start:end]
+            else:
+                start, end = shard.span(b.shape[0])
+                b = b[start:end]
         target, part = MODULE_PARTS[module]
-        layers[layer].setdefault(target, []).append((part, a, b * scaling))
+        layers[layer].setdefault(target, []).append((part, a.contiguous(), b.contiguous()))
     joined = [{target: _join(target, parts, shapes) for target, parts in layer.items()} for layer in layers]
-    targets = sorted({module for _, module in pairs})
-    return LoraAdapter(name, str(folder), max_seen, targets, joined)
+    return LoraAdapter(weights.name, weights.path, weights.rank, weights.target_modules, joined)
 
 
 _FUSED_PARTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),

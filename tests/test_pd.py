@@ -44,14 +44,14 @@ class Node:
 
 
 class Master:
-    def __init__(self, model_dir: Path | str, master_port: int, log: Path):
+    def __init__(self, model_dir: Path | str, master_port: int, log: Path, flags: list[str] = ()):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self.log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "lightllm.server.api_server", "--run_mode", "pd_master",
                                       "--model_dir", str(model_dir), "--port", str(self.port),
-                                      "--pd_master_port", str(master_port)],
+                                      "--pd_master_port", str(master_port), *flags],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
 

@@ -10,8 +10,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from lightllm.engine.pd_messages import (KVAccepted, KVPeer, KVReady, ReceiveKV, RegisterNode, RegisterRefused,
-                                         SendKV)
+from lightllm.engine.pd_messages import (KVAccepted, KVPeer, KVReady, KVRefused, ReceiveKV, RegisterNode,
+                                         RegisterRefused, SendKV)
 from lightllm.engine.protocol import (AbortRequest, AddRequest, EngineReady, EngineStats, SamplingParams,
                                       StepOutputs, TokenOutput)
 from lightllm.server.engine_client import EngineDied
@@ -42,9 +42,9 @@ class FakeNode:
         return await asyncio.wait_for(self.sock.recv_pyobj(), timeout)
 
 
-async def _setup(n_decode: int = 1):
+async def _setup(n_decode: int = 1, hold_timeout: float = 5.0):
     port = free_port()
-    master = PDMasterClient("127.0.0.1", port)
+    master = PDMasterClient("127.0.0.1", port, hold_timeout)
     ctx = zmq.asyncio.Context()
     prefill = FakeNode(ctx, port, "prefill-1", "prefill")
     decodes = [FakeNode(ctx, port, f"decode-{i}", "decode") for i in range(n_decode)]
@@ -224,6 +224,95 @@ def test_a_request_aborted_while_its_receive_is_set_up_still_completes_the_trans
             send = await prefill.recv()
             assert isinstance(send, SendKV) and send.rid == "r" and send.tag == receive.tag
             assert not master.unwinding and not master.flights
+        finally:
+            await _teardown(master, ctx)
+    asyncio.run(run())
+
+
+FULL = EngineStats(kv_total=1000, kv_used=999, kv_cached=0, running=1, waiting=0)
+
+
+def test_a_request_no_decode_node_has_room_for_is_held_and_placed_when_one_reports_room():
+    async def run():
+        master, ctx, prefill, (decode,) = await _setup()
+        try:
+            await decode.send(StepOutputs([], FULL))  # its last report: 1 KV token free
+            stream = asyncio.create_task(_collect(master.generate("r", [5, 6, 7], SamplingParams())))
+            await _prefill_first_token(prefill, 1)
+            with pytest.raises(asyncio.TimeoutError):  # held: the decode node is not asked
+                await decode.recv(timeout=0.3)
+            assert list(master.held) == ["r"] and master.kv_by_role()["decode"]["held_requests"] == 1
+            await decode.send(StepOutputs([], STATS))  # a request of its finished: room again
+            msg = await decode.recv()
+            assert isinstance(msg, ReceiveKV) and msg.rid == "r" and not master.held
+            # it had no room after all (its report was stale): held again, asked again after its next report
+            await decode.send(KVRefused("r"))
+            with pytest.raises(asyncio.TimeoutError):
+                await decode.recv(timeout=0.8)  # the master's periodic retry does not ask a node that refused
+            assert list(master.held) == ["r"]
+            await decode.send(StepOutputs([], STATS))
+            msg = await decode.recv()
+            assert isinstance(msg, ReceiveKV) and msg.rid == "r"
+            await decode.send(KVAccepted("r"))
+            assert isinstance(await prefill.recv(), SendKV)
+            await decode.send(StepOutputs([TokenOutput("r", 2, finished=True, finish_reason="stop")], STATS))
+            outs = await asyncio.wait_for(stream, 5)
+            assert [o.token_id for o in outs] == [7, 2] and outs[-1].error is None
+        finally:
+            await _teardown(master, ctx)
+    asyncio.run(run())
+
+
+def test_a_held_request_ends_503_after_the_hold_timeout_and_the_prefill_node_frees_it(monkeypatch):
+    monkeypatch.setattr(master_module, "HEARTBEAT_S", 0.1)
+
+    async def run():
+        master, ctx, prefill, (decode,) = await _setup(hold_timeout=0.5)
+        try:
+            await decode.send(StepOutputs([], FULL))
+            started = asyncio.get_running_loop().time()
+            stream = asyncio.create_task(_collect(master.generate("r", [5, 6, 7], SamplingParams())))
+            await _prefill_first_token(prefill, 1)
+            outs = await asyncio.wait_for(stream, 5)
+            assert asyncio.get_running_loop().time() - started >= 0.5
+            assert outs[-1].error.kind == "unavailable" and "--pd_hold_timeout 0.5s" in outs[-1].error.message
+            abort = await prefill.recv()
+            assert isinstance(abort, AbortRequest) and abort.rid == "r" and not master.held
+        finally:
+            await _teardown(master, ctx)
+    asyncio.run(run())
+
+
+def test_kv_totals_sum_every_registered_node_per_role():
+    async def run():
+        master, ctx, prefill, decodes = await _setup(n_decode=2)
+        try:
+            assert master.info.max_total_token_num == 3000 and master.info.max_model_len == 512
+            await decodes[0].send(StepOutputs([], FULL))
+            for _ in range(50):
+                if master.nodes["decode-0"].reg.stats == FULL:
+                    break
+                await asyncio.sleep(0.02)
+            by_role = master.kv_by_role()
+            assert by_role["prefill"] == {"nodes": 1, "kv_total": 1000, "kv_used": 0, "kv_cached": 0}
+            assert by_role["decode"] == {"nodes": 2, "kv_total": 2000, "kv_used": 999, "kv_cached": 0,
+                                         "held_requests": 0}
+            assert master.stats.kv_total == 3000 and master.stats.kv_used == 999
+        finally:
+            await _teardown(master, ctx)
+    asyncio.run(run())
+
+
+def test_a_node_whose_tp_differs_from_the_other_roles_is_refused():
+    async def run():
+        master, ctx, prefill, _ = await _setup()
+        try:
+            other = FakeNode(ctx, int(master.address.rsplit(":", 1)[1]), "decode-tp2", "decode")
+            other.reg.tp = 2
+            await other.register()
+            refused = await other.recv()
+            assert isinstance(refused, RegisterRefused) and "--tp 2" in refused.reason and "--tp 1" in refused.reason
+            assert "decode-tp2" not in master.nodes
         finally:
             await _teardown(master, ctx)
     asyncio.run(run())

@@ -1,18 +1,15 @@
 """Tensor-parallel prefill and decode nodes (`--tp 2` each, gloo on CPU): every rank moves its own KV shard to
 the same rank of the other node. Greedy tokens through the master equal a single server's (openai SDK, plain and
-streamed); a node whose --tp differs from the other role's is refused at registration, naming both."""
+streamed); a node whose --tp differs from the other role's is refused at registration, naming both.
+~35 s on the shared 2-core box (six model processes start), so in the default suite."""
 
 from __future__ import annotations
 
-import time
-
 import openai
-import pytest
 
 from tests.conftest import ServerProcess, free_port
 from tests.test_pd import COMMON, PROMPTS, Master, Node, model_dir  # noqa: F401  (model_dir: the shared fixture)
 
-pytestmark = pytest.mark.slow  # five model processes and two single servers' worth of start-up (~60 s here)
 
 
 def _greedy(base_url: str) -> tuple[list[str], list[str]]:

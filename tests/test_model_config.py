@@ -57,10 +57,10 @@ def test_gemma3_config():
     # without layer_types, the documented pattern (every sixth layer global)
     no_types = config_from_hf({k: v for k, v in GEMMA3_270M.items() if k != "layer_types"})
     assert no_types.layer_types == cfg.layer_types
-    # the multimodal checkpoint's text decoder
+    # the multimodal checkpoint: its text decoder, the gemma3_vl family (images, models/vision/gemma3.py)
     nested = config_from_hf({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
                              "text_config": GEMMA3_270M})
-    assert nested.architecture == "gemma3" and nested.num_layers == 18
+    assert nested.architecture == "gemma3_vl" and nested.num_layers == 18 and nested.layer_types == cfg.layer_types
 
 
 def test_gemma2_config_soft_caps_and_alternating_windows():

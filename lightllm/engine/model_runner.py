@@ -58,8 +58,9 @@ class ModelRunner:
                 context = self.table.table[seq.slot, :end]
                 if self.broadcaster is not None:
                     context = context.clone()  # pickling a view would send the whole table to the other ranks
+                runs = self._bidirectional_runs(chunk)
                 prefill.append(PrefillSegment(row, row + n, context,
-                                              {w: causal_mask(n, end, w, self.device) for w in self.windows}))
+                                              {w: causal_mask(n, end, w, self.device, runs) for w in self.windows}))
             row += n
             if chunk.samples:  # a drafted chunk needs the model's choice after every one of its tokens
                 logit_rows.extend(range(row - 1 - len(chunk.draft), row))
@@ -89,6 +90,15 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return input_ids, pos, meta, logit_rows
+
+    def _bidirectional_runs(self, chunk: ScheduledChunk) -> list[tuple[int, int]]:
+        """The image runs a prefill chunk's queries attend within both ways (Gemma 3; the scheduler keeps each
+        run in one chunk, or a cached head and one chunk)."""
+        if not self.model.bidirectional_images:
+            return []
+        start, end = chunk.start, chunk.start + chunk.num_tokens
+        return [(image.offset, image.offset + image.length) for image in chunk.seq.images
+                if image.offset < end and image.offset + image.length > start]
 
     @staticmethod
     def lora_batch(plan: list[ScheduledChunk]) -> LoraBatch | None:

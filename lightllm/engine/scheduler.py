@@ -59,7 +59,7 @@ class Scheduler:
                  chunked_prefill_size: int, chunked_prefill: bool, running_max_req_size: int,
                  max_model_len: int, eos_token_ids: list[int], new_token_estimate: int = 512,
                  prefix_cache: PrefixCache | None = None, speculative: SpeculativeConfig = SpeculativeConfig(),
-                 lora: LoraManager | None = None):
+                 lora: LoraManager | None = None, whole_image_runs: bool = False):
         self.pool = pool
         self.table = table
         self.batch_max_tokens = batch_max_tokens
@@ -74,6 +74,9 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.speculative = speculative
         self.lora = lora  # LoRA adapters' residency: a request is admitted once its adapter is resident
+        # a prefill chunk never ends inside an image's placeholder run (the model attends among an image's
+        # tokens both ways: Gemma 3); otherwise chunks cut through images
+        self.whole_image_runs = whole_image_runs
         self.draft_stats = {"proposed": 0, "accepted": 0}  # speculative tokens, for /metrics and benchmarks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -244,10 +247,23 @@ class Scheduler:
     def _chunk_len(self, seq: Sequence, budget: int, plan_empty: bool, pending: int | None = None) -> int:
         pending = seq.num_pending if pending is None else pending
         if self.chunked_prefill:
-            return min(pending, budget, self.chunked_prefill_size)
+            n = min(pending, budget, self.chunked_prefill_size)
+            return self._image_runs_whole(seq, seq.total_len - pending, n) if self.whole_image_runs else n
         if pending <= budget or plan_empty:
             return pending
         return 0
+
+    @staticmethod
+    def _image_runs_whole(seq: Sequence, start: int, n: int) -> int:
+        """The length of a chunk [start, start + n) moved off any image run it would end inside: it ends at the
+        run's start, or, when it begins at or inside the run (a cached head), it takes the rest of the run even
+        beyond the step's budget (by less than one image), so that every image is computed in one step."""
+        end = start + n
+        for image in seq.images:
+            first, last = image.offset, image.offset + image.length
+            if first < end < last:
+                return first - start if first > start else last - start
+        return n
 
     def _cached_len(self, seq: Sequence) -> int:
         if self.prefix_cache is None:

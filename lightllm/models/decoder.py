@@ -80,6 +80,9 @@ PYTORCH_PATH_ONLY_HOOKS = ("_attention_output", "_mlp", "_mlp_output")
 
 
 class LlamaModel:
+    # Prefill attention among one image's placeholder tokens goes both ways (Gemma 3): the runner's masks say so
+    # and the scheduler never ends a prefill chunk inside such a run. The fused path's kernels mask causally only.
+    bidirectional_images = False
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, device: torch.device, dtype: torch.dtype,
                  comm: TPComm | None = None):
@@ -106,7 +109,7 @@ class LlamaModel:
         # otherwise, or when they cannot be built, the PyTorch path below.
         self.act = ACTIVATIONS[config.hidden_act]
         fused = (self.runs_fused() and config.hidden_act == "silu" and config.attn_logit_softcap is None
-                 and device.type == "cpu" and dtype == torch.float32)
+                 and not self.bidirectional_images and device.type == "cpu" and dtype == torch.float32)
         self.kernels = cpu_kernels.load() if fused else None
         self._exact_head_rows = self._exact_head_source(weights, config)
         self._lora: LoraBatch | None = None  # the current step's adapters (forward sets it; _mlp reads it)

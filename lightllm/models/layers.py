@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,13 +149,20 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None = None  # [B] context lengths, the new token included
 
 
-def causal_mask(n_new: int, ctx_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
-    """Mask for n_new queries that are the last tokens of a ctx_len context."""
-    if n_new == ctx_len and sliding_window is None:
+def causal_mask(n_new: int, ctx_len: int, sliding_window: int | None, device: torch.device,
+                bidirectional: Sequence[tuple[int, int]] = ()) -> torch.Tensor | None:
+    """Mask for n_new queries that are the last tokens of a ctx_len context. `bidirectional`: position runs
+    [start, end) whose tokens also attend to the later tokens of their own run (Gemma 3's images); the window
+    applies over that (transformers: AND(window, OR(causal, same run)))."""
+    if n_new == ctx_len and sliding_window is None and not bidirectional:
         return None
     q_pos = torch.arange(ctx_len - n_new, ctx_len, device=device).unsqueeze(1)
     k_pos = torch.arange(ctx_len, device=device).unsqueeze(0)
     mask = k_pos <= q_pos
+    for start, end in bidirectional:
+        if end > ctx_len:
+            raise ValueError(f"a prefill chunk ends at {ctx_len}, inside the bidirectional run [{start}, {end})")
+        mask |= (q_pos >= start) & (q_pos < end) & (k_pos >= start) & (k_pos < end)
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
     return mask

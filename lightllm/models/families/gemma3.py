@@ -1,6 +1,6 @@
 """Gemma 3: Gemma 2's layer (families/gemma2.py) with per-head q/k norms instead of score soft-capping, 5 sliding
-layers to 1 global, and the sliding layers' own rope base. `Gemma3ForConditionalGeneration` checkpoints serve
-their text decoder (`text_config`)."""
+layers to 1 global, and the sliding layers' own rope base. `Gemma3ForConditionalGeneration` (with images) is
+families/gemma3_vl.py on this decoder."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from lightllm.models.families.base import Family, GgufMetadata
 from lightllm.models.families.gemma2 import HF_LAYER_NAMES, GemmaModel, gguf_gemma_facts, hf_gemma_facts
 
 
-def _hf_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+def hf_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if "text_config" in cfg:  # the multimodal checkpoint: its text decoder
         return {**cfg["text_config"], "architectures": cfg.get("architectures") or []}
     return cfg
 
 
-def _hf_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+def hf_facts(cfg: dict[str, Any]) -> dict[str, Any]:
     pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
     return {**hf_gemma_facts(cfg, pattern), "qk_norm": True}
 
@@ -29,11 +29,11 @@ def _gguf_facts(meta: GgufMetadata) -> dict[str, Any]:
 FAMILY = Family(
     name="gemma3",
     model_class=GemmaModel,
-    hf_architectures=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
-    hf_model_types=("gemma3_text", "gemma3"),
+    hf_architectures=("Gemma3ForCausalLM",),
+    hf_model_types=("gemma3_text",),
     gguf_architecture="gemma3",
     hf_layer_names=HF_LAYER_NAMES,
-    hf_text_config=_hf_text_config,
-    hf_facts=_hf_facts,
+    hf_text_config=hf_text_config,
+    hf_facts=hf_facts,
     gguf_facts=_gguf_facts,
 )

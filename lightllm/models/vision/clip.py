@@ -1,5 +1,6 @@
 """The CLIP vision transformer (LLaVA's tower): patch embedding with a class token and learned positions, a
-pre-norm, and pre-norm encoder layers with biased q/k/v and a quick-GELU MLP."""
+pre-norm, and pre-norm encoder layers with biased q/k/v and a quick-GELU MLP. SigLIP (siglip.py) is the same
+tower with three options turned the other way: no class token, no pre-norm, a norm after the last layer."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ class ClipConfig:
     patch_size: int
     layer_norm_eps: float
     hidden_act: str
+    class_token: bool = True  # a learned class embedding before the patches (CLIP; SigLIP has none)
+    pre_norm: bool = True  # `pre_layrnorm` on the embeddings (CLIP)
+    post_norm: bool = False  # `post_layernorm` after the last layer (SigLIP's last_hidden_state)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ClipConfig":
@@ -67,14 +71,22 @@ class ClipTower:
         return h + self._linear(self.act(self._linear(x, f"{p}.mlp.fc1")), f"{p}.mlp.fc2")
 
     def hidden_state(self, pixels: torch.Tensor, layer: int) -> torch.Tensor:
-        """The encoder's hidden states after `layer` layers (0: the normed embeddings; transformers'
-        `hidden_states[layer]`), [images, 1 + patches, hidden]; the layers above it are not run."""
-        weight = self.t["embeddings.patch_embedding.weight"]
-        patches = F.conv2d(pixels.to(weight.device, weight.dtype), weight, stride=self.config.patch_size)
-        patches = patches.flatten(2).transpose(1, 2)  # [images, patches, hidden]
-        cls = self.t["embeddings.class_embedding"].expand(patches.shape[0], 1, -1)
-        h = torch.cat([cls, patches], dim=1) + self.t["embeddings.position_embedding.weight"]
-        h = self._norm(h, "pre_layrnorm")
+        """The encoder's hidden states after `layer` layers (0: the embeddings, pre-normed where the tower has a
+        pre-norm; transformers' `hidden_states[layer]`), [images, class token + patches, hidden]; the layers above
+        it are not run."""
+        weight, bias = self.t["embeddings.patch_embedding.weight"], self.t.get("embeddings.patch_embedding.bias")
+        patches = F.conv2d(pixels.to(weight.device, weight.dtype), weight, bias, stride=self.config.patch_size)
+        h = patches.flatten(2).transpose(1, 2)  # [images, patches, hidden]
+        if self.config.class_token:
+            h = torch.cat([self.t["embeddings.class_embedding"].expand(h.shape[0], 1, -1), h], dim=1)
+        h = h + self.t["embeddings.position_embedding.weight"]
+        if self.config.pre_norm:
+            h = self._norm(h, "pre_layrnorm")
         for i in range(layer):
             h = self._layer(h, i)
         return h
+
+    def last_hidden_state(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Every layer, then the post-norm where the tower has one (transformers' `last_hidden_state`)."""
+        h = self.hidden_state(pixels, self.config.num_layers)
+        return self._norm(h, "post_layernorm") if self.config.post_norm else h

@@ -8,9 +8,11 @@ from typing import Callable
 import torch
 
 from lightllm.models.vision.base import VisionEncoder
+from lightllm.models.vision.gemma3 import load_gemma3_vision
 from lightllm.models.vision.llava import load_llava_vision
 
-LOADERS: dict[str, Callable[[Path, torch.device, torch.dtype], VisionEncoder]] = {"llava": load_llava_vision}
+LOADERS: dict[str, Callable[[Path, torch.device, torch.dtype], VisionEncoder]] = {"llava": load_llava_vision,
+                                                                                  "gemma3": load_gemma3_vision}
 
 
 def load_vision(name: str, model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> VisionEncoder:

@@ -21,6 +21,7 @@ class ResponseEvents:
         self.sequence = 0
         self.items: list[dict[str, Any]] = []
         self.open: int | None = None  # index of the item receiving deltas
+        self.pieces: list[str] = []  # the open item's text or arguments so far, joined when it closes
         self.calls: dict[int, int] = {}  # chat tool-call index → output index of its function_call item
 
     def event(self, kind: str, **fields: Any) -> str:
@@ -51,6 +52,11 @@ class ResponseEvents:
         if index is None:
             return []
         item = self.items[index]
+        text, self.pieces = "".join(self.pieces), []  # once per item: a delta costs no copy of what came before
+        if item["type"] == "function_call":
+            item["arguments"] = text
+        else:
+            item["content"][0]["text"] = text
         where = {"item_id": item["id"], "output_index": index}
         if item["type"] == "function_call":
             item["status"] = status
@@ -82,7 +88,7 @@ class ResponseEvents:
                     else reasoning_item(new_id("rs_"), ""))
             events += self._add(item)
         item = self.items[self.open]
-        item["content"][0]["text"] += text
+        self.pieces.append(text)
         where = {"item_id": item["id"], "output_index": self.open, "content_index": 0}
         if kind == "message":
             return events + [self.event("response.output_text.delta", delta=text, logprobs=[], **where)]
@@ -98,8 +104,11 @@ class ResponseEvents:
         index = self.calls[call["index"]]
         item = self.items[index]
         arguments = fn.get("arguments") or ""
-        if arguments:  # calls stream in order: only the open (last) call grows
-            item["arguments"] += arguments
+        if arguments:  # calls stream in order: the open (last) call grows
+            if index == self.open:
+                self.pieces.append(arguments)
+            else:  # an earlier, closed call (not sent by our parsers): its item holds its text
+                item["arguments"] += arguments
             events.append(self.event("response.function_call_arguments.delta", item_id=item["id"],
                                      output_index=index, delta=arguments))
         return events

@@ -64,3 +64,24 @@ def test_a_row_its_constraint_leaves_empty_ends_on_eos_instead_of_failing_the_st
     other = _seq([2], temperature=0.0)
     out = Sampler(VOCAB, [EOS], torch.device("cpu"))(_logits(2), [dead_end, other])
     assert out[0].token_id == EOS and out[1].token_id == VOCAB - 1
+
+
+def _penalized_reference(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """The penalties computed from the whole context (HF's repetition penalty, OpenAI's presence/frequency)."""
+    p, row = seq.params, logits.clone()
+    seen = torch.tensor(sorted(set(seq.all_ids)))
+    row[seen] = torch.where(row[seen] > 0, row[seen] / p.repetition_penalty, row[seen] * p.repetition_penalty)
+    counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long), minlength=VOCAB).float()
+    return row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+
+
+def test_penalty_counts_follow_the_sequence_step_by_step():
+    # the sampler keeps running counts: each step's processed row equals the from-scratch computation, also
+    # when several tokens arrive in one step (an accepted draft)
+    sampler = Sampler(VOCAB, [EOS], torch.device("cpu"))
+    seq = _seq([3, 4, 4, 9], repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=0.3, temperature=0.0)
+    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(3))
+    for new_tokens in ([], [5], [5, 7, 3], [11], [5]):
+        for token in new_tokens:
+            seq.append_token(token)
+        torch.testing.assert_close(sampler._process(logits, [seq])[0], _penalized_reference(logits[0], seq))

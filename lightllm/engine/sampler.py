@@ -8,6 +8,7 @@ default), so they do not depend on the sampling knobs.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -30,11 +31,45 @@ def _clamp_finite_(row: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num_(row, nan=info.min, posinf=info.max, neginf=info.min)
 
 
+class PenaltyCounts:
+    """One penalized sequence's token statistics over the vocabulary, kept up to date with the tokens it
+    gains, so a step costs the vocabulary's size, not the context's: which tokens the prompt or the output
+    holds (repetition_penalty) and how often each was generated (presence and frequency penalties)."""
+
+    def __init__(self, seq: Sequence, vocab: int, device: torch.device):
+        self.vocab = vocab
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self.seen[self._ids(seq.prompt_ids)] = True
+        self.counted = len(seq.prompt_ids)  # leading tokens of seq.token_ids taken in
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        t = torch.tensor(ids, dtype=torch.long, device=self.seen.device)
+        return t[(t >= 0) & (t < self.vocab)]
+
+    def update(self, seq: Sequence) -> None:
+        new = seq.token_ids[self.counted:]  # the tokens sampled since the last step (several after a draft)
+        if new:
+            ids = self._ids(new)
+            self.seen[ids] = True
+            self.counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float32, device=ids.device))
+            self.counted = len(seq.token_ids)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int], device: torch.device):
         self.vocab_size = vocab_size
         self.eos_token_ids = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
         self.device = device
+        # penalized sequences' counts, dropped with their sequence
+        self._penalties: weakref.WeakKeyDictionary[Sequence, PenaltyCounts] = weakref.WeakKeyDictionary()
+
+    def _penalty_counts(self, seq: Sequence, row: torch.Tensor) -> PenaltyCounts:
+        counts = self._penalties.get(seq)
+        if counts is None:
+            counts = self._penalties[seq] = PenaltyCounts(seq, row.shape[0], row.device)
+        counts.update(seq)
+        return counts
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         raw_logprobs = None
@@ -74,12 +109,11 @@ class Sampler:
                 ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long, device=row.device)
                 row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device))
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.long, device=row.device)
-                vals = row[seen]
-                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+                seen = self._penalty_counts(seq, row).seen
+                penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                row.copy_(torch.where(seen, penalized, row))
             if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
-                out = torch.tensor(seq.output_ids, dtype=torch.long, device=row.device)
-                counts = torch.bincount(out, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
+                counts = self._penalty_counts(seq, row).counts.to(row.dtype)
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
             _clamp_finite_(row)  # e.g. repetition_penalty 1e70 overflows float32: unlikely, not forbidden
             if seq.num_output_tokens < p.min_new_tokens and self.eos_token_ids.numel():

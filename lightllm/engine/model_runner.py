@@ -129,10 +129,12 @@ class ModelRunner:
         input_ids, positions, meta, logit_rows = self.build_metadata(plan)
         rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
         lora = self.lora_batch(plan)
+        # the vision encoder runs on rank 0 only: the step's image rows travel to the other ranks with its inputs
+        embeds = self.images.input_embeds(plan) if self.images is not None else None
         if self.broadcaster is not None:
-            self.broadcaster.send(StepInputs(input_ids, positions, meta, rows, *self._lora_for_ranks(plan, lora)))
-        logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows, lora,
-                                    embeds=self.images.input_embeds(plan) if self.images is not None else None)
+            self.broadcaster.send(StepInputs(input_ids, positions, meta, rows, *self._lora_for_ranks(plan, lora),
+                                             embeds=embeds))
+        logits = self.model.forward(input_ids, positions, meta, self.pool.k, self.pool.v, rows, lora, embeds=embeds)
         sampling = [c for c in plan if c.samples]
         if not sampling:
             return {}

@@ -22,7 +22,7 @@ from lightllm.models.quant import tile_cache
 from lightllm.models.quant.factory import dense_copy_bytes
 from lightllm.models.quant.policy import LinearPolicy
 from lightllm.models.vision.base import VisionEncoder
-from lightllm.models.vision.registry import load_vision
+from lightllm.models.vision.registry import load_gguf_vision, load_vision
 
 logger = logging.getLogger("lightllm.engine")
 
@@ -78,12 +78,11 @@ def model_config_for(cfg: EngineConfig) -> ModelConfig:
 
 
 def build_vision(cfg: EngineConfig, full: ModelConfig, device: torch.device, dtype: torch.dtype) -> VisionEncoder | None:
-    """The vision encoder of a vision-language model (None for a text-only one)."""
+    """The vision encoder of a vision-language model (None for a text-only one): the family's own tower, or for a
+    GGUF language model the --mmproj file's. Rank 0 alone runs it (its embeddings travel with each step)."""
     family = family_named(full.architecture)
-    if family.vision is None:
-        return None
-    if cfg.tp > 1:
-        raise ValueError(f"{family.name} is a vision-language model: it is served with --tp 1")
+    if family.vision is None or cfg.mmproj is not None:
+        return load_gguf_vision(cfg.model_path, cfg.mmproj, full, device, dtype)
     return load_vision(family.vision, cfg.model_path, device, dtype)
 
 

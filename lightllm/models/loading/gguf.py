@@ -61,8 +61,8 @@ class _Metadata:
 def config_from_gguf(reader: Any) -> ModelConfig:
     """The shared reading of a GGUF file's metadata; its family (families/) sets what differs."""
     if str(_gguf_value(reader, "general.architecture")) == "clip":  # llama.cpp's mmproj: no language model
-        raise ValueError("this GGUF file is a vision projector (llama.cpp's mmproj), not a language model; GGUF "
-                         "vision-language models are not supported: serve the Hugging Face checkpoint (LLaVA)")
+        raise ValueError("this GGUF file is a vision projector (llama.cpp's mmproj), not a language model: serve "
+                         "the language model GGUF and give this file with --mmproj")
     meta = _Metadata(reader)
     num_experts = int(meta.value("expert_count", 0) or 0)
     family = family_for_gguf(meta.architecture, num_experts > 0)

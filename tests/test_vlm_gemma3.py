@@ -246,3 +246,29 @@ def test_layout_and_family(gemma3_dir):
     cfg = load_model_config(gemma3_dir)
     assert cfg.architecture == "gemma3_vl" and cfg.layer_types == ["sliding_attention"] * 2 + ["full_attention"]
     assert cfg.sliding_window == WINDOW and cfg.embedding_scale == 64 ** 0.5
+
+
+def test_checkpoints_the_encoder_cannot_take_are_refused_at_load(gemma3_dir, tmp_path):
+    import json
+    import shutil
+
+    from lightllm.models.vision.gemma3 import load_gemma3_vision
+
+    def variant(name: str, config: dict | None = None, preprocessor: dict | None = None) -> Path:
+        path = tmp_path / name
+        shutil.copytree(gemma3_dir, path)
+        for file, changes in (("config.json", config), ("preprocessor_config.json", preprocessor)):
+            if changes:
+                data = json.loads((path / file).read_text())
+                (path / file).write_text(json.dumps({**data, **changes}))
+        return path
+
+    cases = {
+        "pan-and-scan": variant("pan", preprocessor={"do_pan_and_scan": True}),
+        "does not pool a 8x8 patch grid": variant("pool", config={"mm_tokens_per_image": 9}),
+        "the vision tower takes 32x32": variant("size", preprocessor={"size": {"height": 64, "width": 64}}),
+        "outside the 300-token vocabulary": variant("vocab", config={"image_token_index": 300}),
+    }
+    for message, path in cases.items():
+        with pytest.raises(ValueError, match=message):
+            load_gemma3_vision(path, torch.device("cpu"), torch.float32)

@@ -81,6 +81,9 @@ def load_gemma3_vision(model_dir: Path, device: torch.device, dtype: torch.dtype
     from safetensors import safe_open
 
     cfg = json.loads((model_dir / "config.json").read_text())
+    vocab = int((cfg.get("text_config") or {}).get("vocab_size", 262_208))
+    if not 0 <= int(cfg.get("image_token_index", 262_144)) < vocab:
+        raise ValueError(f"image_token_index {cfg.get('image_token_index')} is outside the {vocab}-token vocabulary")
     tower: dict[str, torch.Tensor] = {}
     projector: dict[str, torch.Tensor] = {}
     for file in _safetensors_files(model_dir):

@@ -63,3 +63,35 @@ def test_a_receive_whose_sender_never_comes_fails_instead_of_hanging(monkeypatch
         assert len(done) == 1 and done[0].rid == "lost" and "prefill-gone" in done[0].error
     finally:
         receiver.stop()
+
+
+def test_each_tp_rank_moves_its_own_shard_on_its_own_pair_group():
+    """Two tp ranks per node: rank r of the prefill side meets rank r of the decode side at the decode node's
+    rank-0 store (worker ranks host no store), each pair on its own group; `wait` picks a transfer by id."""
+    torch.manual_seed(1)
+    cpu = torch.device("cpu")
+    src = [TokenKVPool(32, 2, 1, 4, torch.float32, cpu) for _ in range(2)]  # one KV head per rank
+    dst = [TokenKVPool(32, 2, 1, 4, torch.float32, cpu) for _ in range(2)]
+    for pool in src:
+        for layer in range(2):
+            pool.k[layer].copy_(torch.randn(32, 1, 4))
+            pool.v[layer].copy_(torch.randn(32, 1, 4))
+    store = PairGroups("decode-b", "127.0.0.1", hosts_store=True, device=cpu)  # the decode node's rank 0
+    receivers = [KVTransfer(store), KVTransfer(PairGroups("decode-b", "127.0.0.1", False, cpu, tp_rank=1))]
+    senders = [KVTransfer(PairGroups("prefill-b", "127.0.0.1", False, cpu, tp_rank=r)) for r in range(2)]
+    held, reserved = torch.tensor([3, 9, 4, 20]), torch.tensor([0, 1, 30, 31])
+    try:
+        for rank in range(2):
+            receivers[rank].receive("r", empty_pages(dst[rank], 4), "prefill-b", 5, store.peer())
+            senders[rank].send("r", gather_pages(src[rank], held), store.peer(), 5)
+        for rank in range(2):
+            got = receivers[rank].wait("r")
+            assert got.error is None and receivers[rank].pending == 0
+            scatter_pages(dst[rank], reserved, got.buf)
+            for layer in range(2):
+                assert torch.equal(dst[rank].k[layer][reserved], src[rank].k[layer][held])
+                assert torch.equal(dst[rank].v[layer][reserved], src[rank].v[layer][held])
+        assert not torch.equal(src[0].k[0][held], src[1].k[0][held])  # the shards differ: no rank got the other's
+    finally:
+        for transfer in receivers + senders:
+            transfer.stop()

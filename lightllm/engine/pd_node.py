@@ -9,7 +9,8 @@ dead node and a node re-registers after a master restart.
   the master names the decode node (`SendKV`), then it is gathered, freed (the prompt stays in the prefix
   cache) and sent on the transfer thread.
 - decode: `ReceiveKV` reserves a slot and KV rows (or answers `KVRefused`: the master holds the request until a
-  decode node has room, up to --pd_hold_timeout, then 503 + Retry-After); a prompt prefix this node's own prefix cache holds is not moved again (`KVAccepted.skip`).
+  decode node has room, up to --pd_hold_timeout, then 503 + Retry-After); a prompt prefix this node's own
+  prefix cache holds is not moved again (`KVAccepted.skip`).
   The transfer thread receives the pages, and the request joins the running batch with its first token as the
   next input, its seeded generator and grammar state carried over.
 

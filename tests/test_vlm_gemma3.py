@@ -272,3 +272,20 @@ def test_checkpoints_the_encoder_cannot_take_are_refused_at_load(gemma3_dir, tmp
     for message, path in cases.items():
         with pytest.raises(ValueError, match=message):
             load_gemma3_vision(path, torch.device("cpu"), torch.float32)
+
+
+def test_tp2_keeps_images_bidirectional(gemma3_dir):
+    # the masks are built on rank 0 and travel with the step's inputs; the image rows too (LLaVA's tp path)
+    from tests.conftest import free_port
+
+    engine = engine_for(gemma3_dir, tp=2, nccl_port=free_port(), chunked_prefill_size=7, batch_max_tokens=14)
+    try:
+        assert engine.model.config.num_heads == 2
+        tokens, logits, _, _ = run(engine, PROMPTS)
+    finally:
+        engine.shutdown()
+    for rid, (ids, images) in PROMPTS.items():
+        ref_tokens, ref_logits = reference(gemma3_dir, ids, images)
+        assert tokens[rid] == ref_tokens, rid
+        for ours, theirs in zip(logits[rid], ref_logits, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

@@ -39,7 +39,7 @@ def test_fused_path_runs_only_families_whose_hooks_it_calls():
     runs_fused = {f.name: f.model_class.runs_fused() for f in FAMILIES}
     assert runs_fused == {"llama": True, "mistral": True, "qwen2": True, "qwen3": True, "phi3": True,
                           "qwen3moe": False, "mixtral": False, "gemma2": False, "gemma3": False, "llava": True,
-                          "gemma3_vl": False}
+                          "gemma3_vl": False, "qwen2_vl": True}
     # every hook the PyTorch path calls is in one of the two groups
     assert set(FUSED_PATH_HOOKS) | set(PYTORCH_PATH_ONLY_HOOKS) == {
         name for name in vars(LlamaModel) if name.startswith("_") and not name.startswith("__")

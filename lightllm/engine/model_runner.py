@@ -10,10 +10,12 @@ from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
 from lightllm.engine.lora import LoraSync
 from lightllm.engine.sampler import Sampler
 from lightllm.engine.scheduler import SampledToken, ScheduledChunk
+from lightllm.engine.sequence import Sequence
 from lightllm.engine.speculative import accept_draft
 from lightllm.kernels import cpu as cpu_kernels
 from lightllm.models.layers import AttentionMetadata, PrefillSegment, causal_mask
 from lightllm.models.decoder import LlamaModel
+from lightllm.models.mrope import PromptPositions
 from lightllm.models.lora.batch import LoraBatch
 
 
@@ -41,12 +43,17 @@ class ModelRunner:
         decode_slots: list[int] = []
         decode_lens: list[int] = []
         logit_rows: list[int] = []
+        # M-RoPE (Qwen2-VL): [3, rows] positions when a sequence of the step holds images
+        mrope_rows: list[torch.Tensor] | None = [] if self._uses_mrope(plan) else None
         row = 0
         for chunk in plan:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             end = start + n
             ids.extend(seq.all_ids[start:end - len(chunk.draft)] + chunk.draft)
-            positions.extend(range(start, end))
+            if mrope_rows is not None:
+                mrope_rows.append(self._mrope_positions(seq).slice(start, end))
+            else:
+                positions.extend(range(start, end))
             slot_indices.append(self.table.table[seq.slot, start:end])
             if n == 1 or chunk.draft:
                 # a drafted chunk is n decode queries of one sequence, each seeing the context up to itself:
@@ -88,8 +95,22 @@ class ModelRunner:
                 # Equal lengths and no window: nothing to mask, and SDPA takes its faster unmasked path.
                 meta.decode_masks[window] = None if bool(mask.all()) else mask[:, None, None, :]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        if mrope_rows is not None:
+            pos = torch.cat(mrope_rows, dim=1).to(self.device)
+        else:
+            pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return input_ids, pos, meta, logit_rows
+
+    def _uses_mrope(self, plan: list[ScheduledChunk]) -> bool:
+        return getattr(self.model, "uses_mrope", False) and any(chunk.seq.images for chunk in plan)
+
+    def _mrope_positions(self, seq: Sequence) -> PromptPositions:
+        """The sequence's M-RoPE positions, laid out at its first step from its images' token grids."""
+        if seq.mrope is None:
+            grids = [(image.offset, image.length, *self.images.encoder.token_grid(image.data))
+                     for image in seq.images] if seq.images else []
+            seq.mrope = PromptPositions.build(len(seq.prompt_ids), grids)
+        return seq.mrope
 
     def _bidirectional_runs(self, chunk: ScheduledChunk) -> list[tuple[int, int]]:
         """The image runs a prefill chunk's queries attend within both ways (Gemma 3; the scheduler keeps each

@@ -42,6 +42,7 @@ class Sequence:
     lora_name: str | None = None  # the LoRA adapter the request asked for (None: the base model)
     lora_uid: int = 0  # that adapter's prefix-cache namespace (engine/lora.py)
     lora: Any = None  # the adapter's weights (models/lora/adapter.py), bound at admission
+    mrope: Any = None  # M-RoPE prompt positions (models/mrope.py), laid out at its first step with images
     # Prompt then output in one list that only grows (as nano-vllm keeps it): every step reads it, and
     # rebuilding prompt + output there would cost a copy of the whole context per sequence per step.
     token_ids: list[int] = field(init=False)

@@ -28,6 +28,7 @@ class ModelConfig:
     # Per-layer attention kind ("full_attention" / "sliding_attention"); None: every layer uses `sliding_window`
     layer_types: list[str] | None = None
     local_rope_theta: float | None = None  # rope base of the sliding layers when it differs (Gemma 3)
+    mrope_section: tuple[int, ...] | None = None  # Qwen2-VL's M-RoPE: frequency pairs per t/h/w (models/mrope.py)
     hidden_act: str = "silu"  # "silu" or "gelu_tanh" (Gemma)
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcap: float | None = None  # Gemma 2: scores = cap * tanh(scores / cap)

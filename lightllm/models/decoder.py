@@ -266,11 +266,12 @@ class LlamaModel:
         q = torch.empty(n_tokens, cfg.num_heads, cfg.head_dim)
         x = buffer("norm", cfg.hidden_size, layers[0].qkv.input_dtype)
         k.add_rms_norm(hidden, None, layers[0].input_norm, cfg.rms_norm_eps, x)
+        tables = {id(r): r.tables(positions) for r in {self.rotary, *self.layer_rotary}}
         for layer_idx, lw in enumerate(layers):
             qkv = self._lora_add(lw, "qkv", x, lw.qkv.raw(x))
             self._norm_qk_(qkv[:, :self.q_size + self.kv_size].view(n_tokens, -1, cfg.head_dim), lw)
-            rotary = self.layer_rotary[layer_idx]
-            k.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads, positions, rotary.cos, rotary.sin,
+            index, cos, sin = tables[id(self.layer_rotary[layer_idx])]
+            k.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads, index, cos, sin,
                          meta.slot_indices, k_cache[layer_idx], v_cache[layer_idx], q)
             attn = buffer("attn", self.q_size, lw.o.input_dtype).view(n_tokens, cfg.num_heads, cfg.head_dim)
             for seg in meta.prefill:

@@ -111,6 +111,11 @@ class RotaryEmbedding:
         """cos/sin rows for a step's positions, [T, 1, D]; looked up once and shared by every layer."""
         return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
 
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index, cos table, sin table): row i rotates by the tables' row index[i] (the fused kernel's inputs;
+        M-RoPE gives per-row tables, models/mrope.py)."""
+        return positions, self.cos, self.sin
+
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, D] (q and k heads may be stacked)."""

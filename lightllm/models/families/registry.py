@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from lightllm.models.decoder import LlamaModel
-from lightllm.models.families import (gemma2, gemma3, gemma3_vl, llama, llava, mistral, mixtral, phi3, qwen2, qwen3,
-                                      qwen3moe)
+from lightllm.models.families import (gemma2, gemma3, gemma3_vl, llama, llava, mistral, mixtral, phi3, qwen2,
+                                      qwen2_vl, qwen3, qwen3moe)
 from lightllm.models.families.base import Family
 
 FAMILIES: tuple[Family, ...] = tuple(m.FAMILY for m in (llama, mistral, qwen2, qwen3, qwen3moe, mixtral, gemma2, gemma3,
-                                                         phi3, llava, gemma3_vl))
+                                                         phi3, llava, qwen2_vl, gemma3_vl))
 _BY_NAME = {f.name: f for f in FAMILIES}
 
 

@@ -1,0 +1,106 @@
+"""Qwen2-VL images in chat end to end: a tiny random Qwen2-VL (SmolLM2's tokenizer with Qwen2-VL's vision
+tokens added) behind a real server, driven with the openai SDK; images of different sizes take different
+numbers of <|image_pad|> tokens (dynamic resolution); greedy tokens equal transformers' `generate`, plain and
+streamed (decode after the images runs at M-RoPE's shifted positions)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import requests
+import torch
+
+from tests.conftest import ServerProcess, embedded_model_path
+from tests.test_vlm_qwen2vl import build_tiny_qwen2_vl
+from tests.vlm_models import draw_png
+
+NEW_TOKENS = 8
+MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+@pytest.fixture(scope="module")
+def qwen2vl_server(tmp_path_factory):
+    from lightllm.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("qwen2vl_api")
+    tokenizer = load_tokenizer(embedded_model_path())
+    tokenizer.add_tokens(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], special_tokens=True)
+    start, end, pad, video = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                              "<|video_pad|>"])
+    model_dir = build_tiny_qwen2_vl(root / "model", vocab_size=len(tokenizer), image_token_id=pad,
+                                    vision_start_token_id=start, vision_end_token_id=end, video_token_id=video,
+                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    tokenizer.save_pretrained(model_dir)
+    server = ServerProcess(["--model_dir", str(model_dir), "--max_total_token_num", "4000", "--quant_type", "none",
+                            "--kv_cache_dtype", "fp32", "--chunked_prefill_size", "16"], root / "server.log")
+    yield server, model_dir, tokenizer
+    server.stop()
+
+
+def _expected(model_dir, tokenizer, messages: list[dict], pngs: list[bytes]) -> tuple[list[int], str]:
+    """transformers' greedy tokens for the chat with each image's pads expanded to its grid, and their text."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    processed = AutoImageProcessor.from_pretrained(model_dir)(
+        images=[Image.open(io.BytesIO(p)).convert("RGB") for p in pngs], return_tensors="pt")
+    counts = iter((processed["image_grid_thw"].prod(-1) // 4).tolist())
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = []
+    for t in tokenizer.encode(text, add_special_tokens=False):
+        ids += [t] * next(counts) if t == pad else [t]
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = model.generate(torch.tensor([ids]), pixel_values=processed["pixel_values"],
+                         image_grid_thw=processed["image_grid_thw"], mm_token_type_ids=(torch.tensor([ids]) == pad).int(),
+                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    return ids, tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+def _client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
+
+
+GREEDY = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+
+
+def test_chat_with_an_image_equals_transformers(qwen2vl_server):
+    server, model_dir, tokenizer = qwen2vl_server
+    png = draw_png(3, (120, 50))
+    content = [{"type": "text", "text": "What is in this picture?"},
+               {"type": "image_url", "image_url": {"url": data_url(png)}}]
+    ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "What is in this picture?" + MARKER}],
+                          [png])
+    reply = _client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                                    **GREEDY)
+    assert reply.choices[0].message.content == text
+    assert reply.usage.prompt_tokens == len(ids)
+    counted = requests.post(server.base_url + "/tokenize", json={"messages": [{"role": "user", "content": content}]},
+                            timeout=30).json()
+    assert counted["count"] == len(ids)
+
+
+def test_streamed_chat_with_two_images_of_different_sizes_equals_transformers(qwen2vl_server):
+    server, model_dir, tokenizer = qwen2vl_server
+    first, second = draw_png(4, (57, 113)), draw_png(5, (150, 100))
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(first)}},
+        {"type": "text", "text": "and"},
+        {"type": "image_url", "image_url": {"url": data_url(second)}},
+        {"type": "text", "text": "differ how?"}]}]
+    ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": f"{MARKER}and{MARKER}differ how?"}],
+                          [first, second])
+    stream = _client(server).chat.completions.create(model="m", messages=messages, stream=True, **GREEDY)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    again = _client(server).chat.completions.create(model="m", messages=messages, **GREEDY)
+    assert again.choices[0].message.content == text  # from the prefix cache: the same positions, the same answer
+    assert again.usage.prompt_tokens == len(ids)
+    assert again.usage.prompt_tokens_details.cached_tokens > len(ids) // 2

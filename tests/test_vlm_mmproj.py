@@ -298,3 +298,16 @@ def test_chat_with_images_through_http_equals_transformers(gguf_server):
                         [first, second])
     stream = _client(server).chat.completions.create(model="m", messages=messages, stream=True, **GREEDY)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+
+
+@pytest.mark.slow
+def test_the_server_says_at_start_that_a_gguf_llava_needs_its_mmproj(llava):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port
+
+    out = subprocess.run([sys.executable, "-m", "lightllm.server.api_server", "--model_dir", str(llava[1]),
+                          "--port", str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode != 0
+    assert "is a LLaVA's language model" in out.stdout + out.stderr and "--mmproj FILE" in out.stdout + out.stderr

@@ -271,3 +271,18 @@ def test_released_checkpoints_flat_config_is_read():
     assert (config.architecture, config.mrope_section, config.rope_scaling) == ("qwen2_vl", (16, 24, 24), None)
     assert config.rope_theta == 1e6 and config.tie_word_embeddings and config.attention_bias
     assert config.sliding_window is None and config.head_dim == 128
+
+
+@pytest.mark.slow
+def test_tp2_with_images_equals_transformers(qwen2vl_dir):
+    """--tp 2 (gloo): rank 0 lays out the M-RoPE positions and encodes the images; the other rank gets both with
+    the step's inputs."""
+    from tests.conftest import free_port
+
+    engine = _engine(qwen2vl_dir, tp=2, nccl_port=free_port(), chunked_prefill_size=7, batch_max_tokens=14)
+    try:
+        assert engine.model.config.num_heads == 2  # rank 0 holds half the heads
+        tokens, logits, _ = _run(engine, PROMPTS)
+    finally:
+        engine.shutdown()
+    _assert_equal_to_transformers(qwen2vl_dir, tokens, logits, PROMPTS)

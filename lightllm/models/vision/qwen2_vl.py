@@ -8,7 +8,7 @@ embeddings (row and column) in every attention, blocks of pre-norm attention and
 
 Qwen2-VL: LayerNorm, quick-GELU MLP, full attention within an image. Qwen2.5-VL: RMSNorm, SiLU-gated MLP,
 attention within windows of `window_size` pixels except the `fullatt_block_indexes` blocks (transformers
-reorders the tokens window by window; a window mask in the original order computes the same). The language
+reorders the tokens window by window; gathering each window's patches computes the same). The language
 model is Qwen2's decoder with M-RoPE (models/mrope.py)."""
 
 from __future__ import annotations
@@ -96,27 +96,42 @@ class QwenVisionTower:
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
         return emb.cos(), emb.sin()
 
-    def _window_mask(self, rows: int, cols: int) -> torch.Tensor:
-        """[patches, patches] True where two patches share a Qwen2.5-VL attention window."""
+    def _windows(self, rows: int, cols: int) -> list[torch.Tensor]:
+        """Qwen2.5-VL's attention windows (`window_size` pixels a side, cut by the image's edges) as patch indices,
+        grouped by size: one [windows, patches] tensor per size, so each group is one batched attention."""
         cfg = self.config
         m = cfg.merge_size
         span = cfg.window_size // m // cfg.patch_size  # a window's side in merged tokens
-        r = torch.arange(rows // m).repeat_interleave(cols // m) // span
-        c = torch.arange(cols // m).repeat(rows // m) // span
-        window = (r * (cols // m + span) + c).repeat_interleave(m * m)  # each merged token's m × m patches
-        return window.unsqueeze(0) == window.unsqueeze(1)
+        units = torch.arange((rows // m) * (cols // m)).view(rows // m, cols // m)
+        groups: dict[int, list[torch.Tensor]] = {}
+        for r in range(0, rows // m, span):
+            for c in range(0, cols // m, span):
+                window = units[r:r + span, c:c + span].reshape(-1, 1) * (m * m) + torch.arange(m * m)
+                groups.setdefault(window.numel(), []).append(window.reshape(-1))
+        return [torch.stack(group) for group in groups.values()]
+
+    @staticmethod
+    def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   windows: list[torch.Tensor] | None) -> torch.Tensor:
+        """[patches, heads, head_dim] each; attention over the whole image, or within each window."""
+        if windows is None:
+            return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
+        out = torch.empty_like(q)
+        for index in windows:  # [windows, patches]: gathered to [windows, heads, patches, head_dim]
+            q_w, k_w, v_w = (t[index].transpose(1, 2) for t in (q, k, v))
+            out[index.reshape(-1)] = F.scaled_dot_product_attention(q_w, k_w, v_w).transpose(1, 2).flatten(0, 1)
+        return out
 
     def _block(self, h: torch.Tensor, i: int, cos: torch.Tensor, sin: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
+               windows: list[torch.Tensor] | None) -> torch.Tensor:
         from lightllm.models.layers import RotaryEmbedding
 
         p, n = f"blocks.{i}", h.shape[0]
         x = self._norm(h, f"{p}.norm1")
         q, k, v = self._linear(x, f"{p}.attn.qkv").view(n, 3, self.config.num_heads, self.head_dim).unbind(1)
         q, k = (RotaryEmbedding.apply(t.float(), cos, sin).to(v.dtype) for t in (q, k))
-        attn = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                              attn_mask=mask)
-        h = h + self._linear(attn.transpose(0, 1).reshape(n, -1), f"{p}.attn.proj")
+        attn = self._attention(q, k, v, windows)
+        h = h + self._linear(attn.reshape(n, -1), f"{p}.attn.proj")
         x = self._norm(h, f"{p}.norm2")
         if self.config.gated_rms:
             mlp = self._linear(self.act(self._linear(x, f"{p}.mlp.gate_proj")) * self._linear(x, f"{p}.mlp.up_proj"),
@@ -133,9 +148,9 @@ class QwenVisionTower:
             raise ValueError("only still images are supported (a temporal grid of 1)")
         h = F.linear(patches.to(self.patch_weight.device, self.patch_weight.dtype), self.patch_weight)
         cos, sin = (t.to(h.device) for t in self._rotary(rows, cols))
-        window = self._window_mask(rows, cols).to(h.device) if cfg.window_size else None
+        windows = [w.to(h.device) for w in self._windows(rows, cols)] if cfg.window_size else None
         for i in range(cfg.depth):
-            h = self._block(h, i, cos, sin, None if i in cfg.full_attention_blocks else window)
+            h = self._block(h, i, cos, sin, None if i in cfg.full_attention_blocks else windows)
         x = self._norm(h, "merger.ln_q").reshape(-1, cfg.width * cfg.merge_size ** 2)
         return self._linear(F.gelu(self._linear(x, "merger.mlp.0")), "merger.mlp.2")
 

@@ -91,12 +91,13 @@ def write_lm_gguf(model_dir: Path, out: Path, tokens: list[str], token_types: li
     return out
 
 
-def write_mmproj(model_dir: Path, out: Path, f16: bool = False, legacy_ffn_names: bool = True,
+def write_mmproj(model_dir: Path, out: Path, matrix_type: str = "F32", legacy_ffn_names: bool = True,
                  patch_f16: bool = True) -> Path:
     """The tower and projector as llama.cpp's convert_image_encoder_to_gguf.py writes a LLaVA's (--llava-projector):
     general.architecture "clip", layers up to the feature layer only, no post-layernorm, the feature layer made
     non-negative, `mm.0` / `mm.2` for the projector; the patch embedding F16 (as the converter always writes it)
-    and, with `f16`, the 2-D weights too. `legacy_ffn_names`: its generic renaming, which calls fc1 ffn_down and fc2 ffn_up."""
+    and the 2-D weights as `matrix_type` (F32, F16: the converter's two; a quantized type as llama.cpp's
+    quantize tool stores them). `legacy_ffn_names`: its generic renaming, which calls fc1 ffn_down and fc2 ffn_up."""
     import gguf
 
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -140,8 +141,15 @@ def write_mmproj(model_dir: Path, out: Path, f16: bool = False, legacy_ffn_names
                 gname = gname.replace(theirs, ours)
         else:
             continue
-        if (array.ndim == 4 and patch_f16) or (f16 and array.ndim == 2 and gname.endswith(".weight")):
+        if array.ndim == 4 and patch_f16:
             array = array.astype(np.float16)
+        elif array.ndim == 2 and gname.endswith(".weight") and matrix_type != "F32":
+            if matrix_type == "F16":
+                array = array.astype(np.float16)
+            else:
+                qtype = gguf.GGMLQuantizationType[matrix_type]
+                writer.add_tensor(gname, gguf.quants.quantize(np.ascontiguousarray(array), qtype), raw_dtype=qtype)
+                continue
         writer.add_tensor(gname, np.ascontiguousarray(array))
     _finish(writer)
     return out
@@ -193,22 +201,35 @@ def test_gguf_pair_logits_equal_safetensors_and_transformers_through_chunked_ima
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("legacy_ffn_names", [True, False])
-def test_f16_mmproj_equals_the_tower_rounded_to_f16(llava, tmp_path, legacy_ffn_names):
+def _stored(value: torch.Tensor, matrix_type: str) -> torch.Tensor:
+    """A 2-D weight as the file holds it, decoded."""
+    import gguf
+
+    if matrix_type == "F16":
+        return value.half().float()
+    qtype = gguf.GGMLQuantizationType[matrix_type]
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(value.numpy(), qtype), qtype)).float()
+
+
+@pytest.mark.parametrize("matrix_type, legacy_ffn_names", [("F16", True), ("F16", False), ("Q8_0", True)])
+def test_f16_and_quantized_mmproj_equal_the_tower_rounded_alike(llava, tmp_path, matrix_type, legacy_ffn_names):
     """The converter's default F16 file (2-D weights and the patch embedding in F16), under either name of the
-    MLP's linears, encodes an image as the safetensors tower does with those weights rounded to F16."""
+    MLP's linears, encodes an image as the safetensors tower does with those weights rounded to F16; a Q8_0
+    file as the tower with its weights through Q8_0 (the reader decodes every type it knows)."""
     from lightllm.models.loading.loader import load_model_config
     from lightllm.models.vision.llava import load_llava_vision
     from lightllm.models.vision.mmproj import load_mmproj_vision
 
     model_dir, lm, _ = llava
-    mmproj = write_mmproj(model_dir, tmp_path / "mmproj-f16.gguf", f16=True, legacy_ffn_names=legacy_ffn_names)
+    mmproj = write_mmproj(model_dir, tmp_path / "mmproj.gguf", matrix_type, legacy_ffn_names=legacy_ffn_names)
     ours = load_mmproj_vision(mmproj, lm, load_model_config(lm), torch.device("cpu"), torch.float32)
     reference = load_llava_vision(model_dir, torch.device("cpu"), torch.float32)
     for tensors in (reference.clip.t, reference.projector):
         for name, value in tensors.items():
-            if value.dim() == 4 or (value.dim() == 2 and name.endswith("weight")):
+            if value.dim() == 4:
                 tensors[name] = value.half().float()
+            elif value.dim() == 2 and name.endswith("weight"):
+                tensors[name] = _stored(value, matrix_type)
     assert set(ours.clip.t) < set(reference.clip.t)  # the layers above the feature layer are not in the file
     for seed, size in ((3, (80, 64)), (4, (56, 56)), (5, (40, 90))):
         png = draw_png(seed, size)

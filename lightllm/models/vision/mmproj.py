@@ -80,7 +80,7 @@ class MetadataPreprocessor(ImagePreprocessor):
 
 def _feature_layer(reader: Any, block_count: int) -> int:
     """Hidden states after how many layers feed the projector: the file's feature layer (non-negative, as the
-    converter writes it), else llama.cpp's default for a LLaVA projector, the layer below the last one kept."""
+    converter writes it), else llama.cpp's default for a LLaVA projector, the input of the last layer kept."""
     layers = sorted(set(int(x) for x in _value(reader, "clip.vision.feature_layer", [])))
     if len(layers) > 1:
         raise ValueError(f"{reader.path}: features from several layers {layers} (granite-vision) are not supported")

@@ -289,3 +289,48 @@ def test_tp2_keeps_images_bidirectional(gemma3_dir):
         assert tokens[rid] == ref_tokens, rid
         for ours, theirs in zip(logits[rid], ref_logits, strict=True):
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+# google/gemma-3-4b-it's config.json: transformers 4.50 wrote only the values that differ from the defaults
+GEMMA3_4B_IT = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+    "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": False},
+}
+
+
+def test_a_published_config_reads_as_transformers_resolves_it():
+    from transformers import Gemma3Config
+
+    from lightllm.models.loading.hf import config_from_hf
+    from lightllm.models.vision.gemma3 import gemma3_layout
+    from lightllm.models.vision.siglip import siglip_config
+
+    ours, theirs = config_from_hf(GEMMA3_4B_IT), Gemma3Config.from_dict(GEMMA3_4B_IT)
+    text, vision = theirs.text_config, theirs.vision_config
+    assert ours.architecture == "gemma3_vl"
+    assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_layers, ours.num_heads,
+            ours.num_kv_heads, ours.head_dim, ours.max_position_embeddings, ours.sliding_window) == (
+        text.vocab_size, text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+        text.num_key_value_heads, text.head_dim, text.max_position_embeddings, text.sliding_window)
+    assert ours.layer_types == text.layer_types and ours.attention_scale == text.query_pre_attn_scalar ** -0.5
+    assert ours.rms_norm_eps == text.rms_norm_eps and ours.tie_word_embeddings
+    full, sliding = text.rope_parameters["full_attention"], text.rope_parameters["sliding_attention"]
+    assert ours.rope_theta == full["rope_theta"] and ours.local_rope_theta == sliding["rope_theta"]
+    assert ours.rope_scaling == {"factor": full["factor"], "rope_type": full["rope_type"]}
+    assert ours.eos_token_ids == [1, 106] and ours.bos_token_id == text.bos_token_id
+    tower = siglip_config(GEMMA3_4B_IT["vision_config"])
+    assert (tower.hidden_size, tower.num_heads, tower.num_layers, tower.image_size, tower.patch_size,
+            tower.layer_norm_eps, tower.hidden_act) == (vision.hidden_size, vision.num_attention_heads,
+                                                        vision.num_hidden_layers, vision.image_size, vision.patch_size,
+                                                        vision.layer_norm_eps, vision.hidden_act)
+    layout = gemma3_layout(GEMMA3_4B_IT)
+    assert (layout.image_marker, layout.placeholder_id, layout.tokens_per_image) == (
+        (theirs.boi_token_index,), theirs.image_token_index, theirs.mm_tokens_per_image)

@@ -10,12 +10,6 @@ from lightllm.models.families.base import Family, GgufMetadata
 from lightllm.models.families.gemma2 import HF_LAYER_NAMES, GemmaModel, gguf_gemma_facts, hf_gemma_facts
 
 
-def hf_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    if "text_config" in cfg:  # the multimodal checkpoint: its text decoder
-        return {**cfg["text_config"], "architectures": cfg.get("architectures") or []}
-    return cfg
-
-
 def hf_facts(cfg: dict[str, Any]) -> dict[str, Any]:
     pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
     return {**hf_gemma_facts(cfg, pattern), "qk_norm": True}
@@ -33,7 +27,6 @@ FAMILY = Family(
     hf_model_types=("gemma3_text",),
     gguf_architecture="gemma3",
     hf_layer_names=HF_LAYER_NAMES,
-    hf_text_config=hf_text_config,
     hf_facts=hf_facts,
     gguf_facts=_gguf_facts,
 )

@@ -14,7 +14,9 @@ from lightllm.models.vision.clip import ClipConfig, ClipTower
 
 def siglip_config(cfg: dict[str, Any]) -> ClipConfig:
     """A `siglip_vision_model` config.json section as the shared tower's options (SigLIP's own defaults)."""
-    base = ClipConfig.from_hf({"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, **cfg})
+    defaults = {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "hidden_size": 768,  # SiglipVisionConfig's
+                "num_attention_heads": 12, "num_hidden_layers": 12, "image_size": 224, "patch_size": 16}
+    base = ClipConfig.from_hf({**defaults, **cfg})
     return dataclasses.replace(base, class_token=False, pre_norm=False, post_norm=True)
 
 

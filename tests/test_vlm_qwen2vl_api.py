@@ -58,7 +58,8 @@ def _expected(model_dir, tokenizer, messages: list[dict], pngs: list[bytes]) -> 
         ids += [t] * next(counts) if t == pad else [t]
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = model.generate(torch.tensor([ids]), pixel_values=processed["pixel_values"],
-                         image_grid_thw=processed["image_grid_thw"], mm_token_type_ids=(torch.tensor([ids]) == pad).int(),
+                         image_grid_thw=processed["image_grid_thw"],
+                         mm_token_type_ids=(torch.tensor([ids]) == pad).int(),
                          max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     return ids, tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
 

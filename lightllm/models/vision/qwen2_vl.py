@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightllm.models.layers import RotaryEmbedding
 from lightllm.models.loading.hf import _safetensors_files
 from lightllm.models.vision.base import VisionEncoder
 from lightllm.models.vision.clip import ACTIVATIONS
@@ -53,7 +54,8 @@ class QwenVisionConfig:
         if act not in ACTIVATIONS:
             raise ValueError(f"unsupported vision hidden_act {act!r} ({', '.join(ACTIVATIONS)})")
         rope = cfg.get("rope_parameters") or {}
-        common = dict(num_heads=int(cfg["num_heads"]), depth=int(cfg["depth"]), patch_size=int(cfg.get("patch_size", 14)),
+        common = dict(num_heads=int(cfg["num_heads"]), depth=int(cfg["depth"]),
+                      patch_size=int(cfg.get("patch_size", 14)),
                       merge_size=int(cfg.get("spatial_merge_size", 2)),
                       temporal_patch_size=int(cfg.get("temporal_patch_size", 2)), hidden_act=act,
                       rope_theta=float(rope.get("rope_theta", 10000.0)), gated_rms=qwen25)
@@ -76,7 +78,8 @@ class QwenVisionTower:
         # the Conv3d's kernel equals its stride: one linear over each flattened (channels, t, p, p) patch
         self.patch_weight = tensors["patch_embed.proj.weight"].reshape(config.width, -1)
         quarter = self.head_dim // 4  # rows rotate the first half of each head, columns the second
-        self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, 2 * quarter, 2, dtype=torch.float) / (2 * quarter)))
+        exponents = torch.arange(0, 2 * quarter, 2, dtype=torch.float) / (2 * quarter)
+        self.inv_freq = 1.0 / config.rope_theta ** exponents
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         if self.config.gated_rms:
@@ -115,7 +118,8 @@ class QwenVisionTower:
                    windows: list[torch.Tensor] | None) -> torch.Tensor:
         """[patches, heads, head_dim] each; attention over the whole image, or within each window."""
         if windows is None:
-            return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, patches, head_dim]
+            return F.scaled_dot_product_attention(q, k, v).transpose(0, 1)
         out = torch.empty_like(q)
         for index in windows:  # [windows, patches]: gathered to [windows, heads, patches, head_dim]
             q_w, k_w, v_w = (t[index].transpose(1, 2) for t in (q, k, v))
@@ -124,8 +128,6 @@ class QwenVisionTower:
 
     def _block(self, h: torch.Tensor, i: int, cos: torch.Tensor, sin: torch.Tensor,
                windows: list[torch.Tensor] | None) -> torch.Tensor:
-        from lightllm.models.layers import RotaryEmbedding
-
         p, n = f"blocks.{i}", h.shape[0]
         x = self._norm(h, f"{p}.norm1")
         q, k, v = self._linear(x, f"{p}.attn.qkv").view(n, 3, self.config.num_heads, self.head_dim).unbind(1)

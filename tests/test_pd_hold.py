@@ -14,7 +14,7 @@ import requests
 from tests.conftest import free_port
 from tests.test_pd import COMMON, Master, Node, model_dir  # noqa: F401  (model_dir: the shared fixture)
 
-pytestmark = pytest.mark.slow  # ~55 s: a 12 s hold timeout, a dead node's 5 s heartbeat timeout, three starts
+pytestmark = pytest.mark.slow  # 30-55 s here: a 12 s hold timeout, a dead node's 5 s heartbeat timeout, three starts
 # (the same hold / timeout / totals logic against fake nodes runs in the default suite: tests/test_pd_master.py)
 
 HOLD_S = 12.0

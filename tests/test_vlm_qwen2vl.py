@@ -287,3 +287,18 @@ def test_tp2_with_images_equals_transformers(qwen2vl_dir):
     finally:
         engine.shutdown()
     _assert_equal_to_transformers(qwen2vl_dir, tokens, logits, PROMPTS)
+
+
+def test_an_image_processor_that_does_not_fit_the_tower_is_refused_at_load(qwen2vl_dir, tmp_path):
+    import json
+    import shutil
+
+    from lightllm.models.vision.qwen2_vl import load_qwen2_vl_vision
+
+    for change, message in (({"patch_size": 16}, "patch_size / merge_size"), ({"do_resize": False}, "do_resize")):
+        model_dir = tmp_path / next(iter(change))
+        shutil.copytree(qwen2vl_dir, model_dir)
+        settings = json.loads((model_dir / "preprocessor_config.json").read_text())
+        (model_dir / "preprocessor_config.json").write_text(json.dumps({**settings, **change}))
+        with pytest.raises(ValueError, match=message):
+            load_qwen2_vl_vision(model_dir, torch.device("cpu"), torch.float32)

@@ -182,8 +182,13 @@ class Qwen2VLVision(VisionEncoder):
         self.tower = QwenVisionTower(QwenVisionConfig.from_hf(cfg["vision_config"], qwen25), tensors)
         self.processor = preprocess.processor
         tower = self.tower.config
-        if (int(self.processor.patch_size), int(self.processor.merge_size)) != (tower.patch_size, tower.merge_size):
-            raise ValueError("the image processor's patch_size / merge_size differ from the vision tower's")
+        processor = self.processor
+        if (int(processor.patch_size), int(processor.merge_size), int(processor.temporal_patch_size)) != \
+                (tower.patch_size, tower.merge_size, tower.temporal_patch_size):
+            raise ValueError("the image processor's patch_size / merge_size / temporal_patch_size differ from the "
+                             "vision tower's")
+        if getattr(processor, "do_resize", True) is False:  # the token count follows smart_resize (layout.py)
+            raise ValueError("the image processor must resize (do_resize: true) for Qwen2-VL's dynamic resolution")
         self.layout = qwen2_vl_layout(cfg, self.processor)
 
     def token_grid(self, image: bytes) -> tuple[int, int]:

@@ -47,3 +47,32 @@ def test_tp2_gguf_llava_with_mmproj_equals_tp1(tmp_path):
     model_dir = build_tiny_llava(tmp_path / "llava")
     lm = write_lm_gguf(model_dir, tmp_path / "tiny-llava.gguf", _vocab(300, IMAGE))
     _tp2_equals_tp1(lm, mmproj=str(write_mmproj(model_dir, tmp_path / "mmproj.gguf")))
+
+
+@pytest.mark.slow
+def test_tp2_server_chat_with_images_equals_transformers(tmp_path):
+    """End to end: a server with --tp 2 answers a chat with two images as transformers' generate does."""
+    from lightllm.tokenizer import load_tokenizer
+    from tests.conftest import ServerProcess, embedded_model_path
+    from tests.test_vlm_api import GREEDY, _client, _expected, data_url
+    from tests.vlm_models import draw_png
+
+    tokenizer = load_tokenizer(embedded_model_path())
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    model_dir = build_tiny_llava(tmp_path / "model", vocab_size=len(tokenizer) + 1,  # even: it splits two ways
+                                 image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    tokenizer.save_pretrained(model_dir)
+    first, second = draw_png(4), draw_png(5, size=(100, 90))
+    _, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "<image>and<image>differ how?"}],
+                        [first, second])
+    server = ServerProcess(["--model_dir", str(model_dir), "--tp", "2", "--nccl_port", str(free_port()),
+                            "--max_total_token_num", "4000", "--quant_type", "none", "--kv_cache_dtype", "fp32",
+                            "--chunked_prefill_size", "7"], tmp_path / "server.log")
+    try:
+        reply = _client(server).chat.completions.create(model="m", **GREEDY, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(first)}}, {"type": "text", "text": "and"},
+            {"type": "image_url", "image_url": {"url": data_url(second)}}, {"type": "text", "text": "differ how?"}]}])
+        assert reply.choices[0].message.content == text and text
+    finally:
+        server.stop()

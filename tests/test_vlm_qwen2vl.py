@@ -302,3 +302,21 @@ def test_an_image_processor_that_does_not_fit_the_tower_is_refused_at_load(qwen2
         (model_dir / "preprocessor_config.json").write_text(json.dumps({**settings, **change}))
         with pytest.raises(ValueError, match=message):
             load_qwen2_vl_vision(model_dir, torch.device("cpu"), torch.float32)
+
+
+def test_drafted_decode_after_images_equals_plain_decode(qwen2vl_dir):
+    """Prompt-lookup drafts verified after an image run at M-RoPE's shifted positions: the same greedy tokens."""
+    prompts = {"a": _prompt([[1, 5, 6, 7, 8], WIDE, [5, 6, 7, 8, 5, 6, 7, 8]]),
+               "b": _prompt([[1, 9], TALL, [3, 4, 3, 4, 3, 4]])}
+    results = {}
+    for spec in (0, 5):
+        engine = Engine(EngineConfig(model_path=str(qwen2vl_dir), kv_cache_dtype="fp32", quant_type="none",
+                                     spec_ngram_tokens=spec, max_total_token_num=2048))
+        for rid, (ids, images) in prompts.items():
+            params = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+            assert engine.add_request(AddRequest(rid, ids, params, _inputs(ids, images))) is None
+        tokens: dict[str, list[int]] = {}
+        _drain(engine, tokens, {})
+        results[spec] = tokens, dict(engine.scheduler.draft_stats)
+    assert results[5][0] == results[0][0]
+    assert results[5][1]["accepted"] > 0  # drafts were made and verified

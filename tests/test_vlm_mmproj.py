@@ -92,12 +92,12 @@ def write_lm_gguf(model_dir: Path, out: Path, tokens: list[str], token_types: li
 
 
 def write_mmproj(model_dir: Path, out: Path, matrix_type: str = "F32", legacy_ffn_names: bool = True,
-                 patch_f16: bool = True) -> Path:
+                 patch_f16: bool = True, extra: dict | None = None) -> Path:
     """The tower and projector as llama.cpp's convert_image_encoder_to_gguf.py writes a LLaVA's (--llava-projector):
     general.architecture "clip", layers up to the feature layer only, no post-layernorm, the feature layer made
     non-negative, `mm.0` / `mm.2` for the projector; the patch embedding F16 (as the converter always writes it)
     and the 2-D weights as `matrix_type` (F32, F16: the converter's two; a quantized type as llama.cpp's
-    quantize tool stores them). `legacy_ffn_names`: its generic renaming, which calls fc1 ffn_down and fc2 ffn_up."""
+    quantize tool stores them). `extra`: more metadata (key → a list or a string). `legacy_ffn_names`: its generic renaming, which calls fc1 ffn_down and fc2 ffn_up."""
     import gguf
 
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -108,7 +108,8 @@ def write_mmproj(model_dir: Path, out: Path, matrix_type: str = "F32", legacy_ff
     writer.add_bool("clip.has_text_encoder", False)
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_bool("clip.has_llava_projector", True)
-    writer.add_string("clip.projector_type", "mlp")
+    extra = dict(extra or {})
+    writer.add_string("clip.projector_type", extra.pop("clip.projector_type", "mlp"))
     writer.add_uint32("clip.vision.image_size", vision["image_size"])
     writer.add_uint32("clip.vision.patch_size", vision["patch_size"])
     writer.add_uint32("clip.vision.embedding_length", vision["hidden_size"])
@@ -121,6 +122,8 @@ def write_mmproj(model_dir: Path, out: Path, matrix_type: str = "F32", legacy_ff
     writer.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
     writer.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
     writer.add_bool("clip.use_gelu", vision["hidden_act"] == "gelu")
+    for key, value in extra.items():
+        writer.add_array(key, value) if isinstance(value, list) else writer.add_string(key, value)
     fc1, fc2 = ("ffn_down", "ffn_up") if legacy_ffn_names else ("ffn_up", "ffn_down")
     renames = [("embeddings.class_embedding", "class_embd"), ("embeddings.patch_embedding", "patch_embd"),
                ("embeddings.position_embedding", "position_embd"), ("pre_layrnorm", "pre_ln"),
@@ -257,6 +260,10 @@ def test_mmproj_start_errors(llava, tmp_path):
         (other_lm, mmproj, r"does not match the language model: its projector gives 64-wide embeddings, the "
                            r"model's hidden size is 96"),
         (lm, lm, r"not a vision projector .*'llama'"),
+        (lm, write_mmproj(model_dir, tmp_path / "next.gguf", extra={"clip.vision.image_grid_pinpoints": [56, 112]}),
+         r"LLaVA-NeXT projector .* not supported"),
+        (lm, write_mmproj(model_dir, tmp_path / "ldp.gguf", extra={"clip.projector_type": "ldp"}),
+         r"projector type 'ldp' is not supported"),
         (lm, tmp_path / "absent.gguf", r"no such file"),
     ]
     for model_path, projector, message in cases:

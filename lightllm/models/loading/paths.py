@@ -15,5 +15,6 @@ def find_gguf_file(model_path: str | Path) -> Path | None:
         if len(files) == 1:
             return files[0]
         if len(files) > 1:
-            raise ValueError(f"{path} holds several .gguf files; pass one of them as --model_dir")
+            raise ValueError(f"{path} holds several .gguf files; pass one of them as --model_dir (a vision "
+                             "projector, llama.cpp's mmproj file, goes with --mmproj)")
     return None

@@ -119,6 +119,10 @@ def load_mmproj_vision(mmproj: str | Path, lm_path: Path, text: ModelConfig, dev
     if _value(reader, "clip.use_silu", False):
         raise ValueError(f"--mmproj {path}: a SiLU vision tower is not LLaVA 1.5's CLIP")
     tensors = {t.name: t for t in reader.tensors}
+    if ("clip.vision.image_grid_pinpoints" in reader.fields or "model.image_newline" in tensors
+            or _value(reader, "clip.vision.mm_patch_merge_type", "flat") != "flat"):
+        raise ValueError(f"--mmproj {path}: a LLaVA-NeXT projector (any-resolution image tiles) is not supported, "
+                         "only LLaVA 1.5's single-tile one")
     for name, what in _UNSUPPORTED.items():
         if name in tensors:
             raise ValueError(f"--mmproj {path}: the file holds {what} ({name}), which LLaVA 1.5's tower has not")

@@ -276,6 +276,8 @@ def test_an_mmproj_given_as_the_model_points_to_the_flag(llava):
 
     with pytest.raises(ValueError, match="vision projector .*--mmproj"):
         load_model_config(llava[2])
+    with pytest.raises(ValueError, match="several .gguf files.*mmproj file, goes with --mmproj"):
+        load_model_config(llava[1].parent)  # the directory holding both files
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """LoRA serving cost (issue 26): 16 streams spread over 8 adapters vs the same 16 streams on the base model,
-same prompts (in process, no HTTP). Two engines alike, stepped in turn (one step of each, so the load of a
-shared machine falls on both alike); prints output tokens/s of each, their ratio per round, and the time the
-adapters' low-rank products took in the prefill step and per decode step (models/lora/batch.py).
+same prompts (in process, no HTTP). Engines alike (the base model's streams, and the adapters' streams once per
+--lora-dtypes storage), stepped in turn (one step of each, so the load of a shared machine falls on all alike);
+prints output tokens/s of each, each LoRA engine's ratio to the base per round, and the time the adapters'
+low-rank products took in the prefill step and per decode step (models/lora/batch.py).
 
     python benchmarks/lora_speed.py [--model smollm2] [--rank 16] [--adapters 8] [--streams 16] [--rounds 3]
+                                    [--lora-dtypes float32,bfloat16]
 
 The adapters are random (PEFT's folder format, written here for the model's shapes): speed does not depend on
 their values. By default they target all seven projections (q/k/v/o/gate/up/down), the most work an adapter
@@ -95,6 +97,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                     help="the adapters' target modules (PEFT's default for Llama is q_proj,v_proj)")
+    ap.add_argument("--lora-dtypes", default="float32",
+                    help="comma-separated --lora_dtype values: one LoRA engine each, stepped beside the base")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from lightllm.engine.model_setup import model_config_for
@@ -118,19 +122,24 @@ def main() -> None:
         names = [f"lora{i}" for i in range(args.adapters)]
         modules = [f"{name}={write_adapter(Path(tmp) / name, config, args.rank, i, targets)}"
                    for i, name in enumerate(names)]
-        # two engines alike (both hold the adapters): one serves the streams on the base model, one on the adapters
+        # engines alike (all hold the adapters): one serves the streams on the base model, the others on the
+        # adapters, stored as each --lora-dtypes value
+        dtypes = args.lora_dtypes.split(",")
+        kinds = {"base": "auto", **{f"lora-{d}": d for d in dtypes}}
         engines = {kind: Engine(EngineConfig(model_path=model_path, lora_modules=modules, max_loras=args.adapters,
-                                             max_lora_rank=args.rank, max_total_token_num=16384,
+                                             max_lora_rank=args.rank, max_total_token_num=16384, lora_dtype=dtype,
                                              running_max_req_size=max(args.streams, 16)))
-                   for kind in ("base", "lora")}
+                   for kind, dtype in kinds.items()}
         rng = random.Random(0)
-        results: dict[str, list[dict]] = {"base": [], "lora": []}
+        results: dict[str, list[dict]] = {kind: [] for kind in kinds}
         for r in range(args.rounds + 1):  # round 0 warms up (kernels, allocator) and is not counted
             prompts = [[rng.randrange(100, config.vocab_size - 100) for _ in range(args.prompt_len)]
                        for _ in range(args.streams)]
             add_requests(engines["base"], prompts, [None] * args.streams, args.new_tokens)
-            add_requests(engines["lora"], prompts, [names[i % len(names)] for i in range(args.streams)],
-                         args.new_tokens)
+            for kind in kinds:
+                if kind != "base":
+                    add_requests(engines[kind], prompts, [names[i % len(names)] for i in range(args.streams)],
+                                 args.new_tokens)
             stats = run_paired(engines)
             if not r:
                 continue
@@ -143,11 +152,12 @@ def main() -> None:
     summary = {kind: {key: round(sum(x[key] for x in runs) / len(runs), 2) for key in
                       ("tok_s", "prefill_step_ms", "prefill_lora_ms", "decode_step_ms", "decode_lora_ms")}
                for kind, runs in results.items()}
-    ratios = [lo["tok_s"] / ba["tok_s"] for lo, ba in zip(results["lora"], results["base"])]
+    ratios = {kind: [lo["tok_s"] / ba["tok_s"] for lo, ba in zip(runs, results["base"])]
+              for kind, runs in results.items() if kind != "base"}
     print(json.dumps({"model": args.model, "rank": args.rank, "targets": targets, "threads": args.threads,
                       "adapters": args.adapters, "streams": args.streams, "mean": summary,
-                      "ratio_per_round": [round(x, 3) for x in ratios],
-                      "ratio_mean": round(sum(ratios) / len(ratios), 3)}, indent=1))
+                      "ratio_per_round": {kind: [round(x, 3) for x in r] for kind, r in ratios.items()},
+                      "ratio_mean": {kind: round(sum(r) / len(r), 3) for kind, r in ratios.items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -271,9 +271,19 @@ def test_residency_waits_for_a_busy_slot_and_evicts_the_least_recently_used(fami
 def test_lora_flags_are_checked_at_start():
     from lightllm.server.args import parse_args
 
-    args = parse_args(["--lora_modules", "sql=/a", "chat=/b", "--max_loras", "2", "--max_lora_rank", "32"])
+    args = parse_args(["--lora_modules", "sql=/a", "chat=/b", "--max_loras", "2", "--max_lora_rank", "32",
+                       "--lora_dtype", "bf16"])
     config = args.engine_config("/m")
     assert config.lora_modules == ["sql=/a", "chat=/b"] and config.max_loras == 2 and config.max_lora_rank == 32
+    assert config.lora_dtype == "bf16" and parse_args([]).engine_config("/m").lora_dtype == "auto"
+    with pytest.raises(SystemExit):  # not one of the choices (argparse's own message)
+        parse_args(["--lora_dtype", "float16"])
+    from lightllm.engine.lora import lora_dtype
+
+    assert lora_dtype("auto", torch.float32) == torch.float32 and lora_dtype("auto", torch.float16) == torch.float32
+    assert lora_dtype("bf16", torch.float32) == torch.bfloat16 and lora_dtype("auto", torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError, match="--lora_dtype 'float16' is not supported"):
+        lora_dtype("float16", torch.float32)
     for argv, reason in ((["--lora_modules", "sql"], "is not NAME=PATH"), (["--lora_modules", "a b=/x"], "NAME=PATH"),
                          (["--lora_modules", "a=/x", "a=/y"], "names 'a' twice"),
                          (["--max_loras", "0"], "must be at least 1")):
@@ -338,3 +348,112 @@ def test_tp2_adapters_match_peft_merged_through_loads_and_evictions(family_model
     finally:
         engine.shutdown()
     assert all(proc.poll() is not None for proc in engine.workers)
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+def test_bgmv_kernel_with_bf16_weights_equals_float32_on_the_same_values(build):
+    """lora_bgmv.c with bfloat16 A/Bt (--lora_dtype bfloat16): each weight widened exactly, float32 arithmetic:
+    the result of the float32 call on the widened weights, and a float64 reference (input width 100: the
+    vector loop's tail too; an adapter without a pair for this linear leaves its rows alone)."""
+    from lightllm.kernels import cpu as cpu_kernels
+
+    kernels = cpu_kernels.load(build)
+    if kernels is None:
+        pytest.skip(f"no {build} build of the CPU kernels here")
+    gen = torch.Generator().manual_seed(7)
+    rows, width_in, parts = 7, 100, [(3, 0, 40), (5, 40, 24)]  # (rank, first column, width) per part
+    a = [torch.randn(8, width_in, generator=gen) for _ in range(2)]
+    bt = [torch.randn(3 * 40 + 5 * 24, generator=gen) for _ in range(2)]
+    meta = torch.tensor([2, *parts[0], *parts[1]], dtype=torch.int64)
+    x, y0 = torch.randn(rows, width_in, generator=gen), torch.randn(rows, 64, generator=gen)
+    row_index, offsets = torch.tensor([0, 3, 5, 1, 6, 2, 4]), torch.tensor([0, 3, 5, 7])  # third: no pair
+
+    def run(dtype):
+        a_d, bt_d = [t.to(dtype) for t in a], [t.to(dtype) for t in bt]
+        y = y0.clone()
+        kernels.lora_bgmv(x, y, torch.tensor([a_d[0].data_ptr(), a_d[1].data_ptr(), 0]),
+                          torch.tensor([bt_d[0].data_ptr(), bt_d[1].data_ptr(), 0]),
+                          torch.tensor([meta.data_ptr(), meta.data_ptr(), 0]), torch.tensor([8, 8, 0]), row_index,
+                          offsets, dtype)
+        return y
+
+    a, bt = [t.to(torch.bfloat16).float() for t in a], [t.to(torch.bfloat16).float() for t in bt]
+    got = run(torch.bfloat16)
+    torch.testing.assert_close(got, run(torch.float32), rtol=1e-6, atol=1e-5)
+    expected = y0.double().clone()
+    for g in range(2):
+        for t in row_index[offsets[g]:offsets[g + 1]].tolist():
+            v, r0, at = a[g].double() @ x[t].double(), 0, 0
+            for r, col, w in parts:
+                expected[t, col:col + w] += v[r0:r0 + r] @ bt[g][at:at + r * w].double().view(r, w)
+                r0, at = r0 + r, at + r * w
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got[[2, 4]], y0[[2, 4]])
+    with pytest.raises(cpu_kernels.KernelError, match="float32 or bfloat16"):
+        run(torch.float16)
+
+
+def _bf16_valued_copy(folder, out):
+    """The adapter at `folder` with every weight rounded to a bfloat16 value (stored as float32)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, out)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    save_file({k: v.to(torch.bfloat16).float() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("path", ["fused_kernels", "pytorch"])
+def test_bf16_adapter_storage_matches_peft_merged_on_bf16_values(family_models, tmp_path, monkeypatch, path):
+    """--lora_dtype bfloat16 stores A and B (scaling folded in) in bfloat16, half the bytes, and computes in
+    float32. Adapters whose weights are bfloat16 values already, with power-of-two scalings (the llama case's
+    2, 2 and 1/4: folding them in rounds nothing), lose nothing to that storage: logits within 1e-4 of peft's
+    merged models, through the kernel (decoding rows) and as segments (a 40-token prefill chunk)."""
+    from lightllm.kernels import cpu as cpu_kernels
+
+    if path == "pytorch":
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    base, adapters = family_models["llama"]
+    exact = [_bf16_valued_copy(folder, tmp_path / f"bf16_{i}") for i, folder in enumerate(adapters)]
+    long_prompt = [(7 * i + 3) % 250 + 3 for i in range(40)]
+    requests = [(PROMPTS[0], 0), (PROMPTS[1], 1), (long_prompt, 2), (PROMPTS[3], None)]
+    engine, outputs, recorded = run_mixed(base, exact, requests, lora_dtype="bfloat16", chunked_prefill_size=32)
+    assert_matches_merged(base, exact, requests, outputs, recorded)
+    stored = engine.lora.resident["a0"]
+    assert all(t.dtype == torch.bfloat16 for layer in stored.layers for p in layer.values() for t in (p.a, p.bt))
+    from lightllm.engine.model_setup import model_config_for
+
+    fp32 = load_adapter("a0", str(exact[0]), model_config_for(EngineConfig(model_path=str(base))), 64)
+    assert stored.nbytes * 2 == fp32.nbytes
+
+
+@pytest.mark.parametrize("ranges", [[(0, 16)], [(0, 9), (20, 31)], [(0, 4), (6, 9), (12, 14), (17, 22), (25, 31)]])
+def test_segment_products_range_by_range_equal_the_scattered_delta(family_models, monkeypatch, ranges):
+    """Segments (SGMV): the expand added by BLAS straight into each row range of the output (at most
+    SLICED_MAX_RANGES ranges) and the delta scattered with index_add_ (more ranges) both give x A^T B^T per row
+    of the adapter, the other rows untouched."""
+    from lightllm.engine.model_setup import model_config_for
+    from lightllm.kernels import cpu as cpu_kernels
+    from lightllm.models.lora import batch as lora_batch
+
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)  # every adapter as segments
+    base, adapters = family_models["llama"]
+    adapter = load_adapter("a0", str(adapters[0]), model_config_for(EngineConfig(model_path=str(base))), 64)
+    gen = torch.Generator().manual_seed(3)
+    x, base_out = torch.randn(32, 64, generator=gen), torch.randn(32, 128, generator=gen)  # qkv: 64 -> 64 + 2 * 32
+    pair = adapter.layers[1]["qkv"]
+    rows = [r for start, stop in ranges for r in range(start, stop)]
+    expected = base_out.clone()
+    v = x[rows] @ pair.a.t()
+    for r0, col, r, bt in pair.parts:
+        expected[rows, col:col + bt.shape[1]] += v[:, r0:r0 + r] @ bt
+    results = []
+    for limit in (0, 8):
+        monkeypatch.setattr(lora_batch, "SLICED_MAX_RANGES", limit)
+        batch = lora_batch.LoraBatch.from_runs([(adapter, start, stop - start) for start, stop in ranges])
+        results.append(batch.add_(1, "qkv", x, base_out.clone()))
+        torch.testing.assert_close(results[-1], expected, atol=1e-5, rtol=1e-5)
+    others = [r for r in range(32) if r not in rows]
+    assert torch.equal(results[0][others], base_out[others]) and torch.equal(results[1][others], base_out[others])

@@ -105,7 +105,7 @@ def run_worker(cfg: EngineConfig, rank: int) -> None:
 
     from lightllm.engine.model_setup import build_model, configure_process, model_config_for, pick_device
     from lightllm.engine.kv_cache import TokenKVPool
-    from lightllm.engine.lora import LoraReplica, LoraSync  # (this module runs as __main__ here)
+    from lightllm.engine.lora import LoraReplica, LoraSync, lora_dtype  # (this module runs as __main__ here)
     from lightllm.models.loading.sharding import TPShard
 
     torch.set_num_threads(threads_per_rank(cfg))
@@ -117,7 +117,8 @@ def run_worker(cfg: EngineConfig, rank: int) -> None:
     init_group(cfg, rank, device)
     full_config = model_config_for(cfg)
     model, kv_dtype = build_model(cfg, full_config, rank, device)
-    lora = LoraReplica(full_config, TPShard(rank, cfg.tp))  # mirrors rank 0's adapters
+    # mirrors rank 0's adapters
+    lora = LoraReplica(full_config, TPShard(rank, cfg.tp), lora_dtype(cfg.lora_dtype, model.dtype))
     sizes = [None]
     dist.broadcast_object_list(sizes, src=0)  # the KV token budget rank 0 chose
     pool = TokenKVPool(sizes[0], model.config.num_layers, model.config.num_kv_heads, model.config.head_dim,

@@ -14,7 +14,7 @@ from lightllm.engine.faults import FaultInjector
 from lightllm.engine.grammar import AllowedTokens, GrammarFactory
 from lightllm.engine.image_embedder import ImageEmbedder
 from lightllm.engine.kv_cache import ReqToTokenTable, TokenKVPool
-from lightllm.engine.lora import LoraManager
+from lightllm.engine.lora import LoraManager, lora_dtype
 from lightllm.engine.memory import (MemoryBreakdown, activation_bytes, process_rss_bytes, release_free_heap,
                                     tensor_bytes)
 from lightllm.engine.model_setup import (build_model, build_vision, kv_budget_for, model_config_for, pick_device,
@@ -106,7 +106,8 @@ class Engine:
         modules = parse_lora_modules(cfg.lora_modules)
         moe = any(lw.gate_up is None for lw in self.model.weights.layers)
         manager = LoraManager(model_cfg, cfg.max_loras, cfg.max_lora_rank, moe_layers=moe,
-                              shard=TPShard(0, cfg.tp) if cfg.tp > 1 else None)
+                              shard=TPShard(0, cfg.tp) if cfg.tp > 1 else None,
+                              dtype=lora_dtype(cfg.lora_dtype, self.dtype))
         for name, path in modules.items():
             manager.register(name, path)
         return manager

@@ -21,6 +21,8 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
+
 from lightllm.models.config import ModelConfig
 from lightllm.models.loading.sharding import TPShard
 from lightllm.models.lora.adapter import AdapterError, AdapterWeights, LoraAdapter, read_adapter, shard_adapter
@@ -74,15 +76,16 @@ class LoraOutbox:
 class LoraReplica:
     """A worker rank's adapters: its shard of each read rank 0 holds, by key."""
 
-    def __init__(self, config: ModelConfig, shard: TPShard):
+    def __init__(self, config: ModelConfig, shard: TPShard, dtype: torch.dtype = torch.float32):
         self.config = config  # the whole model's
         self.shard = shard
+        self.dtype = dtype
         self.adapters: dict[int, LoraAdapter] = {}
 
     def apply(self, ops: list[LoraOp]) -> None:
         for op, key, weights in ops:
             if op == "load":
-                self.adapters[key] = shard_adapter(weights, self.config, self.shard)
+                self.adapters[key] = shard_adapter(weights, self.config, self.shard, self.dtype)
             else:
                 self.adapters.pop(key, None)
 
@@ -95,13 +98,15 @@ class LoraReplica:
 
 class LoraManager:
     def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, moe_layers: bool = False,
-                 shard: TPShard | None = None):
+                 shard: TPShard | None = None, dtype: torch.dtype = torch.float32):
         """`config`: the whole model's; `shard`: rank 0's place under tensor parallelism (None without): the
-        adapters it holds are its shards, and `outbox` collects what the other ranks must mirror."""
+        adapters it holds are its shards, and `outbox` collects what the other ranks must mirror; `dtype`: the
+        adapters' storage (--lora_dtype, `lora_dtype`)."""
         if max_loras < 1 or max_rank < 1:
             raise ValueError("--max_loras and --max_lora_rank must be at least 1")
         self.config = config
         self.shard = shard
+        self.dtype = dtype
         self.outbox = LoraOutbox() if shard is not None and shard.world > 1 else None
         self.max_loras = max_loras
         self.max_rank = max_rank
@@ -154,11 +159,24 @@ class LoraManager:
 
     def _read(self, name: str, path: str) -> LoraAdapter:
         weights = read_adapter(name, path, self.config, self.max_rank, self.moe_layers)
-        adapter = shard_adapter(weights, self.config, self.shard)
+        adapter = shard_adapter(weights, self.config, self.shard, self.dtype)
         self.loads += 1
         if self.outbox is not None:
             self.outbox.loaded(adapter, weights)
         return adapter
+
+
+LORA_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def lora_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """--lora_dtype: float32 or bfloat16 storage of the adapters' weights (their products are computed in float32
+    either way); auto: the model's dtype where it is one of those (float32 on CPU by default), else float32."""
+    if name == "auto":
+        return model_dtype if model_dtype in (torch.float32, torch.bfloat16) else torch.float32
+    if name not in LORA_DTYPES:
+        raise ValueError(f"--lora_dtype {name!r} is not supported; use auto, float32 or bfloat16")
+    return LORA_DTYPES[name]
 
 
 def namespaced(ids: list[int], uid: int) -> list[int]:

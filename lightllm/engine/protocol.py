@@ -58,6 +58,7 @@ class EngineConfig:
     lora_modules: list[str] = field(default_factory=list)
     max_loras: int = 4
     max_lora_rank: int = 64
+    lora_dtype: str = "auto"  # adapters' storage: auto (the model's dtype), float32, bfloat16
 
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "structural_tag", "token_ids"]

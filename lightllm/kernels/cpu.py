@@ -59,7 +59,7 @@ _SIGNATURES = {
     "lk_tiled_matmul": [_ptr, _ptr, _int, _i64, _ptr, _i64, _int],
     "lk_tiled_fast": [],
     "lk_tiled_rows": [_ptr, _ptr, _i64, _ptr],
-    "lk_lora_bgmv": [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr],
+    "lk_lora_bgmv": [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64],
 }
 
 
@@ -250,11 +250,15 @@ class CpuKernels:
 
     def lora_bgmv(self, x: torch.Tensor, y: torch.Tensor, a_ptrs: torch.Tensor, bt_ptrs: torch.Tensor,
                   meta_ptrs: torch.Tensor, ranks: torch.Tensor, row_index: torch.Tensor,
-                  offsets: torch.Tensor) -> None:
+                  offsets: torch.Tensor, weight_dtype: torch.dtype = torch.float32) -> None:
         """y[t] += each part's (A_g @ x[t]) @ Bt_part for the rows t of each adapter g, row_index[offsets[g]:
-        offsets[g + 1]] (lora_bgmv.c): x [T, in] and y [T, out] float32; per adapter the addresses of its float32
-        contiguous A [R_g, in], its parts' Bt (flat) and its int64 part table (models/lora/adapter.py's
-        LowRankPair; the caller keeps those tensors alive) and R_g (0: no pair); int64 tensors."""
+        offsets[g + 1]] (lora_bgmv.c): x [T, in] and y [T, out] float32; per adapter the addresses of its
+        contiguous A [R_g, in], its parts' Bt (flat), both `weight_dtype` (float32 or bfloat16), and its int64
+        part table (models/lora/adapter.py's LowRankPair; the caller keeps those tensors alive) and R_g (0: no
+        pair); int64 tensors."""
+        codes = {torch.float32: 0, torch.bfloat16: 1}  # lora_bgmv.c's LK_F32, LK_BF16
+        if weight_dtype not in codes:
+            raise KernelError(f"lora_bgmv takes float32 or bfloat16 adapter weights, not {weight_dtype}")
         _check(x, y)
         _check_index(a_ptrs, bt_ptrs, meta_ptrs, ranks, row_index, offsets)
         n = ranks.shape[0]
@@ -263,8 +267,8 @@ class CpuKernels:
             raise KernelError("lora_bgmv takes float32 x [T, in], y [T, out] and offsets [adapters + 1]")
         self._ok(self._lib.lk_lora_bgmv(x.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], y.shape[1],
                                         a_ptrs.data_ptr(), bt_ptrs.data_ptr(), meta_ptrs.data_ptr(), ranks.data_ptr(),
-                                        n,
-                                        row_index.data_ptr(), offsets.data_ptr()), "lora_bgmv")
+                                        n, row_index.data_ptr(), offsets.data_ptr(), codes[weight_dtype]),
+                 "lora_bgmv")
 
     def gguf_matmul_bound(self, type_code: int, blocks: torch.Tensor,
                           k: int) -> "Callable[[torch.Tensor, torch.Tensor, int], None]":

@@ -7,7 +7,8 @@
  * its rows (decode is bound by reading weights). A matmul pair per adapter and linear instead would cost a call
  * and its dispatch per adapter, linear and layer. Float32 throughout; a row's result depends on that row only
  * (the same operations in the same order whatever else is in the batch). Threads over adapters (OpenMP, the
- * runtime PyTorch loaded). */
+ * runtime PyTorch loaded). The weights are float32 or bfloat16 (--lora_dtype): bfloat16 halves the bytes each
+ * decode step reads; each weight is widened to float32 as it is read, so the arithmetic stays float32. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
@@ -33,12 +34,42 @@ static inline float lora_dot(const float *a, const float *x, int64_t n) {
 #endif
 }
 
+static inline float bf16_value(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* lora_dot with bfloat16 weights a (widened exactly to float32; the same lanes and order as lora_dot). */
+static inline float lora_dot_bf16(const uint16_t *a, const float *x, int64_t n) {
+#if defined(__AVX512F__) && !defined(LK_PORTABLE)
+    __m512 acc = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) {
+        const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + c))), 16);
+        acc = _mm512_fmadd_ps(_mm512_castsi512_ps(wide), _mm512_loadu_ps(x + c), acc);
+    }
+    float tail = 0.0f;
+    for (; c < n; c++) tail = fmaf(bf16_value(a[c]), x[c], tail);
+    return _mm512_reduce_add_ps(acc) + tail;
+#else
+    float lanes[8] = {0};
+    for (int64_t c = 0; c < n; c++) lanes[c % 8] = fmaf(bf16_value(a[c]), x[c], lanes[c % 8]);
+    return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+#endif
+}
+
 /* x [T, in] and y [T, out] float32. Per adapter g: a_ptrs[g], bt_ptrs[g] (addresses of A_g and of its parts'
  * Bt one after the other), meta_ptrs[g] (int64: parts, then rank, first column, width per part) and ranks[g]
- * (0: no pair for this linear, its rows are left alone); its rows are row_index[offsets[g] .. offsets[g + 1]). */
+ * (0: no pair for this linear, its rows are left alone); its rows are row_index[offsets[g] .. offsets[g + 1]).
+ * weight_dtype: LK_F32 or LK_BF16, the element type of every adapter's A and Bt in this call. */
 int lk_lora_bgmv(const float *x, float *y, int64_t T, int64_t in, int64_t out, const int64_t *a_ptrs,
                  const int64_t *bt_ptrs, const int64_t *meta_ptrs, const int64_t *ranks, int64_t n_adapters,
-                 const int64_t *row_index, const int64_t *offsets) {
+                 const int64_t *row_index, const int64_t *offsets, int64_t weight_dtype) {
+    if (weight_dtype != LK_F32 && weight_dtype != LK_BF16) return 5;
+    const int bf16 = weight_dtype == LK_BF16;
+    const int64_t elem = bf16 ? 2 : 4;
     for (int64_t g = 0; g < n_adapters; g++) {
         if (ranks[g] < 0 || ranks[g] > LORA_MAX_RANK || offsets[g] > offsets[g + 1]) return 1;
         for (int64_t j = offsets[g]; j < offsets[g + 1]; j++)
@@ -57,7 +88,7 @@ int lk_lora_bgmv(const float *x, float *y, int64_t T, int64_t in, int64_t out, c
     for (int64_t g = 0; g < n_adapters; g++) {
         const int64_t R = ranks[g], n = offsets[g + 1] - offsets[g];
         if (R == 0 || n == 0) continue;
-        const float *A = (const float *)(intptr_t)a_ptrs[g], *Bt = (const float *)(intptr_t)bt_ptrs[g];
+        const char *A = (const char *)(intptr_t)a_ptrs[g], *Bt = (const char *)(intptr_t)bt_ptrs[g];
         const int64_t *meta = (const int64_t *)(intptr_t)meta_ptrs[g];
         const int64_t *rows = row_index + offsets[g];
         float *v = malloc((size_t)(n * R) * sizeof(float)); /* v[j * R + r] for the adapter's j-th row */
@@ -66,22 +97,31 @@ int lk_lora_bgmv(const float *x, float *y, int64_t T, int64_t in, int64_t out, c
             continue;
         }
         for (int64_t r = 0; r < R; r++) {
-            const float *a = A + r * in;
-            for (int64_t j = 0; j < n; j++) v[j * R + r] = lora_dot(a, x + rows[j] * in, in);
+            const char *a = A + r * in * elem;
+            for (int64_t j = 0; j < n; j++)
+                v[j * R + r] = bf16 ? lora_dot_bf16((const uint16_t *)a, x + rows[j] * in, in)
+                                    : lora_dot((const float *)a, x + rows[j] * in, in);
         }
         int64_t r0 = 0;
         for (int64_t p = 0; p < meta[0]; p++) {
             const int64_t rp = meta[1 + 3 * p], col = meta[2 + 3 * p], w = meta[3 + 3 * p];
             for (int64_t r = 0; r < rp; r++) {
-                const float *b = Bt + r * w;
+                const char *b = Bt + r * w * elem;
                 for (int64_t j = 0; j < n; j++) {
                     const float s = v[j * R + r0 + r];
                     float *yt = y + rows[j] * out + col;
+                    if (bf16) {
+                        const uint16_t *bh = (const uint16_t *)b;
 #pragma omp simd
-                    for (int64_t o = 0; o < w; o++) yt[o] = fmaf(s, b[o], yt[o]);
+                        for (int64_t o = 0; o < w; o++) yt[o] = fmaf(s, bf16_value(bh[o]), yt[o]);
+                    } else {
+                        const float *bf = (const float *)b;
+#pragma omp simd
+                        for (int64_t o = 0; o < w; o++) yt[o] = fmaf(s, bf[o], yt[o]);
+                    }
                 }
             }
-            Bt += rp * w;
+            Bt += rp * w * elem;
             r0 += rp;
         }
         free(v);

@@ -170,6 +170,10 @@ class ServerArgs:
     max_loras: int = engine_arg("max_loras", "LoRA adapters resident in memory at once; others are read again on "
                                              "demand, the least recently used idle one evicted")
     max_lora_rank: int = engine_arg("max_lora_rank", "largest LoRA rank accepted (adapters above it are refused)")
+    lora_dtype: str = engine_arg("lora_dtype", "LoRA adapters' weight storage (products in float32 either way): "
+                                               "auto (the model's dtype: float32 on CPU), float32, bfloat16 (half "
+                                               "the bytes each decode step reads)",
+                                 choices=["auto", "float32", "fp32", "bfloat16", "bf16"])
     # images in chat, for vision-language models (server/multimodal.py)
     allowed_local_media_path: str | None = arg(
         None, "directory whose files requests may send as file:// image URLs (vLLM's flag); unset: file:// URLs "

@@ -1,5 +1,5 @@
 """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) read and checked against the
-base model, as float low-rank pairs laid out for the decoder's fused linears.
+base model, as float32 or bfloat16 low-rank pairs laid out for the decoder's fused linears.
 
 The decoder runs q/k/v as one `qkv` matmul and gate/up as one `gate_up` matmul, so an adapter's per-module
 pairs are joined per fused linear: A = [A_q; A_k; A_v] (ranks stacked: one shrink x @ A.T for all parts), and
@@ -77,7 +77,7 @@ class LoraAdapter:
 
     @functools.cached_property
     def nbytes(self) -> int:
-        """Bytes of its float32 weights (what /metrics reports per step: computed once)."""
+        """Bytes of its weights (what /metrics reports per step: computed once)."""
         return sum(t.numel() * t.element_size() for layer in self.layers for p in layer.values() for t in (p.a, p.bt))
 
 
@@ -141,10 +141,11 @@ def _check_types(cfg: dict, path: Path) -> None:
                 raise AdapterError(f"{path}: {key} pattern {pattern!r} is not a regular expression ({exc})") from None
 
 
-def load_adapter(name: str, path: str, config: ModelConfig, max_rank: int, moe_layers: bool = False) -> LoraAdapter:
+def load_adapter(name: str, path: str, config: ModelConfig, max_rank: int, moe_layers: bool = False,
+                 dtype: torch.dtype = torch.float32) -> LoraAdapter:
     """Read and check the adapter at `path` for the model `config`; AdapterError says what does not fit:
     rank above `max_rank`, a target module the model lacks, shapes of another architecture."""
-    return shard_adapter(read_adapter(name, path, config, max_rank, moe_layers), config, None)
+    return shard_adapter(read_adapter(name, path, config, max_rank, moe_layers), config, None, dtype)
 
 
 def read_adapter(name: str, path: str, config: ModelConfig, max_rank: int,
@@ -210,9 +211,10 @@ def read_adapter(name: str, path: str, config: ModelConfig, max_rank: int,
     return AdapterWeights(name, str(folder), max_seen, sorted({module for _, module in pairs}), modules)
 
 
-def shard_adapter(weights: AdapterWeights, config: ModelConfig, shard: TPShard | None) -> LoraAdapter:
+def shard_adapter(weights: AdapterWeights, config: ModelConfig, shard: TPShard | None,
+                  dtype: torch.dtype = torch.float32) -> LoraAdapter:
     """The adapter laid out for one rank's fused linears (`config`: the whole model's; `shard` None: no tensor
-    parallelism). Each module is cut like its base linear: a column-parallel one (q/k/v per head, gate/up per
+    parallelism), its weights stored as `dtype` (--lora_dtype: float32 or bfloat16; scaling folded in first). Each module is cut like its base linear: a column-parallel one (q/k/v per head, gate/up per
     intermediate slice) keeps the rows of B of this rank's outputs, A whole; a row-parallel one (o, down)
     keeps the columns of A of this rank's inputs, B whole, and its partial delta joins the partial output
     that the layer's all-reduce sums (sum over ranks of x_s A_s^T B^T = x A^T B^T)."""
@@ -229,7 +231,7 @@ def shard_adapter(weights: AdapterWeights, config: ModelConfig, shard: TPShard |
                 b = b[start:end]
         target, part = MODULE_PARTS[module]
         layers[layer].setdefault(target, []).append((part, a.contiguous(), b.contiguous()))
-    joined = [{target: _join(target, parts, shapes) for target, parts in layer.items()} for layer in layers]
+    joined = [{target: _join(target, parts, shapes, dtype) for target, parts in layer.items()} for layer in layers]
     return LoraAdapter(weights.name, weights.path, weights.rank, weights.target_modules, joined)
 
 
@@ -238,7 +240,7 @@ _FUSED_PARTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_u
 
 
 def _join(target: str, parts: list[tuple[int, torch.Tensor, torch.Tensor]],
-          shapes: dict[str, tuple[int, int]]) -> LowRankPair:
+          shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32) -> LowRankPair:
     """One fused linear's pair from its parts (part index, A [r, in], scaled B [out_part, r])."""
     modules = _FUSED_PARTS[target]
     col_starts, col = [], 0
@@ -246,12 +248,12 @@ def _join(target: str, parts: list[tuple[int, torch.Tensor, torch.Tensor]],
         col_starts.append(col)
         col += shapes[module][1]
     ordered = sorted(parts, key=lambda p: p[0])
-    bt = torch.cat([b.t().contiguous().reshape(-1) for _, _, b in ordered])
+    bt = torch.cat([b.t().contiguous().reshape(-1) for _, _, b in ordered]).to(dtype)
     meta, views, r0, at = [len(ordered)], [], 0, 0
     for part, a, b in ordered:
         r, width = a.shape[0], b.shape[0]
         meta += [r, col_starts[part], width]
         views.append((r0, col_starts[part], r, bt[at:at + r * width].view(r, width)))
         r0, at = r0 + r, at + r * width
-    a_full = torch.cat([a for _, a, _ in ordered]).contiguous()
+    a_full = torch.cat([a for _, a, _ in ordered]).to(dtype).contiguous()
     return LowRankPair(a_full, bt, torch.tensor(meta, dtype=torch.int64), views)

@@ -1,8 +1,9 @@
 """Gemma 3 with images through the engine: a tiny random `Gemma3ForConditionalGeneration` (SigLIP tower, pooling
 projector, Gemma 3 decoder with sliding layers whose window is shorter than an image) built with transformers;
 its logits equal transformers' within 1e-4 in fp32 for prompts with one and two images, alone and batched, with
-chunked prefill around the images. An image's tokens attend to each other both ways in prefill, so the scheduler
-never ends a chunk inside an image's run (LLaVA's chunks still cut through images)."""
+chunked prefill around the images, and under --tp 2. An image's tokens attend to each other both ways in prefill,
+so the scheduler never ends a chunk inside an image's run (LLaVA's chunks still cut through images). A published
+Gemma 3 config.json (defaults left out) reads as transformers resolves it."""
 
 from __future__ import annotations
 
@@ -180,7 +181,7 @@ def test_logits_equal_transformers_alone_and_without_chunking(gemma3_dir):
         assert chunks[rid][0][1] == len(PROMPTS[rid][0])  # the whole prompt in one step (BOS may be cached)
 
 
-def test_images_attend_both_ways_and_are_not_scaled(gemma3_dir):
+def test_images_attend_both_ways_and_change_the_answer(gemma3_dir):
     """The comparison above can fail: transformers' causal prefill (no token_type_ids) gives other logits, and
     the image changes the answer."""
     engine = engine_for(gemma3_dir)
@@ -205,7 +206,7 @@ def test_a_cached_image_head_and_a_prompt_ending_in_an_image(gemma3_dir):
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_the_scheduler_keeps_image_runs_whole_only_when_asked():
+def test_the_scheduler_moves_chunk_ends_off_image_runs():
     from lightllm.engine.scheduler import Scheduler
     from lightllm.engine.sequence import Sequence
 
@@ -238,7 +239,11 @@ def test_a_mask_that_would_cut_an_image_is_refused():
 def test_layout_and_family(gemma3_dir):
     from lightllm.models.loading.loader import load_model_config
 
+    from lightllm.models.families.registry import FAMILIES
+
     engine = engine_for(gemma3_dir)
+    assert engine.scheduler.whole_image_runs  # LLaVA's and Qwen2-VL's chunks still cut through images:
+    assert [f.name for f in FAMILIES if f.model_class.bidirectional_images] == ["gemma3_vl"]
     layout = engine.images.layout
     assert layout.image_marker == (BOI,) and layout.placeholder_id == IMAGE
     assert layout.before == ("\n\n", BOI) and layout.after == (EOI, "\n\n")

@@ -339,3 +339,39 @@ def test_a_published_config_reads_as_transformers_resolves_it():
     layout = gemma3_layout(GEMMA3_4B_IT)
     assert (layout.image_marker, layout.placeholder_id, layout.tokens_per_image) == (
         (theirs.boi_token_index,), theirs.image_token_index, theirs.mm_tokens_per_image)
+
+
+@pytest.mark.slow
+def test_the_encoder_at_gemma3s_real_geometry_equals_transformers(tmp_path):
+    """SigLIP So400m's width and heads at 896 px (a 64x64 patch grid pooled 4x4 into 256 tokens), two of its 27
+    layers: the image features equal transformers' get_image_features."""
+    from PIL import Image
+    from transformers import (AutoImageProcessor, Gemma3Config, Gemma3ForConditionalGeneration,
+                              Gemma3ImageProcessorPil, Gemma3TextConfig, SiglipVisionConfig)
+
+    from lightllm.models.vision.gemma3 import load_gemma3_vision
+
+    text = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16,
+                                image_size=896, patch_size=14, vision_use_head=False)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, boi_token_index=BOI,
+                          eoi_token_index=EOI, image_token_index=IMAGE)
+    torch.manual_seed(99)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(float(param.mean()), 0.3)
+            elif "mm_input_projection_weight" in name or "position_embedding" in name:
+                param.normal_(0, 0.1)
+    model.save_pretrained(tmp_path)
+    Gemma3ImageProcessorPil(size={"height": 896, "width": 896}).save_pretrained(tmp_path)
+    png = draw_png(7, size=(448, 448))
+    ours = load_gemma3_vision(tmp_path, torch.device("cpu"), torch.float32).encode(png)
+    pixels = AutoImageProcessor.from_pretrained(tmp_path)(images=[Image.open(io.BytesIO(png)).convert("RGB")],
+                                                          return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        theirs = model.model.get_image_features(pixels).pooler_output[0]
+    assert ours.shape == (256, 64)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

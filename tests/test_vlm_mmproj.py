@@ -97,7 +97,8 @@ def write_mmproj(model_dir: Path, out: Path, matrix_type: str = "F32", legacy_ff
     general.architecture "clip", layers up to the feature layer only, no post-layernorm, the feature layer made
     non-negative, `mm.0` / `mm.2` for the projector; the patch embedding F16 (as the converter always writes it)
     and the 2-D weights as `matrix_type` (F32, F16: the converter's two; a quantized type as llama.cpp's
-    quantize tool stores them). `extra`: more metadata (key → a list or a string). `legacy_ffn_names`: its generic renaming, which calls fc1 ffn_down and fc2 ffn_up."""
+    quantize tool stores them). `legacy_ffn_names`: its generic renaming, which calls fc1 ffn_down and fc2
+    ffn_up. `extra`: more metadata (key → a list or a string)."""
     import gguf
 
     cfg = json.loads((model_dir / "config.json").read_text())

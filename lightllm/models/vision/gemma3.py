@@ -26,9 +26,12 @@ from lightllm.models.vision.siglip import siglip_tower
 
 
 def gemma3_layout(cfg: dict[str, Any]) -> ImageLayout:
+    """Gemma3Processor's: the <start_of_image> marker becomes "\\n\\n<start_of_image>", the soft tokens and
+    "<end_of_image>\\n\\n" (Gemma3Config's defaults for what config.json leaves out)."""
     boi, eoi = int(cfg.get("boi_token_index", 255_999)), int(cfg.get("eoi_token_index", 256_000))
     return ImageLayout(image_marker=(boi,), placeholder_id=int(cfg.get("image_token_index", 262_144)),
-                       before=("\n\n", boi), after=(eoi, "\n\n"), tokens_per_image=int(cfg.get("mm_tokens_per_image", 256)))
+                       before=("\n\n", boi), after=(eoi, "\n\n"),
+                       tokens_per_image=int(cfg.get("mm_tokens_per_image", 256)))
 
 
 class Gemma3Vision(VisionEncoder):

@@ -46,6 +46,17 @@ def test_a_real_model_reads_like_gguf_and_its_pages_come_back_after_release():
     assert len(tokens.data) == tokens.count == len(tokens.contents()) > 40000
 
 
+def test_a_string_is_found_in_a_vocabulary_without_decoding_it_unless_it_is_there():
+    tokens = GgufFile(smollm2_path()).fields["tokenizer.ggml.tokens"]
+    vocab = tokens.contents()
+    for index in (0, 1, 17, 20000, len(vocab) - 1):
+        assert tokens.index_of(vocab[index]) == vocab.index(vocab[index])
+    assert tokens.index_of("<image>") is None and "<image>" not in vocab
+    # bytes that match across two neighbouring strings are not a token
+    assert tokens.index_of(vocab[20000] + vocab[20001]) == (vocab.index(vocab[20000] + vocab[20001])
+                                                            if vocab[20000] + vocab[20001] in vocab else None)
+
+
 def test_not_a_gguf_file(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"NOPE" + bytes(64))

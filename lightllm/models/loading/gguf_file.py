@@ -37,6 +37,7 @@ class Field:
     _type: int
     _offset: int
     count: int  # items of an array, 1 for a scalar
+    _end: int  # the offset after the value
 
     @property
     def data(self) -> range:
@@ -55,6 +56,15 @@ class Field:
             value, offset = _read_value(self._buf, item_type, offset)
             items.append(value)
         return items
+
+    def index_of(self, text: str) -> int | None:
+        """Where `text` is in an array of strings, or None. The array's bytes are searched first: decoding a
+        vocabulary's 150k strings takes 0.2 s, and the answer is usually that the text is not there."""
+        encoded = text.encode()
+        if bytes(self._buf[self._offset:self._end]).find(struct.pack("<Q", len(encoded)) + encoded) < 0:
+            return None
+        items = self.contents()
+        return items.index(text) if text in items else None  # the bytes may have matched across two strings
 
 
 @dataclass
@@ -123,7 +133,7 @@ class GgufFile:
             (value_type,) = struct.unpack_from("<I", buf, offset)
             offset += 4
             end, count = _skip_value(buf, value_type, offset)
-            self.fields[key] = Field(buf, value_type, offset, count)
+            self.fields[key] = Field(buf, value_type, offset, count, end)
             offset = end
         infos = []
         for _ in range(n_tensors):

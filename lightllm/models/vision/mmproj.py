@@ -57,10 +57,9 @@ def gguf_image_token(lm_path: Path) -> int | None:
     reader = open_gguf(lm_path)
     if "tokenizer.ggml.tokens" not in reader.fields:
         return None
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    if IMAGE_TOKEN not in tokens:
+    index = reader.fields["tokenizer.ggml.tokens"].index_of(IMAGE_TOKEN)
+    if index is None:
         return None
-    index = tokens.index(IMAGE_TOKEN)
     types = _value(reader, "tokenizer.ggml.token_type", None)
     return index if types is None or types[index] in _ADDED_TOKEN_TYPES else None
 

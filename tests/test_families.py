@@ -31,6 +31,8 @@ def test_llama_gguf_with_experts_is_mixtral_and_unknown_names_are_refused():
     assert family_for_gguf("llama", True).name == "mixtral" and family_for_gguf("llama", False).name == "llama"
     with pytest.raises(ValueError, match="unsupported GGUF architecture 'falcon'.*qwen2"):
         family_for_gguf("falcon", False)
+    with pytest.raises(ValueError, match="Qwen2-VL.*mmproj.*Hugging Face directory"):
+        family_for_gguf("qwen2vl", False)  # llama.cpp's split Qwen2-VL: said plainly, not "unsupported"
     with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM"):
         family_for_hf({"architectures": ["FalconForCausalLM"], "model_type": "falcon"})
 

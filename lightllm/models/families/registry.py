@@ -40,10 +40,18 @@ def family_for_hf(cfg: dict[str, Any]) -> Family:
     raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r}; supported: {supported}")
 
 
+# llama.cpp's language-model architectures of vision-language models whose mmproj (vision tower) is not read here
+_GGUF_VLM_ARCHITECTURES = {"qwen2vl": "Qwen2-VL / Qwen2.5-VL"}
+
+
 def family_for_gguf(architecture: str, has_experts: bool) -> Family:
     for family in FAMILIES:
         if family.gguf_architecture == architecture and family.gguf_has_experts == has_experts:
             return family
+    if architecture in _GGUF_VLM_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {architecture!r} is {_GGUF_VLM_ARCHITECTURES[architecture]}'s language "
+                         "model, which takes its images through llama.cpp's mmproj file; --mmproj reads LLaVA 1.5's "
+                         "only: serve this model from its Hugging Face directory (safetensors)")
     supported = sorted({f.gguf_architecture for f in FAMILIES if f.gguf_architecture})
     raise ValueError(f"unsupported GGUF architecture {architecture!r}"
                      f"{' with experts' if has_experts else ''}; supported: {', '.join(supported)}")

@@ -350,18 +350,19 @@ def test_tp2_adapters_match_peft_merged_through_loads_and_evictions(family_model
     assert all(proc.poll() is not None for proc in engine.workers)
 
 
-@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("build", ["native", "portable", "avx2"])
 def test_bgmv_kernel_with_bf16_weights_equals_float32_on_the_same_values(build):
     """lora_bgmv.c with bfloat16 A/Bt (--lora_dtype bfloat16): each weight widened exactly, float32 arithmetic:
-    the result of the float32 call on the widened weights, and a float64 reference (input width 100: the
-    vector loop's tail too; an adapter without a pair for this linear leaves its rows alone)."""
+    the result of the float32 call on the widened weights, and a float64 reference (input width 164: the
+    unrolled loop, the vector loop and the tail; an adapter without a pair for this linear leaves its rows
+    alone)."""
     from lightllm.kernels import cpu as cpu_kernels
 
     kernels = cpu_kernels.load(build)
     if kernels is None:
         pytest.skip(f"no {build} build of the CPU kernels here")
     gen = torch.Generator().manual_seed(7)
-    rows, width_in, parts = 7, 100, [(3, 0, 40), (5, 40, 24)]  # (rank, first column, width) per part
+    rows, width_in, parts = 7, 164, [(3, 0, 40), (5, 40, 24)]  # (rank, first column, width) per part
     a = [torch.randn(8, width_in, generator=gen) for _ in range(2)]
     bt = [torch.randn(3 * 40 + 5 * 24, generator=gen) for _ in range(2)]
     meta = torch.tensor([2, *parts[0], *parts[1]], dtype=torch.int64)

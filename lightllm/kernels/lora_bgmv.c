@@ -17,10 +17,19 @@
 
 #define LORA_MAX_RANK 4096
 
+/* Four accumulators over 64-float blocks: one chain would wait on each FMA's latency (a dot of 576 is 36 FMAs). */
 static inline float lora_dot(const float *a, const float *x, int64_t n) {
 #if defined(__AVX512F__) && !defined(LK_PORTABLE)
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+           acc3 = _mm512_setzero_ps();
     int64_t c = 0;
+    for (; c + 64 <= n; c += 64) {
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(x + c), acc);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(x + c + 16), acc1);
+        acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 32), _mm512_loadu_ps(x + c + 32), acc2);
+        acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 48), _mm512_loadu_ps(x + c + 48), acc3);
+    }
+    acc = _mm512_add_ps(_mm512_add_ps(acc, acc1), _mm512_add_ps(acc2, acc3));
     for (; c + 16 <= n; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(x + c), acc);
     if (c < n) {
         const __mmask16 m = (__mmask16)((1u << (n - c)) - 1u);
@@ -41,15 +50,22 @@ static inline float bf16_value(uint16_t h) {
     return f;
 }
 
-/* lora_dot with bfloat16 weights a (widened exactly to float32; the same lanes and order as lora_dot). */
+/* lora_dot with bfloat16 weights a (widened exactly to float32; lora_dot's accumulators and order, the tail summed apart). */
 static inline float lora_dot_bf16(const uint16_t *a, const float *x, int64_t n) {
 #if defined(__AVX512F__) && !defined(LK_PORTABLE)
-    __m512 acc = _mm512_setzero_ps();
+#define LK_BF16X16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+    __m512 acc = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+           acc3 = _mm512_setzero_ps();
     int64_t c = 0;
-    for (; c + 16 <= n; c += 16) {
-        const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + c))), 16);
-        acc = _mm512_fmadd_ps(_mm512_castsi512_ps(wide), _mm512_loadu_ps(x + c), acc);
+    for (; c + 64 <= n; c += 64) {
+        acc = _mm512_fmadd_ps(LK_BF16X16(a + c), _mm512_loadu_ps(x + c), acc);
+        acc1 = _mm512_fmadd_ps(LK_BF16X16(a + c + 16), _mm512_loadu_ps(x + c + 16), acc1);
+        acc2 = _mm512_fmadd_ps(LK_BF16X16(a + c + 32), _mm512_loadu_ps(x + c + 32), acc2);
+        acc3 = _mm512_fmadd_ps(LK_BF16X16(a + c + 48), _mm512_loadu_ps(x + c + 48), acc3);
     }
+    acc = _mm512_add_ps(_mm512_add_ps(acc, acc1), _mm512_add_ps(acc2, acc3));
+    for (; c + 16 <= n; c += 16) acc = _mm512_fmadd_ps(LK_BF16X16(a + c), _mm512_loadu_ps(x + c), acc);
+#undef LK_BF16X16
     float tail = 0.0f;
     for (; c < n; c++) tail = fmaf(bf16_value(a[c]), x[c], tail);
     return _mm512_reduce_add_ps(acc) + tail;

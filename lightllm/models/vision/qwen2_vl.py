@@ -117,9 +117,11 @@ class QwenVisionTower:
     def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    windows: list[torch.Tensor] | None) -> torch.Tensor:
         """[patches, heads, head_dim] each; attention over the whole image, or within each window."""
+        # 4-D [batch, heads, patches, head_dim] inputs: PyTorch's CPU flash kernel takes them (3-D ones fall back
+        # to the math path, which materializes every head's score matrix)
         if windows is None:
-            q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, patches, head_dim]
-            return F.scaled_dot_product_attention(q, k, v).transpose(0, 1)
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            return F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1)
         out = torch.empty_like(q)
         for index in windows:  # [windows, patches]: gathered to [windows, heads, patches, head_dim]
             q_w, k_w, v_w = (t[index].transpose(1, 2) for t in (q, k, v))

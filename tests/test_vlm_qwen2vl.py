@@ -183,14 +183,16 @@ def test_image_token_counts_follow_the_processors_resize():
         assert grid.tokens_for(*size) == image_tokens(draw_png(5, size)), size
 
 
-def test_prompt_positions_match_transformers_rope_index(qwen2vl_dir):
-    from lightllm.models.mrope import PromptPositions
-
-    model = _reference_model(qwen2vl_dir)
-    ids, images = PROMPTS["two"]
+@pytest.mark.parametrize("parts", [PROMPTS["two"], _prompt([WIDE, TALL, [5, 6]]), ([IMAGE] * image_tokens(WIDE) + [7], [WIDE])],
+                         ids=["text_between", "adjacent_images", "image_first_no_markers"])
+def test_prompt_positions_match_transformers_rope_index(qwen2vl_dir, parts):
     from PIL import Image
     from transformers import AutoImageProcessor
 
+    from lightllm.models.mrope import PromptPositions
+
+    model = _reference_model(qwen2vl_dir)
+    ids, images = parts
     grid_thw = AutoImageProcessor.from_pretrained(qwen2vl_dir)(
         images=[Image.open(io.BytesIO(b)).convert("RGB") for b in images], return_tensors="pt")["image_grid_thw"]
     theirs, delta = model.model.get_rope_index(torch.tensor([ids]), (torch.tensor([ids]) == IMAGE).int(), grid_thw)

@@ -1,7 +1,7 @@
 """Qwen2-VL images in chat end to end: a tiny random Qwen2-VL (SmolLM2's tokenizer with Qwen2-VL's vision
 tokens added) behind a real server, driven with the openai SDK; images of different sizes take different
 numbers of <|image_pad|> tokens (dynamic resolution); greedy tokens equal transformers' `generate`, plain and
-streamed (decode after the images runs at M-RoPE's shifted positions)."""
+streamed (decode after the images runs at M-RoPE's shifted positions); Qwen2.5-VL likewise (slow)."""
 
 from __future__ import annotations
 
@@ -24,23 +24,28 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-@pytest.fixture(scope="module")
-def qwen2vl_server(tmp_path_factory):
+def _serve(root, qwen25: bool = False):
+    """A tiny random Qwen2-VL (or Qwen2.5-VL) with SmolLM2's tokenizer plus the vision tokens, served."""
     from lightllm.tokenizer import load_tokenizer
 
-    root = tmp_path_factory.mktemp("qwen2vl_api")
     tokenizer = load_tokenizer(embedded_model_path())
     tokenizer.add_tokens(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], special_tokens=True)
     start, end, pad, video = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                                                               "<|video_pad|>"])
-    model_dir = build_tiny_qwen2_vl(root / "model", vocab_size=len(tokenizer), image_token_id=pad,
+    model_dir = build_tiny_qwen2_vl(root / "model", qwen25=qwen25, vocab_size=len(tokenizer), image_token_id=pad,
                                     vision_start_token_id=start, vision_end_token_id=end, video_token_id=video,
                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     tokenizer.save_pretrained(model_dir)
     server = ServerProcess(["--model_dir", str(model_dir), "--max_total_token_num", "4000", "--quant_type", "none",
                             "--kv_cache_dtype", "fp32", "--chunked_prefill_size", "16"], root / "server.log")
-    yield server, model_dir, tokenizer
-    server.stop()
+    return server, model_dir, tokenizer
+
+
+@pytest.fixture(scope="module")
+def qwen2vl_server(tmp_path_factory):
+    served = _serve(tmp_path_factory.mktemp("qwen2vl_api"))
+    yield served
+    served[0].stop()
 
 
 def _expected(model_dir, tokenizer, messages: list[dict], pngs: list[bytes]) -> tuple[list[int], str]:
@@ -90,7 +95,19 @@ def test_chat_with_an_image_equals_transformers(qwen2vl_server):
 
 
 def test_streamed_chat_with_two_images_of_different_sizes_equals_transformers(qwen2vl_server):
-    server, model_dir, tokenizer = qwen2vl_server
+    _two_images_streamed(*qwen2vl_server)
+
+
+@pytest.mark.slow
+def test_qwen25_vl_streamed_chat_with_two_images_equals_transformers(tmp_path):
+    served = _serve(tmp_path, qwen25=True)
+    try:
+        _two_images_streamed(*served)
+    finally:
+        served[0].stop()
+
+
+def _two_images_streamed(server, model_dir, tokenizer) -> None:
     first, second = draw_png(4, (57, 113)), draw_png(5, (150, 100))
     messages = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(first)}},

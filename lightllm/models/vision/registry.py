@@ -13,8 +13,8 @@ from lightllm.models.loading.paths import find_gguf_file
 from lightllm.models.vision.base import VisionEncoder
 from lightllm.models.vision.gemma3 import load_gemma3_vision
 from lightllm.models.vision.llava import load_llava_vision
-from lightllm.models.vision.qwen2_vl import load_qwen2_vl_vision
 from lightllm.models.vision.mmproj import IMAGE_TOKEN, gguf_image_token, load_mmproj_vision
+from lightllm.models.vision.qwen2_vl import load_qwen2_vl_vision
 
 LOADERS: dict[str, Callable[[Path, torch.device, torch.dtype], VisionEncoder]] = {
     "llava": load_llava_vision, "qwen2_vl": load_qwen2_vl_vision, "gemma3": load_gemma3_vision}

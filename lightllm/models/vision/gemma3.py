@@ -17,10 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightllm.models.loading.hf import _safetensors_files
 from lightllm.models.vision.base import VisionEncoder
+from lightllm.models.vision.checkpoint import PROJECTOR_PREFIXES, TOWER_PREFIXES, read_vision_weights
 from lightllm.models.vision.layout import ImageLayout
-from lightllm.models.vision.llava import _PROJECTOR_PREFIXES, _TOWER_PREFIXES, _strip  # the same checkpoint names
 from lightllm.models.vision.preprocess import ImagePreprocessor
 from lightllm.models.vision.siglip import siglip_tower
 
@@ -81,22 +80,14 @@ def _read_preprocessor(model_dir: Path, image_size: int) -> ImagePreprocessor:
 
 
 def load_gemma3_vision(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Gemma3Vision:
-    from safetensors import safe_open
-
     cfg = json.loads((model_dir / "config.json").read_text())
     vocab = int((cfg.get("text_config") or {}).get("vocab_size", 262_208))
     if not 0 <= int(cfg.get("image_token_index", 262_144)) < vocab:
         raise ValueError(f"image_token_index {cfg.get('image_token_index')} is outside the {vocab}-token vocabulary")
-    tower: dict[str, torch.Tensor] = {}
-    projector: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(model_dir):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if (short := _strip(name, _TOWER_PREFIXES)) is not None:
-                    if not short.startswith("head."):  # SigLIP's pooling head: Gemma 3 does not use it
-                        tower[short] = handle.get_tensor(name).to(device, dtype)
-                elif (short := _strip(name, _PROJECTOR_PREFIXES)) is not None:
-                    projector[short] = handle.get_tensor(name).to(device, dtype)
+    weights = read_vision_weights(  # the same names as LLaVA's; SigLIP's pooling head is not used by Gemma 3
+        model_dir, {"tower": TOWER_PREFIXES, "projector": PROJECTOR_PREFIXES}, device, dtype,
+        skip=lambda group, name: group == "tower" and name.startswith("head."))
+    tower, projector = weights["tower"], weights["projector"]
     if not tower or not projector:
         raise ValueError(f"{model_dir}: a Gemma 3 checkpoint without its vision tower or projector weights")
     image_size = int((cfg.get("vision_config") or {}).get("image_size", 224))

@@ -11,25 +11,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightllm.models.loading.hf import _safetensors_files
 from lightllm.models.vision.base import VisionEncoder
+from lightllm.models.vision.checkpoint import PROJECTOR_PREFIXES, TOWER_PREFIXES, read_vision_weights
 from lightllm.models.vision.clip import ACTIVATIONS, ClipConfig, ClipTower
 from lightllm.models.vision.layout import ImageLayout
 from lightllm.models.vision.preprocess import ImagePreprocessor
-
-# checkpoint prefixes of the tower and the projector (transformers 5 saves the first form, older
-# conversions the others)
-_TOWER_PREFIXES = ("model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.",
-                   "vision_tower.")
-_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
-
-
-def _strip(name: str, prefixes: tuple[str, ...]) -> str | None:
-    for prefix in prefixes:
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return None
-
 
 class LlavaVision(VisionEncoder):
     def __init__(self, cfg: dict[str, Any], tower: dict[str, torch.Tensor], projector: dict[str, torch.Tensor],
@@ -68,18 +54,10 @@ class LlavaVision(VisionEncoder):
 
 
 def load_llava_vision(model_dir: Path, device: torch.device, dtype: torch.dtype) -> LlavaVision:
-    from safetensors import safe_open
-
     cfg = json.loads((model_dir / "config.json").read_text())
-    tower: dict[str, torch.Tensor] = {}
-    projector: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(model_dir):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if (short := _strip(name, _TOWER_PREFIXES)) is not None:
-                    tower[short] = handle.get_tensor(name).to(device, dtype)
-                elif (short := _strip(name, _PROJECTOR_PREFIXES)) is not None:
-                    projector[short] = handle.get_tensor(name).to(device, dtype)
+    weights = read_vision_weights(model_dir, {"tower": TOWER_PREFIXES, "projector": PROJECTOR_PREFIXES}, device,
+                                  dtype)
+    tower, projector = weights["tower"], weights["projector"]
     if not tower or "linear_1.weight" not in projector:
         raise ValueError(f"{model_dir}: a LLaVA checkpoint without its vision tower or projector weights")
     return LlavaVision(cfg, tower, projector, ImagePreprocessor(model_dir))

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from lightllm.models.layers import RotaryEmbedding
-from lightllm.models.loading.hf import _safetensors_files
 from lightllm.models.vision.base import VisionEncoder
+from lightllm.models.vision.checkpoint import read_vision_weights
 from lightllm.models.vision.clip import ACTIVATIONS
 from lightllm.models.vision.layout import ImageLayout, ResizeGrid
 from lightllm.models.vision.preprocess import ImagePreprocessor, decode_rgb
@@ -211,17 +211,8 @@ class Qwen2VLVision(VisionEncoder):
 
 
 def load_qwen2_vl_vision(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Qwen2VLVision:
-    from safetensors import safe_open
-
     cfg = json.loads((model_dir / "config.json").read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(model_dir):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                for prefix in _PREFIXES:
-                    if name.startswith(prefix):
-                        tensors[name[len(prefix):]] = handle.get_tensor(name).to(device, dtype)
-                        break
+    tensors = read_vision_weights(model_dir, {"tower": _PREFIXES}, device, dtype)["tower"]
     if "patch_embed.proj.weight" not in tensors or "merger.mlp.2.weight" not in tensors:
         raise ValueError(f"{model_dir}: a Qwen2-VL checkpoint without its vision tower or merger weights")
     return Qwen2VLVision(cfg, tensors, ImagePreprocessor(model_dir))

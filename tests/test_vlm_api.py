@@ -12,7 +12,7 @@ import pytest
 import requests
 import torch
 
-from tests.conftest import API_KEY, ServerProcess, embedded_model_path
+from tests.conftest import ServerProcess, embedded_model_path
 from tests.vlm_models import TOKENS_PER_IMAGE, build_tiny_llava, draw_png
 
 NEW_TOKENS = 8

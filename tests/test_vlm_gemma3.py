@@ -16,7 +16,7 @@ import torch
 from lightllm.engine.engine import Engine
 from lightllm.engine.protocol import AddRequest, EngineConfig, ImageInput, SamplingParams
 from tests.conftest import record_logits
-from tests.vlm_models import digest, draw_png
+from tests.vlm_models import digest, drain, draw_png
 
 IMAGE_SIZE, PATCH, TOKENS_PER_IMAGE = 32, 4, 16  # an 8x8 patch grid pooled 2x2 into 4x4 image tokens
 WINDOW = 12  # the sliding layers' window: shorter than an image's run, so the window cuts through images
@@ -126,14 +126,6 @@ def run(engine: Engine, requests: dict[str, tuple[list[int], list[bytes]]], toge
             drain(engine, tokens, cached)
     drain(engine, tokens, cached)
     return tokens, logits, cached, chunks
-
-
-def drain(engine: Engine, tokens: dict[str, list[int]], cached: dict[str, int]) -> None:
-    while engine.scheduler.has_work() or engine.encoding:
-        assert engine.admit_encoded() == []
-        for out in engine.step() if engine.scheduler.has_work() else []:
-            tokens.setdefault(out.rid, []).append(out.token_id)
-            cached[out.rid] = out.cached_tokens
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 
 from lightllm.engine.engine import Engine
 from lightllm.engine.protocol import AddRequest, EngineConfig, ImageInput, SamplingParams
-from tests.vlm_models import TOKENS_PER_IMAGE, build_tiny_llava, digest, draw_png
+from tests.vlm_models import TOKENS_PER_IMAGE, build_tiny_llava, digest, draw_png, run_image_requests
 
 IMAGE = 299
 STEPS = 6
@@ -50,37 +50,7 @@ def _reference(model_dir, ids: list[int], images: list[bytes]) -> tuple[list[int
 
 def _run(engine: Engine, requests: dict[str, tuple[list[int], list[bytes]]], together: bool = True):
     """Greedy-run the requests; returns (tokens, logits per step, cached tokens) by rid."""
-    logits: dict[str, list[torch.Tensor]] = {}
-    sampler = engine.runner.sampler
-
-    def recording(rows, seqs):
-        for row, seq in zip(rows, seqs):
-            logits.setdefault(seq.rid, []).append(row.clone())
-        return sampler(rows, seqs)
-
-    engine.runner.sampler = recording
-    tokens: dict[str, list[int]] = {}
-    cached: dict[str, int] = {}
-    try:
-        for rid, (ids, images) in requests.items():
-            refused = engine.add_request(AddRequest(rid, ids, SamplingParams(max_new_tokens=STEPS, temperature=0.0,
-                                                                             ignore_eos=True), _inputs(ids, images)))
-            assert refused is None, refused.error
-            if not together:
-                _drain(engine, tokens, cached)
-        _drain(engine, tokens, cached)
-    finally:
-        engine.runner.sampler = sampler
-    return tokens, logits, cached
-
-
-def _drain(engine: Engine, tokens: dict[str, list[int]], cached: dict[str, int]) -> None:
-    """Step until every request is done, as the engine loop does: requests join once their images are encoded."""
-    while engine.scheduler.has_work() or engine.encoding:
-        assert engine.admit_encoded() == []
-        for out in engine.step() if engine.scheduler.has_work() else []:
-            tokens.setdefault(out.rid, []).append(out.token_id)
-            cached[out.rid] = out.cached_tokens
+    return run_image_requests(engine, requests, _inputs, STEPS, together)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 
 from lightllm.engine.engine import Engine
 from lightllm.engine.protocol import AddRequest, EngineConfig, ImageInput, SamplingParams
-from tests.vlm_models import digest, draw_png
+from tests.vlm_models import digest, drain, draw_png, run_image_requests
 
 IMAGE, VISION_START, VISION_END, VIDEO = 299, 296, 297, 298
 STEPS = 6
@@ -110,36 +110,7 @@ def _reference(model_dir, ids: list[int], images: list[bytes]) -> tuple[list[int
 
 def _run(engine: Engine, requests: dict[str, tuple[list[int], list[bytes]]], together: bool = True):
     """Greedy-run the requests; returns (tokens, logits per step, cached tokens) by rid."""
-    logits: dict[str, list[torch.Tensor]] = {}
-    sampler = engine.runner.sampler
-
-    def recording(rows, seqs):
-        for row, seq in zip(rows, seqs):
-            logits.setdefault(seq.rid, []).append(row.clone())
-        return sampler(rows, seqs)
-
-    engine.runner.sampler = recording
-    tokens: dict[str, list[int]] = {}
-    cached: dict[str, int] = {}
-    try:
-        for rid, (ids, images) in requests.items():
-            refused = engine.add_request(AddRequest(rid, ids, SamplingParams(max_new_tokens=STEPS, temperature=0.0,
-                                                                             ignore_eos=True), _inputs(ids, images)))
-            assert refused is None, refused.error
-            if not together:
-                _drain(engine, tokens, cached)
-        _drain(engine, tokens, cached)
-    finally:
-        engine.runner.sampler = sampler
-    return tokens, logits, cached
-
-
-def _drain(engine: Engine, tokens: dict[str, list[int]], cached: dict[str, int]) -> None:
-    while engine.scheduler.has_work() or engine.encoding:
-        assert engine.admit_encoded() == []
-        for out in engine.step() if engine.scheduler.has_work() else []:
-            tokens.setdefault(out.rid, []).append(out.token_id)
-            cached[out.rid] = out.cached_tokens
+    return run_image_requests(engine, requests, _inputs, STEPS, together)
 
 
 def _engine(model_dir, **kwargs) -> Engine:
@@ -183,7 +154,8 @@ def test_image_token_counts_follow_the_processors_resize():
         assert grid.tokens_for(*size) == image_tokens(draw_png(5, size)), size
 
 
-@pytest.mark.parametrize("parts", [PROMPTS["two"], _prompt([WIDE, TALL, [5, 6]]), ([IMAGE] * image_tokens(WIDE) + [7], [WIDE])],
+@pytest.mark.parametrize("parts", [PROMPTS["two"], _prompt([WIDE, TALL, [5, 6]]),
+                                   ([IMAGE] * image_tokens(WIDE) + [7], [WIDE])],
                          ids=["text_between", "adjacent_images", "image_first_no_markers"])
 def test_prompt_positions_match_transformers_rope_index(qwen2vl_dir, parts):
     from PIL import Image
@@ -319,7 +291,7 @@ def test_drafted_decode_after_images_equals_plain_decode(qwen2vl_dir):
             params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
             assert engine.add_request(AddRequest(rid, ids, params, _inputs(ids, images))) is None
         tokens: dict[str, list[int]] = {}
-        _drain(engine, tokens, {})
+        drain(engine, tokens, {})
         results[spec] = tokens, dict(engine.scheduler.draft_stats)
     assert results[5][0] == results[0][0]
     assert results[5][1]["accepted"] > 0  # drafts were made and verified

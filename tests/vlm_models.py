@@ -53,3 +53,36 @@ def draw_png(seed: int, size: tuple[int, int] = (80, 64)) -> bytes:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def run_image_requests(engine, requests: dict, image_inputs, steps: int, together: bool = True):
+    """Greedy-run requests {rid: (prompt ids, image files)} through an Engine (`image_inputs(ids, images)` lays
+    out their ImageInputs), together or one after another; returns (tokens, logits per step, cached tokens) by
+    rid. The engine's sampler is restored afterwards."""
+    from lightllm.engine.protocol import AddRequest, SamplingParams
+    from tests.conftest import record_logits
+
+    sampler = engine.runner.sampler
+    logits = record_logits(engine)
+    tokens: dict[str, list[int]] = {}
+    cached: dict[str, int] = {}
+    try:
+        for rid, (ids, images) in requests.items():
+            params = SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
+            refused = engine.add_request(AddRequest(rid, ids, params, image_inputs(ids, images)))
+            assert refused is None, refused.error
+            if not together:
+                drain(engine, tokens, cached)
+        drain(engine, tokens, cached)
+    finally:
+        engine.runner.sampler = sampler
+    return tokens, logits, cached
+
+
+def drain(engine, tokens: dict[str, list[int]], cached: dict[str, int]) -> None:
+    """Step until every request is done, as the engine loop does: requests join once their images are encoded."""
+    while engine.scheduler.has_work() or engine.encoding:
+        assert engine.admit_encoded() == []
+        for out in engine.step() if engine.scheduler.has_work() else []:
+            tokens.setdefault(out.rid, []).append(out.token_id)
+            cached[out.rid] = out.cached_tokens

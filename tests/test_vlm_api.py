@@ -13,14 +13,10 @@ import requests
 import torch
 
 from tests.conftest import ServerProcess, embedded_model_path
-from tests.vlm_models import TOKENS_PER_IMAGE, build_tiny_llava, draw_png
+from tests.vlm_models import TOKENS_PER_IMAGE, build_tiny_llava, data_url, draw_png, openai_client
 
 NEW_TOKENS = 8
 MAX_PIXELS = 120 * 100
-
-
-def data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +59,6 @@ def _expected(model_dir, tokenizer, messages: list[dict], pngs: list[bytes]) -> 
     return ids, tokenizer.decode(new, skip_special_tokens=True)
 
 
-def _client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
-
-
 GREEDY = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
 
 
@@ -79,7 +69,7 @@ def test_chat_with_an_image_equals_transformers(vlm):
                {"type": "image_url", "image_url": {"url": data_url(png)}}]
     ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "What is in this picture?<image>"}],
                           [png])
-    reply = _client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+    reply = openai_client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
                                                     **GREEDY)
     assert reply.choices[0].message.content == text
     assert reply.usage.prompt_tokens == len(ids)
@@ -99,10 +89,10 @@ def test_streamed_chat_with_two_images_equals_transformers(vlm):
         {"type": "text", "text": "differ how?"}]}]
     _, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "<image>and<image>differ how?"}],
                         [first, second])
-    stream = _client(server).chat.completions.create(model="m", messages=messages, stream=True, **GREEDY)
+    stream = openai_client(server).chat.completions.create(model="m", messages=messages, stream=True, **GREEDY)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
     # the same image again shares the prefix cache (its tokens stand for its content)
-    again = _client(server).chat.completions.create(model="m", messages=messages, **GREEDY)
+    again = openai_client(server).chat.completions.create(model="m", messages=messages, **GREEDY)
     assert again.choices[0].message.content == text
     assert again.usage.prompt_tokens_details.cached_tokens > 2 * TOKENS_PER_IMAGE
 
@@ -157,10 +147,10 @@ def test_responses_and_anthropic_images_answer_as_chat_does(vlm):
     server, _, _, _ = vlm
     png = draw_png(8)
     b64 = base64.b64encode(png).decode()
-    chat = _client(server).chat.completions.create(
+    chat = openai_client(server).chat.completions.create(
         model="m", max_tokens=NEW_TOKENS, temperature=0, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": data_url(png)}}, {"type": "text", "text": "Describe it."}]}])
-    response = _client(server).responses.create(
+    response = openai_client(server).responses.create(
         model="m", max_output_tokens=NEW_TOKENS, temperature=0, input=[{"role": "user", "content": [
             {"type": "input_image", "image_url": data_url(png), "detail": "auto"},
             {"type": "input_text", "text": "Describe it."}]}])
@@ -217,5 +207,5 @@ def test_images_across_a_conversation_equal_transformers(vlm):
     ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "<image>What is this?"},
                                                  {"role": "assistant", "content": "A picture."},
                                                  {"role": "user", "content": "And this one:<image>"}], [first, second])
-    reply = _client(server).chat.completions.create(model="m", messages=messages, **GREEDY)
+    reply = openai_client(server).chat.completions.create(model="m", messages=messages, **GREEDY)
     assert reply.choices[0].message.content == text and reply.usage.prompt_tokens == len(ids)

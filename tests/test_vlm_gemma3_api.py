@@ -6,7 +6,6 @@ streamed."""
 
 from __future__ import annotations
 
-import base64
 import io
 
 import pytest
@@ -15,15 +14,11 @@ import torch
 
 from tests.conftest import ServerProcess, embedded_model_path
 from tests.test_vlm_gemma3 import TOKENS_PER_IMAGE, build_tiny_gemma3
-from tests.vlm_models import draw_png
+from tests.vlm_models import data_url, draw_png, openai_client
 
 NEW_TOKENS = 8
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 EXPANDED = f"\n\n{BOI}{SOFT * TOKENS_PER_IMAGE}{EOI}\n\n"  # Gemma3Processor.full_image_sequence
-
-
-def data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +57,6 @@ def _expected(model_dir, tokenizer, messages: list[dict], pngs: list[bytes]) -> 
     return ids, tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
 
 
-def _client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
-
-
 GREEDY = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
 
 
@@ -78,7 +67,7 @@ def test_chat_with_an_image_equals_transformers(gemma3_server):
                {"type": "image_url", "image_url": {"url": data_url(png)}}]
     ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": f"What is in this picture?{BOI}"}],
                           [png])
-    reply = _client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+    reply = openai_client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
                                                     **GREEDY)
     assert reply.choices[0].message.content == text
     assert reply.usage.prompt_tokens == len(ids)
@@ -99,12 +88,12 @@ def test_streamed_chat_with_two_images_equals_transformers(gemma3_server):
         {"type": "text", "text": "differ how?"}]}]
     ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": f"{BOI}and{BOI}differ how?"}],
                           [first, second])
-    stream = _client(server).chat.completions.create(model="m", messages=messages, stream=True,
+    stream = openai_client(server).chat.completions.create(model="m", messages=messages, stream=True,
                                                      stream_options={"include_usage": True}, **GREEDY)
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-1].usage.prompt_tokens == len(ids)
     # the same images again: a prefix-cache hit through both images, the same answer
-    again = _client(server).chat.completions.create(model="m", messages=messages, **GREEDY)
+    again = openai_client(server).chat.completions.create(model="m", messages=messages, **GREEDY)
     assert again.choices[0].message.content == text
     assert again.usage.prompt_tokens_details.cached_tokens > 2 * TOKENS_PER_IMAGE

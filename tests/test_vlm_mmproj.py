@@ -308,7 +308,8 @@ def gguf_server(tmp_path_factory):
 
 @pytest.mark.slow
 def test_chat_with_images_through_http_equals_transformers(gguf_server):
-    from tests.test_vlm_api import GREEDY, _client, _expected, data_url
+    from tests.test_vlm_api import GREEDY, _expected
+    from tests.vlm_models import data_url, openai_client as _client
 
     server, model_dir, tokenizer = gguf_server
     png = draw_png(3)

@@ -5,7 +5,6 @@ streamed (decode after the images runs at M-RoPE's shifted positions); Qwen2.5-V
 
 from __future__ import annotations
 
-import base64
 import io
 
 import pytest
@@ -14,14 +13,10 @@ import torch
 
 from tests.conftest import ServerProcess, embedded_model_path
 from tests.test_vlm_qwen2vl import build_tiny_qwen2_vl
-from tests.vlm_models import draw_png
+from tests.vlm_models import data_url, draw_png, openai_client
 
 NEW_TOKENS = 8
 MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def _serve(root, qwen25: bool = False):
@@ -69,12 +64,6 @@ def _expected(model_dir, tokenizer, messages: list[dict], pngs: list[bytes]) -> 
     return ids, tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
 
 
-def _client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
-
-
 GREEDY = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
 
 
@@ -85,7 +74,7 @@ def test_chat_with_an_image_equals_transformers(qwen2vl_server):
                {"type": "image_url", "image_url": {"url": data_url(png)}}]
     ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "What is in this picture?" + MARKER}],
                           [png])
-    reply = _client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+    reply = openai_client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
                                                     **GREEDY)
     assert reply.choices[0].message.content == text
     assert reply.usage.prompt_tokens == len(ids)
@@ -116,9 +105,9 @@ def _two_images_streamed(server, model_dir, tokenizer) -> None:
         {"type": "text", "text": "differ how?"}]}]
     ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": f"{MARKER}and{MARKER}differ how?"}],
                           [first, second])
-    stream = _client(server).chat.completions.create(model="m", messages=messages, stream=True, **GREEDY)
+    stream = openai_client(server).chat.completions.create(model="m", messages=messages, stream=True, **GREEDY)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
-    again = _client(server).chat.completions.create(model="m", messages=messages, **GREEDY)
+    again = openai_client(server).chat.completions.create(model="m", messages=messages, **GREEDY)
     assert again.choices[0].message.content == text  # from the prefix cache: the same positions, the same answer
     assert again.usage.prompt_tokens == len(ids)
     assert again.usage.prompt_tokens_details.cached_tokens > len(ids) // 2

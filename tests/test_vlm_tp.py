@@ -54,7 +54,8 @@ def test_tp2_server_chat_with_images_equals_transformers(tmp_path):
     """End to end: a server with --tp 2 answers a chat with two images as transformers' generate does."""
     from lightllm.tokenizer import load_tokenizer
     from tests.conftest import ServerProcess, embedded_model_path
-    from tests.test_vlm_api import GREEDY, _client, _expected, data_url
+    from tests.test_vlm_api import GREEDY, _expected
+    from tests.vlm_models import data_url, openai_client as _client
     from tests.vlm_models import draw_png
 
     tokenizer = load_tokenizer(embedded_model_path())

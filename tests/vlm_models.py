@@ -86,3 +86,16 @@ def drain(engine, tokens: dict[str, list[int]], cached: dict[str, int]) -> None:
         for out in engine.step() if engine.scheduler.has_work() else []:
             tokens.setdefault(out.rid, []).append(out.token_id)
             cached[out.rid] = out.cached_tokens
+
+
+def data_url(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def openai_client(server):
+    """The openai SDK on a test server (no key, no retries: a refusal shows at once)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)

@@ -283,6 +283,22 @@ def test_a_held_request_ends_503_after_the_hold_timeout_and_the_prefill_node_fre
     asyncio.run(run())
 
 
+def test_a_request_larger_than_every_decode_pool_ends_at_once_as_the_clients_and_is_not_held():
+    async def run():
+        master, ctx, prefill, (decode,) = await _setup(hold_timeout=30.0)
+        try:
+            stream = asyncio.create_task(_collect(master.generate("r", [5, 6, 7], SamplingParams())))
+            msg = await prefill.recv()
+            await prefill.send(StepOutputs([TokenOutput(msg.rid, 7, prompt_tokens=1500)], STATS))
+            await prefill.send(KVReady(msg.rid, 7, 1500, 0, None))  # the decode node's pool holds 1000
+            outs = await asyncio.wait_for(stream, 5)  # not the 30 s hold
+            assert outs[-1].error.kind == "client" and "largest: 1000 tokens" in outs[-1].error.message
+            assert isinstance(await prefill.recv(), AbortRequest) and not master.held
+        finally:
+            await _teardown(master, ctx)
+    asyncio.run(run())
+
+
 def test_kv_totals_sum_every_registered_node_per_role():
     async def run():
         master, ctx, prefill, decodes = await _setup(n_decode=2)

@@ -294,9 +294,15 @@ class PDMasterClient:
     def _hold(self, rid: str, flight: Flight) -> None:
         """No decode node has room for `rid` now: wait for one (up to hold_timeout), the KV parked on the prefill
         node meanwhile."""
+        need = flight.ready.num_tokens
+        largest = max((node.reg.ready.max_total_token_num for node in self._of_role("decode")), default=None)
+        if largest is not None and need > largest:  # waiting would not help: the engine's _drop_oversized rule
+            self._end(rid, _failed(rid, "client", f"request needs more KV cache ({need} tokens) than any decode "
+                                                  f"node's pool holds (largest: {largest} tokens)"))
+            return
         if flight.held_until is None:
             flight.held_until = time.monotonic() + self.hold_timeout
-            logger.info("%s held: no decode node has room for %d KV tokens", rid, flight.ready.num_tokens)
+            logger.info("%s held: no decode node has room for %d KV tokens", rid, need)
         if self.hold_timeout <= 0:
             self._end(rid, _failed(rid, "unavailable", "no decode node has free KV cache for this request; retry "
                                                        "later"))

@@ -134,6 +134,13 @@ CASES = [
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}], "max_tokens": 2,
                               "continue_final_message": True, "add_generation_prompt": False}, True),
     ("/tokenize", {"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True}, False),
+    # the chat fields apply to messages only (found by fuzzing: a prompt with tools and continue_final_message)
+    ("/tokenize", {"prompt": "hi", "continue_final_message": True, "add_generation_prompt": False}, False),
+    ("/tokenize", {"prompt": "hi", "add_generation_prompt": False}, False),
+    ("/tokenize", {"prompt": "hi", "add_generation_prompt": True, "continue_final_message": False}, True),
+    ("/tokenize", {"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, False),
+    ("/tokenize", {"prompt": "hi", "chat_template_kwargs": {}}, False),
+    ("/tokenize", {"prompt": "hi", "tools": None, "chat_template_kwargs": None}, True),
     ("/tokenize", {"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True,
                    "add_generation_prompt": False}, True),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "echo": True, "stream": True}, False),

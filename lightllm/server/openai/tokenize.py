@@ -23,8 +23,11 @@ class TokenizeRequest(_Lenient):
     """Either `prompt` (text) or `messages` (rendered with the chat template first), as vLLM takes them."""
 
     model_config = ConfigDict(json_schema_extra={"allOf": [
-        {"anyOf": [  # exactly one of them, as the route checks
-            {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"anyOf": [  # exactly one of them, as the route checks; the chat fields only with messages
+            {"required": ["prompt"], "properties": {
+                "prompt": {"type": "string"}, "messages": {"type": "null"}, "tools": {"type": "null"},
+                "chat_template_kwargs": {"type": "null"}, "add_generation_prompt": {"const": True},
+                "continue_final_message": {"const": False}}},
             {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}}]},
         CONTINUE_FINAL_MESSAGE_RULE]})
 
@@ -60,6 +63,13 @@ async def tokenize(req: TokenizeRequest, request: Request):
         text = render_prompt(state, chat, prepare_tool_context(chat, state), image_text)
         special = bool(req.add_special_tokens)
     else:
+        chat_only = {"tools": req.tools is not None, "chat_template_kwargs": req.chat_template_kwargs is not None,
+                     "add_generation_prompt": not req.add_generation_prompt,
+                     "continue_final_message": req.continue_final_message}
+        for field, sent in chat_only.items():
+            if sent:
+                raise APIError(400, f"{field} applies to `messages` (the chat template), not to a `prompt`",
+                               param=field)
         images, text = [], req.prompt
         special = req.add_special_tokens is not False
     # each image's tokens, as chat counts them

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.node_rank > 0:
         sys.exit(run_node_ranks(args, model_path))
     if args.run_mode in ("prefill", "decode"):
-        sys.exit(run_pd_node(args, model_path))
+        _exit_now(run_pd_node(args, model_path))
 
     engine = None
     if args.run_mode != "pd_master":  # (a master has no engine of its own)
@@ -49,6 +49,15 @@ def main(argv: list[str] | None = None) -> None:
     if not server.started and lifecycle.exit_code == 0:
         sys.exit(1)  # start-up failed (the log says why)
     sys.exit(lifecycle.exit_code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown: a node's torch.distributed objects (its TCPStore's daemon
+    thread) can abort it ("terminate called without an active exception", status -6 instead of `code`)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_pd_node(args: ServerArgs, model_path: str) -> int:

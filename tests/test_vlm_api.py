@@ -13,9 +13,9 @@ import requests
 import torch
 
 from tests.conftest import ServerProcess, embedded_model_path
-from tests.vlm_models import TOKENS_PER_IMAGE, build_tiny_llava, data_url, draw_png, openai_client
+from tests.vlm_models import (GREEDY, NEW_TOKENS, QUESTION, TOKENS_PER_IMAGE, build_tiny_llava,
+                              check_chat_with_one_image, data_url, draw_png, openai_client)
 
-NEW_TOKENS = 8
 MAX_PIXELS = 120 * 100
 
 
@@ -59,23 +59,11 @@ def _expected(model_dir, tokenizer, messages: list[dict], pngs: list[bytes]) -> 
     return ids, tokenizer.decode(new, skip_special_tokens=True)
 
 
-GREEDY = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
-
-
 def test_chat_with_an_image_equals_transformers(vlm):
     server, model_dir, tokenizer, _ = vlm
     png = draw_png(3)
-    content = [{"type": "text", "text": "What is in this picture?"},
-               {"type": "image_url", "image_url": {"url": data_url(png)}}]
-    ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "What is in this picture?<image>"}],
-                          [png])
-    reply = openai_client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
-                                                    **GREEDY)
-    assert reply.choices[0].message.content == text
-    assert reply.usage.prompt_tokens == len(ids)
-    counted = requests.post(server.base_url + "/tokenize", json={"messages": [{"role": "user", "content": content}]},
-                            timeout=30).json()
-    assert counted["count"] == len(ids)
+    ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": QUESTION + "<image>"}], [png])
+    check_chat_with_one_image(server, png, ids, text)
 
 
 def test_streamed_chat_with_two_images_equals_transformers(vlm):

@@ -14,9 +14,8 @@ import torch
 
 from tests.conftest import ServerProcess, embedded_model_path
 from tests.test_vlm_gemma3 import TOKENS_PER_IMAGE, build_tiny_gemma3
-from tests.vlm_models import data_url, draw_png, openai_client
+from tests.vlm_models import GREEDY, NEW_TOKENS, QUESTION, check_chat_with_one_image, data_url, draw_png, openai_client
 
-NEW_TOKENS = 8
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 EXPANDED = f"\n\n{BOI}{SOFT * TOKENS_PER_IMAGE}{EOI}\n\n"  # Gemma3Processor.full_image_sequence
 
@@ -57,23 +56,11 @@ def _expected(model_dir, tokenizer, messages: list[dict], pngs: list[bytes]) -> 
     return ids, tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
 
 
-GREEDY = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
-
-
 def test_chat_with_an_image_equals_transformers(gemma3_server):
     server, model_dir, tokenizer = gemma3_server
     png = draw_png(3)
-    content = [{"type": "text", "text": "What is in this picture?"},
-               {"type": "image_url", "image_url": {"url": data_url(png)}}]
-    ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": f"What is in this picture?{BOI}"}],
-                          [png])
-    reply = openai_client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
-                                                    **GREEDY)
-    assert reply.choices[0].message.content == text
-    assert reply.usage.prompt_tokens == len(ids)
-    counted = requests.post(server.base_url + "/tokenize", json={"messages": [{"role": "user", "content": content}]},
-                            timeout=30).json()
-    assert counted["count"] == len(ids)
+    ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": QUESTION + BOI}], [png])
+    check_chat_with_one_image(server, png, ids, text)
     info = requests.get(server.base_url + "/get_server_info", timeout=10).json()
     assert info["architecture"] == "gemma3_vl"
 

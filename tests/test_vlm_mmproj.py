@@ -308,19 +308,14 @@ def gguf_server(tmp_path_factory):
 
 @pytest.mark.slow
 def test_chat_with_images_through_http_equals_transformers(gguf_server):
-    from tests.test_vlm_api import GREEDY, _expected
-    from tests.vlm_models import data_url, openai_client as _client
+    from tests.test_vlm_api import _expected
+    from tests.vlm_models import GREEDY, QUESTION, check_chat_with_one_image, data_url, openai_client as _client
 
     server, model_dir, tokenizer = gguf_server
     png = draw_png(3)
-    content = [{"type": "text", "text": "What is in this picture?"},
-               {"type": "image_url", "image_url": {"url": data_url(png)}}]
-    ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": "What is in this picture?<image>"}],
-                          [png])
-    reply = _client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
-                                                    **GREEDY)
-    assert reply.choices[0].message.content == text and text
-    assert reply.usage.prompt_tokens == len(ids)
+    ids, text = _expected(model_dir, tokenizer, [{"role": "user", "content": QUESTION + "<image>"}], [png])
+    assert text
+    check_chat_with_one_image(server, png, ids, text)
     first, second = draw_png(4), draw_png(5, size=(100, 90))
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(first)}},
                                              {"type": "text", "text": "and"},

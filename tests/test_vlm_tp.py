@@ -54,9 +54,8 @@ def test_tp2_server_chat_with_images_equals_transformers(tmp_path):
     """End to end: a server with --tp 2 answers a chat with two images as transformers' generate does."""
     from lightllm.tokenizer import load_tokenizer
     from tests.conftest import ServerProcess, embedded_model_path
-    from tests.test_vlm_api import GREEDY, _expected
-    from tests.vlm_models import data_url, openai_client as _client
-    from tests.vlm_models import draw_png
+    from tests.test_vlm_api import _expected
+    from tests.vlm_models import GREEDY, data_url, draw_png, openai_client as _client
 
     tokenizer = load_tokenizer(embedded_model_path())
     tokenizer.add_tokens(["<image>"], special_tokens=True)

@@ -99,3 +99,23 @@ def openai_client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
+
+
+NEW_TOKENS = 8  # the image API tests' greedy replies
+GREEDY = dict(max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+QUESTION = "What is in this picture?"
+
+
+def check_chat_with_one_image(server, png: bytes, ids: list[int], text: str) -> None:
+    """QUESTION and one image through the openai SDK's chat: the greedy reply is `text`, the prompt `ids`' length,
+    and /tokenize counts the same chat alike."""
+    import requests
+
+    content = [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": data_url(png)}}]
+    reply = openai_client(server).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                                          **GREEDY)
+    assert reply.choices[0].message.content == text
+    assert reply.usage.prompt_tokens == len(ids)
+    counted = requests.post(server.base_url + "/tokenize", json={"messages": [{"role": "user", "content": content}]},
+                            timeout=30).json()
+    assert counted["count"] == len(ids)
